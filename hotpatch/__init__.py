@@ -1,0 +1,24 @@
+"""hotpatch: live patching of native functions inside a running Python process.
+
+Linux x86-64.  The kernel's livepatch model (patch / object / func), ftrace-style
+redirection at function entries and safe code writes while other threads run.
+See DESIGN.md in the source tree for the architecture.
+"""
+from .errors import (
+    AmbiguousSymbol,
+    HotpatchError,
+    PatchStateError,
+    SymbolNotFound,
+    TransitionError,
+    UnsafeToPatch,
+)
+
+__all__ = [
+    "HotpatchError",
+    "SymbolNotFound",
+    "AmbiguousSymbol",
+    "UnsafeToPatch",
+    "PatchStateError",
+    "TransitionError",
+]
+__version__ = "0.1.0"

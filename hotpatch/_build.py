@@ -1,0 +1,70 @@
+"""cffi builder of ``hotpatch._native``: the C core in ``_trampoline.c``.
+
+The declarations below are the whole boundary between Python policy and the
+native code; each function is documented where it is defined in C.
+"""
+import os
+
+from cffi import FFI
+
+CDEF = """
+typedef struct {
+    uint32_t p_type;
+    uint32_t p_flags;
+    uint64_t p_offset;
+    uint64_t p_vaddr;
+    uint64_t p_paddr;
+    uint64_t p_filesz;
+    uint64_t p_memsz;
+    uint64_t p_align;
+} Elf64_Phdr;
+
+struct hp_loaded_object {
+    const char *name;
+    uintptr_t base;
+    const Elf64_Phdr *phdr;
+    int phnum;
+};
+int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
+
+int hp_write_code(uintptr_t addr, const void *src, size_t len);
+void hp_store_slot(uint64_t *slot, uint64_t value);
+uintptr_t hp_alloc_code(uintptr_t near, size_t size);
+uint64_t *hp_alloc_slot(uintptr_t near);
+const char *hp_pool_backing(void);
+
+typedef void (*hp_observer_fn)(void *data, uintptr_t address, uint64_t *regs);
+struct hp_call_site;
+struct hp_call_site *hp_call_site(uintptr_t address);
+void hp_call_site_set_target(struct hp_call_site *s, uintptr_t target);
+int hp_call_site_observe(struct hp_call_site *s, hp_observer_fn fn, void *data);
+void hp_call_site_unobserve(struct hp_call_site *s, int slot);
+uintptr_t hp_caller_near(uintptr_t near);
+
+struct hp_write {
+    uintptr_t address;
+    uint8_t old[16];
+    uint8_t bytes[16];
+    uint32_t len;
+    uint32_t single;
+    uintptr_t resume;
+    uintptr_t push_return;
+};
+int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
+int hp_core_info(int *uses_proc_mem, int *uses_membarrier, int *park_sig);
+"""
+
+_here = os.path.dirname(os.path.abspath(__file__))
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+with open(os.path.join(_here, "_trampoline.c")) as _source:
+    ffibuilder.set_source(
+        "hotpatch._native",
+        _source.read(),
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        libraries=["dl", "pthread"],
+    )
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=os.path.join(_here, ".."), verbose=True)
