@@ -51,6 +51,8 @@ struct hp_write {
     uintptr_t push_return;
 };
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
+void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *park_ns);
+int hp_set_crash_report(const char *text);
 int hp_core_info(int *uses_proc_mem, int *uses_membarrier, int *park_sig);
 """
 

@@ -624,17 +624,20 @@ static const struct hp_write *inflight_find(uintptr_t at)
     return NULL;
 }
 
-static void pass_trap_on(int sig, siginfo_t *info, void *context)
+/* Hand a signal to the action that was installed before ours.  For the
+ * default action, reinstate it and raise: the signal is blocked while this
+ * handler runs, so it is delivered -- and kills, as it would have without
+ * us -- as soon as the handler returns.  (A forced SIGTRAP is never
+ * ignored, so SIG_IGN is treated the same.) */
+static void chain_signal(const struct sigaction *previous, int sig, siginfo_t *info, void *context)
 {
-    if (previous_trap.sa_flags & SA_SIGINFO) {
-        previous_trap.sa_sigaction(sig, info, context);
-    } else if (previous_trap.sa_handler != SIG_DFL && previous_trap.sa_handler != SIG_IGN) {
-        previous_trap.sa_handler(sig);
+    if (previous->sa_flags & SA_SIGINFO) {
+        previous->sa_sigaction(sig, info, context);
+    } else if (previous->sa_handler != SIG_DFL && previous->sa_handler != SIG_IGN) {
+        previous->sa_handler(sig);
     } else {
-        /* The default action (a forced SIGTRAP is never ignored): die as
-         * the process would have without us, once this handler returns. */
-        signal(SIGTRAP, SIG_DFL);
-        raise(SIGTRAP);
+        signal(sig, SIG_DFL);
+        raise(sig);
     }
 }
 
@@ -668,7 +671,7 @@ static void on_sigtrap(int sig, siginfo_t *info, void *context)
     __atomic_sub_fetch(&traps_active, 1, __ATOMIC_SEQ_CST);
     errno = saved_errno;
     if (!handled)
-        pass_trap_on(sig, info, context);
+        chain_signal(&previous_trap, sig, info, context);
 }
 
 /* Install the SIGTRAP handler, chaining whatever was there.  Checked before
@@ -753,13 +756,31 @@ static int int3_round(struct hp_write *w, size_t n, char *err)
 #define MAX_THREADS 4096
 
 static int park_signal;
-static int stopping;              /* atomic: a stop is in progress */
-static int release_word;          /* futex: bumped to release parked threads */
-static int parked;                /* atomic: threads in the park handler */
-static pid_t parked_tid[MAX_THREADS];
-static uintptr_t parked_pc[MAX_THREADS];
+/* Stops are numbered.  A stop is in progress while released_gen < stop_gen.
+ * A parked thread records (generation, pc, tid) in a slot; only records of
+ * the current generation count, so the patcher never waits for threads to
+ * leave the handler: one still on its way out of an earlier stop (it needs
+ * a CPU, which busy threads may hold for a whole time slice) is harmless,
+ * and the signal of the next stop waits, blocked, until it has left. */
+static int stop_gen;              /* atomic */
+static int released_gen;          /* futex: = stop_gen once released */
+static int parked;                /* atomic: next free slot */
+static int arrivals;              /* futex: bumped by each thread once parked */
+static struct {
+    int gen;
+    pid_t tid;                    /* written last */
+    uintptr_t pc;
+} parked_at[MAX_THREADS];
 static pid_t signalled[MAX_THREADS];
 static size_t nsignalled;
+
+/* Counters for the benchmarks and the tree: stops, stops retried because a
+ * thread was inside the bytes, and time spent waiting for threads to park. */
+static struct {
+    uint64_t stops, retries, park_ns;
+} stop_stats;
+
+static const struct timespec poll_interval = { 0, 1000000 };
 
 static long futex(int *word, int op, int value, const struct timespec *timeout)
 {
@@ -772,16 +793,19 @@ static void on_park(int sig, siginfo_t *info, void *context)
     (void)sig;
     (void)info;
     int saved_errno = errno;
-    if (__atomic_load_n(&stopping, __ATOMIC_SEQ_CST)) {
-        int release = __atomic_load_n(&release_word, __ATOMIC_SEQ_CST);
+    int gen = __atomic_load_n(&stop_gen, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&released_gen, __ATOMIC_SEQ_CST) < gen) {
         int slot = __atomic_fetch_add(&parked, 1, __ATOMIC_SEQ_CST);
         if (slot < MAX_THREADS) {
-            parked_pc[slot] = (uintptr_t)((ucontext_t *)context)->uc_mcontext.gregs[REG_RIP];
-            __atomic_store_n(&parked_tid[slot], (pid_t)syscall(SYS_gettid), __ATOMIC_SEQ_CST);
+            parked_at[slot].pc = (uintptr_t)((ucontext_t *)context)->uc_mcontext.gregs[REG_RIP];
+            parked_at[slot].gen = gen;
+            __atomic_store_n(&parked_at[slot].tid, (pid_t)syscall(SYS_gettid), __ATOMIC_SEQ_CST);
         }
-        while (__atomic_load_n(&release_word, __ATOMIC_SEQ_CST) == release)
-            futex(&release_word, FUTEX_WAIT_PRIVATE, release, NULL);
-        __atomic_sub_fetch(&parked, 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&arrivals, 1, __ATOMIC_SEQ_CST);
+        futex(&arrivals, FUTEX_WAKE_PRIVATE, 1, NULL);
+        int released;
+        while ((released = __atomic_load_n(&released_gen, __ATOMIC_SEQ_CST)) < gen)
+            futex(&released_gen, FUTEX_WAIT_PRIVATE, released, NULL);
     }
     errno = saved_errno;
 }
@@ -842,12 +866,14 @@ static int was_signalled(pid_t tid)
     return 0;
 }
 
-static int has_parked(pid_t tid, size_t count)
+/* The slot of `tid` parked in the current stop, or -1. */
+static int parked_slot(pid_t tid)
 {
-    for (size_t i = 0; i < count && i < MAX_THREADS; i++)
-        if (__atomic_load_n(&parked_tid[i], __ATOMIC_SEQ_CST) == tid)
-            return 1;
-    return 0;
+    int count = __atomic_load_n(&parked, __ATOMIC_SEQ_CST), gen = stop_gen;
+    for (int i = 0; i < count && i < MAX_THREADS; i++)
+        if (__atomic_load_n(&parked_at[i].tid, __ATOMIC_SEQ_CST) == tid && parked_at[i].gen == gen)
+            return i;
+    return -1;
 }
 
 static uint64_t now_ns(void)
@@ -859,13 +885,8 @@ static uint64_t now_ns(void)
 
 static void release_world(void)
 {
-    __atomic_store_n(&stopping, 0, __ATOMIC_SEQ_CST);
-    __atomic_add_fetch(&release_word, 1, __ATOMIC_SEQ_CST);
-    futex(&release_word, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL);
-    /* Wait until they have all left the handler: the next stop must not
-     * count a thread still on its way out of this one. */
-    while (__atomic_load_n(&parked, __ATOMIC_SEQ_CST))
-        sched_yield();
+    __atomic_store_n(&released_gen, stop_gen, __ATOMIC_SEQ_CST);
+    futex(&released_gen, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL);
 }
 
 /* Park every other thread.  Threads started meanwhile are found by listing
@@ -874,10 +895,13 @@ static void release_world(void)
 static int stop_world(uint64_t deadline, char *err)
 {
     pid_t self = (pid_t)syscall(SYS_gettid), tids[MAX_THREADS];
+    uint64_t start = now_ns();
+    stop_stats.stops++;
     nsignalled = 0;
-    memset(parked_tid, 0, sizeof parked_tid);
-    __atomic_store_n(&stopping, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&parked, 0, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&stop_gen, 1, __ATOMIC_SEQ_CST);
     for (;;) {
+        int arrived = __atomic_load_n(&arrivals, __ATOMIC_SEQ_CST);
         size_t n = list_threads(tids, MAX_THREADS), waiting = 0;
         pid_t late = 0;
         for (size_t i = 0; i < n; i++) {
@@ -894,13 +918,15 @@ static int stop_world(uint64_t deadline, char *err)
                 if (syscall(SYS_tgkill, getpid(), tid, park_signal) && errno == ESRCH)
                     continue;   /* it exited */
             }
-            if (!has_parked(tid, __atomic_load_n(&parked, __ATOMIC_SEQ_CST))) {
+            if (parked_slot(tid) < 0) {
                 waiting++;
                 late = tid;
             }
         }
-        if (!waiting)
+        if (!waiting) {
+            stop_stats.park_ns += now_ns() - start;
             return 0;
+        }
         if (now_ns() > deadline) {
             release_world();
             snprintf(err, HP_ERRLEN,
@@ -908,22 +934,28 @@ static int stop_world(uint64_t deadline, char *err)
                      (int)late, park_signal);
             return -1;
         }
-        sched_yield();
+        /* Sleep until the next thread parks: the CPU goes to the threads
+         * that must run their handler. */
+        futex(&arrivals, FUTEX_WAIT_PRIVATE, arrived, &poll_interval);
     }
 }
 
-/* The parked thread whose program counter lies strictly inside a write's
- * bytes (resuming there would run half-replaced code); -1 if none. */
-static int thread_inside(const struct hp_write *w, size_t n, uintptr_t *pc)
+/* A thread parked in this stop whose program counter lies strictly inside
+ * a write's bytes (resuming there would run half-replaced code): its tid,
+ * or 0 if none. */
+static pid_t thread_inside(const struct hp_write *w, size_t n, uintptr_t *pc)
 {
-    size_t count = __atomic_load_n(&parked, __ATOMIC_SEQ_CST);
-    for (size_t t = 0; t < count && t < MAX_THREADS; t++)
+    for (size_t t = 0; t < nsignalled; t++) {
+        int slot = parked_slot(signalled[t]);
+        if (slot < 0)
+            continue;   /* exited before parking */
         for (size_t i = 0; i < n; i++)
-            if (parked_pc[t] > w[i].address && parked_pc[t] < w[i].address + w[i].len) {
-                *pc = parked_pc[t];
-                return (int)t;
+            if (parked_at[slot].pc > w[i].address && parked_at[slot].pc < w[i].address + w[i].len) {
+                *pc = parked_at[slot].pc;
+                return signalled[t];
             }
-    return -1;
+    }
+    return 0;
 }
 
 static int stopped_round(struct hp_write *w, size_t n, int timeout_ms, char *err)
@@ -935,10 +967,10 @@ static int stopped_round(struct hp_write *w, size_t n, int timeout_ms, char *err
         if (stop_world(deadline, err))
             return -1;
         uintptr_t pc;
-        int t = thread_inside(w, n, &pc);
-        if (t < 0)
+        pid_t tid = thread_inside(w, n, &pc);
+        if (!tid)
             break;
-        pid_t tid = parked_tid[t];
+        stop_stats.retries++;
         release_world();
         if (now_ns() > deadline) {
             snprintf(err, HP_ERRLEN, "thread %d stayed inside the bytes being replaced (pc 0x%lx)",
@@ -1011,6 +1043,69 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
     }
     pthread_mutex_unlock(&hp_lock);
     return rc;
+}
+
+/* ------------------------------------------------------------------ */
+/* The crash report: a live-patched process says so when it dies       */
+/* ------------------------------------------------------------------ */
+
+/* Like the K taint in a kernel oops: on a fatal signal, write the enabled
+ * patches (text kept ready by Python on every enable and disable) to
+ * stderr, then hand the signal to whatever handled it before (faulthandler,
+ * or the default action). */
+static const int fatal_signals[] = { SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT };
+#define NFATAL (sizeof fatal_signals / sizeof fatal_signals[0])
+static struct sigaction previous_fatal[NFATAL];
+static char crash_text[4096];
+static size_t crash_len;   /* atomic */
+static int crash_installed;
+
+static void on_fatal(int sig, siginfo_t *info, void *context)
+{
+    int saved_errno = errno;
+    size_t len = __atomic_load_n(&crash_len, __ATOMIC_ACQUIRE);
+    if (len && write(2, crash_text, len) < 0) {
+        /* nothing more can be done about stderr here */
+    }
+    errno = saved_errno;
+    for (size_t i = 0; i < NFATAL; i++)
+        if (fatal_signals[i] == sig)
+            chain_signal(&previous_fatal[i], sig, info, context);
+}
+
+/* Set the text of the report and make sure the handlers are in place. */
+int hp_set_crash_report(const char *text)
+{
+    pthread_mutex_lock(&hp_lock);
+    size_t len = strlen(text);
+    if (len >= sizeof crash_text)
+        len = sizeof crash_text - 1;
+    __atomic_store_n(&crash_len, 0, __ATOMIC_RELEASE);
+    memcpy(crash_text, text, len);
+    __atomic_store_n(&crash_len, len, __ATOMIC_RELEASE);
+    int rc = 0;
+    if (!crash_installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_fatal;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        for (size_t i = 0; i < NFATAL && !rc; i++)
+            rc = sigaction(fatal_signals[i], &sa, &previous_fatal[i]);
+        crash_installed = !rc;
+    }
+    pthread_mutex_unlock(&hp_lock);
+    return rc ? -errno : 0;
+}
+
+/* Stop-the-world counters since the process started (or forked). */
+void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *park_ns)
+{
+    pthread_mutex_lock(&hp_lock);
+    *stops = stop_stats.stops;
+    *retries = stop_stats.retries;
+    *park_ns = stop_stats.park_ns;
+    pthread_mutex_unlock(&hp_lock);
 }
 
 /* What the core found about this process, for the tree and the tests. */

@@ -1,0 +1,366 @@
+"""Sites: the redirection of one function entry (ftrace's ops for one address).
+
+This is the low-level layer the livepatch model builds on.  A :class:`Site`
+is a function entry together with its original bytes, the code that still
+runs the old function (:attr:`Site.original`) and the form of the
+redirection currently written there:
+
+``"direct"``
+    ``jmp rel32`` straight to the new code (it must lie within +-2 GiB).
+``"slot"``
+    ``jmp rel32`` to a near trampoline ``jmp [rip+d]`` whose 8-byte slot holds
+    the target; retargeting is one atomic store, no code write.
+``"call"``
+    ``call rel32`` into the shared caller of the C core, which runs the site's
+    observers and continues at the target (ftrace's call path; it costs a
+    return-stack misprediction, so it is used only where observers are).
+
+Every operation takes a batch and is all-or-nothing: the whole batch is
+analysed and prepared first (nothing written), then the entries are written
+in one int3 round or one stop of the world by the C core.  Analysis of the
+bytes is :mod:`hotpatch.x86_64`'s; this module decides forms and never
+encodes an instruction itself.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from ._native import ffi, lib
+from .errors import HotpatchError, TransitionError, UnsafeToPatch
+from .x86_64 import encode
+from .x86_64.entry import EntryPlan, analyze_entry, build_original, original_stub_size_bound
+
+FORMS = ("direct", "slot", "call")
+
+#: How long a stop of the world may wait for every thread to park.
+STOP_TIMEOUT_MS = 2000
+
+_lock = threading.RLock()
+_sites: dict[int, "Site"] = {}    # by entry; kept after restore to reuse the stub
+
+
+@dataclass(eq=False)
+class Site:
+    """A function entry that hotpatch redirects (or did, and may again)."""
+
+    entry: int
+    plan: EntryPlan
+    original: int                  # address that runs the old code
+    form: str | None = None        # current form, None while not installed
+    target: int | None = None      # where calls go now, None while not installed
+    _slot: object = field(default=None, repr=False)        # uint64_t * (slot form)
+    _trampoline: int = field(default=0, repr=False)         # jmp [rip+d] (slot form)
+    _call_site: object = field(default=None, repr=False)    # struct hp_call_site *
+    _caller: int = field(default=0, repr=False)             # shared caller (call form)
+
+    @property
+    def installed(self) -> bool:
+        return self.form is not None
+
+    @property
+    def address(self) -> int:
+        """Where the redirecting instruction is written (after any endbr64)."""
+        return self.plan.address
+
+    @property
+    def kind(self) -> str:
+        """``"fentry"``, ``"nops"`` or ``"generic"``: see :mod:`hotpatch.x86_64.entry`."""
+        return self.plan.kind
+
+    def __repr__(self) -> str:
+        state = f"{self.form} -> {self.target:#x}" if self.installed else "restored"
+        return f"<Site {self.entry:#x} {self.kind} {state}>"
+
+
+# ---------------------------------------------------------------------------
+# Memory of this process
+
+
+def read_memory(address: int, size: int) -> bytes:
+    """Bytes of this process's memory (the caller knows the range is mapped)."""
+    return bytes(ffi.buffer(ffi.cast("char *", address), size))
+
+
+def executable_ranges() -> list[tuple[int, int]]:
+    """Executable mappings of this process, from /proc/self/maps."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split(None, 2)[:2]
+            if "x" in perms:
+                lo, hi = span.split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+# ---------------------------------------------------------------------------
+# Preparing a site: analysis and the original stub, nothing written at the entry
+
+
+def _new_original_stub(plan: EntryPlan) -> int:
+    if plan.body is not None:
+        return plan.body    # the old body is intact after the patchable NOP
+    size = original_stub_size_bound(plan)
+    stub = lib.hp_alloc_code(plan.address, size)
+    if not stub:
+        raise UnsafeToPatch(f"{plan.entry:#x}: no free memory within +-2 GiB for the original stub")
+    code = build_original(plan, stub)
+    if lib.hp_write_code(stub, code, len(code)):
+        raise HotpatchError(f"{plan.entry:#x}: cannot write the original stub at {stub:#x}")
+    return stub
+
+
+def prepare(entry: int, *, size: int | None = None,
+            exec_ranges: Sequence[tuple[int, int]] | None = None,
+            fentry_targets=()) -> Site:
+    """The site for the function at ``entry``, analysed and with its original
+    code ready; nothing is written at the entry.  A site restored earlier is
+    reused when its bytes are still the ones it saved."""
+    with _lock:
+        site = _sites.get(entry)
+        if site is not None:
+            if site.installed or read_memory(site.address, site.plan.length) == site.plan.original_bytes:
+                return site
+        if exec_ranges is None:
+            exec_ranges = executable_ranges()
+        plan = analyze_entry(read_memory, entry, size=size, exec_ranges=exec_ranges,
+                             fentry_targets=fentry_targets)
+        site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
+        _sites[entry] = site
+        return site
+
+
+def forget(entries: Iterable[int]) -> None:
+    """Drop restored sites whose memory is gone (their object was unloaded)."""
+    with _lock:
+        for entry in entries:
+            site = _sites.get(entry)
+            if site is not None and site.installed:
+                raise HotpatchError(f"{entry:#x}: site still installed")
+            _sites.pop(entry, None)
+
+
+# ---------------------------------------------------------------------------
+# Entry bytes for each form
+
+
+def _choose_form(site: Site, target: int, form: str | None) -> str:
+    if form is None or form == "auto":
+        if site.form in ("slot", "call") and form is None:
+            return site.form      # a pinned form stays until asked otherwise
+        return "direct" if encode.in_reach(site.address, target) else "slot"
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS} or 'auto', not {form!r}")
+    if form == "direct" and not encode.in_reach(site.address, target):
+        raise UnsafeToPatch(f"{site.entry:#x}: target {target:#x} is beyond +-2 GiB; "
+                            "use the slot form")
+    return form
+
+
+def _ensure_slot(site: Site) -> None:
+    if site._slot is None:
+        slot = lib.hp_alloc_slot(site.address)
+        trampoline = lib.hp_alloc_code(site.address, encode.JMP_RIP_INDIRECT_SIZE)
+        if slot == ffi.NULL or not trampoline:
+            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for a trampoline")
+        code = encode.jmp_rip_indirect(trampoline, int(ffi.cast("uintptr_t", slot)))
+        if lib.hp_write_code(trampoline, code, len(code)):
+            raise HotpatchError(f"{site.entry:#x}: cannot write the trampoline at {trampoline:#x}")
+        site._slot, site._trampoline = slot, trampoline
+
+
+def _ensure_call(site: Site) -> None:
+    if site._call_site is None:
+        caller = lib.hp_caller_near(site.address)
+        call_site = lib.hp_call_site(site.address)
+        if not caller or call_site == ffi.NULL:
+            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for the caller")
+        site._call_site, site._caller = call_site, caller
+
+
+def _pad(site: Site, instruction: bytes) -> bytes:
+    """The instruction followed by int3s up to the replaced length: no thread
+    ever runs those bytes, and one that jumped there would stop loudly."""
+    return instruction + b"\xcc" * (site.plan.length - len(instruction))
+
+
+def _entry_instruction(site: Site, form: str, target: int) -> tuple[bytes, int, int]:
+    """(bytes at the entry, where a thread trapping during the write goes,
+    return address to push for it or 0)."""
+    if form == "direct":
+        return encode.jmp_rel32(site.address, target), target, 0
+    if form == "slot":
+        return encode.jmp_rel32(site.address, site._trampoline), site._trampoline, 0
+    return (encode.call_rel32(site.address, site._caller), site._caller,
+            site.address + encode.JMP_REL32_SIZE)
+
+
+# ---------------------------------------------------------------------------
+# Writing batches
+
+
+@dataclass
+class _Change:
+    """One site's part of a batch: the entry write (if any) and the
+    retargeting stores done after it."""
+
+    site: Site
+    form: str | None
+    target: int | None
+    write: tuple | None = None     # (old, new, single, resume, push_return)
+
+
+def _write(changes: list[_Change]) -> None:
+    writes = [c for c in changes if c.write is not None]
+    if not writes:
+        return
+    batch = ffi.new("struct hp_write[]", len(writes))
+    for w, change in zip(batch, writes):
+        old, new, single, resume, push_return = change.write
+        w.address = change.site.address
+        w.old[0:len(old)] = old
+        w.bytes[0:len(new)] = new
+        w.len = len(new)
+        w.single = single
+        w.resume = resume
+        w.push_return = push_return
+    err = ffi.new("char[256]")
+    if lib.hp_write_batch(batch, len(writes), STOP_TIMEOUT_MS, err):
+        raise TransitionError(ffi.string(err).decode())
+
+
+def _store_targets(changes: list[_Change]) -> None:
+    for change in changes:
+        site = change.site
+        if change.form == "slot":
+            lib.hp_store_slot(site._slot, change.target)
+        elif change.form == "call":
+            lib.hp_call_site_set_target(site._call_site, change.target)
+
+
+def _current_entry(site: Site) -> bytes:
+    return read_memory(site.address, site.plan.length)
+
+
+def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
+    """The change that makes ``site`` send calls to ``target``."""
+    form = _choose_form(site, target, form)
+    if form == "slot":
+        _ensure_slot(site)
+    elif form == "call":
+        _ensure_call(site)
+    change = _Change(site, form, target)
+    instruction, resume, push_return = _entry_instruction(site, form, target)
+    new = _pad(site, instruction)
+    if not site.installed:
+        change.write = (site.plan.original_bytes, new, site.plan.single_instruction,
+                        resume, push_return)
+    else:
+        old = _current_entry(site)
+        if old != new:    # the form or a direct target changed: one instruction rewritten
+            change.write = (old, new, True, resume, push_return)
+    return change
+
+
+def _commit(changes: list[_Change]) -> None:
+    # A slot or call target is set before an entry starts to point at it;
+    # where the entry already does, the store is the whole retarget, and it
+    # waits until every write of the batch has succeeded.
+    rewritten = [c for c in changes if c.write is not None]
+    _store_targets(rewritten)
+    _write(changes)
+    _store_targets([c for c in changes if c.write is None])
+    for change in changes:
+        change.site.form, change.site.target = change.form, change.target
+
+
+def _unique(sites: Sequence[Site]) -> None:
+    seen = set()
+    for site in sites:
+        if site.entry in seen:
+            raise HotpatchError(f"{site.entry:#x} appears twice in one batch")
+        seen.add(site.entry)
+
+
+def _plan_restore(site: Site) -> _Change:
+    if not site.installed:
+        raise HotpatchError(f"{site.entry:#x}: site is not installed")
+    change = _Change(site, None, None)
+    change.write = (_current_entry(site), site.plan.original_bytes, True, site.original, 0)
+    return change
+
+
+def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[Site] = (),
+                 form: str | None = None) -> None:
+    """One batch of code writes: send every ``(site, target)`` of
+    ``redirects`` to its target (installing or retargeting) and put the
+    original bytes back at every site of ``restores``.  All or nothing.
+
+    ``form``: ``None`` keeps a site's slot or call form and otherwise picks
+    ``"direct"`` where the target is in reach, else ``"slot"``; ``"auto"``
+    always picks that way; a form name forces it."""
+    with _lock:
+        _unique([site for site, _ in redirects] + list(restores))
+        changes = [_plan_redirect(site, int(target), form) for site, target in redirects]
+        changes += [_plan_restore(site) for site in restores]
+        # Late arrivals in a restored call path must reach the old code too.
+        for site in restores:
+            if site.form == "call":
+                lib.hp_call_site_set_target(site._call_site, site.original)
+        try:
+            _commit(changes)
+        except BaseException:
+            for site in restores:
+                if site.form == "call":
+                    lib.hp_call_site_set_target(site._call_site, site.target)
+            raise
+
+
+def redirect_batch(requests: Sequence[tuple[Site, int]], form: str | None = None) -> None:
+    """Send every ``(site, target)`` to its target (see :func:`update_batch`)."""
+    update_batch(redirects=requests, form=form)
+
+
+def redirect(entry: int, target: int, *, form: str | None = None, **analysis) -> Site:
+    """Prepare the site at ``entry`` and send its calls to ``target``."""
+    with _lock:
+        site = prepare(entry, **analysis)
+        redirect_batch([(site, target)], form)
+        return site
+
+
+def restore_batch(sites: Sequence[Site]) -> None:
+    """Put the original bytes back at every site (all or nothing).  A thread
+    that enters meanwhile runs the original code."""
+    update_batch(restores=sites)
+
+
+def restore(site: Site) -> None:
+    """Put the original bytes back at ``site``."""
+    restore_batch([site])
+
+
+def add_observer(site: Site, function, data=ffi.NULL) -> int:
+    """Call the C function ``void fn(void *data, uintptr_t address, uint64_t
+    *regs)`` on every call through ``site`` (which must be in call form);
+    ``regs`` holds rdi, rsi, rdx, rcx, r8, r9, r10, rax.  Returns a handle
+    for :func:`remove_observer`."""
+    if site.form != "call":
+        raise HotpatchError(f"{site.entry:#x}: observers need the call form, not {site.form}")
+    handle = lib.hp_call_site_observe(site._call_site, ffi.cast("hp_observer_fn", function), data)
+    if handle < 0:
+        raise HotpatchError(f"{site.entry:#x}: no room for another observer")
+    return handle
+
+
+def remove_observer(site: Site, handle: int) -> None:
+    """Stop calling the observer ``handle`` of ``site``."""
+    lib.hp_call_site_unobserve(site._call_site, handle)
+
+
+def installed_sites() -> list[Site]:
+    """Sites currently redirected, by entry address."""
+    with _lock:
+        return sorted((s for s in _sites.values() if s.installed), key=lambda s: s.entry)

@@ -1,0 +1,148 @@
+"""Decoding x86-64 machine code into :class:`Instruction` records.
+
+Capstone does the decoding; this module only keeps the facts the relocator and
+the entry analysis need (branch kind and target, the RIP-relative displacement
+and what it refers to), taken from capstone's operand details rather than from
+its text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import capstone
+from capstone import x86_const as X
+
+from hotpatch.errors import UnsafeToPatch
+
+__all__ = ["Instruction", "decode", "decode_one"]
+
+_MASK64 = (1 << 64) - 1
+
+# One instance for the process: creating a Cs handle costs far more than
+# decoding a function.
+_CS = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_CS.detail = True
+
+_JCC = frozenset({
+    X.X86_INS_JO, X.X86_INS_JNO, X.X86_INS_JB, X.X86_INS_JAE,
+    X.X86_INS_JE, X.X86_INS_JNE, X.X86_INS_JBE, X.X86_INS_JA,
+    X.X86_INS_JS, X.X86_INS_JNS, X.X86_INS_JP, X.X86_INS_JNP,
+    X.X86_INS_JL, X.X86_INS_JGE, X.X86_INS_JLE, X.X86_INS_JG,
+})
+# The rel8-only branches on rcx/ecx.
+_LOOPS = frozenset({
+    X.X86_INS_JRCXZ, X.X86_INS_JECXZ, X.X86_INS_JCXZ,
+    X.X86_INS_LOOP, X.X86_INS_LOOPE, X.X86_INS_LOOPNE,
+})
+_RETURNS = frozenset({
+    X.X86_INS_RET, X.X86_INS_RETF, X.X86_INS_RETFQ,
+    X.X86_INS_IRET, X.X86_INS_IRETD, X.X86_INS_IRETQ,
+})
+# Branches after which execution never reaches the next instruction.
+_NO_FALL_THROUGH = frozenset({"jmp", "jmp_indirect", "ret"})
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One decoded instruction and the facts needed to move it."""
+
+    address: int
+    size: int
+    raw: bytes
+    mnemonic: str
+    op_str: str
+    #: "jmp" | "jcc" | "call" | "loop" | "ret" | "jmp_indirect" |
+    #: "call_indirect" | "xbegin" | None
+    branch: str | None
+    #: absolute target of a relative branch
+    target: int | None
+    #: byte offset of the disp32 of a RIP-relative memory operand within raw
+    rip_disp_offset: int | None
+    #: absolute address that RIP-relative operand refers to
+    rip_target: int | None
+
+    @property
+    def end(self) -> int:
+        """The address just after the instruction."""
+        return self.address + self.size
+
+    def is_nop(self) -> bool:
+        """A NOP of any form (``90``, ``66 90``, ``0F 1F /0``, ``data16 cs nopw``)."""
+        return self.mnemonic == "nop"
+
+    def is_padding(self) -> bool:
+        """Bytes compilers and linkers put between functions: a NOP or int3."""
+        return self.is_nop() or self.mnemonic == "int3"
+
+    def can_fall_through(self) -> bool:
+        """Whether execution may continue with the next instruction."""
+        return self.branch not in _NO_FALL_THROUGH and self.mnemonic != "ud2"
+
+    def __str__(self) -> str:
+        return f"{self.address:#x}: {self.mnemonic} {self.op_str}".rstrip()
+
+
+def decode(code: bytes, address: int) -> list[Instruction]:
+    """Decode ``code`` placed at ``address`` by linear sweep.
+
+    Stops at the first byte that does not start a valid instruction (or at
+    an instruction cut by the end of ``code``): callers compare the end of the
+    last instruction with what they asked for.
+    """
+    return [_instruction(ci) for ci in _CS.disasm(bytes(code), address)]
+
+
+def decode_one(code: bytes, address: int) -> Instruction | None:
+    """The instruction at the start of ``code``, or None if it is undecodable."""
+    for ci in _CS.disasm(bytes(code[:15]), address, 1):
+        return _instruction(ci)
+    return None
+
+
+def _instruction(ci) -> Instruction:
+    branch, target = _branch(ci)
+    disp_offset, rip_target = _rip_operand(ci)
+    return Instruction(ci.address, ci.size, bytes(ci.bytes), ci.mnemonic,
+                       ci.op_str, branch, target, disp_offset, rip_target)
+
+
+def _branch(ci) -> tuple[str | None, int | None]:
+    """The branch kind of ``ci`` and, for a relative branch, its target."""
+    iid = ci.id
+    if iid in _RETURNS:
+        return "ret", None
+    if iid == X.X86_INS_LJMP:
+        return "jmp_indirect", None
+    if iid == X.X86_INS_LCALL:
+        return "call_indirect", None
+    if iid in (X.X86_INS_JMP, X.X86_INS_CALL):
+        kind = "jmp" if iid == X.X86_INS_JMP else "call"
+        operand = ci.operands[0]
+        if operand.type == X.X86_OP_IMM:
+            return kind, operand.imm & _MASK64
+        return kind + "_indirect", None
+    if iid in _JCC:
+        return "jcc", ci.operands[0].imm & _MASK64
+    if iid in _LOOPS:
+        return "loop", ci.operands[0].imm & _MASK64
+    if iid == X.X86_INS_XBEGIN:
+        return "xbegin", ci.operands[0].imm & _MASK64
+    return None, None
+
+
+def _rip_operand(ci) -> tuple[int | None, int | None]:
+    """Where the disp32 of a RIP-relative operand sits, and what it addresses."""
+    for operand in ci.operands:
+        if operand.type == X.X86_OP_MEM and operand.mem.base == X.X86_REG_RIP:
+            offset = ci.disp_offset
+            # capstone 5 misreports disp_size after 66/VEX prefixes, so check
+            # the offset against the displacement itself before trusting it:
+            # the relocator rewrites these four bytes.
+            if int.from_bytes(ci.bytes[offset:offset + 4], "little",
+                              signed=True) != operand.mem.disp:
+                raise UnsafeToPatch(f"{ci.address:#x}: cannot locate the disp32 "
+                                    f"of the RIP-relative operand of "
+                                    f"'{ci.mnemonic} {ci.op_str}'")
+            return offset, (ci.address + ci.size + operand.mem.disp) & _MASK64
+    return None, None

@@ -1,0 +1,262 @@
+"""Analysis of a function's entry: where and how a 5-byte redirection can go.
+
+This is policy-free: it reports what the entry looks like (a skippable
+fentry/patchable NOP, a NOP sled, or ordinary prologue instructions to
+relocate) and refuses, with :class:`UnsafeToPatch`, entries that cannot be
+redirected safely.  Callers decide which redirection to write and how.
+
+With the function's ``size`` known, the whole function is decoded to rule out
+branches into the replaced bytes, and padding after a function shorter than
+5 bytes can be used.  Without it (an address with no symbol, or a symbol of
+size 0) only the replaced instructions themselves are checked: branches from
+the rest of the function into them cannot be seen, and a ``ret``/``jmp``
+ending before the 5 bytes is refused, because the bytes after it cannot be
+told apart from the next function.  In both cases branches from outside the
+function (a ``.cold`` part, another function jumping into this one) and
+indirect branches (jump tables) are not seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
+
+from hotpatch.errors import UnsafeToPatch
+
+from .decode import Instruction, decode, decode_one
+from .encode import JMP_REL32_SIZE
+from .relocate import check_relocatable, relocate, relocated_size_bound
+
+__all__ = ["EntryPlan", "analyze_entry", "build_original", "original_stub_size_bound"]
+
+ENDBR64 = b"\xf3\x0f\x1e\xfa"
+# endbr64, the 5 bytes replaced, and the rest of an instruction of at most
+# 15 bytes starting in them: all the entry analysis reads beyond a function.
+_READ_AHEAD = len(ENDBR64) + JMP_REL32_SIZE + 15
+
+
+@dataclass(frozen=True)
+class EntryPlan:
+    """Where the redirecting instruction goes and what it replaces."""
+
+    entry: int              #: the function's address
+    address: int            #: where the redirection is written (entry, or entry+4 after endbr64)
+    length: int             #: bytes replaced at ``address`` (>= 5)
+    original_bytes: bytes   #: the bytes now at [address, address+length)
+    kind: str               #: "fentry" | "nops" | "generic"
+    endbr: bool             #: the function starts with endbr64 (kept in place)
+    single_instruction: bool  #: [address, address+length) is exactly one instruction now
+    #: the instructions replaced (relocated for "generic"; for a function
+    #: shorter than 5 bytes, its own only: the padding after it is overwritten)
+    instructions: tuple[Instruction, ...]
+    body: int | None        #: "fentry"/"nops": address + length, the untouched old body
+    falls_through: bool     #: "generic": the stub must jump back to address+length
+
+
+def analyze_entry(read: Callable[[int, int], bytes], entry: int, *,
+                  size: int | None = None,
+                  exec_ranges: Sequence[tuple[int, int]] = (),
+                  fentry_targets: Container[int] = ()) -> EntryPlan:
+    """Plan the redirection of the function at ``entry``.
+
+    ``read(addr, n)`` returns ``n`` bytes of the live process.  ``size`` is
+    the symbol's size (None or 0: unknown).  ``exec_ranges`` are the object's
+    executable segments [lo, hi) (empty: not checked); when given, ``read``
+    is never asked for bytes past the segment holding ``entry``.  ``fentry_targets`` are
+    the addresses of ``__fentry__``/``mcount`` or of their GOT slots: a call
+    to one of them at the entry is skipped like a NOP.
+    """
+    function_end = entry + size if size else None
+    segment_end = _segment_end(entry, exec_ranges)
+    window = max(size or 0, _READ_AHEAD)
+    if segment_end is not None:
+        window = min(window, segment_end - entry)
+    code = bytes(read(entry, window))
+    endbr = code.startswith(ENDBR64)
+    address = entry + len(ENDBR64) if endbr else entry
+    _check_inside_segment(entry, max(function_end or 0, address + JMP_REL32_SIZE), segment_end)
+    plan = (_skippable_plan(code, entry, address, function_end, endbr, fentry_targets)
+            or _generic_plan(code, entry, address, function_end, endbr))
+    _check_inside_segment(entry, plan.address + plan.length, segment_end)
+    if function_end is not None:
+        _check_no_branch_into(code[:size], entry, plan)
+    return plan
+
+
+def build_original(plan: EntryPlan, stub_address: int) -> bytes:
+    """The code of the "original" stub at ``stub_address`` for a "generic" plan.
+
+    It starts with endbr64 when the function does, so that calling the
+    original through a pointer stays valid under indirect-branch tracking.
+    """
+    if plan.kind != "generic":
+        raise ValueError(f"{plan.kind} entry at {plan.entry:#x} needs no stub: "
+                         f"its original is the body at {plan.body:#x}")
+    prefix = ENDBR64 if plan.endbr else b""
+    region = (plan.address, plan.address + plan.length)
+    resume = region[1] if plan.falls_through else None
+    return prefix + relocate(plan.instructions, stub_address + len(prefix),
+                             resume=resume, region=region)
+
+
+def original_stub_size_bound(plan: EntryPlan) -> int:
+    """An upper bound of :func:`build_original`'s size; 0 for kinds with a body."""
+    if plan.kind != "generic":
+        return 0
+    return (len(ENDBR64) if plan.endbr else 0) + relocated_size_bound(plan.instructions)
+
+
+def _segment_end(entry: int, exec_ranges: Sequence[tuple[int, int]]) -> int | None:
+    """The end of the executable segment holding ``entry`` (None: not checked)."""
+    if not exec_ranges:
+        return None
+    for lo, hi in exec_ranges:
+        if lo <= entry < hi:
+            return hi
+    raise UnsafeToPatch(f"not code: {entry:#x} is not inside an executable segment")
+
+
+def _check_inside_segment(entry: int, end: int, segment_end: int | None) -> None:
+    if segment_end is not None and end > segment_end:
+        raise UnsafeToPatch(f"not code: [{entry:#x}, {end:#x}) runs past the end of "
+                            f"its executable segment at {segment_end:#x}")
+
+
+def _skippable_plan(code: bytes, entry: int, address: int, function_end: int | None,
+                    endbr: bool, fentry_targets: Container[int]) -> EntryPlan | None:
+    """A "fentry" or "nops" plan when the entry starts with bytes that can be skipped."""
+    first = decode_one(code[address - entry:], address)
+    if first is None:
+        return None
+    if first.size >= JMP_REL32_SIZE and (first.is_nop() or _is_fentry_call(first, fentry_targets)):
+        sled = [first]
+    else:
+        sled = _nop_sled(code, entry, address)
+    if not sled:
+        return None
+    length = sled[-1].end - address
+    if function_end is not None and address + length > function_end:
+        return None
+    return EntryPlan(entry=entry, address=address, length=length,
+                     original_bytes=code[address - entry:address - entry + length],
+                     kind="fentry" if len(sled) == 1 else "nops", endbr=endbr,
+                     single_instruction=len(sled) == 1, instructions=tuple(sled),
+                     body=address + length, falls_through=False)
+
+
+def _is_fentry_call(insn: Instruction, fentry_targets: Container[int]) -> bool:
+    """``call __fentry__`` or ``call *__fentry__@GOTPCREL(%rip)``."""
+    if insn.branch == "call":
+        return insn.target in fentry_targets
+    return insn.branch == "call_indirect" and insn.rip_target is not None \
+        and insn.rip_target in fentry_targets
+
+
+def _nop_sled(code: bytes, entry: int, address: int) -> list[Instruction]:
+    """The fewest NOPs at ``address`` covering 5 bytes, or [] if there are not enough."""
+    sled = []
+    for insn in decode(code[address - entry:], address):
+        if not insn.is_nop():
+            return []
+        sled.append(insn)
+        if insn.end - address >= JMP_REL32_SIZE:
+            return sled
+    return []
+
+
+def _generic_plan(code: bytes, entry: int, address: int, function_end: int | None,
+                  endbr: bool) -> EntryPlan:
+    """A "generic" plan: whole instructions covering 5 bytes, to relocate."""
+    taken = _covering_instructions(code, entry, address, function_end)
+    covered = taken[-1].end if taken else address
+    if covered < address + JMP_REL32_SIZE:
+        _check_padding(code, entry, address, function_end, taken)
+        covered = address + JMP_REL32_SIZE
+    length = covered - address
+    _check_replaceable(taken, address, length)
+    return EntryPlan(entry=entry, address=address, length=length,
+                     original_bytes=code[address - entry:address - entry + length],
+                     kind="generic", endbr=endbr,
+                     single_instruction=len(taken) == 1 and taken[0].size == length,
+                     instructions=tuple(taken), body=None,
+                     falls_through=taken[-1].can_fall_through())
+
+
+def _covering_instructions(code: bytes, entry: int, address: int,
+                           function_end: int | None) -> list[Instruction]:
+    """Instructions from ``address`` covering 5 bytes, or up to the function's end."""
+    want = address + JMP_REL32_SIZE
+    taken: list[Instruction] = []
+    covered = address
+    for insn in decode(code[address - entry:], address):
+        if covered >= want or covered == function_end:
+            break
+        if function_end is not None and insn.end > function_end:
+            raise UnsafeToPatch(f"{insn} crosses the end of the function at "
+                                f"{function_end:#x}: its size is wrong or it is not code")
+        if function_end is None and not insn.can_fall_through() and insn.end < want:
+            raise UnsafeToPatch(f"{insn} ends the code at {insn.end:#x}, before the "
+                                f"{JMP_REL32_SIZE} bytes needed at {address:#x}, and "
+                                f"without the function's size the bytes after it "
+                                f"cannot be told apart from the next function")
+        taken.append(insn)
+        covered = insn.end
+    if covered < want and covered != function_end:
+        raise UnsafeToPatch(f"cannot decode the instruction at {covered:#x}: "
+                            f"undecodable bytes {code[covered - entry:covered - entry + 4].hex(' ')}")
+    return taken
+
+
+def _check_padding(code: bytes, entry: int, address: int, function_end: int,
+                   taken: list[Instruction]) -> None:
+    """Refuse a function shorter than 5 bytes unless padding it never reaches follows it."""
+    want = address + JMP_REL32_SIZE
+    short = (f"the function at {entry:#x} is {function_end - entry} bytes, too short "
+             f"for the {JMP_REL32_SIZE} bytes needed at {address:#x}")
+    if not taken or taken[-1].can_fall_through():
+        raise UnsafeToPatch(f"{short}, and it falls through at its end {function_end:#x}")
+    position = function_end
+    for insn in decode(code[function_end - entry:], function_end):
+        if position >= want:
+            break
+        if not insn.is_padding():
+            raise UnsafeToPatch(f"{short}, and no padding follows it: {insn} is "
+                                f"not int3/nop")
+        position = insn.end
+    if position < want:
+        raise UnsafeToPatch(f"{short}, and no padding follows it: undecodable "
+                            f"bytes at {position:#x}")
+
+
+def _check_replaceable(taken: list[Instruction], address: int, length: int) -> None:
+    """Refuse instructions that cannot leave [address, address+length)."""
+    end = address + length
+    for insn in taken:
+        if insn.mnemonic == "int3":
+            raise UnsafeToPatch(f"int3 at {insn.address:#x}: a breakpoint is already "
+                                f"set there (a debugger or another patcher)")
+        if insn.branch in ("call", "call_indirect") and insn.end < end:
+            raise UnsafeToPatch(f"call at {insn.address:#x} returns to {insn.end:#x}, "
+                                f"inside the replaced bytes [{address:#x}, {end:#x}): "
+                                f"a thread inside the callee would return into the "
+                                f"new jump")
+    check_relocatable(taken, (address, end))
+
+
+def _check_no_branch_into(function_code: bytes, entry: int, plan: EntryPlan) -> None:
+    """Refuse when a branch of the function lands strictly inside the replaced bytes."""
+    function_end = entry + len(function_code)
+    function = decode(function_code, entry)
+    decoded = function[-1].end if function else entry
+    if decoded != function_end:
+        raise UnsafeToPatch(f"cannot decode the function at {entry:#x} up to its end "
+                            f"{function_end:#x} (undecodable bytes at {decoded:#x}), so "
+                            f"branches into its first bytes cannot be ruled out")
+    lo, hi = plan.address, plan.address + plan.length
+    for insn in function:
+        # Branches among the replaced instructions move with them.
+        if lo <= insn.address < hi or insn.target is None:
+            continue
+        if lo < insn.target < hi:
+            raise UnsafeToPatch(f"a branch lands inside the replaced bytes [{lo:#x}, {hi:#x}): "
+                                f"{insn} goes to {insn.target:#x}")

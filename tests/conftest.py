@@ -1,0 +1,58 @@
+"""Shared test fixtures: C targets compiled at test time, and child processes.
+
+Code that patches runs in a child process (`run_child`): a crash there is a
+failed test that names the signal, never a dead test run.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def compile_library(out_dir, name, sources, flags=(), per_source_flags=None):
+    """Compile C sources (paths relative to tests/) into ``out_dir/name`` with
+    the system ``cc``; ``per_source_flags`` maps a source to extra flags for
+    that translation unit only.  Returns the library's path."""
+    per_source_flags = per_source_flags or {}
+    objects = []
+    for source in sources:
+        obj = os.path.join(out_dir, os.path.basename(source) + ".o")
+        extra = per_source_flags.get(source, ["-fPIC"])
+        subprocess.run(["cc", "-O2", "-c", os.path.join(HERE, source), "-o", obj, *flags, *extra],
+                       check=True)
+        objects.append(obj)
+    path = os.path.join(out_dir, name)
+    subprocess.run(["cc", "-shared", "-o", path, *objects], check=True)
+    return path
+
+
+def run_child(code, timeout=120, env=None, **params):
+    """Run ``code`` in a fresh Python; ``params`` are visible to it as the
+    dict ``P``.  The code reports with ``report(obj)``; returns the list of
+    reported objects.  A crash or non-zero exit fails the calling test."""
+    prelude = textwrap.dedent("""
+        import json, sys
+        P = json.loads(sys.argv[1])
+        def report(obj):
+            print("REPORT " + json.dumps(obj), flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code), json.dumps(params)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        pytest.fail(f"child died of {name}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    if proc.returncode:
+        pytest.fail(f"child exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+
+
+@pytest.fixture(scope="session")
+def child():
+    return run_child

@@ -1,0 +1,330 @@
+"""The low-level layer: redirect, retarget, restore and the original code, in
+every entry form, on real compiled prologues, under concurrency.
+
+Every test patches inside a child process (see conftest.run_child)."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import compile_library
+
+SHAPES = {   # function -> (f(5) before, what the shape is)
+    "plain_add": (6, "lea+ret, exactly five bytes"),
+    "frame_pointer": (16, "push rbp; mov rbp, rsp"),
+    "rip_load": (45, "RIP-relative load first"),
+    "calls_other": (12, "generic prologue"),
+    "jcc_leaf": (6, "jcc inside the first five bytes"),
+    "short_padded": (0, "three bytes and padding"),
+    "fentry_nop": (25, "-pg -mfentry -mnop-mcount"),
+    "patchable": (35, "-fpatchable-function-entry=5"),
+    "endbr_func": (56, "endbr64 first"),
+}
+
+
+@pytest.fixture(scope="session")
+def targets(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sites"))
+    path = compile_library(
+        out, "libshapes.so",
+        ["targets/shapes.c", "targets/fentry.c", "targets/patchable.c", "targets/endbr.c",
+         "targets/stress.c"],
+        flags=["-pthread"],
+        per_source_flags={
+            "targets/fentry.c": ["-fno-pic", "-pg", "-mfentry", "-mnop-mcount"],
+            "targets/patchable.c": ["-fPIC", "-fpatchable-function-entry=5"],
+            "targets/endbr.c": ["-fPIC", "-fcf-protection=full"],
+        })
+    sizes = {}
+    for line in subprocess.run(["nm", "-S", "--defined-only", path], capture_output=True,
+                               text=True, check=True).stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 4:
+            sizes[parts[3]] = int(parts[1], 16)
+    return {"lib": path, "sizes": sizes}
+
+
+PRELUDE = """
+import ctypes, os
+from hotpatch import sites, errors
+from hotpatch._native import ffi, lib as native
+lib = ctypes.CDLL(P["lib"])
+SIZES = P["sizes"]
+def addr(name):
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+def fn(address):
+    return ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(address)
+def call(name, x=5):
+    f = getattr(lib, name); f.restype = ctypes.c_long; f.argtypes = [ctypes.c_long]
+    return f(x)
+def prepare(name):
+    return sites.prepare(addr(name), size=SIZES[name])
+"""
+
+
+@pytest.mark.parametrize("form", ["direct", "slot", "call"])
+def test_every_shape_redirects_keeps_original_and_restores(child, targets, form):
+    results = child(PRELUDE + """
+out = {}
+for name in P["shapes"]:
+    entry = addr(name)
+    before_bytes = sites.read_memory(entry, 32)
+    before = call(name)
+    site = prepare(name)
+    sites.redirect_batch([(site, addr("replacement"))], form=P["form"])
+    patched = call(name)
+    original = fn(site.original)(5)
+    sites.redirect_batch([(site, addr("replacement2"))])
+    retargeted = call(name)
+    sites.restore(site)
+    out[name] = dict(before=before, patched=patched, original=original, retargeted=retargeted,
+                     restored=call(name), kind=site.kind, form_seen=P["form"],
+                     identical=sites.read_memory(entry, 32) == before_bytes)
+report(out)
+""", form=form, shapes=list(SHAPES), **targets)[0]
+    for name, (expected, what) in SHAPES.items():
+        r = results[name]
+        assert r["before"] == expected, (name, what)
+        assert r["patched"] == 5 + 1000, (name, what, r)
+        assert r["original"] == expected, (name, what, r)
+        assert r["retargeted"] == 5 + 2000, (name, what, r)
+        assert r["restored"] == expected, (name, what, r)
+        assert r["identical"], (name, what, "bytes differ after restore")
+
+
+def test_site_kinds(child, targets):
+    kinds = child(PRELUDE + """
+report({name: [prepare(name).kind, prepare(name).address - addr(name),
+               prepare(name).original - addr(name)] for name in P["names"]})
+""", names=["fentry_nop", "patchable", "endbr_func", "plain_add"], **targets)[0]
+    assert kinds["fentry_nop"] == ["fentry", 0, 5]      # the old body is intact after the NOP
+    assert kinds["patchable"] == ["nops", 0, 5]
+    assert kinds["endbr_func"][:2] == ["generic", 4]   # redirected after endbr64
+    assert kinds["plain_add"][0] == "generic"
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("short_unpadded", "short"),
+    ("jumps_back", "branch"),
+])
+def test_refusals_change_nothing(child, targets, name, reason):
+    r = child(PRELUDE + """
+before = sites.read_memory(addr(P["name"]), 16)
+try:
+    prepare(P["name"])
+    report({"refused": False})
+except errors.UnsafeToPatch as e:
+    report({"refused": True, "message": str(e),
+            "unchanged": sites.read_memory(addr(P["name"]), 16) == before})
+""", name=name, **targets)[0]
+    assert r["refused"], name
+    assert reason in r["message"].lower()
+    assert hex(0)[:2] in r["message"]          # it names the address
+    assert r["unchanged"]
+
+
+def test_far_target_takes_the_slot_path(child, targets):
+    r = child(PRELUDE + """
+import mmap
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+entry = addr("plain_add")
+# 16 TiB away from the library: far beyond rel32.
+hint = (entry + (1 << 44)) & ~0xfff if entry < (1 << 46) else (entry - (1 << 44)) & ~0xfff
+far = libc.mmap(hint, 4096, 7, 0x22 | 0x100000, -1, 0)   # MAP_PRIVATE|ANON|FIXED_NOREPLACE
+code = bytes([0x48, 0xc7, 0xc0, 0x2a, 0, 0, 0, 0xc3])     # mov rax, 42; ret
+ctypes.memmove(far, code, len(code))
+site = sites.redirect(entry, far, size=SIZES["plain_add"])
+maps = open("/proc/self/maps").read()
+report({"form": site.form, "result": call("plain_add"), "distance": abs(far - entry),
+        "named": "hotpatch" in maps})
+sites.restore(site)
+""", **targets)[0]
+    assert r["distance"] > 1 << 32
+    assert r["form"] == "slot"
+    assert r["result"] == 42
+    assert r["named"]
+
+
+def test_direct_form_refuses_a_far_target(child, targets):
+    r = child(PRELUDE + """
+site = prepare("plain_add")
+try:
+    sites.redirect_batch([(site, site.address + (1 << 40))], form="direct")
+    report("accepted")
+except errors.UnsafeToPatch as e:
+    report(str(e))
+""", **targets)[0]
+    assert "2 GiB" in r
+
+
+def test_call_path_runs_observers(child, targets):
+    r = child(PRELUDE + """
+site = prepare("calls_other")
+sites.redirect_batch([(site, addr("replacement"))], form="call")
+count = ctypes.c_long.in_dll(lib, "observed_calls")
+arg = ctypes.c_long.in_dll(lib, "observed_arg")
+handle = sites.add_observer(site, addr("count_observer"))
+results = [call("calls_other", x) for x in (1, 2, 3)]
+sites.remove_observer(site, handle)
+after = call("calls_other", 9)
+report({"results": results, "count": count.value, "arg": arg.value, "after": after})
+sites.restore(site)
+""", **targets)[0]
+    assert r["results"] == [1001, 1002, 1003]
+    assert r["count"] == 3 and r["arg"] == 3
+    assert r["after"] == 1009
+
+
+def test_batch_is_all_or_nothing(child, targets):
+    r = child(PRELUDE + """
+names = ["plain_add", "rip_load", "calls_other", "frame_pointer"]
+batch = [prepare(n) for n in names]
+before = {n: sites.read_memory(addr(n), 16) for n in names}
+# Someone else changes the last function after it was analysed.
+victim = addr("frame_pointer")
+native.hp_write_code(victim + batch[-1].plan.length - 1, b"\\x90", 1)
+changed = sites.read_memory(victim, 16)
+try:
+    sites.redirect_batch([(s, addr("replacement")) for s in batch])
+    report({"raised": False})
+except errors.TransitionError as e:
+    report({"raised": True, "message": str(e),
+            "untouched": all(sites.read_memory(addr(n), 16) == before[n] for n in names[:-1]),
+            "victim": sites.read_memory(victim, 16) == changed,
+            "installed": [s.installed for s in batch],
+            "calls": [call(n) for n in names[:-1]]})
+""", **targets)[0]
+    assert r["raised"]
+    assert "not what it was expected" in r["message"]
+    assert r["untouched"] and r["victim"]
+    assert r["installed"] == [False] * 4
+    assert r["calls"] == [6, 45, 12]
+
+
+def test_many_sites_in_one_batch(child, targets):
+    r = child(PRELUDE + """
+names = ["plain_add", "rip_load", "calls_other", "frame_pointer", "jcc_leaf", "fentry_nop",
+         "patchable", "endbr_func", "short_padded"]
+batch = [prepare(n) for n in names]
+sites.redirect_batch([(s, addr("replacement")) for s in batch])
+patched = [call(n) for n in names]
+sites.restore_batch(batch)
+report({"patched": patched, "restored": [call(n) for n in names]})
+""", **targets)[0]
+    assert r["patched"] == [1005] * 9
+    assert r["restored"] == [SHAPES[n][0] for n in ["plain_add", "rip_load", "calls_other",
+                                                     "frame_pointer", "jcc_leaf", "fentry_nop",
+                                                     "patchable", "endbr_func", "short_padded"]]
+
+
+STRESS = PRELUDE + """
+import time
+entry = addr(P["name"])
+old = call(P["name"], 7)
+ok = (ctypes.c_long * 3)(old, 1007, 2007)
+lib.stress_start(ctypes.c_void_p(entry), 4, ok, 3)
+time.sleep(0.05)
+site = prepare(P["name"])
+t0 = time.time()
+for i in range(P["rounds"]):
+    sites.redirect_batch([(site, addr("replacement"))], form=P["form"])
+    sites.redirect_batch([(site, addr("replacement2"))])
+    sites.restore(site)
+elapsed = time.time() - t0
+total, a_bad = ctypes.c_long(), ctypes.c_long()
+lib.stress_stop.restype = ctypes.c_long
+bad = lib.stress_stop(ctypes.byref(total), ctypes.byref(a_bad))
+report({"bad": bad, "a_bad": a_bad.value, "calls": total.value, "elapsed": elapsed})
+"""
+
+
+@pytest.mark.parametrize("name,form", [
+    ("calls_other", "direct"),    # generic prologue: each install stops the world
+    ("fentry_nop", "direct"),     # single NOP: int3 protocol only
+    ("frame_pointer", "slot"),
+    ("jcc_leaf", "call"),
+])
+def test_stress_threads_see_only_old_or_new(child, targets, name, form):
+    rounds = 10_000 if (name, form) == ("calls_other", "direct") else 2_000
+    r = child(STRESS, name=name, form=form, rounds=rounds, timeout=600, **targets)[0]
+    assert r["calls"] > 100_000, r
+    assert r["bad"] == 0, r
+
+
+def test_thread_blocked_in_a_system_call_does_not_stop_patching(child, targets):
+    r = child(PRELUDE + """
+import time
+lib.reader_start()
+time.sleep(0.1)   # the reader is now blocked in read()
+site = prepare("calls_other")      # generic: needs every thread parked
+t0 = time.time()
+sites.redirect_batch([(site, addr("replacement"))])
+elapsed = time.time() - t0
+sites.restore(site)
+lib.reader_finish.restype = ctypes.c_long
+report({"elapsed": elapsed, "read": lib.reader_finish()})
+""", **targets)[0]
+    assert r["elapsed"] < 1.0
+    assert r["read"] == 42     # read() restarted and returned the byte, no EINTR
+
+
+def test_thread_that_cannot_park_is_a_clear_error(child, targets):
+    r = child(PRELUDE + """
+import threading
+lib.deaf_start()
+site = prepare("calls_other")
+before = sites.read_memory(site.address, 16)
+sites.STOP_TIMEOUT_MS = 300
+try:
+    sites.redirect_batch([(site, addr("replacement"))])
+    report({"raised": False})
+except errors.TransitionError as e:
+    report({"raised": True, "message": str(e), "installed": site.installed,
+            "unchanged": sites.read_memory(site.address, 16) == before, "result": call("calls_other")})
+lib.deaf_stop()
+""", **targets)[0]
+    assert r["raised"]
+    assert "did not park" in r["message"] and "thread" in r["message"]
+    assert not r["installed"] and r["unchanged"] and r["result"] == 12
+
+
+def test_fork_after_patching(child, targets):
+    r = child(PRELUDE + """
+site = prepare("calls_other")
+sites.redirect_batch([(site, addr("replacement"))], form="slot")
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    # The child has its own copy: restoring or retargeting here leaves the parent alone.
+    seen = [call("calls_other")]
+    sites.redirect_batch([(site, addr("replacement2"))])
+    seen.append(call("calls_other"))
+    sites.restore(site)
+    seen.append(call("calls_other"))
+    os.write(w, repr(seen).encode())
+    os._exit(0)
+os.close(w)
+_, status = os.waitpid(pid, 0)
+child_seen = os.read(r, 100).decode()
+report({"status": status, "child": child_seen, "parent": call("calls_other")})
+""", **targets)[0]
+    assert r["status"] == 0
+    assert r["child"] == "[1005, 2005, 12]"
+    assert r["parent"] == 1005
+
+
+def test_foreign_int3_reaches_the_earlier_sigtrap_handler(child, targets):
+    r = child(PRELUDE + """
+import signal
+hits = []
+signal.signal(signal.SIGTRAP, lambda *a: hits.append(1))
+site = prepare("fentry_nop")              # single instruction: an int3 round
+sites.redirect_batch([(site, addr("replacement"))])
+sites.restore(site)
+lib.raise_trap.restype = ctypes.c_long
+value = lib.raise_trap()
+report({"value": value, "hits": len(hits)})
+""", **targets)[0]
+    assert r == {"value": 7, "hits": 1}
