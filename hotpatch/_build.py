@@ -20,10 +20,11 @@ typedef struct {
 } Elf64_Phdr;
 
 struct hp_loaded_object {
-    const char *name;
+    char name[4096];
     uintptr_t base;
-    const Elf64_Phdr *phdr;
+    uintptr_t phdr_address;
     int phnum;
+    Elf64_Phdr phdr[32];
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 

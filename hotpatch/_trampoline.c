@@ -50,11 +50,16 @@
 /* Loaded objects                                                      */
 /* ------------------------------------------------------------------ */
 
+/* A copy, made under the dynamic linker's lock: once dl_iterate_phdr()
+ * returns, a dlclose() in another thread may free the linker's strings. */
+#define HP_NAME_MAX 4096
+#define HP_MAX_PHDRS 32
 struct hp_loaded_object {
-    const char *name;        /* as the dynamic linker has it ("" = main program) */
+    char name[HP_NAME_MAX];  /* as the dynamic linker has it ("" = main program) */
     uintptr_t base;          /* l_addr: load bias */
-    const ElfW(Phdr) *phdr;  /* program headers, in memory */
-    int phnum;
+    uintptr_t phdr_address;  /* where the program headers are mapped */
+    int phnum;               /* headers copied below (at most HP_MAX_PHDRS) */
+    ElfW(Phdr) phdr[HP_MAX_PHDRS];
 };
 
 struct loaded_list {
@@ -69,10 +74,11 @@ static int collect_loaded(struct dl_phdr_info *info, size_t size, void *data)
     (void)size;
     if (list->count < list->capacity) {
         struct hp_loaded_object *o = &list->out[list->count];
-        o->name = info->dlpi_name ? info->dlpi_name : "";
+        snprintf(o->name, sizeof o->name, "%s", info->dlpi_name ? info->dlpi_name : "");
         o->base = info->dlpi_addr;
-        o->phdr = info->dlpi_phdr;
-        o->phnum = info->dlpi_phnum;
+        o->phdr_address = (uintptr_t)info->dlpi_phdr;
+        o->phnum = info->dlpi_phnum < HP_MAX_PHDRS ? info->dlpi_phnum : HP_MAX_PHDRS;
+        memcpy(o->phdr, info->dlpi_phdr, (size_t)o->phnum * sizeof o->phdr[0]);
     }
     list->count++;
     return 0;
