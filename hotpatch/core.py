@@ -1,0 +1,415 @@
+"""Patch / Object / Func and their lifecycle (the kernel's livepatch core.c).
+
+A :class:`Patch` is one fix, enabled and disabled as a unit; an
+:class:`Object` is one loaded ELF object (``None`` is the main program); a
+:class:`Func` redirects one function.  The rules are the kernel's:
+
+- enabling is all or nothing across every function of every loaded object;
+- patches stack per function, the most recently enabled wins, and only the
+  most recently enabled patch still enabled may be disabled;
+- ``replace=True`` takes over every function of every older patch and
+  disables those patches in the same step (without their unpatch callbacks);
+- only a disabled patch may be unregistered, and new code stays pinned for
+  the life of the process;
+- callbacks run in the patch's object order: every ``pre_patch``, the code
+  writes, every ``post_patch`` (and the same around disabling).
+
+Every lifecycle operation runs under one lock (``klp_mutex``).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterable, Sequence
+
+from . import newcode, patch as stacks, sites, symbols
+from ._native import lib
+from .errors import HotpatchError, PatchStateError
+
+_mutex = threading.RLock()
+_patches: list["Patch"] = []          # registered, oldest first
+_enabled: list["Patch"] = []          # enabled, in the order they were enabled
+_pinned: list[object] = []            # new code kept alive for the process's life
+_tainted = False
+
+CONSISTENCY_MODELS = ("immediate",)
+
+
+class Func:
+    """One function to redirect (``struct klp_func``).
+
+    ``old_name`` in the object's symbol tables (``old_sympos``: 1-based
+    position among same-named symbols, 0 = must be unique), or ``old_offset``
+    from the object's load base for a function without a symbol.  ``new`` is
+    an address, a cffi or ctypes function pointer, or a Python callable with a
+    C ``signature``."""
+
+    def __init__(self, old_name: str, new, *, old_sympos: int = 0,
+                 old_offset: int | None = None, signature: str | None = None):
+        if not isinstance(old_name, str) or not old_name:
+            raise TypeError("old_name must be a non-empty string")
+        if not isinstance(old_sympos, int) or old_sympos < 0:
+            raise ValueError(f"{old_name}: old_sympos must be an integer >= 0")
+        self.old_name = old_name
+        self.new = new
+        self.old_sympos = old_sympos
+        self.old_offset = old_offset
+        self.signature = signature
+        self.object: Object | None = None
+        self.old_addr: int | None = None      # resolved absolute address
+        self.old_size: int | None = None
+        self.new_addr: int | None = None
+        self.errors = 0                       # exceptions raised by a Python `new`
+        self.last_error: BaseException | None = None
+        self._site: sites.Site | None = None  # set while on a stack
+
+    @property
+    def patched(self) -> bool:
+        """True while this func is on its function's stack."""
+        return self._site is not None
+
+    @property
+    def original(self) -> int | None:
+        """Address that runs the old code (callable from C and, through cffi
+        or ctypes, from Python), or None while not patched."""
+        return self._site.original if self._site is not None else None
+
+    def __repr__(self) -> str:
+        where = f" at {self.old_addr:#x}" if self.old_addr is not None else ""
+        return f"<Func {self.old_name},{self.old_sympos}{where} patched={self.patched}>"
+
+
+def _no_callback(obj):
+    return 0
+
+
+class Object:
+    """One loaded ELF object and the funcs patched in it (``struct klp_object``).
+
+    ``name``: None for the main program, else a file name, soname or absolute
+    path.  Callbacks take the Object: ``pre_patch`` may veto by returning
+    non-zero or raising."""
+
+    def __init__(self, name: str | None, funcs: Iterable[Func] = (), *,
+                 pre_patch: Callable | None = None, post_patch: Callable | None = None,
+                 pre_unpatch: Callable | None = None, post_unpatch: Callable | None = None):
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError("an Object's name is None (the main program) or a non-empty string")
+        self.name = name
+        self.funcs = list(funcs)
+        for func in self.funcs:
+            if not isinstance(func, Func):
+                raise TypeError(f"{self.label}: {func!r} is not a hotpatch.Func")
+            if func.object is not None:
+                raise PatchStateError(f"{self.label}: {func.old_name} belongs to another Object")
+            func.object = self
+        self.pre_patch = pre_patch or _no_callback
+        self.post_patch = post_patch or _no_callback
+        self.pre_unpatch = pre_unpatch or _no_callback
+        self.post_unpatch = post_unpatch or _no_callback
+        self.patch: Patch | None = None
+        self.patched = False              # its funcs are redirected
+        self._loaded: symbols.LoadedObject | None = None
+
+    @property
+    def label(self) -> str:
+        """The name shown in messages and in the tree (``main`` for None)."""
+        return "main" if self.name is None else self.name
+
+    @property
+    def loaded(self) -> bool:
+        """True when the object is loaded in this process now."""
+        return symbols.find_object(self.name) is not None
+
+    def __repr__(self) -> str:
+        return f"<Object {self.label} funcs={len(self.funcs)} patched={self.patched}>"
+
+
+class Patch:
+    """One fix, enabled and disabled as a unit (``struct klp_patch``)."""
+
+    def __init__(self, name: str, objects: Iterable[Object], *, replace: bool = False,
+                 consistency: str = "immediate"):
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"a patch name is a non-empty string without '/': {name!r}")
+        if consistency not in CONSISTENCY_MODELS:
+            raise ValueError(f"patch {name!r}: consistency {consistency!r} is not available; "
+                             f"this version has {', '.join(CONSISTENCY_MODELS)}")
+        self.name = name
+        self.objects = list(objects)
+        self.replace = bool(replace)
+        self.consistency = consistency
+        self.enabled = False
+        self.registered = False
+        for obj in self.objects:
+            if not isinstance(obj, Object):
+                raise TypeError(f"patch {name!r}: {obj!r} is not a hotpatch.Object")
+            if obj.patch is not None:
+                raise PatchStateError(f"patch {name!r}: object {obj.label} belongs to another patch")
+            obj.patch = self
+        self._check_unique()
+
+    @property
+    def transition(self) -> bool:
+        """True while a transition is in progress (never, with the immediate model)."""
+        return False
+
+    def enable(self) -> None:
+        enable(self)
+
+    def disable(self) -> None:
+        disable(self)
+
+    def _check_unique(self) -> None:
+        names, funcs = set(), set()
+        for obj in self.objects:
+            if obj.name in names:
+                raise PatchStateError(f"patch {self.name!r}: object {obj.label} listed twice")
+            names.add(obj.name)
+            for func in obj.funcs:
+                key = (obj.name, func.old_name, func.old_sympos, func.old_offset)
+                if key in funcs:
+                    raise PatchStateError(f"patch {self.name!r}: object {obj.label}: "
+                                          f"{func.old_name} listed twice")
+                funcs.add(key)
+
+    def __repr__(self) -> str:
+        return f"<Patch {self.name} enabled={self.enabled}>"
+
+
+# ---------------------------------------------------------------------------
+# Resolution: symbols and sites, nothing written
+
+
+def _prefixed(error: HotpatchError, prefix: str) -> HotpatchError:
+    """The same kind of error, its message prefixed with where it happened."""
+    copy = type(error)(f"{prefix}: {error}")
+    copy.__cause__ = error
+    return copy
+
+
+def _resolve_func(obj: Object, loaded: symbols.LoadedObject, func: Func) -> None:
+    if func.old_offset is not None:
+        symbol = symbols.resolve_offset(loaded, func.old_offset)
+    else:
+        symbol = symbols.resolve(loaded, func.old_name, func.old_sympos)
+    func.old_addr, func.old_size = symbol.address, symbol.size
+
+
+def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) -> None:
+    """Resolve the funcs of a loaded object and prepare their sites."""
+    loaded = obj._loaded
+    fentry_targets = symbols.fentry_targets(loaded)
+    for func in obj.funcs:
+        where = f"patch {patch.name!r}: object {obj.label}: {func.old_name}"
+        try:
+            _resolve_func(obj, loaded, func)
+            if stacks.stack_of(func.old_addr) is None and func.old_addr not in prepared:
+                prepared[func.old_addr] = sites.prepare(
+                    func.old_addr, size=func.old_size, exec_ranges=loaded.exec_ranges,
+                    fentry_targets=fentry_targets)
+        except HotpatchError as e:
+            raise _prefixed(e, where) from None
+
+
+def _loaded_objects(patch: Patch) -> list[Object]:
+    """The objects of the patch loaded now (their ``_loaded`` set)."""
+    present = []
+    for obj in patch.objects:
+        try:
+            obj._loaded = symbols.find_object(obj.name)
+        except HotpatchError as e:
+            raise _prefixed(e, f"patch {patch.name!r}") from None
+        if obj._loaded is not None:
+            present.append(obj)
+    return present
+
+
+def _check_addresses(funcs: Sequence[Func]) -> None:
+    seen: dict[int, Func] = {}
+    for func in funcs:
+        other = seen.setdefault(func.old_addr, func)
+        if other is not func:
+            raise PatchStateError(f"patch {func.object.patch.name!r}: object {func.object.label}: "
+                                  f"{func.old_name} and {other.old_name} are the same function "
+                                  f"({func.old_addr:#x})")
+
+
+# ---------------------------------------------------------------------------
+# Callbacks
+
+
+def _vetoed(obj: Object) -> str | None:
+    """Run ``pre_patch``; the reason of a veto, or None."""
+    try:
+        result = obj.pre_patch(obj)
+    except Exception as e:    # a veto, reported with its reason
+        return f"{type(e).__name__}: {e}"
+    return f"returned {result}" if result else None
+
+
+def _run_callbacks(objects: Iterable[Object], name: str) -> None:
+    for obj in objects:
+        getattr(obj, name)(obj)
+
+
+# ---------------------------------------------------------------------------
+# Taint
+
+
+def tainted() -> bool:
+    """True once any patch was enabled in this process (``TAINT_LIVEPATCH``)."""
+    return _tainted
+
+
+def _update_crash_report() -> None:
+    """Keep the text a fatal signal prints ready (a kernel oops shows K)."""
+    if not _tainted:
+        return
+    names = ", ".join(f"{p.name} [{i}]" for i, p in enumerate(_enabled, 1)) or "none"
+    text = f"hotpatch: this process is live patched (tainted); enabled patches: {names}\n"
+    lib.hp_set_crash_report(text.encode())
+
+
+# ---------------------------------------------------------------------------
+# The lifecycle
+
+
+def patches() -> list[Patch]:
+    """The registered patches, oldest first."""
+    with _mutex:
+        return list(_patches)
+
+
+def stack_order(patch: Patch) -> int:
+    """Position among enabled patches, 1 = the oldest; 0 while disabled."""
+    with _mutex:
+        return _enabled.index(patch) + 1 if patch in _enabled else 0
+
+
+def _pin_new_code(patch: Patch) -> None:
+    """Turn every ``new`` into an address, keeping what it needs alive."""
+    for obj in patch.objects:
+        for func in obj.funcs:
+            where = f"patch {patch.name!r}: object {obj.label}"
+            try:
+                func.new_addr, keep = newcode.code_address(func)
+            except HotpatchError as e:
+                raise _prefixed(e, where) from None
+            except TypeError as e:
+                raise TypeError(f"{where}: {e}") from None
+            if keep is not None:
+                _pinned.append(keep)
+
+
+def register(patch: Patch, *, enable: bool = True) -> Patch:
+    """Register ``patch`` and (by default) enable it (``klp_enable_patch``).
+
+    A patch whose enabling fails is not left registered."""
+    if not isinstance(patch, Patch):
+        raise TypeError(f"register() takes a hotpatch.Patch, not {type(patch).__name__}")
+    with _mutex:
+        if patch.registered:
+            raise PatchStateError(f"patch {patch.name!r} is already registered")
+        if any(p.name == patch.name for p in _patches):
+            raise PatchStateError(f"a patch named {patch.name!r} is already registered")
+        _pin_new_code(patch)
+        _patches.append(patch)
+        patch.registered = True
+        if enable:
+            try:
+                _enable(patch)
+            except BaseException:
+                _patches.remove(patch)
+                patch.registered = False
+                raise
+        return patch
+
+
+def unregister(patch: Patch) -> None:
+    """Forget a disabled patch.  Its new code stays pinned: a thread may
+    still be running it."""
+    with _mutex:
+        if not patch.registered:
+            raise PatchStateError(f"patch {patch.name!r} is not registered")
+        if patch.enabled:
+            raise PatchStateError(f"patch {patch.name!r} is enabled; disable it first")
+        _patches.remove(patch)
+        patch.registered = False
+
+
+def enable(patch: Patch) -> None:
+    """Enable a registered, disabled patch: every function of every loaded
+    object of the patch, or nothing."""
+    with _mutex:
+        if not patch.registered:
+            raise PatchStateError(f"patch {patch.name!r} is not registered")
+        _enable(patch)
+
+
+def _enable(patch: Patch) -> None:
+    global _tainted
+    if patch.enabled:
+        raise PatchStateError(f"patch {patch.name!r} is already enabled")
+    present = _loaded_objects(patch)
+    prepared: dict[int, sites.Site] = {}
+    for obj in present:
+        _prepare_object(patch, obj, prepared)
+    funcs = [func for obj in present for func in obj.funcs]
+    _check_addresses(funcs)
+
+    ready = []
+    for obj in present:
+        reason = _vetoed(obj)
+        if reason:
+            # callbacks.rst: objects whose pre_patch ran get post_unpatch.
+            _run_callbacks(ready, "post_unpatch")
+            raise PatchStateError(f"patch {patch.name!r}: object {obj.label}: pre_patch "
+                                  f"vetoed the patch ({reason}); nothing was changed")
+        ready.append(obj)
+
+    replaced = [p for p in _enabled if p is not patch] if patch.replace else []
+    pop = [f for p in replaced for obj in p.objects for f in obj.funcs if f.patched]
+    try:
+        stacks.patch_funcs(push=funcs, pop=pop, prepared=prepared)
+    except HotpatchError as e:
+        _run_callbacks(present, "post_unpatch")
+        raise _prefixed(e, f"patch {patch.name!r}") from None
+
+    for old in replaced:
+        _mark_disabled(old)
+    for obj in present:
+        obj.patched = True
+    patch.enabled = True
+    _enabled.append(patch)
+    _tainted = True
+    _update_crash_report()
+    _run_callbacks(present, "post_patch")
+
+
+def _mark_disabled(patch: Patch) -> None:
+    patch.enabled = False
+    _enabled.remove(patch)
+    for obj in patch.objects:
+        obj.patched = False
+
+
+def disable(patch: Patch) -> None:
+    """Disable the most recently enabled patch still enabled."""
+    with _mutex:
+        if not patch.registered:
+            raise PatchStateError(f"patch {patch.name!r} is not registered")
+        if not patch.enabled:
+            raise PatchStateError(f"patch {patch.name!r} is not enabled")
+        if _enabled[-1] is not patch:
+            raise PatchStateError(f"patch {patch.name!r} is not the top of the stack: "
+                                  f"disable {_enabled[-1].name!r} first")
+        patched = [obj for obj in patch.objects if obj.patched]
+        _run_callbacks(patched, "pre_unpatch")
+        pop = [f for obj in patched for f in obj.funcs if f.patched]
+        try:
+            stacks.patch_funcs(pop=pop)
+        except HotpatchError as e:
+            raise _prefixed(e, f"patch {patch.name!r}") from None
+        _mark_disabled(patch)
+        _update_crash_report()
+        _run_callbacks(patched, "post_unpatch")

@@ -1,0 +1,136 @@
+"""Patch modules: ``hotpatch.load(path)`` and ``hotpatch build`` (the kernel's
+livepatch .ko, in user space).
+
+A C patch module is a shared object built against ``hotpatch/include/hotpatch.h``
+that exports its ``struct hp_patch`` through ``HP_PATCH(patch)``.  It is opened
+with ``RTLD_NOW | RTLD_NODELETE`` -- its code must stay mapped for the life of
+the process, since a thread may still run it -- turned into a
+:class:`~hotpatch.Patch` and registered.  A Python patch module is a ``.py``
+file that defines ``patch``.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+
+from cffi import FFI
+
+from . import core
+from .errors import HotpatchError
+
+INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+ABI_VERSION = 1
+
+_ffi = FFI()
+_ffi.cdef("""
+struct hp_object;
+struct hp_callbacks {
+    int (*pre_patch)(struct hp_object *obj);
+    void (*post_patch)(struct hp_object *obj);
+    void (*pre_unpatch)(struct hp_object *obj);
+    void (*post_unpatch)(struct hp_object *obj);
+};
+struct hp_func { const char *old_name; void *new_func; unsigned long old_sympos; };
+struct hp_object { const char *name; struct hp_func *funcs; struct hp_callbacks callbacks; };
+struct hp_patch { const char *name; struct hp_object *objs; _Bool replace; };
+extern struct hp_patch *hotpatch_patch_descriptor;   /* const in the module */
+extern unsigned int hotpatch_abi_version;
+""")
+
+
+def build(source: str, output: str, extra_args: list[str] = ()) -> str:
+    """Compile a C patch module with the system ``cc``: position independent,
+    shared, with ``hotpatch.h`` on the include path.  Returns ``output``."""
+    command = ["cc", "-O2", "-fPIC", "-shared", "-I", INCLUDE_DIR, source, "-o", output,
+               *extra_args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise HotpatchError(f"building {source} failed:\n{result.stderr.strip()}")
+    return output
+
+
+def _callback(c_object, function, vetoes: bool):
+    """A Python callback for the Object that calls the module's C callback."""
+    if function == _ffi.NULL:
+        return None
+    if vetoes:
+        return lambda obj: function(c_object)
+    return lambda obj: function(c_object) and None
+
+
+def _c_funcs(c_object) -> list[core.Func]:
+    funcs = []
+    if c_object.funcs == _ffi.NULL:
+        return funcs
+    for i in range(1 << 16):
+        c_func = c_object.funcs[i]
+        if c_func.old_name == _ffi.NULL:
+            return funcs
+        funcs.append(core.Func(_ffi.string(c_func.old_name).decode(),
+                               int(_ffi.cast("uintptr_t", c_func.new_func)),
+                               old_sympos=int(c_func.old_sympos)))
+    raise HotpatchError("a funcs array has no terminating { } element")
+
+
+def _is_terminator(c_object) -> bool:
+    callbacks = c_object.callbacks
+    return (c_object.name == _ffi.NULL and c_object.funcs == _ffi.NULL
+            and all(getattr(callbacks, n) == _ffi.NULL
+                    for n in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")))
+
+
+def _c_objects(c_patch) -> list[core.Object]:
+    objects = []
+    for i in range(1 << 16):
+        c_object = c_patch.objs + i      # callbacks take a struct hp_object *
+        if _is_terminator(c_object):
+            return objects
+        name = None if c_object.name == _ffi.NULL else _ffi.string(c_object.name).decode()
+        cb = c_object.callbacks
+        objects.append(core.Object(
+            name, _c_funcs(c_object),
+            pre_patch=_callback(c_object, cb.pre_patch, True),
+            post_patch=_callback(c_object, cb.post_patch, False),
+            pre_unpatch=_callback(c_object, cb.pre_unpatch, False),
+            post_unpatch=_callback(c_object, cb.post_unpatch, False)))
+    raise HotpatchError("the objs array has no terminating { } element")
+
+
+def _patch_from_library(path: str) -> core.Patch:
+    try:
+        library = _ffi.dlopen(path, _ffi.RTLD_NOW | _ffi.RTLD_NODELETE)
+    except OSError as e:
+        raise HotpatchError(f"{path}: cannot load the patch module: {e}") from None
+    try:
+        version = library.hotpatch_abi_version
+        c_patch = library.hotpatch_patch_descriptor
+    except (AttributeError, KeyError):
+        raise HotpatchError(f"{path}: not a hotpatch patch module (no HP_PATCH(...) "
+                            "descriptor)") from None
+    if version != ABI_VERSION:
+        raise HotpatchError(f"{path}: built for hotpatch ABI {version}, this is {ABI_VERSION}")
+    if c_patch == _ffi.NULL or c_patch.name == _ffi.NULL or c_patch.objs == _ffi.NULL:
+        raise HotpatchError(f"{path}: the patch descriptor has no name or no objs")
+    patch = core.Patch(_ffi.string(c_patch.name).decode(), _c_objects(c_patch),
+                       replace=bool(c_patch.replace))
+    patch.module = library     # keeps the descriptor's memory reachable
+    return patch
+
+
+def _patch_from_python(path: str) -> core.Patch:
+    namespace = runpy.run_path(path, run_name=f"hotpatch_module_{os.path.basename(path)[:-3]}")
+    patch = namespace.get("patch")
+    if not isinstance(patch, core.Patch):
+        raise HotpatchError(f"{path}: a Python patch module must define `patch`, a hotpatch.Patch")
+    return patch
+
+
+def load(path: str, *, enable: bool = True) -> core.Patch:
+    """Load a patch module (a C ``.so`` or a ``.py`` file) and register it
+    (enabled by default).  Returns the :class:`~hotpatch.Patch`."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise HotpatchError(f"{path}: no such patch module")
+    patch = _patch_from_python(path) if path.endswith(".py") else _patch_from_library(path)
+    return core.register(patch, enable=enable)
