@@ -1,9 +1,9 @@
-"""``python -m hotpatch demo``: redirect a function of a freshly built library.
+"""``python -m hotpatch demo``: live-patch a function of a freshly built library.
 
 Compiles a small C library with the system ``cc``, loads it with ctypes,
-redirects its ``price()`` to ``price_fixed()`` while a thread keeps calling
-it, shows the entry's instructions and the results before and after, the
-measured cost per call, and restores it.
+registers a patch that redirects its ``price()`` to ``price_fixed()`` while a
+thread keeps calling it, shows the entry's instructions and the results
+before and after, the measured cost per call, and disables the patch.
 """
 import ctypes
 import os
@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import threading
 
-from . import sites
+from . import Func, Object, Patch, register, sites, tree, unregister
 from .x86_64.decode import decode
 
 SOURCE = r"""
@@ -62,11 +62,6 @@ def show_entry(label, address):
     print(f"  {label:<28} {code[:8].hex(' ')}   {'; '.join(first)}")
 
 
-def median_ns(lib, function, repeats=7, calls=2_000_000):
-    samples = sorted(lib.ns_per_call(function, calls) for _ in range(repeats))
-    return samples[len(samples) // 2]
-
-
 def overhead(lib, price, fixed, repeats=9, calls=2_000_000):
     """Median ns per call of the patched price() and of price_fixed() called
     directly, measured alternately so that both see the same machine."""
@@ -100,16 +95,21 @@ def main():
 
         print(f"libshop.so loaded; price(20) = {lib.price(20)}  (expected 5400 with the discount)")
         show_entry("price() entry before:", price)
-        site = sites.redirect(price, fixed)
-        print(f"\nredirected price() -> price_fixed() ({site.kind} entry, {site.form} form)")
+        patch = Patch("volume-discount", [Object("libshop.so", [Func("price", fixed)])])
+        register(patch)
+        func = patch.objects[0].funcs[0]
+        node = tree()["livepatch"]["volume-discount"]
+        print(f"\nregistered patch 'volume-discount': enabled={node['enabled']}, "
+              f"libshop.so patched={node['libshop.so']['patched']}")
         show_entry("price() entry after:", price)
-        print(f"  price(20) = {lib.price(20)}; the old code still runs at {site.original:#x}")
+        print(f"  price(20) = {lib.price(20)}; the old code still runs at {func.original:#x}")
         patched, direct = overhead(lib, price, fixed)
         print(f"\ncost per call: patched price() {patched:.2f} ns, price_fixed() called directly "
               f"{direct:.2f} ns: {patched - direct:+.2f} ns")
 
-        sites.restore(site)
-        print("\nrestored")
+        patch.disable()
+        unregister(patch)
+        print("\ndisabled")
         show_entry("price() entry restored:", price)
         print(f"  price(20) = {lib.price(20)}")
         stop.set()
