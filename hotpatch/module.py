@@ -22,18 +22,19 @@ from .errors import HotpatchError
 INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
 ABI_VERSION = 1
 
+
+
+def _header_declarations() -> str:
+    """The structures of hotpatch.h, read from the header itself."""
+    with open(os.path.join(INCLUDE_DIR, "hotpatch.h")) as header:
+        text = header.read()
+    begin = text.index("hp-declarations-begin")
+    begin = text.index("*/", begin) + 2
+    return text[begin:text.index("/* hp-declarations-end */")]
+
+
 _ffi = FFI()
-_ffi.cdef("""
-struct hp_object;
-struct hp_callbacks {
-    int (*pre_patch)(struct hp_object *obj);
-    void (*post_patch)(struct hp_object *obj);
-    void (*pre_unpatch)(struct hp_object *obj);
-    void (*post_unpatch)(struct hp_object *obj);
-};
-struct hp_func { const char *old_name; void *new_func; unsigned long old_sympos; };
-struct hp_object { const char *name; struct hp_func *funcs; struct hp_callbacks callbacks; };
-struct hp_patch { const char *name; struct hp_object *objs; _Bool replace; };
+_ffi.cdef(_header_declarations() + """
 extern struct hp_patch *hotpatch_patch_descriptor;   /* const in the module */
 extern unsigned int hotpatch_abi_version;
 """)

@@ -38,6 +38,8 @@ extern "C" {
 
 #define HP_ABI_VERSION 1
 
+/* hp-declarations-begin: hotpatch.load() reads the declarations from here
+ * to hp-declarations-end, so this header is their one definition. */
 struct hp_object;
 
 /* Documentation/livepatch/callbacks.rst: pre_patch may veto (non-zero)
@@ -68,6 +70,7 @@ struct hp_patch {
     struct hp_object *objs;
     bool replace;              /* atomic replace of every older patch */
 };
+/* hp-declarations-end */
 
 /* Exported under fixed names that hotpatch.load() looks up. */
 #define HP_PATCH(patch)                                                         \
