@@ -328,3 +328,26 @@ value = lib.raise_trap()
 report({"value": value, "hits": len(hits)})
 """, **targets)[0]
     assert r == {"value": 7, "hits": 1}
+
+
+def test_no_page_is_writable_and_executable(child, targets):
+    r = child(PRELUDE + """
+def wx_mappings():
+    found = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if "w" in fields[1] and "x" in fields[1] and (
+                "hotpatch" in line or P["lib"] in line):
+            found.append(line.strip())
+    return found
+batch = [prepare(n) for n in ("plain_add", "fentry_nop", "calls_other")]
+sites.redirect_batch([(batch[0], addr("replacement"))], form="slot")
+sites.redirect_batch([(batch[1], addr("replacement"))], form="call")
+sites.redirect_batch([(batch[2], addr("replacement"))])
+during = wx_mappings()
+pool = [l for l in open("/proc/self/maps") if "hotpatch" in l]
+sites.restore_batch(batch)
+report({"during": during, "after": wx_mappings(), "pool": pool})
+""", **targets)[0]
+    assert r["pool"], "the pool is not named in /proc/self/maps"
+    assert r["during"] == [] and r["after"] == []
