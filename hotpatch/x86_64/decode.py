@@ -9,6 +9,7 @@ its text.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import capstone
 from capstone import x86_const as X
@@ -23,6 +24,14 @@ _MASK64 = (1 << 64) - 1
 # decoding a function.
 _CS = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _CS.detail = True
+# Without operand details, for scanning whole functions: an order of magnitude
+# faster, and the text of a relative branch's operand is its absolute target.
+_CS_LITE = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_RELATIVE_BRANCH_MNEMONICS = frozenset({
+    "jmp", "call", "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns",
+    "jp", "jnp", "jl", "jge", "jle", "jg", "jrcxz", "jecxz", "loop", "loope",
+    "loopne", "xbegin",
+})
 
 _JCC = frozenset({
     X.X86_INS_JO, X.X86_INS_JNO, X.X86_INS_JB, X.X86_INS_JAE,
@@ -83,14 +92,35 @@ class Instruction:
         return f"{self.address:#x}: {self.mnemonic} {self.op_str}".rstrip()
 
 
-def decode(code: bytes, address: int) -> list[Instruction]:
-    """Decode ``code`` placed at ``address`` by linear sweep.
+def iter_decode(code: bytes, address: int) -> Iterator[Instruction]:
+    """Decode ``code`` placed at ``address`` by linear sweep, lazily: callers
+    that need the first few instructions pay for those only.
 
     Stops at the first byte that does not start a valid instruction (or at
     an instruction cut by the end of ``code``): callers compare the end of the
     last instruction with what they asked for.
     """
-    return [_instruction(ci) for ci in _CS.disasm(bytes(code), address)]
+    return (_instruction(ci) for ci in _CS.disasm(bytes(code), address))
+
+
+def decode(code: bytes, address: int) -> list[Instruction]:
+    """Every instruction of ``code`` placed at ``address`` (see :func:`iter_decode`)."""
+    return list(iter_decode(code, address))
+
+
+def branch_targets(code: bytes, address: int) -> tuple[int, list[tuple[int, str, int]]]:
+    """Scan ``code`` placed at ``address`` by linear sweep for relative branches.
+
+    Returns where decoding stopped (as :func:`decode` would) and, for every
+    relative branch, ``(its address, its text, its absolute target)``.
+    """
+    end, branches = address, []
+    for at, size, mnemonic, op_str in _CS_LITE.disasm_lite(bytes(code), address):
+        end = at + size
+        # Prefixed forms ("bnd jmp") keep the branch as their last word.
+        if mnemonic.rsplit(" ", 1)[-1] in _RELATIVE_BRANCH_MNEMONICS and op_str.startswith("0x"):
+            branches.append((at, f"{mnemonic} {op_str}", int(op_str, 16)))
+    return end, branches
 
 
 def decode_one(code: bytes, address: int) -> Instruction | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from hotpatch.errors import UnsafeToPatch
 
-from .decode import Instruction, decode, decode_one
+from .decode import Instruction, branch_targets, decode_one, iter_decode
 from .encode import JMP_REL32_SIZE
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
@@ -32,7 +32,8 @@ __all__ = ["EntryPlan", "analyze_entry", "build_original", "original_stub_size_b
 ENDBR64 = b"\xf3\x0f\x1e\xfa"
 # endbr64, the 5 bytes replaced, and the rest of an instruction of at most
 # 15 bytes starting in them: all the entry analysis reads beyond a function.
-_READ_AHEAD = len(ENDBR64) + JMP_REL32_SIZE + 15
+MAX_INSTRUCTION_SIZE = 15
+_READ_AHEAD = len(ENDBR64) + JMP_REL32_SIZE + MAX_INSTRUCTION_SIZE
 
 
 @dataclass(frozen=True)
@@ -152,10 +153,16 @@ def _is_fentry_call(insn: Instruction, fentry_targets: Container[int]) -> bool:
         and insn.rip_target in fentry_targets
 
 
+def _covering_window(code: bytes, entry: int, start: int) -> bytes:
+    """The bytes from ``start`` that whole instructions covering 5 bytes can
+    span: capstone decodes all it is given before yielding the first."""
+    return code[start - entry:start - entry + JMP_REL32_SIZE + MAX_INSTRUCTION_SIZE - 1]
+
+
 def _nop_sled(code: bytes, entry: int, address: int) -> list[Instruction]:
     """The fewest NOPs at ``address`` covering 5 bytes, or [] if there are not enough."""
     sled = []
-    for insn in decode(code[address - entry:], address):
+    for insn in iter_decode(_covering_window(code, entry, address), address):
         if not insn.is_nop():
             return []
         sled.append(insn)
@@ -188,7 +195,7 @@ def _covering_instructions(code: bytes, entry: int, address: int,
     want = address + JMP_REL32_SIZE
     taken: list[Instruction] = []
     covered = address
-    for insn in decode(code[address - entry:], address):
+    for insn in iter_decode(_covering_window(code, entry, address), address):
         if covered >= want or covered == function_end:
             break
         if function_end is not None and insn.end > function_end:
@@ -216,7 +223,7 @@ def _check_padding(code: bytes, entry: int, address: int, function_end: int,
     if not taken or taken[-1].can_fall_through():
         raise UnsafeToPatch(f"{short}, and it falls through at its end {function_end:#x}")
     position = function_end
-    for insn in decode(code[function_end - entry:], function_end):
+    for insn in iter_decode(_covering_window(code, entry, function_end), function_end):
         if position >= want:
             break
         if not insn.is_padding():
@@ -246,17 +253,16 @@ def _check_replaceable(taken: list[Instruction], address: int, length: int) -> N
 def _check_no_branch_into(function_code: bytes, entry: int, plan: EntryPlan) -> None:
     """Refuse when a branch of the function lands strictly inside the replaced bytes."""
     function_end = entry + len(function_code)
-    function = decode(function_code, entry)
-    decoded = function[-1].end if function else entry
+    decoded, branches = branch_targets(function_code, entry)
     if decoded != function_end:
         raise UnsafeToPatch(f"cannot decode the function at {entry:#x} up to its end "
                             f"{function_end:#x} (undecodable bytes at {decoded:#x}), so "
                             f"branches into its first bytes cannot be ruled out")
     lo, hi = plan.address, plan.address + plan.length
-    for insn in function:
+    for at, text, target in branches:
         # Branches among the replaced instructions move with them.
-        if lo <= insn.address < hi or insn.target is None:
+        if lo <= at < hi:
             continue
-        if lo < insn.target < hi:
+        if lo < target < hi:
             raise UnsafeToPatch(f"a branch lands inside the replaced bytes [{lo:#x}, {hi:#x}): "
-                                f"{insn} goes to {insn.target:#x}")
+                                f"{at:#x}: {text} goes to {target:#x}")
