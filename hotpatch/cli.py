@@ -4,7 +4,8 @@ import sys
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="hotpatch", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hotpatch", description="Live patching of native functions in running Python processes.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="patch a function of a freshly built library, live")
     build = commands.add_parser("build", help="compile a C patch module against hotpatch.h")
