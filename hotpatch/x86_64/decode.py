@@ -27,6 +27,10 @@ _CS.detail = True
 # Without operand details, for scanning whole functions: an order of magnitude
 # faster, and the text of a relative branch's operand is its absolute target.
 _CS_LITE = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+# Mnemonics whose kind or target comes from the operand details: branches,
+# returns, and prefixed forms of them ("bnd jmp", "notrack call").
+_DETAILED_PREFIXES = ("j", "call", "ret", "iret", "loop", "lcall", "ljmp", "xbegin", "bnd",
+                      "notrack")
 _RELATIVE_BRANCH_MNEMONICS = frozenset({
     "jmp", "call", "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns",
     "jp", "jnp", "jl", "jge", "jle", "jg", "jrcxz", "jecxz", "loop", "loope",
@@ -96,11 +100,21 @@ def iter_decode(code: bytes, address: int) -> Iterator[Instruction]:
     """Decode ``code`` placed at ``address`` by linear sweep, lazily: callers
     that need the first few instructions pay for those only.
 
+    Capstone's operand details cost ~20 µs an instruction from Python, so
+    they are read only for instructions whose operands matter (branches and
+    RIP-relative operands); the others are described from the lite decoding.
+
     Stops at the first byte that does not start a valid instruction (or at
     an instruction cut by the end of ``code``): callers compare the end of the
     last instruction with what they asked for.
     """
-    return (_instruction(ci) for ci in _CS.disasm(bytes(code), address))
+    code = bytes(code)
+    for at, size, mnemonic, op_str in _CS_LITE.disasm_lite(code, address):
+        raw = code[at - address:at - address + size]
+        if "rip" in op_str or mnemonic.startswith(_DETAILED_PREFIXES):
+            yield decode_one(raw, at)
+        else:
+            yield Instruction(at, size, raw, mnemonic, op_str, None, None, None, None)
 
 
 def decode(code: bytes, address: int) -> list[Instruction]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from hotpatch.errors import UnsafeToPatch
 
-from .decode import Instruction, branch_targets, decode_one, iter_decode
+from .decode import Instruction, branch_targets, iter_decode
 from .encode import JMP_REL32_SIZE
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
@@ -76,8 +76,9 @@ def analyze_entry(read: Callable[[int, int], bytes], entry: int, *,
     endbr = code.startswith(ENDBR64)
     address = entry + len(ENDBR64) if endbr else entry
     _check_inside_segment(entry, max(function_end or 0, address + JMP_REL32_SIZE), segment_end)
-    plan = (_skippable_plan(code, entry, address, function_end, endbr, fentry_targets)
-            or _generic_plan(code, entry, address, function_end, endbr))
+    head = _head(code, entry, address)
+    plan = (_skippable_plan(head, code, entry, address, function_end, endbr, fentry_targets)
+            or _generic_plan(head, code, entry, address, function_end, endbr))
     _check_inside_segment(entry, plan.address + plan.length, segment_end)
     if function_end is not None:
         _check_no_branch_into(code[:size], entry, plan)
@@ -123,16 +124,28 @@ def _check_inside_segment(entry: int, end: int, segment_end: int | None) -> None
                             f"its executable segment at {segment_end:#x}")
 
 
-def _skippable_plan(code: bytes, entry: int, address: int, function_end: int | None,
-                    endbr: bool, fentry_targets: Container[int]) -> EntryPlan | None:
+def _head(code: bytes, entry: int, address: int) -> list[Instruction]:
+    """The instructions at ``address`` up to the first that reaches 5 bytes
+    (fewer where decoding stops): all any plan can replace, decoded once."""
+    head = []
+    for insn in iter_decode(_covering_window(code, entry, address), address):
+        head.append(insn)
+        if insn.end - address >= JMP_REL32_SIZE:
+            break
+    return head
+
+
+def _skippable_plan(head: list[Instruction], code: bytes, entry: int, address: int,
+                    function_end: int | None, endbr: bool,
+                    fentry_targets: Container[int]) -> EntryPlan | None:
     """A "fentry" or "nops" plan when the entry starts with bytes that can be skipped."""
-    first = decode_one(code[address - entry:], address)
-    if first is None:
+    if not head:
         return None
+    first = head[0]
     if first.size >= JMP_REL32_SIZE and (first.is_nop() or _is_fentry_call(first, fentry_targets)):
         sled = [first]
     else:
-        sled = _nop_sled(code, entry, address)
+        sled = _nop_sled(head, address)
     if not sled:
         return None
     length = sled[-1].end - address
@@ -159,10 +172,10 @@ def _covering_window(code: bytes, entry: int, start: int) -> bytes:
     return code[start - entry:start - entry + JMP_REL32_SIZE + MAX_INSTRUCTION_SIZE - 1]
 
 
-def _nop_sled(code: bytes, entry: int, address: int) -> list[Instruction]:
+def _nop_sled(head: list[Instruction], address: int) -> list[Instruction]:
     """The fewest NOPs at ``address`` covering 5 bytes, or [] if there are not enough."""
     sled = []
-    for insn in iter_decode(_covering_window(code, entry, address), address):
+    for insn in head:
         if not insn.is_nop():
             return []
         sled.append(insn)
@@ -171,10 +184,10 @@ def _nop_sled(code: bytes, entry: int, address: int) -> list[Instruction]:
     return []
 
 
-def _generic_plan(code: bytes, entry: int, address: int, function_end: int | None,
-                  endbr: bool) -> EntryPlan:
+def _generic_plan(head: list[Instruction], code: bytes, entry: int, address: int,
+                  function_end: int | None, endbr: bool) -> EntryPlan:
     """A "generic" plan: whole instructions covering 5 bytes, to relocate."""
-    taken = _covering_instructions(code, entry, address, function_end)
+    taken = _covering_instructions(head, code, entry, address, function_end)
     covered = taken[-1].end if taken else address
     if covered < address + JMP_REL32_SIZE:
         _check_padding(code, entry, address, function_end, taken)
@@ -189,13 +202,13 @@ def _generic_plan(code: bytes, entry: int, address: int, function_end: int | Non
                      falls_through=taken[-1].can_fall_through())
 
 
-def _covering_instructions(code: bytes, entry: int, address: int,
+def _covering_instructions(head: list[Instruction], code: bytes, entry: int, address: int,
                            function_end: int | None) -> list[Instruction]:
     """Instructions from ``address`` covering 5 bytes, or up to the function's end."""
     want = address + JMP_REL32_SIZE
     taken: list[Instruction] = []
     covered = address
-    for insn in iter_decode(_covering_window(code, entry, address), address):
+    for insn in head:
         if covered >= want or covered == function_end:
             break
         if function_end is not None and insn.end > function_end:
