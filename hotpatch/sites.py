@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from ._native import ffi, lib
 from .errors import HotpatchError, TransitionError, UnsafeToPatch
@@ -130,16 +130,6 @@ def prepare(entry: int, *, size: int | None = None,
         site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
         _sites[entry] = site
         return site
-
-
-def forget(entries: Iterable[int]) -> None:
-    """Drop restored sites whose memory is gone (their object was unloaded)."""
-    with _lock:
-        for entry in entries:
-            site = _sites.get(entry)
-            if site is not None and site.installed:
-                raise HotpatchError(f"{entry:#x}: site still installed")
-            _sites.pop(entry, None)
 
 
 # ---------------------------------------------------------------------------
