@@ -27,6 +27,7 @@ struct hp_loaded_object {
     Elf64_Phdr phdr[32];
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
+void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
 
 int hp_write_code(uintptr_t addr, const void *src, size_t len);
 void hp_store_slot(uint64_t *slot, uint64_t value);

@@ -24,6 +24,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -90,6 +91,26 @@ int hp_loaded_objects(struct hp_loaded_object *out, int capacity)
     struct loaded_list list = { out, capacity, 0 };
     dl_iterate_phdr(collect_loaded, &list);
     return list.count;
+}
+
+static int read_generation(struct dl_phdr_info *info, size_t size, void *data)
+{
+    unsigned long long *counts = data;
+    if (size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs) {
+        counts[0] = info->dlpi_adds;
+        counts[1] = info->dlpi_subs;
+    }
+    return 1;   /* the counts are the same in every entry: one is enough */
+}
+
+/* How many objects the dynamic linker has loaded and unloaded so far: the
+ * list of loaded objects changed exactly when these did. */
+void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs)
+{
+    unsigned long long counts[2] = { 0, 0 };
+    dl_iterate_phdr(read_generation, counts);
+    *adds = counts[0];
+    *subs = counts[1];
 }
 
 /* ------------------------------------------------------------------ */

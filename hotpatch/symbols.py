@@ -28,6 +28,7 @@ import difflib
 import os
 import re
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -136,6 +137,8 @@ class LoadedObject:
     exec_ranges: tuple[tuple[int, int], ...]
     #: NT_GNU_BUILD_ID read from the mapped image
     build_id: bytes | None
+    #: what a relative Object.name may say: the basenames and the soname
+    names: frozenset = frozenset()
 
     def __str__(self) -> str:
         if self.name is None:
@@ -169,11 +172,33 @@ def _libc_function(name: str, restype, *argtypes):
 _VDSO = _libc_function("getauxval", ctypes.c_ulong, ctypes.c_ulong)(AT_SYSINFO_EHDR)
 
 
+_described: tuple[tuple[int, int] | None, tuple[LoadedObject, ...]] = (None, ())
+_described_lock = threading.Lock()
+
+
+def _generation() -> tuple[int, int]:
+    adds, subs = ffi.new("unsigned long long *"), ffi.new("unsigned long long *")
+    lib.hp_loaded_generation(adds, subs)
+    return adds[0], subs[0]
+
+
 def loaded_objects() -> list[LoadedObject]:
     """Every object mapped in the process, in the dynamic linker's order.
 
     The vdso is left out: it has no file, hence no symbol table to read.
+    Describing every object costs about a millisecond, so the list is kept
+    until the dynamic linker's load or unload count changes.
     """
+    global _described
+    # Read before listing: a load in between makes the next call list again.
+    generation = _generation()
+    with _described_lock:
+        if _described[0] != generation:
+            _described = (generation, tuple(_describe_loaded()))
+        return list(_described[1])
+
+
+def _describe_loaded() -> list[LoadedObject]:
     capacity = 64
     while True:
         array = ffi.new("struct hp_loaded_object[]", capacity)
@@ -198,16 +223,19 @@ def _describe(entry) -> LoadedObject:
     loads = [(base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz)
              for ph in phdrs if ph.p_type == PT_LOAD]
     path = os.path.realpath(name or "/proc/self/exe")
+    basename = os.path.basename(name or path)
+    soname = _mapped_soname(base, phdrs, loads)
     return LoadedObject(
         name=name,
         path=path,
-        basename=os.path.basename(name or path),
-        soname=_mapped_soname(base, phdrs, loads),
+        basename=basename,
+        soname=soname,
         base=base,
         exec_ranges=tuple(
             (base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz)
             for ph in phdrs if ph.p_type == PT_LOAD and ph.p_flags & PF_X),
         build_id=_mapped_build_id(base, phdrs, loads),
+        names=frozenset(n for n in (basename, os.path.basename(path), soname) if n),
     )
 
 
@@ -271,19 +299,17 @@ def find_object(name: str | None) -> LoadedObject | None:
     objects = loaded_objects()
     if name is None:
         return next((o for o in objects if o.name is None), None)
-    matches = [o for o in objects if _matches(o, name)]
+    if os.path.isabs(name):
+        real = os.path.realpath(name)
+        matches = [o for o in objects if name == o.name or real == o.path]
+    else:
+        matches = [o for o in objects if name in o.names]
     if len(matches) > 1:
         listed = "; ".join(f"{o.path} at {o.base:#x}" for o in matches)
         raise HotpatchError(
             f"{name}: {len(matches)} loaded objects match this name: {listed}; "
             f"name the object by its absolute path")
     return matches[0] if matches else None
-
-
-def _matches(obj: LoadedObject, name: str) -> bool:
-    if os.path.isabs(name):
-        return name == obj.name or os.path.realpath(name) == obj.path
-    return name in (obj.basename, os.path.basename(obj.path), obj.soname)
 
 
 # --------------------------------------------------------------------------

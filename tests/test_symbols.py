@@ -548,3 +548,13 @@ def test_debug_dirs_from_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                          capture_output=True, text=True).stdout
     assert out.strip() == "/a:/b/c"
+
+
+def test_loaded_objects_are_listed_again_after_a_load(tmp_path):
+    # The list is kept until the dynamic linker's load count changes.
+    path = cc(tmp_path / "libcachecheck.so", "dup_a.c")
+    assert symbols.find_object("libcachecheck.so") is None
+    first = symbols.loaded_objects()
+    assert symbols.loaded_objects() == first
+    ctypes.CDLL(path)
+    assert symbols.find_object("libcachecheck.so") is not None
