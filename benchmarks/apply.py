@@ -1,0 +1,265 @@
+"""Series 2: how long applying and reverting a patch of N functions takes.
+
+A generated library holds one distinct function per patched function (the
+counts use disjoint ranges of it, so every apply is a first apply, with
+analysis and original stubs built).  In each fresh child process busy
+threads call every function of the library while the main thread patches
+them in one batch, for each count in turn (the order rotated between
+repeats).  hotpatch is timed in phases:
+
+- ``prepare``: analysis of every entry and its original stub (nothing written);
+- ``write``: the batch write (one stop of the world for these prologues);
+- ``apply`` = prepare + write; ``revert``: the original bytes back;
+- ``reapply``: applying the same functions again (sites cached) and
+  ``retarget``: moving every installed site to another replacement.
+
+Frida's ``Interceptor.replace`` and ``replaceFast`` install and revert the
+same functions in a child of the same shape, timed inside the process.
+
+``python -m benchmarks.apply PARAMS`` is the child.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import time
+
+from . import frida_peer, native
+from .common import (Options, child_params, emit, exit_after_frida, finish_child, function_symbols,
+                     load_base, read_message, receive, run_child, send_message, start_child,
+                     summary)
+from .frida_peer import frida_reason
+
+HOTPATCH_PHASES = ("prepare", "write", "apply", "revert", "reapply", "retarget")
+FRIDA_METHODS = ("replace", "replaceFast")
+
+
+def _ranges(counts) -> dict[int, int]:
+    """First function index of each count's disjoint range."""
+    starts, start = {}, 0
+    for count in counts:
+        starts[count] = start
+        start += count
+    return starts
+
+
+# ---------------------------------------------------------------------------
+# Parent
+
+
+def run(opts: Options) -> dict:
+    """Every count under every number of busy threads, hotpatch and Frida
+    alternating, each in fresh processes."""
+    counts = opts.counts
+    library = native.build_generated(sum(counts))
+    starts = _ranges(counts)
+    runs = {"hotpatch": {t: [] for t in opts.threads}, "frida": {t: [] for t in opts.threads}}
+    failures = []      # a run that crashed or failed is a result too
+    tools = [("hotpatch", lambda p: run_child("apply", p)[-1])]
+    if frida_peer.available():
+        tools.append(("frida", _frida_child))
+    for repeat in range(opts.repeats):
+        order = list(counts[repeat % len(counts):] + counts[:repeat % len(counts)])
+        for threads in opts.threads:
+            params = {"library": library, "threads": threads, "order": order, "starts": starts}
+            for tool, measure in tools:
+                try:
+                    runs[tool][threads].append(measure(params))
+                except Exception as e:
+                    failures.append({"tool": tool, "threads": threads,
+                                     "error": str(e).splitlines()[0]})
+    result = {"title": "Apply and revert latency", "counts": list(counts),
+              "threads": list(opts.threads), "repeats": opts.repeats, "failures": failures,
+              "hotpatch": _summarize(runs["hotpatch"], HOTPATCH_PHASES),
+              "hotpatch_first": _summarize_first(runs["hotpatch"])}
+    if frida_peer.available():
+        result["frida"] = _summarize(runs["frida"], [f"{m}_{s}" for m in FRIDA_METHODS
+                                                    for s in ("install", "revert")])
+        result["frida_first"] = _summarize_first(runs["frida"])
+        result["frida_refused"] = sorted({f"{k}: {v}" for rs in runs["frida"].values()
+                                          for r in rs for k, v in r["refused"].items()})
+        result["frida_crashes"] = [{"threads": t, "what": r["crashed"]}
+                                   for t, rs in runs["frida"].items() for r in rs if "crashed" in r]
+        result["frida_version"] = frida_peer.version()
+    else:
+        result["frida"] = {"skipped": frida_peer.MISSING}
+    return result
+
+
+def _summarize(runs: dict, phases) -> dict:
+    """{threads: {phase: {count: summary of µs}}} over the repeats."""
+    out = {}
+    for threads, results in runs.items():
+        if results:
+            out[str(threads)] = {}
+            for phase in phases:
+                counts = sorted({c for r in results for c in r["us"][phase]}, key=int)
+                out[str(threads)][phase] = {
+                    c: summary([r["us"][phase][c] for r in results if c in r["us"][phase]])
+                    for c in counts}
+    return out
+
+
+def _summarize_first(runs: dict) -> dict:
+    """The first patch of a process (one-time costs included), by threads:
+    {threads: {phase: summary of µs}}."""
+    out = {}
+    for threads, results in runs.items():
+        if results:
+            flat = [_flatten(r["first"]) for r in results]
+            out[str(threads)] = {k: summary([f[k] for f in flat]) for k in flat[0]}
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}_"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _frida_child(params: dict) -> dict:
+    """Frida installs in a fresh child with the same library and busy threads.
+    Frida writes code while those threads run it: when that kills the
+    process, the counts measured so far are kept and the crash recorded."""
+    proc = start_child("apply", {**params, "frida": True})
+    us = {f"{m}_{s}": {} for m in FRIDA_METHODS for s in ("install", "revert")}
+    out = {"us": us, "refused": {}}
+    step = "attaching"
+    try:
+        ready = read_message(proc)
+        with frida_peer.Peer(ready["pid"]) as peer:
+            step = "the first install"
+            first = {m: peer.rpc.installmany(m, ready["module"], [ready["warm"]], ready["g"],
+                                             "gen_now_ns") for m in FRIDA_METHODS}
+            out["first"] = {m: {"install": r["install_ns"] / 1e3, "revert": r["revert_ns"] / 1e3}
+                            for m, r in first.items()}
+            for count in params["order"]:
+                offsets = ready["offsets"][params["starts"][count]:][:count]
+                sizes = ready["sizes"][params["starts"][count]:][:count]
+                for method in FRIDA_METHODS:
+                    step = f"{method} of {count:,} functions"
+                    r = peer.rpc.installmany(method, ready["module"], offsets, ready["g"],
+                                             "gen_now_ns")
+                    us[f"{method}_install"][str(count)] = r["install_ns"] / 1e3
+                    us[f"{method}_revert"][str(count)] = r["revert_ns"] / 1e3
+                    if r["refused"]:
+                        reason = frida_reason(r["reason"], min(sizes))
+                        out["refused"][step] = f"{r['refused']} ({reason})"
+        send_message(proc, {"exit": True})
+        finish_child(proc)
+    except Exception:
+        signal_name = _death(proc)
+        if signal_name is None or "first" not in out:
+            proc.kill()
+            raise
+        out["crashed"] = f"the process died of {signal_name} during {step}"
+    return out
+
+
+def _death(proc) -> str | None:
+    """The signal that killed the child, if it died of one."""
+    try:
+        proc.wait(2)
+    except subprocess.TimeoutExpired:
+        return None
+    return signal.Signals(-proc.returncode).name if proc.returncode < 0 else None
+
+
+def growth(us_by_count: dict[str, float]) -> float | None:
+    """The exponent k of time ~ count^k, fitted on the counts >= 10 (a count
+    of 1 is dominated by fixed costs); 1.0 is linear."""
+    points = [(math.log(int(c)), math.log(v)) for c, v in us_by_count.items()
+              if int(c) >= 10 and v > 0]
+    if len(points) < 2:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    return (sum((x - mx) * (y - my) for x, y in points)
+            / sum((x - mx) ** 2 for x, _ in points))
+
+
+# ---------------------------------------------------------------------------
+# Child
+
+
+def _load(library: str):
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef("int gen_start_callers(int n); void gen_stop_callers(void);")
+    lib = ffi.dlopen(library)
+    symbols = {name: (offset, size) for name, offset, size in function_symbols(library)[0]}
+    return ffi, lib, symbols
+
+
+def child() -> None:
+    params = child_params()
+    ffi, lib, symbols = _load(params["library"])
+    total = max(start + int(count) for count, start in params["starts"].items())
+    functions = [symbols[f"f_{i}"] for i in range(total)]
+    if lib.gen_start_callers(params["threads"]):
+        raise RuntimeError("cannot start the caller threads")
+    if params.get("frida"):
+        emit({"pid": os.getpid(), "module": os.path.basename(params["library"]),
+              "offsets": [off for off, _ in functions], "sizes": [size for _, size in functions],
+              "g": symbols["g"][0],
+              "warm": symbols["warm"][0]})
+        receive()
+        lib.gen_stop_callers()
+        exit_after_frida()
+    emit(_patch_counts(ffi, params, functions, symbols))
+    lib.gen_stop_callers()
+
+
+def _patch_counts(ffi, params, functions, symbols) -> dict:
+    from hotpatch import sites
+    base = load_base(os.path.realpath(params["library"]))
+    g, g2 = base + symbols["g"][0], base + symbols["g2"][0]
+    us = {phase: {} for phase in HOTPATCH_PHASES}
+    library = os.path.basename(params["library"])
+    first = _patch_once(sites, library, [(base + symbols["warm"][0], symbols["warm"][1])], g, g2,
+                        ffi)
+    for count in params["order"]:
+        start = params["starts"][str(count)]
+        chosen = [(base + off, size) for off, size in functions[start:start + count]]
+        for phase, value in _patch_once(sites, library, chosen, g, g2, ffi).items():
+            us[phase][str(count)] = value
+    return {"us": us, "first": first}
+
+
+def _patch_once(sites, library: str, chosen, g: int, g2: int, ffi) -> dict:
+    """Apply, check, revert, reapply, retarget, revert: µs for each phase."""
+    from hotpatch import symbols
+    clock = time.perf_counter
+    t0 = clock()
+    # As the livepatch model does: the object's executable segments.
+    ranges = symbols.find_object(library).exec_ranges
+    prepared = [sites.prepare(entry, size=size, exec_ranges=ranges) for entry, size in chosen]
+    t1 = clock()
+    sites.redirect_batch([(s, g) for s in prepared])
+    t2 = clock()
+    _check(ffi, chosen[-1][0], lambda x: x + 1)
+    sites.restore_batch(prepared)
+    t3 = clock()
+    sites.redirect_batch([(s, g) for s in prepared])
+    t4 = clock()
+    sites.redirect_batch([(s, g2) for s in prepared])
+    t5 = clock()
+    sites.restore_batch(prepared)
+    return {"prepare": (t1 - t0) * 1e6, "write": (t2 - t1) * 1e6, "apply": (t2 - t0) * 1e6,
+            "revert": (t3 - t2) * 1e6, "reapply": (t4 - t3) * 1e6, "retarget": (t5 - t4) * 1e6}
+
+
+def _check(ffi, entry: int, expected) -> None:
+    got = ffi.cast("long(*)(long)", entry)(5)
+    if got != expected(5):
+        raise AssertionError(f"{entry:#x} returned {got}: the patch is not in effect")
+
+
+if __name__ == "__main__":
+    child()
