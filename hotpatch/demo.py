@@ -7,11 +7,11 @@ before and after, the measured cost per call, and disables the patch.
 """
 import ctypes
 import os
-import subprocess
 import tempfile
 import threading
 
 from . import Func, Object, Patch, register, sites, tree, unregister
+from .module import build
 from .x86_64.decode import decode
 
 SOURCE = r"""
@@ -52,8 +52,7 @@ def build_library(directory):
     library = os.path.join(directory, "libshop.so")
     with open(source, "w") as f:
         f.write(SOURCE)
-    subprocess.run(["cc", "-O2", "-fPIC", "-shared", source, "-o", library], check=True)
-    return library
+    return build(source, library)
 
 
 def show_entry(label, address):

@@ -15,21 +15,22 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def compile_library(out_dir, name, sources, flags=(), per_source_flags=None):
-    """Compile C sources (paths relative to tests/) into ``out_dir/name`` with
-    the system ``cc``; ``per_source_flags`` maps a source to extra flags for
-    that translation unit only.  Returns the library's path."""
+def compile_library(path, sources, flags=(), per_source_flags=None):
+    """Compile C sources (paths relative to tests/) into the shared library
+    ``path`` with the system ``cc``; ``flags`` go to every step, as to one
+    ``cc`` call, and each translation unit gets ``-fPIC`` unless
+    ``per_source_flags`` gives its own flags.  Returns ``path``."""
     per_source_flags = per_source_flags or {}
     objects = []
     for source in sources:
-        obj = os.path.join(out_dir, os.path.basename(source) + ".o")
+        obj = f"{path}.{os.path.basename(source)}.o"
         extra = per_source_flags.get(source, ["-fPIC"])
         subprocess.run(["cc", "-O2", "-c", os.path.join(HERE, source), "-o", obj, *flags, *extra],
-                       check=True)
+                       check=True, capture_output=True)
         objects.append(obj)
-    path = os.path.join(out_dir, name)
-    subprocess.run(["cc", "-shared", "-o", path, *objects], check=True)
-    return path
+    subprocess.run(["cc", "-shared", "-o", str(path), *objects, *flags], check=True,
+                   capture_output=True)
+    return str(path)
 
 
 def run_child(code, timeout=120, env=None, **params):

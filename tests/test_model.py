@@ -14,7 +14,7 @@ from conftest import HERE, compile_library
 @pytest.fixture(scope="session")
 def model_lib(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("model"))
-    return compile_library(out, "libmodel.so",
+    return compile_library(os.path.join(out, "libmodel.so"),
                            ["targets/shapes.c", "targets/stress.c",
                             "symbols_targets/dup_a.c", "symbols_targets/dup_b.c"],
                            flags=["-pthread"])

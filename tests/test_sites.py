@@ -26,7 +26,7 @@ SHAPES = {   # function -> (f(5) before, what the shape is)
 def targets(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sites"))
     path = compile_library(
-        out, "libshapes.so",
+        os.path.join(out, "libshapes.so"),
         ["targets/shapes.c", "targets/fentry.c", "targets/patchable.c", "targets/endbr.c",
          "targets/stress.c"],
         flags=["-pthread"],

@@ -18,10 +18,10 @@ import _json
 
 import pytest
 
+from conftest import compile_library
 from hotpatch import symbols
 from hotpatch.errors import AmbiguousSymbol, HotpatchError, SymbolNotFound, UnsafeToPatch
 
-TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "symbols_targets")
 
 
 # --------------------------------------------------------------------------
@@ -30,10 +30,9 @@ TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "symbols_targ
 
 def cc(out, *sources, flags=(), pic=True):
     """Compile test sources from symbols_targets/ into the shared library ``out``."""
-    command = ["cc", "-O2", "-shared", *(["-fPIC"] if pic else []), *flags,
-               *(os.path.join(TARGETS, s) for s in sources), "-o", str(out)]
-    subprocess.run(command, check=True, capture_output=True)
-    return str(out)
+    sources = [f"symbols_targets/{s}" for s in sources]
+    return compile_library(out, sources, flags,
+                           per_source_flags=None if pic else {s: [] for s in sources})
 
 
 def load(path):
