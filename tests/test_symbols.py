@@ -23,7 +23,6 @@ from hotpatch import symbols
 from hotpatch.errors import AmbiguousSymbol, HotpatchError, SymbolNotFound, UnsafeToPatch
 
 
-
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
