@@ -473,6 +473,12 @@ report([hotpatch.tree(), REPL, addr("plain_add")])
     assert t["libmodel.so"]["helper,2"]["patched"] is True
     assert t["not-loaded.so"]["patched"] is False
     assert t["not-loaded.so"]["x,1"]["patched"] is False and t["not-loaded.so"]["x,1"]["old_addr"] is None
+    core = tree["core"]
+    assert core["sites"] == 2
+    assert "memfd" in core["pool"] or "PR_SET_VMA_ANON_NAME" in core["pool"]
+    assert core["code_writes"] == "/proc/self/mem" and core["core_sync"] == "membarrier SYNC_CORE"
+    assert core["park_signal"] > 32
+    assert core["stops"]["count"] >= 1      # generic prologues: the world was stopped
 
 
 @pytest.mark.parametrize("faulthandler_first", [True, False])
