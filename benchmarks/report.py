@@ -532,12 +532,14 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   only when the new code is out of ±2 GiB reach. Loading patch code near its
   target (near allocation for patch modules and callback thunks) would make the
   direct form always possible.
-- **The call path has no fast path yet.** The shared caller saves every
-  argument register and calls the C dispatch even when a site has no observer,
-  which is far above the design's ~5.5 ns. Two changes would close it: an
-  assembly fast path that looks the site up and jumps when nothing observes it,
-  and saving only what an observer needs. The call form is only used while a
-  site has observers.
+- **The call path is above the design's ~5.5 ns.** Its `call` never returns,
+  so the patched function's `ret` is mispredicted (the design accepts that).
+  On top of that, a site with no observer pays an assembly fast path: a table
+  lookup by return address, then a jump. A site with observers also saves the
+  argument registers and calls the C dispatch. The call form is only used
+  while a site has observers. Two things would close the rest: a per-site
+  thunk in place of the shared table lookup, and saving only what an observer
+  needs.
 - **Apply is faster than Frida's `replace` per function, but not 10x.** The code
   write costs a few µs a site. The rest is the analysis: capstone driven from
   Python, about 30 µs a function. Two changes would close it: a native length

@@ -417,9 +417,12 @@ struct hp_observer {
 
 #define HP_MAX_OBSERVERS 8
 
+/* The shared caller's fast path reads address, target and observing at
+ * these offsets, and a table's mask and slots at 0 and 8: keep in step. */
 struct hp_call_site {
     uintptr_t address;
     uintptr_t target;                                  /* atomic */
+    uintptr_t observing;                               /* atomic: observers set */
     struct hp_observer *observers[HP_MAX_OBSERVERS];   /* atomic */
 };
 
@@ -434,9 +437,10 @@ struct call_table {
 static struct call_table *call_table;   /* atomic */
 static size_t call_sites;
 
+/* Cheap enough for the caller's fast path to compute in three instructions. */
 static size_t hash_address(uintptr_t a)
 {
-    return (size_t)((a >> 4) * 0x9E3779B97F4A7C15ull >> 20);
+    return (size_t)((a >> 4) ^ (a >> 20));
 }
 
 static struct hp_call_site *call_site_find(struct call_table *t, uintptr_t address)
@@ -509,6 +513,7 @@ int hp_call_site_observe(struct hp_call_site *s, hp_observer_fn fn, void *data)
     for (int i = 0; i < HP_MAX_OBSERVERS && slot < 0; i++)
         if (!s->observers[i]) {
             __atomic_store_n(&s->observers[i], o, __ATOMIC_RELEASE);
+            __atomic_add_fetch(&s->observing, 1, __ATOMIC_SEQ_CST);
             slot = i;
         }
     pthread_mutex_unlock(&hp_lock);
@@ -520,8 +525,12 @@ int hp_call_site_observe(struct hp_call_site *s, hp_observer_fn fn, void *data)
 /* Remove observer `slot`; its record is kept, a thread may be calling it. */
 void hp_call_site_unobserve(struct hp_call_site *s, int slot)
 {
-    if (slot >= 0 && slot < HP_MAX_OBSERVERS)
+    pthread_mutex_lock(&hp_lock);
+    if (slot >= 0 && slot < HP_MAX_OBSERVERS && s->observers[slot]) {
         __atomic_store_n(&s->observers[slot], NULL, __ATOMIC_RELEASE);
+        __atomic_sub_fetch(&s->observing, 1, __ATOMIC_SEQ_CST);
+    }
+    pthread_mutex_unlock(&hp_lock);
 }
 
 uintptr_t hp_call_dispatch(uintptr_t return_address, uint64_t *regs)
@@ -538,11 +547,25 @@ uintptr_t hp_call_dispatch(uintptr_t return_address, uint64_t *regs)
     return __atomic_load_n(&s->target, __ATOMIC_ACQUIRE);
 }
 
+_Static_assert(offsetof(struct hp_call_site, address) == 0, "fast path reads address at 0");
+_Static_assert(offsetof(struct hp_call_site, target) == 8, "fast path reads target at 8");
+_Static_assert(offsetof(struct hp_call_site, observing) == 16, "fast path reads observing at 16");
+_Static_assert(offsetof(struct call_table, mask) == 0 && offsetof(struct call_table, slots) == 8,
+               "fast path reads the table's mask at 0, slots at 8");
+
 /* The shared caller, copied into each chunk (it must be within rel32 reach
- * of the sites).  It starts with the 8-byte address of hp_call_dispatch and
- * reaches it RIP-relatively, so the copy is position independent.
- * Stack on entry: [rsp] = site address + 5, rsp = 0 mod 16.  Observers get
- * the saved integer registers: rdi rsi rdx rcx r8 r9 (the arguments), r10, rax. */
+ * of the sites).  It starts with two 8-byte words, the address of
+ * hp_call_dispatch and the address of `call_table`, and reaches them
+ * RIP-relatively, so the copy is position independent.
+ * Stack on entry: [rsp] = site address + 5, rsp = 0 mod 16.
+ *
+ * Fast path: look the site up in the table (hash_address() in three
+ * instructions, linear probing as call_site_find()); with no observer, drop
+ * the return address and jump to the target, having touched only rax, rcx,
+ * rdx (restored) and r11 (free at a call).  Otherwise the full path saves the
+ * argument registers and lets hp_call_dispatch() run the observers, which
+ * get the saved integer registers: rdi rsi rdx rcx r8 r9 (the arguments),
+ * r10, rax. */
 extern const unsigned char hp_caller_template[], hp_caller_template_end[];
 __asm__(
     ".text\n"
@@ -550,7 +573,34 @@ __asm__(
     ".globl hp_caller_template\n"
     ".hidden hp_caller_template\n"
     "hp_caller_template:\n"
-    "  .quad 0\n"
+    "  .quad 0\n"                     /* hp_call_dispatch */
+    "  .quad 0\n"                     /* &call_table */
+    "  push %rax\n push %rcx\n push %rdx\n"
+    "  mov 24(%rsp), %rax\n"
+    "  sub $5, %rax\n"                 /* the site's address */
+    "  mov hp_caller_template+8(%rip), %rdx\n"
+    "  mov (%rdx), %rdx\n"             /* the table */
+    "  mov %rax, %rcx\n shr $4, %rcx\n"
+    "  mov %rax, %r11\n shr $20, %r11\n"
+    "  xor %r11, %rcx\n"
+    "1:\n"
+    "  and (%rdx), %rcx\n"
+    "  mov 8(%rdx,%rcx,8), %r11\n"
+    "  test %r11, %r11\n"
+    "  jz 2f\n"
+    "  cmp %rax, (%r11)\n"
+    "  je 3f\n"
+    "  inc %rcx\n"
+    "  jmp 1b\n"
+    "3:\n"
+    "  cmpq $0, 16(%r11)\n"
+    "  jne 2f\n"
+    "  mov 8(%r11), %r11\n"
+    "  pop %rdx\n pop %rcx\n pop %rax\n"
+    "  lea 8(%rsp), %rsp\n"
+    "  jmp *%r11\n"
+    "2:\n"
+    "  pop %rdx\n pop %rcx\n pop %rax\n"
     "  push %rbp\n"
     "  mov %rsp, %rbp\n"
     "  push %rax\n push %r10\n push %r9\n push %r8\n"
@@ -589,16 +639,16 @@ uintptr_t hp_caller_near(uintptr_t near)
         if (chunks[i].caller && reaches(near, chunks[i].start, chunks[i].start + CHUNK_SIZE))
             entry = chunks[i].caller;
     struct hp_chunk *c = entry ? NULL : chunk_near(near, size, 0);
-    if (c) {
-        unsigned char copy[256];
+    unsigned char copy[512];
+    if (c && len <= sizeof copy) {
         uintptr_t at = c->start + c->code_used;
-        uintptr_t dispatch = (uintptr_t)hp_call_dispatch;
+        uintptr_t words[2] = { (uintptr_t)hp_call_dispatch, (uintptr_t)&call_table };
         memcpy(copy, hp_caller_template, len);
-        memcpy(copy, &dispatch, 8);
+        memcpy(copy, words, sizeof words);
         open_mem_fd();
         if (write_code(at, copy, len) == 0) {
             c->code_used += size;
-            c->caller = entry = at + 8;
+            c->caller = entry = at + sizeof words;
         }
     }
     pthread_mutex_unlock(&hp_lock);
