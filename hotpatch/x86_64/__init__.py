@@ -5,14 +5,16 @@
 analysis of a function's entry.  Nothing here writes to memory.
 """
 
-from .decode import Instruction, branch_targets, decode, decode_one, iter_decode
+from .decode import (Instruction, decode, decode_one, described, iter_decode, relative_branches,
+                     sweep)
 from .encode import (JMP_REL32_SIZE, JMP_RIP_INDIRECT_SIZE, call_abs, call_rel32,
                      in_reach, jcc_rel32, jmp_abs, jmp_rel32, jmp_rip_indirect, nops)
 from .entry import EntryPlan, analyze_entry, build_original, original_stub_size_bound
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
 __all__ = [
-    "Instruction", "branch_targets", "decode", "decode_one", "iter_decode",
+    "Instruction", "decode", "decode_one", "described", "iter_decode", "relative_branches",
+    "sweep",
     "JMP_REL32_SIZE", "JMP_RIP_INDIRECT_SIZE", "call_abs", "call_rel32",
     "in_reach", "jcc_rel32", "jmp_abs", "jmp_rel32", "jmp_rip_indirect", "nops",
     "EntryPlan", "analyze_entry", "build_original", "original_stub_size_bound",

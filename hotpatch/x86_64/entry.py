@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from hotpatch.errors import UnsafeToPatch
 
-from .decode import Instruction, branch_targets, iter_decode
+from .decode import Instruction, described, iter_decode, relative_branches, sweep
 from .encode import JMP_REL32_SIZE
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
@@ -76,12 +76,14 @@ def analyze_entry(read: Callable[[int, int], bytes], entry: int, *,
     endbr = code.startswith(ENDBR64)
     address = entry + len(ENDBR64) if endbr else entry
     _check_inside_segment(entry, max(function_end or 0, address + JMP_REL32_SIZE), segment_end)
-    head = _head(code, entry, address)
+    # One sweep serves the entry's head and the scan of the whole function.
+    swept = sweep(code, entry)
+    head = _head(swept, code, entry, address)
     plan = (_skippable_plan(head, code, entry, address, function_end, endbr, fentry_targets)
             or _generic_plan(head, code, entry, address, function_end, endbr))
     _check_inside_segment(entry, plan.address + plan.length, segment_end)
     if function_end is not None:
-        _check_no_branch_into(code[:size], entry, plan)
+        _check_no_branch_into(swept, entry, function_end, plan)
     return plan
 
 
@@ -124,13 +126,18 @@ def _check_inside_segment(entry: int, end: int, segment_end: int | None) -> None
                             f"its executable segment at {segment_end:#x}")
 
 
-def _head(code: bytes, entry: int, address: int) -> list[Instruction]:
+def _head(swept, code: bytes, entry: int, address: int) -> list[Instruction]:
     """The instructions at ``address`` up to the first that reaches 5 bytes
-    (fewer where decoding stops): all any plan can replace, decoded once."""
+    (fewer where decoding stops): all any plan can replace, described once."""
     head = []
-    for insn in iter_decode(_covering_window(code, entry, address), address):
-        head.append(insn)
-        if insn.end - address >= JMP_REL32_SIZE:
+    for item in swept:
+        at, size = item[0], item[1]
+        if at < address:
+            continue     # the endbr64 before the site
+        if at != address + sum(insn.size for insn in head):
+            break
+        head.append(described(item, code[at - entry:at - entry + size]))
+        if at + size - address >= JMP_REL32_SIZE:
             break
     return head
 
@@ -263,16 +270,16 @@ def _check_replaceable(taken: list[Instruction], address: int, length: int) -> N
     check_relocatable(taken, (address, end))
 
 
-def _check_no_branch_into(function_code: bytes, entry: int, plan: EntryPlan) -> None:
+def _check_no_branch_into(swept, entry: int, function_end: int, plan: EntryPlan) -> None:
     """Refuse when a branch of the function lands strictly inside the replaced bytes."""
-    function_end = entry + len(function_code)
-    decoded, branches = branch_targets(function_code, entry)
+    inside = [item for item in swept if item[0] < function_end]
+    decoded = inside[-1][0] + inside[-1][1] if inside else entry
     if decoded != function_end:
         raise UnsafeToPatch(f"cannot decode the function at {entry:#x} up to its end "
                             f"{function_end:#x} (undecodable bytes at {decoded:#x}), so "
                             f"branches into its first bytes cannot be ruled out")
     lo, hi = plan.address, plan.address + plan.length
-    for at, text, target in branches:
+    for at, text, target in relative_branches(inside):
         # Branches among the replaced instructions move with them.
         if lo <= at < hi:
             continue
