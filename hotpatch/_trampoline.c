@@ -834,18 +834,21 @@ static int int3_round(struct hp_write *w, size_t n, char *err)
 
 static int park_signal;
 /* Stops are numbered.  A stop is in progress while released_gen < stop_gen.
- * A parked thread records (generation, pc, tid) in a slot; only records of
- * the current generation count, so the patcher never waits for threads to
- * leave the handler: one still on its way out of an earlier stop (it needs
- * a CPU, which busy threads may hold for a whole time slice) is harmless,
- * and the signal of the next stop waits, blocked, until it has left. */
+ * A parked thread records its pc, then (generation, tid) as one key, in a
+ * slot; only keys of the current generation count, so the patcher never
+ * waits for threads to leave the handler: one still on its way out of an
+ * earlier stop (it needs a CPU, which busy threads may hold for a whole time
+ * slice) is harmless, and the signal of the next stop waits, blocked, until
+ * it has left.  The key is one store: written as two fields, a thread back
+ * in the slot it had in the last stop could be matched by its new
+ * generation beside its old tid before writing the tid -- which would then
+ * land on the record of the next stop's owner of that slot. */
 static int stop_gen;              /* atomic */
 static int released_gen;          /* futex: = stop_gen once released */
 static int parked;                /* atomic: next free slot */
 static int arrivals;              /* futex: bumped by each thread once parked */
 static struct {
-    int gen;
-    pid_t tid;                    /* written last */
+    uint64_t key;                 /* park_key(gen, tid), written last, atomically */
     uintptr_t pc;
 } parked_at[MAX_THREADS];
 static pid_t signalled[MAX_THREADS];
@@ -858,6 +861,11 @@ static struct {
 } stop_stats;
 
 static const struct timespec poll_interval = { 0, 1000000 };
+
+static uint64_t park_key(int gen, pid_t tid)
+{
+    return (uint64_t)(uint32_t)gen << 32 | (uint32_t)tid;
+}
 
 static long futex(int *word, int op, int value, const struct timespec *timeout)
 {
@@ -875,8 +883,8 @@ static void on_park(int sig, siginfo_t *info, void *context)
         int slot = __atomic_fetch_add(&parked, 1, __ATOMIC_SEQ_CST);
         if (slot < MAX_THREADS) {
             parked_at[slot].pc = (uintptr_t)((ucontext_t *)context)->uc_mcontext.gregs[REG_RIP];
-            parked_at[slot].gen = gen;
-            __atomic_store_n(&parked_at[slot].tid, (pid_t)syscall(SYS_gettid), __ATOMIC_SEQ_CST);
+            __atomic_store_n(&parked_at[slot].key, park_key(gen, (pid_t)syscall(SYS_gettid)),
+                             __ATOMIC_SEQ_CST);
         }
         __atomic_add_fetch(&arrivals, 1, __ATOMIC_SEQ_CST);
         futex(&arrivals, FUTEX_WAKE_PRIVATE, 1, NULL);
@@ -946,9 +954,10 @@ static int was_signalled(pid_t tid)
 /* The slot of `tid` parked in the current stop, or -1. */
 static int parked_slot(pid_t tid)
 {
-    int count = __atomic_load_n(&parked, __ATOMIC_SEQ_CST), gen = stop_gen;
+    int count = __atomic_load_n(&parked, __ATOMIC_SEQ_CST);
+    uint64_t key = park_key(stop_gen, tid);
     for (int i = 0; i < count && i < MAX_THREADS; i++)
-        if (__atomic_load_n(&parked_at[i].tid, __ATOMIC_SEQ_CST) == tid && parked_at[i].gen == gen)
+        if (__atomic_load_n(&parked_at[i].key, __ATOMIC_SEQ_CST) == key)
             return i;
     return -1;
 }
