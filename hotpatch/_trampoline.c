@@ -138,9 +138,13 @@ static long sys_membarrier(int cmd)
     return syscall(__NR_membarrier, cmd, 0, 0);
 }
 
+/* HOTPATCH_CODE_WRITES=mprotect selects the mprotect window even where
+ * /proc/self/mem would work: what kernels that refuse /proc/self/mem writes
+ * (proc_mem.force_override=never) get anyway, so that it can be tested. */
 static void open_mem_fd(void)
 {
-    if (mem_fd < 0)
+    const char *how = getenv("HOTPATCH_CODE_WRITES");
+    if (mem_fd < 0 && !(how && strcmp(how, "mprotect") == 0))
         mem_fd = open("/proc/self/mem", O_RDWR | O_CLOEXEC);
     if (!sync_core_ready)
         sync_core_ready = sys_membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) == 0;

@@ -351,3 +351,28 @@ report({"during": during, "after": wx_mappings(), "pool": pool})
 """, **targets)[0]
     assert r["pool"], "the pool is not named in /proc/self/maps"
     assert r["during"] == [] and r["after"] == []
+
+
+def test_mprotect_window_when_proc_self_mem_is_not_used(child, targets):
+    # Kernels booted with proc_mem.force_override=never refuse /proc/self/mem
+    # writes; the fallback is an mprotect window, forced here to test it.
+    r = child(PRELUDE + """
+import hotpatch
+names = ["plain_add", "fentry_nop", "calls_other"]
+before = {n: sites.read_memory(addr(n), 16) for n in names}
+batch = [prepare(n) for n in names]
+sites.redirect_batch([(s, addr("replacement")) for s in batch])
+patched = [call(n) for n in names]
+sites.redirect_batch([(s, addr("replacement2")) for s in batch], form="slot")
+retargeted = [call(n) for n in names]
+sites.restore_batch(batch)
+wx = [l for l in open("/proc/self/maps") if "w" in l.split()[1] and "x" in l.split()[1]
+      and (P["lib"] in l or "hotpatch" in l)]
+report({"how": hotpatch.tree()["core"]["code_writes"], "patched": patched,
+        "retargeted": retargeted, "restored": [call(n) for n in names],
+        "identical": all(sites.read_memory(addr(n), 16) == before[n] for n in names), "wx": wx})
+""", env={"HOTPATCH_CODE_WRITES": "mprotect"}, **targets)[0]
+    assert r["how"] == "mprotect window"
+    assert r["patched"] == [1005] * 3 and r["retargeted"] == [2005] * 3
+    assert r["restored"] == [6, 25, 12] and r["identical"]
+    assert r["wx"] == []
