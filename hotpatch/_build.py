@@ -20,11 +20,11 @@ typedef struct {
 } Elf64_Phdr;
 
 struct hp_loaded_object {
-    char name[4096];
+    char name[...];
     uintptr_t base;
     uintptr_t phdr_address;
     int phnum;
-    Elf64_Phdr phdr[32];
+    Elf64_Phdr phdr[...];
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);

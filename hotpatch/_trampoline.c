@@ -120,7 +120,6 @@ void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs)
 static pthread_mutex_t hp_lock = PTHREAD_MUTEX_INITIALIZER;
 static int mem_fd = -1;            /* /proc/self/mem of *this* process */
 static int sync_core_ready;        /* membarrier SYNC_CORE registered for this mm */
-static int initialized;
 
 /* A child of fork() has a new mm: the inherited /proc/self/mem descriptor
  * still names the parent's memory, and membarrier registration is per mm. */
@@ -1212,8 +1211,5 @@ int hp_core_info(int *uses_proc_mem, int *uses_membarrier, int *park_sig)
 
 __attribute__((constructor)) static void hp_init(void)
 {
-    if (!initialized) {
-        initialized = 1;
-        pthread_atfork(NULL, NULL, reset_in_child);
-    }
+    pthread_atfork(NULL, NULL, reset_in_child);
 }

@@ -182,12 +182,10 @@ class Patch:
 
 def _prefixed(error: HotpatchError, prefix: str) -> HotpatchError:
     """The same kind of error, its message prefixed with where it happened."""
-    copy = type(error)(f"{prefix}: {error}")
-    copy.__cause__ = error
-    return copy
+    return type(error)(f"{prefix}: {error}")
 
 
-def _resolve_func(obj: Object, loaded: symbols.LoadedObject, func: Func) -> None:
+def _resolve_func(loaded: symbols.LoadedObject, func: Func) -> None:
     if func.old_offset is not None:
         symbol = symbols.resolve_offset(loaded, func.old_offset)
     else:
@@ -202,7 +200,7 @@ def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) 
     for func in obj.funcs:
         where = f"patch {patch.name!r}: object {obj.label}: {func.old_name}"
         try:
-            _resolve_func(obj, loaded, func)
+            _resolve_func(loaded, func)
             if stacks.stack_of(func.old_addr) is None and func.old_addr not in prepared:
                 prepared[func.old_addr] = sites.prepare(
                     func.old_addr, size=func.old_size, exec_ranges=loaded.exec_ranges,

@@ -51,13 +51,11 @@ def build(source: str, output: str, extra_args: list[str] = ()) -> str:
     return output
 
 
-def _callback(c_object, function, vetoes: bool):
+def _callback(c_object, function):
     """A Python callback for the Object that calls the module's C callback."""
     if function == _ffi.NULL:
         return None
-    if vetoes:
-        return lambda obj: function(c_object)
-    return lambda obj: function(c_object) and None
+    return lambda obj: function(c_object)
 
 
 def _c_funcs(c_object) -> list[core.Func]:
@@ -91,10 +89,10 @@ def _c_objects(c_patch) -> list[core.Object]:
         cb = c_object.callbacks
         objects.append(core.Object(
             name, _c_funcs(c_object),
-            pre_patch=_callback(c_object, cb.pre_patch, True),
-            post_patch=_callback(c_object, cb.post_patch, False),
-            pre_unpatch=_callback(c_object, cb.pre_unpatch, False),
-            post_unpatch=_callback(c_object, cb.post_unpatch, False)))
+            pre_patch=_callback(c_object, cb.pre_patch),
+            post_patch=_callback(c_object, cb.post_patch),
+            pre_unpatch=_callback(c_object, cb.pre_unpatch),
+            post_unpatch=_callback(c_object, cb.post_unpatch)))
     raise HotpatchError("the objs array has no terminating { } element")
 
 

@@ -74,8 +74,9 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
     sites.update_batch(redirects, restores)
     for address, funcs in changed.items():
         if funcs:
-            stack = _stacks.get(address) or _stacks.setdefault(address, FuncStack(prepared[address]))
-            stack.funcs = funcs
+            if address not in _stacks:
+                _stacks[address] = FuncStack(prepared[address])
+            _stacks[address].funcs = funcs
         else:
             _stacks.pop(address, None)
     for func in pop:
