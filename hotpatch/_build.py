@@ -1,7 +1,8 @@
-"""cffi builder of ``hotpatch._native``: the C core in ``_trampoline.c``.
+"""cffi builder of ``hotpatch._native``: the C core in ``native/``.
 
 The declarations below are the whole boundary between Python policy and the
-native code; each function is documented where it is defined in C.
+native code; each function is documented where it is defined in C (see
+``native/hotpatch_core.h`` for which file holds what).
 """
 import os
 
@@ -48,27 +49,32 @@ struct hp_write {
     uint8_t old[16];
     uint8_t bytes[16];
     uint32_t len;
-    uint32_t single;
-    uintptr_t resume;
-    uintptr_t push_return;
 };
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
-void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *park_ns);
+void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
+                   uint64_t *hold_max_ns);
+void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
+int hp_code_writes_use_proc_mem(void);
+int hp_core_sync_ready(void);
 int hp_set_crash_report(const char *text);
-int hp_core_info(int *uses_proc_mem, int *uses_membarrier, int *park_sig);
 """
 
 _here = os.path.dirname(os.path.abspath(__file__))
+_native = os.path.join(_here, "native")
+SOURCES = ["objects.c", "maps.c", "pool.c", "codewrite.c", "stop.c", "stop_ptrace.c", "stop_signal.c",
+           "caller.c", "crash.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-with open(os.path.join(_here, "_trampoline.c")) as _source:
-    ffibuilder.set_source(
-        "hotpatch._native",
-        _source.read(),
-        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        libraries=["dl", "pthread"],
-    )
+ffibuilder.set_source(
+    "hotpatch._native",
+    '#include "hotpatch_core.h"\n',
+    # Relative to the project root, where setuptools builds.
+    sources=[os.path.relpath(os.path.join(_native, name)) for name in SOURCES],
+    include_dirs=[_native],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    libraries=["dl", "pthread"],
+)
 
 if __name__ == "__main__":
     ffibuilder.compile(tmpdir=os.path.join(_here, ".."), verbose=True)

@@ -22,18 +22,28 @@ def _patch_entry(patch: core.Patch) -> dict:
     return entry
 
 
+def _stopper_entry() -> dict:
+    uses_ptrace, helper_pid, park_signal = (ffi.new("int *") for _ in range(3))
+    reason = ffi.new("char[256]")
+    lib.hp_stopper_info(uses_ptrace, helper_pid, park_signal, reason)
+    return {"method": "ptrace" if uses_ptrace[0] else "signals",
+            "helper_pid": helper_pid[0] or None,
+            "reason": ffi.string(reason).decode() or None,
+            "park_signal": park_signal[0]}
+
+
 def _core_entry() -> dict:
     """How this process's code is written, and what the writes cost so far."""
-    proc_mem, membarrier, park_signal = (ffi.new("int *") for _ in range(3))
-    lib.hp_core_info(proc_mem, membarrier, park_signal)
-    stops, retries, park_ns = (ffi.new("uint64_t *") for _ in range(3))
-    lib.hp_stop_stats(stops, retries, park_ns)
+    counts = [ffi.new("uint64_t *") for _ in range(5)]
+    lib.hp_stop_stats(*counts)
+    stops, retries, stop_ns, hold_ns, hold_max_ns = (c[0] for c in counts)
     return {"pool": ffi.string(lib.hp_pool_backing()).decode(),
-            "code_writes": "/proc/self/mem" if proc_mem[0] else "mprotect window",
-            "core_sync": "membarrier SYNC_CORE" if membarrier[0] else "mprotect IPI",
-            "park_signal": park_signal[0],
+            "code_writes": "/proc/self/mem" if lib.hp_code_writes_use_proc_mem() else "mprotect window",
+            "core_sync": "membarrier SYNC_CORE" if lib.hp_core_sync_ready() else "mprotect IPI",
+            "stopper": _stopper_entry(),
             "sites": len(sites.installed_sites()),
-            "stops": {"count": stops[0], "retries": retries[0], "park_ms": park_ns[0] / 1e6}}
+            "stops": {"count": stops, "retries": retries, "stop_ms": stop_ns / 1e6,
+                      "held_ms": hold_ns / 1e6, "longest_hold_ms": hold_max_ns / 1e6}}
 
 
 def tree() -> dict:
@@ -41,8 +51,11 @@ def tree() -> dict:
     "stack_order", <object>: {"patched", "<func>,<sympos>": {...}}}},
     "tainted": bool, "core": {...}}``; the main program's object is named
     ``main``.  ``core`` says how code is written in this process (the pool's
-    backing, /proc/self/mem or an mprotect window, the core sync, the park
-    signal), how many sites are redirected and what stopping the world cost."""
+    backing, /proc/self/mem or an mprotect window, the core sync, which
+    stopper holds the other threads during a write and why), how many sites
+    are redirected and what the stops cost.  ``stopper`` is ``{"method":
+    "ptrace" | "signals", "helper_pid", "reason" (why not ptrace, or None),
+    "park_signal"}``."""
     with core._mutex:
         return {"livepatch": {p.name: _patch_entry(p) for p in core.patches()},
                 "tainted": core.tainted(), "core": _core_entry()}

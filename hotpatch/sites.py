@@ -17,7 +17,8 @@ redirection currently written there:
 
 Every operation takes a batch and is all-or-nothing: the whole batch is
 analysed and prepared first (nothing written), then the entries are written
-in one int3 round or one stop of the world by the C core.  Analysis of the
+in one stop of the other threads by the C core (see
+``hotpatch/native/codewrite.c``).  Analysis of the
 bytes is :mod:`hotpatch.x86_64`'s; this module decides forms and never
 encodes an instruction itself.
 """
@@ -34,7 +35,7 @@ from .x86_64.entry import EntryPlan, analyze_entry, build_original, original_stu
 
 FORMS = ("direct", "slot", "call")
 
-#: How long a stop of the world may wait for every thread to park.
+#: How long a stop may wait for every other thread to be held.
 STOP_TIMEOUT_MS = 2000
 
 _lock = threading.RLock()
@@ -176,15 +177,13 @@ def _pad(site: Site, instruction: bytes) -> bytes:
     return instruction + b"\xcc" * (site.plan.length - len(instruction))
 
 
-def _entry_instruction(site: Site, form: str, target: int) -> tuple[bytes, int, int]:
-    """(bytes at the entry, where a thread trapping during the write goes,
-    return address to push for it or 0)."""
+def _entry_instruction(site: Site, form: str, target: int) -> bytes:
+    """The redirecting instruction at the entry."""
     if form == "direct":
-        return encode.jmp_rel32(site.address, target), target, 0
+        return encode.jmp_rel32(site.address, target)
     if form == "slot":
-        return encode.jmp_rel32(site.address, site._trampoline), site._trampoline, 0
-    return (encode.call_rel32(site.address, site._caller), site._caller,
-            site.address + encode.JMP_REL32_SIZE)
+        return encode.jmp_rel32(site.address, site._trampoline)
+    return encode.call_rel32(site.address, site._caller)
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +198,7 @@ class _Change:
     site: Site
     form: str | None
     target: int | None
-    write: tuple | None = None     # (old, new, single, resume, push_return)
+    write: tuple | None = None     # (old bytes, new bytes)
 
 
 def _write(changes: list[_Change]) -> None:
@@ -208,14 +207,11 @@ def _write(changes: list[_Change]) -> None:
         return
     batch = ffi.new("struct hp_write[]", len(writes))
     for w, change in zip(batch, writes):
-        old, new, single, resume, push_return = change.write
+        old, new = change.write
         w.address = change.site.address
         w.old[0:len(old)] = old
         w.bytes[0:len(new)] = new
         w.len = len(new)
-        w.single = single
-        w.resume = resume
-        w.push_return = push_return
     err = ffi.new("char[256]")
     if lib.hp_write_batch(batch, len(writes), STOP_TIMEOUT_MS, err):
         raise TransitionError(ffi.string(err).decode())
@@ -242,15 +238,13 @@ def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
     elif form == "call":
         _ensure_call(site)
     change = _Change(site, form, target)
-    instruction, resume, push_return = _entry_instruction(site, form, target)
-    new = _pad(site, instruction)
+    new = _pad(site, _entry_instruction(site, form, target))
     if not site.installed:
-        change.write = (site.plan.original_bytes, new, site.plan.single_instruction,
-                        resume, push_return)
+        change.write = (site.plan.original_bytes, new)
     else:
         old = _current_entry(site)
         if old != new:    # the form or a direct target changed: one instruction rewritten
-            change.write = (old, new, True, resume, push_return)
+            change.write = (old, new)
     return change
 
 
@@ -278,7 +272,7 @@ def _plan_restore(site: Site) -> _Change:
     if not site.installed:
         raise HotpatchError(f"{site.entry:#x}: site is not installed")
     change = _Change(site, None, None)
-    change.write = (_current_entry(site), site.plan.original_bytes, True, site.original, 0)
+    change.write = (_current_entry(site), site.plan.original_bytes)
     return change
 
 

@@ -1,0 +1,300 @@
+/*
+ * Writing code while other threads run it.
+ *
+ * Every write to code that a thread may be running goes through a stop
+ * (stop.c): every other thread stopped, none of them inside the bytes being
+ * replaced -- neither its program counter nor the program counter saved in a
+ * signal frame on its stack --, then the writes, a core sync, and the threads
+ * let go.  There is no int3 protocol: a thread that blocks SIGTRAP and meets
+ * an int3 kills the process, and any thread may block any signal at any
+ * moment, so no write may rely on a signal reaching a thread.
+ *
+ * Code is written through /proc/self/mem, which forces the write through a
+ * read-only mapping (copy-on-write for file mappings, as a debugger's
+ * breakpoint does), so no page is ever writable and executable.  Where the
+ * kernel refuses that, an mprotect window adds write permission and restores
+ * the page's own protection before returning.
+ */
+#include "hotpatch_core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/membarrier.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+pthread_mutex_t hp_lock = PTHREAD_MUTEX_INITIALIZER;
+static int mem_fd = -1;            /* /proc/self/mem of *this* process */
+static int sync_core_ready;        /* membarrier SYNC_CORE registered for this mm */
+
+/* HOTPATCH_CODE_WRITES=mprotect selects the mprotect window even where
+ * /proc/self/mem would work: what kernels that refuse /proc/self/mem writes
+ * (proc_mem.force_override=never) get anyway, so that it can be tested. */
+static void open_mem_fd(void)
+{
+    const char *how = getenv("HOTPATCH_CODE_WRITES");
+    if (mem_fd < 0 && !(how && strcmp(how, "mprotect") == 0))
+        mem_fd = open("/proc/thread-self/mem", O_RDWR | O_CLOEXEC);   /* self fails once the main thread exited */
+    if (!sync_core_ready)
+        sync_core_ready = hp_sys(SYS_membarrier,
+                                 MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0;
+}
+
+/* --- the mprotect window ------------------------------------------- */
+
+/* The window gives each page back exactly the protection it had (a JIT's
+ * rwx page stays rwx): the mappings are read before each batch. */
+HP_RAW static int page_prot(uintptr_t page)
+{
+    const struct hp_mapping *m = hp_mapping_of(page);
+    return m ? m->prot : PROT_READ | PROT_EXEC;
+}
+
+HP_RAW static int write_through_window(uintptr_t addr, const uint8_t *src, size_t len)
+{
+    for (size_t done = 0; done < len;) {
+        uintptr_t at = addr + done, page = at & ~(uintptr_t)4095;
+        size_t chunk = page + 4096 - at < len - done ? page + 4096 - at : len - done;
+        int prot = page_prot(page);
+        if (!(prot & PROT_WRITE) &&
+            hp_sys(SYS_mprotect, page, 4096, prot | PROT_READ | PROT_WRITE) < 0)
+            return -1;
+        for (size_t i = 0; i < chunk; i++)
+            ((volatile uint8_t *)at)[i] = src[done + i];
+        if (!(prot & PROT_WRITE))
+            hp_sys(SYS_mprotect, page, 4096, prot);
+        done += chunk;
+    }
+    return 0;
+}
+
+/* --- raw writes ------------------------------------------------------ */
+
+/* Write bytes into mapped code; raw system calls only. */
+HP_RAW static int write_code(uintptr_t addr, const void *src, size_t len)
+{
+    if (mem_fd >= 0 && hp_sys(SYS_pwrite64, mem_fd, src, len, addr) == (long)len)
+        return 0;
+    return write_through_window(addr, src, len);
+}
+
+/* Make every thread's instruction stream see the writes (serialize cores). */
+HP_RAW static void sync_cores(void)
+{
+    if (sync_core_ready &&
+        hp_sys(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0)
+        return;
+    /* No membarrier: an mprotect that removes a permission shoots down the
+     * TLB of every CPU running this mm with an IPI, and an interrupt return
+     * is serializing. */
+    static char *page;
+    if (!page) {
+        long p = hp_sys(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        page = p < 0 ? NULL : (char *)p;
+    }
+    if (page) {
+        page[0] = 1;
+        hp_sys(SYS_mprotect, page, 4096, PROT_READ);
+        hp_sys(SYS_mprotect, page, 4096, PROT_READ | PROT_WRITE);
+    }
+}
+
+int hp_write_code_locked(uintptr_t addr, const void *src, size_t len)
+{
+    open_mem_fd();
+    if (mem_fd < 0)
+        hp_read_mappings();
+    return write_code(addr, src, len);
+}
+
+/* Write code that no thread can be executing (fresh pool memory). */
+int hp_write_code(uintptr_t addr, const void *src, size_t len)
+{
+    pthread_mutex_lock(&hp_lock);
+    int rc = hp_write_code_locked(addr, src, len);
+    pthread_mutex_unlock(&hp_lock);
+    return rc ? -errno : 0;
+}
+
+void hp_store_slot(uint64_t *slot, uint64_t value)
+{
+    __atomic_store_n(slot, value, __ATOMIC_RELEASE);
+}
+
+int hp_code_writes_use_proc_mem(void)
+{
+    pthread_mutex_lock(&hp_lock);
+    open_mem_fd();
+    int yes = mem_fd >= 0;
+    pthread_mutex_unlock(&hp_lock);
+    return yes;
+}
+
+int hp_core_sync_ready(void)
+{
+    return sync_core_ready;
+}
+
+/* --- a batch: one stop ----------------------------------------------- */
+
+static struct stats {
+    uint64_t stops, retries, stop_ns, hold_ns, hold_max_ns;
+} stats;
+
+/* The bytes at each write are what the caller expects: read without
+ * faulting (the object may have been unmapped), compared byte by byte. */
+HP_RAW static int check_old_bytes(const struct hp_write *w, size_t n, int pid, char *err)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint8_t now[16];
+        long got = hp_read_own(pid, now, w[i].address, w[i].len);
+        int same = got == (long)w[i].len;
+        for (uint32_t k = 0; same && k < w[i].len; k++)
+            same = now[k] == w[i].old[k];
+        if (!same) {
+            char *at = hp_fmt_str(err, err + HP_ERRLEN, "the code at ");
+            at = hp_fmt_hex(at, err + HP_ERRLEN, w[i].address);
+            hp_fmt_str(at, err + HP_ERRLEN, got < 0 ? " is no longer mapped"
+                       : " is not what it was expected to be (changed by someone else?)");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* With every other thread stopped: check, write, sync.  On a failed write,
+ * the ones already written are put back before the threads go. */
+HP_RAW static int write_stopped(struct hp_write *w, size_t n, int pid, char *err)
+{
+    if (check_old_bytes(w, n, pid, err))
+        return -1;
+    size_t i = 0;
+    int rc = 0;
+    for (; i < n && !rc; i++)
+        rc = write_code(w[i].address, w[i].bytes, w[i].len);
+    if (rc) {
+        for (size_t j = 0; j + 1 < i; j++)
+            write_code(w[j].address, w[j].old, w[j].len);
+        char *at = hp_fmt_str(err, err + HP_ERRLEN, "writing code at ");
+        at = hp_fmt_hex(at, err + HP_ERRLEN, w[i - 1].address);
+        hp_fmt_str(at, err + HP_ERRLEN, " failed");
+    }
+    sync_cores();
+    return rc;
+}
+
+HP_RAW static int stopped_round(struct hp_write *w, size_t n, int timeout_ms, char *err)
+{
+    uint64_t start = hp_now_ns(), deadline = start + (uint64_t)timeout_ms * 1000000ull;
+    int pid = hp_getpid();
+    for (;;) {
+        if (hp_stop_world(deadline, err))
+            return -1;
+        stats.stops++;
+        uintptr_t pc;
+        int tid = hp_thread_inside(w, n, &pc);
+        if (!tid)
+            break;
+        hp_release_world();
+        stats.retries++;
+        if (hp_now_ns() > deadline) {
+            char *at = hp_fmt_str(err, err + HP_ERRLEN, "thread ");
+            at = hp_fmt_num(at, err + HP_ERRLEN, tid);
+            at = hp_fmt_str(at, err + HP_ERRLEN, " stayed inside the bytes being replaced (pc ");
+            at = hp_fmt_hex(at, err + HP_ERRLEN, pc);
+            hp_fmt_str(at, err + HP_ERRLEN, "); nothing was written");
+            return -1;
+        }
+        hp_sleep_ns(200000);
+    }
+    uint64_t stopped = hp_now_ns();
+    int rc = write_stopped(w, n, pid, err);
+    hp_release_world();
+    uint64_t end = hp_now_ns(), hold = end - stopped;
+    stats.stop_ns += end - start;
+    stats.hold_ns += hold;
+    if (hold > stats.hold_max_ns)
+        stats.hold_max_ns = hold;
+    return rc;
+}
+
+static int by_address(const void *a, const void *b)
+{
+    uintptr_t x = ((const struct hp_write *)a)->address, y = ((const struct hp_write *)b)->address;
+    return x < y ? -1 : x > y;
+}
+
+/* Write a batch of sites safely while other threads run: one stop.
+ * Returns 0, or -1 with `err` filled and no byte changed. */
+int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
+{
+    err[0] = 0;
+    if (n == 0)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (w[i].len < 1 || w[i].len > sizeof w[i].bytes) {
+            char *at = hp_fmt_str(err, err + HP_ERRLEN, "bad write length at ");
+            hp_fmt_hex(at, err + HP_ERRLEN, w[i].address);
+            return -1;
+        }
+    qsort(w, n, sizeof *w, by_address);
+    for (size_t i = 1; i < n; i++)
+        if (w[i].address < w[i - 1].address + w[i - 1].len) {
+            char *at = hp_fmt_str(err, err + HP_ERRLEN, "writes at ");
+            at = hp_fmt_hex(at, err + HP_ERRLEN, w[i - 1].address);
+            at = hp_fmt_str(at, err + HP_ERRLEN, " and ");
+            at = hp_fmt_hex(at, err + HP_ERRLEN, w[i].address);
+            hp_fmt_str(at, err + HP_ERRLEN, " overlap");
+            return -1;
+        }
+    pthread_mutex_lock(&hp_lock);
+    open_mem_fd();
+    hp_read_mappings();      /* page protections, stack extents */
+    hp_stop_prepare();
+    int rc = stopped_round(w, n, timeout_ms, err);
+    pthread_mutex_unlock(&hp_lock);
+    return rc;
+}
+
+/* Stop counters since the process started (or forked): stops, stops
+ * retried because a thread was inside the bytes, the time from asking for
+ * a stop to letting the threads go, and how long threads were held while
+ * the code was checked and written (total and longest). */
+void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
+                   uint64_t *hold_max_ns)
+{
+    pthread_mutex_lock(&hp_lock);
+    *stops = stats.stops;
+    *retries = stats.retries;
+    *stop_ns = stats.stop_ns;
+    *hold_ns = stats.hold_ns;
+    *hold_max_ns = stats.hold_max_ns;
+    pthread_mutex_unlock(&hp_lock);
+}
+
+/* --- fork ------------------------------------------------------------ */
+
+/* A fork waits for a batch in progress (no child inherits a half-written
+ * site).  The child has a new mm: the inherited /proc/self/mem descriptor
+ * still names the parent's memory, membarrier registration is per mm, and
+ * the parent's stopper is not the child's. */
+static void before_fork(void) { pthread_mutex_lock(&hp_lock); }
+static void after_fork_in_parent(void) { pthread_mutex_unlock(&hp_lock); }
+
+static void after_fork_in_child(void)
+{
+    if (mem_fd >= 0)
+        close(mem_fd);
+    mem_fd = -1;
+    sync_core_ready = 0;
+    memset(&stats, 0, sizeof stats);
+    hp_stop_after_fork();
+    pthread_mutex_init(&hp_lock, NULL);
+}
+
+__attribute__((constructor)) static void hp_init(void)
+{
+    pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
+}

@@ -1,0 +1,181 @@
+/*
+ * The C core of hotpatch: what must be native.
+ *
+ *   objects.c     loaded objects (dl_iterate_phdr), for the symbol layer
+ *   maps.c        this process's mappings (/proc/thread-self/maps), no malloc
+ *   pool.c        executable memory within +-2 GiB of a target, named "hotpatch"
+ *   codewrite.c   writing code while other threads run it: one stop per batch
+ *   stop.c        the stop: which stopper, what the stopped threads may not be doing
+ *   stop_ptrace.c the ptrace stopper: a helper process seizes every other thread
+ *   stop_signal.c the fallback stopper: park every other thread in a signal handler
+ *   caller.c      the shared caller of the ftrace-style call path
+ *   crash.c       the crash report of a live-patched process
+ *
+ * Policy (what to patch, the bytes, the stacks of patches) lives in Python.
+ * Everything that runs while threads are stopped uses only raw system calls
+ * (sys.h) and memory prepared beforehand.
+ */
+#ifndef HOTPATCH_CORE_H
+#define HOTPATCH_CORE_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <link.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sys.h"
+
+#define HP_ERRLEN 256
+#define HP_MAX_THREADS 8192
+
+/* Code in the stop path and in the helper process: no stack protector (the
+ * helper has no thread pointer of libc's), and no loop turned into a call
+ * to memset/memcpy, which a patch may have replaced. */
+#define HP_RAW __attribute__((no_stack_protector, optimize("no-tree-loop-distribute-patterns")))
+
+/* One lock for the core's state: the pool, the call table, the stop. */
+extern pthread_mutex_t hp_lock;
+
+/* --- objects.c ----------------------------------------------------- */
+#define HP_NAME_MAX 4096
+#define HP_MAX_PHDRS 32
+struct hp_loaded_object {
+    char name[HP_NAME_MAX];  /* as the dynamic linker has it ("" = main program) */
+    uintptr_t base;          /* l_addr: load bias */
+    uintptr_t phdr_address;  /* where the program headers are mapped */
+    int phnum;               /* headers copied below (at most HP_MAX_PHDRS) */
+    ElfW(Phdr) phdr[HP_MAX_PHDRS];
+};
+int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
+void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
+/* The address range spanned by the loaded object that contains `address`. */
+int hp_object_span(uintptr_t address, uintptr_t *lo, uintptr_t *hi);
+
+/* --- maps.c -------------------------------------------------------- */
+#define HP_MAX_MAPPINGS 65536
+struct hp_mapping {
+    uintptr_t lo, hi;
+    int prot;
+};
+extern struct hp_mapping hp_mappings[HP_MAX_MAPPINGS];
+extern int hp_nmappings;
+int hp_read_mappings(void);
+const struct hp_mapping *hp_mapping_of(uintptr_t address);
+
+/* --- pool.c -------------------------------------------------------- */
+uintptr_t hp_alloc_code(uintptr_t near, size_t size);
+uintptr_t hp_alloc_code_locked(uintptr_t near, size_t size);
+uint64_t *hp_alloc_slot(uintptr_t near);
+const char *hp_pool_backing(void);
+int hp_reaches(uintptr_t near, uintptr_t lo, uintptr_t hi);
+
+/* --- caller.c ------------------------------------------------------- */
+typedef void (*hp_observer_fn)(void *data, uintptr_t address, uint64_t *regs);
+struct hp_call_site;
+struct hp_call_site *hp_call_site(uintptr_t address);
+void hp_call_site_set_target(struct hp_call_site *s, uintptr_t target);
+int hp_call_site_observe(struct hp_call_site *s, hp_observer_fn fn, void *data);
+void hp_call_site_unobserve(struct hp_call_site *s, int slot);
+uintptr_t hp_caller_near(uintptr_t near);
+
+/* --- crash.c -------------------------------------------------------- */
+int hp_set_crash_report(const char *text);
+
+/* --- codewrite.c ---------------------------------------------------- */
+struct hp_write {
+    uintptr_t address;
+    uint8_t old[16];    /* what must be there now (checked with the world stopped) */
+    uint8_t bytes[16];  /* what goes there */
+    uint32_t len;
+};
+int hp_write_code(uintptr_t addr, const void *src, size_t len);
+void hp_store_slot(uint64_t *slot, uint64_t value);
+int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
+void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
+                   uint64_t *hold_max_ns);
+int hp_code_writes_use_proc_mem(void);
+int hp_core_sync_ready(void);
+void hp_codewrite_after_fork(void);
+/* Write code no thread runs (fresh pool memory), hp_lock held. */
+int hp_write_code_locked(uintptr_t addr, const void *src, size_t len);
+
+/* --- stop.c --------------------------------------------------------- */
+/* A stopped thread: where it is.  Filled by whichever stopper ran. */
+struct hp_stopped_thread {
+    int32_t tid;
+    int32_t signal;     /* ptrace: signal to hand back when it is let go */
+    int32_t state;      /* stopper's bookkeeping */
+    int32_t reserved;
+    uint64_t pc, sp;
+};
+extern struct hp_stopped_thread hp_stopped[HP_MAX_THREADS];
+extern int hp_nstopped;
+
+#define HP_STOP_OK 0
+#define HP_STOP_FAILED (-1)     /* a thread could not be stopped: err says which, why */
+#define HP_STOP_REFUSED (-2)    /* this stopper cannot run here: err says why */
+
+int hp_stop_world(uint64_t deadline_ns, char *err);
+void hp_release_world(void);
+void hp_stop_prepare(void);
+int hp_thread_inside(const struct hp_write *w, size_t n, uintptr_t *pc);
+void hp_stop_count_retry(void);
+void hp_stop_after_fork(void);
+void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
+
+/* --- stop_ptrace.c -------------------------------------------------- */
+int hp_ptrace_stop(uint64_t deadline_ns, char *err);
+void hp_ptrace_release(void);
+int hp_ptrace_helper_pid(void);
+void hp_ptrace_after_fork(void);
+
+/* --- stop_signal.c -------------------------------------------------- */
+int hp_signal_stop(uint64_t deadline_ns, const char *why_not_ptrace, char *err);
+void hp_signal_release(void);
+int hp_park_signal(void);
+
+/* Small formatting without libc, for the stop path and the helper. */
+HP_RAW static inline char *hp_fmt_str(char *at, char *end, const char *s)
+{
+    while (*s && at < end - 1)
+        *at++ = *s++;
+    *at = 0;
+    return at;
+}
+
+HP_RAW static inline char *hp_fmt_num(char *at, char *end, long value)
+{
+    char digits[24];
+    int n = 0;
+    unsigned long v = value < 0 ? -(unsigned long)value : (unsigned long)value;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    if (value < 0 && at < end - 1)
+        *at++ = '-';
+    while (n && at < end - 1)
+        *at++ = digits[--n];
+    *at = 0;
+    return at;
+}
+
+HP_RAW static inline char *hp_fmt_hex(char *at, char *end, unsigned long value)
+{
+    char digits[20];
+    int n = 0;
+    do {
+        digits[n++] = "0123456789abcdef"[value & 15];
+        value >>= 4;
+    } while (value);
+    at = hp_fmt_str(at, end, "0x");
+    while (n && at < end - 1)
+        *at++ = digits[--n];
+    *at = 0;
+    return at;
+}
+
+#endif

@@ -1,0 +1,694 @@
+/*
+ * The ptrace stopper: a helper process seizes every thread but the patching
+ * one (PTRACE_SEIZE + PTRACE_INTERRUPT), reports where each stopped, and lets
+ * them go (PTRACE_DETACH) once the code is written.
+ *
+ * It needs no cooperation from the threads, whatever their signal masks.  A
+ * thread asleep in a system call is taken out of it and, when let go,
+ * resumes it: the kernel restarts calls that fail with -ERESTART*, and the
+ * helper restarts the few that fail with EINTR when stopped (epoll_wait,
+ * semop, sigtimedwait, socket calls with a timeout) by pointing the thread
+ * back at its `syscall` instruction -- unless a real signal is pending, whose
+ * EINTR the thread must see.
+ *
+ * The helper is invisible to the service.  It is started on first need by a
+ * double clone: an intermediate process with no exit signal (a clone child:
+ * waitpid(-1) without __WALL never sees it, and no SIGCHLD is sent) which
+ * starts the helper and exits, and is reaped here.  The helper is then
+ * nobody's child in the service: it leaves the session, closes every
+ * descriptor but its socket, writes nothing, blocks every signal, and unmaps
+ * every mapping but its own code, stack and the shared area (so the
+ * service's memory is not kept copy-on-write twice).  When the service exits
+ * its socket end closes and the helper exits.  Everything the helper runs
+ * is in this file: static functions, raw system calls, its stack.
+ */
+#include "hotpatch_core.h"
+
+#include <asm/prctl.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+
+#ifndef PR_SET_PTRACER
+#define PR_SET_PTRACER 0x59616d61
+#endif
+
+enum { PENDING, STOPPED, GONE };
+
+/* Shared between the service and its helper (MAP_SHARED). */
+struct stop_area {
+    int32_t pid;              /* the service */
+    int32_t helper_pid;
+    int32_t self_tid;         /* the patching thread: not stopped */
+    int32_t result;           /* HP_STOP_* */
+    uint64_t deadline_ns;
+    char message[HP_ERRLEN];
+    int32_t count;
+    int32_t reserved;
+    struct hp_stopped_thread threads[HP_MAX_THREADS];
+};
+
+struct helper_args {
+    int sock;
+    uintptr_t rseq_area;      /* the cloning thread's rseq registration, inherited */
+    uint32_t rseq_size;
+    struct stop_area *area;
+    uintptr_t helper_sp;
+    uintptr_t keep[3][2];     /* its stack, the area, its code: never unmapped */
+};
+
+#define HELPER_STACK (256u << 10)
+#define RSEQ_SIG 0x53053053
+#define RSEQ_FLAG_UNREGISTER 1
+
+/* glibc 2.35+ registers an rseq area for each thread, in its thread block. */
+extern const ptrdiff_t __rseq_offset __attribute__((weak));
+extern const unsigned int __rseq_size __attribute__((weak));
+
+static int helper_sock = -1;
+static int helper_pid;
+static struct stop_area *area;
+
+/* clone(flags) with the child on `stack` calling fn(arg), then exit_group. */
+long hp_clone_run(long flags, uintptr_t stack, void (*fn)(void *), void *arg);
+__asm__(
+    ".text\n"
+    ".globl hp_clone_run\n"
+    ".hidden hp_clone_run\n"
+    ".type hp_clone_run, @function\n"
+    "hp_clone_run:\n"
+    "  sub $16, %rsi\n"
+    "  mov %rdx, 0(%rsi)\n"
+    "  mov %rcx, 8(%rsi)\n"
+    "  xor %edx, %edx\n"
+    "  xor %r10d, %r10d\n"
+    "  xor %r8d, %r8d\n"
+    "  mov $56, %eax\n"          /* SYS_clone */
+    "  syscall\n"
+    "  test %rax, %rax\n"
+    "  jnz 1f\n"
+    "  pop %rax\n"
+    "  pop %rdi\n"
+    "  xor %ebp, %ebp\n"
+    "  call *%rax\n"
+    "  mov $231, %eax\n"         /* SYS_exit_group */
+    "  xor %edi, %edi\n"
+    "  syscall\n"
+    "  hlt\n"
+    "1:\n"
+    "  ret\n"
+    ".size hp_clone_run, .-hp_clone_run\n");
+
+/* ===================================================================== */
+/* The helper process                                                     */
+/* ===================================================================== */
+
+HP_RAW static int is_digit(char c) { return c >= '0' && c <= '9'; }
+
+HP_RAW static int contains(const char *s, long len, const char *what)
+{
+    for (long i = 0; i < len; i++) {
+        long k = 0;
+        while (what[k] && i + k < len && s[i + k] == what[k])
+            k++;
+        if (!what[k])
+            return 1;
+    }
+    return 0;
+}
+
+HP_RAW static uintptr_t hex_at(const char **p)
+{
+    uintptr_t v = 0;
+    for (;; (*p)++) {
+        char c = **p;
+        int d = is_digit(c) ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (d < 0)
+            return v;
+        v = v * 16 + (uintptr_t)d;
+    }
+}
+
+/* Unmap everything but what the helper uses, so that it holds no copy of
+ * the service's memory.  Ranges are collected while /proc/self/maps is
+ * read and unmapped after, pass after pass, until none is left. */
+HP_RAW static void unmap_all_but(const struct helper_args *args)
+{
+    for (int pass = 0; pass < 64; pass++) {
+        uintptr_t drop[512][2];
+        int ndrop = 0;
+        int fd = (int)hp_sys(SYS_open, "/proc/self/maps", O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return;
+        char buf[8192];
+        long kept = 0, got;
+        while (ndrop < 512 && (got = hp_sys(SYS_read, fd, buf + kept, sizeof buf - kept)) > 0) {
+            long have = kept + got, start = 0;
+            for (long i = 0; i < have && ndrop < 512; i++) {
+                if (buf[i] != '\n')
+                    continue;
+                const char *p = buf + start;
+                uintptr_t lo = hex_at(&p);
+                p++;
+                uintptr_t hi = hex_at(&p);
+                int writable = p[2] == 'w';
+                int keep = contains(buf + start, i - start, "[v");   /* vdso, vvar, vsyscall */
+                for (int k = 0; k < 3; k++)   /* of its own code, only what is not written */
+                    keep |= lo < args->keep[k][1] && hi > args->keep[k][0] && !(k == 2 && writable);
+                if (!keep) {
+                    drop[ndrop][0] = lo;
+                    drop[ndrop][1] = hi;
+                    ndrop++;
+                }
+                /* its stack and the area may share a mapping with the service's
+                 * memory next to them (the kernel merges neighbours): trim */
+                for (int k = 0; k < 2 && ndrop < 510; k++) {
+                    if (!(lo < args->keep[k][1] && hi > args->keep[k][0]))
+                        continue;
+                    if (lo < args->keep[k][0]) {
+                        drop[ndrop][0] = lo;
+                        drop[ndrop][1] = args->keep[k][0];
+                        ndrop++;
+                    }
+                    if (hi > args->keep[k][1]) {
+                        drop[ndrop][0] = args->keep[k][1];
+                        drop[ndrop][1] = hi;
+                        ndrop++;
+                    }
+                }
+                start = i + 1;
+            }
+            kept = have - start;
+            if (kept == (long)sizeof buf)
+                kept = 0;       /* a line longer than the buffer: its start is enough */
+            for (long i = 0; i < kept; i++)
+                buf[i] = buf[start + i];
+        }
+        hp_sys(SYS_close, fd);
+        if (!ndrop)
+            return;
+        for (int i = 0; i < ndrop; i++)
+            hp_sys(SYS_munmap, drop[i][0], drop[i][1] - drop[i][0]);
+    }
+}
+
+/* What /proc/PID/task/TID/status says of a thread. */
+struct thread_status {
+    char state;               /* 0: gone */
+    int tracer;
+    uint64_t pending, blocked;
+    char name[32];
+};
+
+HP_RAW static uint64_t hex_field(const char *p)
+{
+    while (*p == '\t' || *p == ' ')
+        p++;
+    return hex_at(&p);
+}
+
+HP_RAW static void read_status(int pid, int tid, struct thread_status *st)
+{
+    char path[64], text[2048];
+    char *at = hp_fmt_str(path, path + sizeof path, "/proc/");
+    at = hp_fmt_num(at, path + sizeof path, pid);
+    at = hp_fmt_str(at, path + sizeof path, "/task/");
+    at = hp_fmt_num(at, path + sizeof path, tid);
+    hp_fmt_str(at, path + sizeof path, "/status");
+    st->state = 0;
+    st->tracer = 0;
+    st->pending = st->blocked = 0;
+    st->name[0] = 0;
+    int fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    long got = hp_sys(SYS_read, fd, text, sizeof text - 1);
+    hp_sys(SYS_close, fd);
+    if (got <= 0)
+        return;
+    text[got] = 0;
+    for (char *line = text; *line;) {
+        if (line[0] == 'N' && line[1] == 'a' && line[4] == ':') {           /* Name: */
+            int k = 0;
+            for (char *c = line + 6; *c && *c != '\n' && k < 31; c++)
+                st->name[k++] = *c;
+            st->name[k] = 0;
+        } else if (line[0] == 'S' && line[1] == 't' && line[5] == ':') {    /* State: */
+            st->state = line[7];
+        } else if (line[0] == 'T' && line[1] == 'r' && line[8] == ':') {    /* TracerPid: */
+            for (char *c = line + 10; is_digit(*c); c++)
+                st->tracer = st->tracer * 10 + (*c - '0');
+        } else if (line[0] == 'S' && line[3] == 'P' && line[6] == ':') {
+            st->pending |= hex_field(line + 7);                              /* SigPnd, ShdPnd */
+        } else if (line[0] == 'S' && line[3] == 'B' && line[6] == ':') {    /* SigBlk: */
+            st->blocked = hex_field(line + 7);
+        }
+        while (*line && *line != '\n')
+            line++;
+        if (*line)
+            line++;
+    }
+}
+
+HP_RAW static void fail(struct stop_area *a, int result, int tid, const struct thread_status *st,
+                        const char *what)
+{
+    char *end = a->message + HP_ERRLEN;
+    char *at = hp_fmt_str(a->message, end, "thread ");
+    at = hp_fmt_num(at, end, tid);
+    if (st && st->name[0]) {
+        at = hp_fmt_str(at, end, " (");
+        at = hp_fmt_str(at, end, st->name);
+        at = hp_fmt_str(at, end, ")");
+    }
+    hp_fmt_str(at, end, what);
+    a->result = result;
+}
+
+HP_RAW static struct hp_stopped_thread *find_thread(struct stop_area *a, int tid)
+{
+    for (int i = 0; i < a->count; i++)
+        if (a->threads[i].tid == tid)
+            return &a->threads[i];
+    return 0;
+}
+
+/* Seize and interrupt every thread listed now that is not held yet.
+ * Returns how many were added, or -1 with the area's result set. */
+HP_RAW static int seize_new_threads(struct stop_area *a, int task_fd)
+{
+    char buf[4096];
+    long got;
+    int added = 0;
+    hp_sys(SYS_lseek, task_fd, 0, 0);
+    while ((got = hp_sys(SYS_getdents64, task_fd, buf, sizeof buf)) > 0) {
+        for (long off = 0; off < got;) {
+            struct dirent64 *d = (struct dirent64 *)(buf + off);
+            off += d->d_reclen;
+            int tid = 0;
+            for (const char *c = d->d_name; is_digit(*c); c++)
+                tid = tid * 10 + (*c - '0');
+            if (tid <= 0 || tid == a->self_tid || find_thread(a, tid))
+                continue;
+            long rc = hp_sys(SYS_ptrace, PTRACE_SEIZE, tid, 0, 0);
+            if (rc == -ESRCH)
+                continue;                       /* it exited */
+            struct thread_status st;
+            if (rc < 0) {
+                read_status(a->pid, tid, &st);
+                if (!st.state || st.state == 'Z' || st.state == 'X')
+                    continue;                   /* exited, or a main thread gone */
+            }
+            if (rc < 0 && st.tracer != hp_getpid()) {
+                char why[96];
+                char *at = hp_fmt_str(why, why + sizeof why, " cannot be seized with ptrace: ");
+                if (st.tracer) {
+                    at = hp_fmt_str(at, why + sizeof why, "it is traced by process ");
+                    hp_fmt_num(at, why + sizeof why, st.tracer);
+                } else {
+                    at = hp_fmt_str(at, why + sizeof why, "errno ");
+                    hp_fmt_num(at, why + sizeof why, -rc);
+                }
+                fail(a, HP_STOP_REFUSED, tid, &st, why);
+                return -1;
+            }
+            if (a->count == HP_MAX_THREADS) {
+                hp_sys(SYS_ptrace, PTRACE_DETACH, tid, 0, 0);
+                fail(a, HP_STOP_FAILED, tid, 0, ": too many threads");
+                return -1;
+            }
+            struct hp_stopped_thread *t = &a->threads[a->count++];
+            t->tid = tid;
+            t->signal = 0;
+            t->state = PENDING;
+            t->pc = t->sp = 0;
+            /* (rc < 0 here: still held since a stop gave up on it, its
+             * interrupt pending) */
+            if (hp_sys(SYS_ptrace, PTRACE_INTERRUPT, tid, 0, 0) == -ESRCH)
+                t->state = GONE;
+            added++;
+        }
+    }
+    return added;
+}
+
+/* Take one wait status of a tracee.  A thread held by this helper but not
+ * part of a stop (one that stopped only after its stop gave up on it) is
+ * let go at once. */
+HP_RAW static void take_status(struct stop_area *a, int tid, int status, int in_stop)
+{
+    struct hp_stopped_thread *t = in_stop ? find_thread(a, tid) : 0;
+    if (WIFEXITED(status) || WIFSIGNALED(status)) {
+        if (t)
+            t->state = GONE;
+        return;
+    }
+    if (!WIFSTOPPED(status))
+        return;
+    /* A signal-delivery stop holds a signal the thread must still get. */
+    int sig = (status >> 16) == PTRACE_EVENT_STOP ? 0 : WSTOPSIG(status);
+    if (!t || t->state != PENDING) {
+        hp_sys(SYS_ptrace, PTRACE_DETACH, tid, 0, sig);
+        return;
+    }
+    t->state = STOPPED;
+    t->signal = sig;
+}
+
+HP_RAW static void drain_waits(struct stop_area *a, int in_stop)
+{
+    int status;
+    long tid;
+    while ((tid = hp_sys(SYS_wait4, -1, &status, __WALL | WNOHANG, 0)) > 0)
+        take_status(a, (int)tid, status, in_stop);
+}
+
+/* Wait until every seized thread has stopped or gone, or the deadline. */
+HP_RAW static int wait_for_stops(struct stop_area *a, int sigfd)
+{
+    for (;;) {
+        drain_waits(a, 1);
+        struct hp_stopped_thread *late = 0;
+        for (int i = 0; i < a->count && !late; i++)
+            if (a->threads[i].state == PENDING)
+                late = &a->threads[i];
+        if (!late)
+            return 0;
+        uint64_t now = hp_now_ns();
+        if (now >= a->deadline_ns) {
+            struct thread_status st;
+            read_status(a->pid, late->tid, &st);
+            if (!st.state || st.state == 'Z' || st.state == 'X') {
+                late->state = GONE;
+                continue;
+            }
+            char what[64];
+            char *at = hp_fmt_str(what, what + sizeof what, " did not stop in time (state ");
+            *at++ = st.state;
+            hp_fmt_str(at, what + sizeof what, ")");
+            fail(a, HP_STOP_FAILED, late->tid, &st, what);
+            return -1;
+        }
+        uint64_t wait = a->deadline_ns - now;
+        struct timespec ts = { 0, wait > 10000000 ? 10000000 : (long)wait };
+        struct pollfd p = { sigfd, POLLIN, 0 };
+        if (hp_sys(SYS_ppoll, &p, 1, &ts, 0, 8) > 0) {
+            struct signalfd_siginfo info[8];
+            hp_sys(SYS_read, sigfd, info, sizeof info);
+        }
+    }
+}
+
+/* System calls that fail with EINTR, not -ERESTART*, when their thread is
+ * stopped, and that are safe to start again: nothing was transferred. */
+HP_RAW static int restarts_after_stop(long nr)
+{
+    static const short calls[] = {
+        SYS_read, SYS_write, SYS_readv, SYS_writev, SYS_recvfrom, SYS_recvmsg, SYS_sendto,
+        SYS_sendmsg, SYS_recvmmsg, SYS_sendmmsg, SYS_accept, SYS_accept4, SYS_epoll_wait,
+        SYS_epoll_pwait, 441 /* epoll_pwait2 */, SYS_semop, SYS_semtimedop,
+        SYS_rt_sigtimedwait, SYS_io_getevents, SYS_mq_timedsend, SYS_mq_timedreceive,
+    };
+    for (unsigned i = 0; i < sizeof calls / sizeof calls[0]; i++)
+        if (nr == calls[i])
+            return 1;
+    return 0;
+}
+
+/* Read where a stopped thread is; restart a system call our stop made fail. */
+HP_RAW static void read_registers(struct stop_area *a, struct hp_stopped_thread *t)
+{
+    struct user_regs_struct regs;
+    if (hp_sys(SYS_ptrace, PTRACE_GETREGS, t->tid, 0, &regs) < 0) {
+        t->state = GONE;
+        return;
+    }
+    t->pc = regs.rip;
+    t->sp = regs.rsp;
+    if (t->signal || (long)regs.rax != -EINTR || !restarts_after_stop((long)regs.orig_rax))
+        return;
+    struct thread_status st;
+    read_status(a->pid, t->tid, &st);
+    if (st.pending & ~st.blocked)
+        return;                     /* a real signal: its EINTR is the thread's */
+    unsigned long word;
+    if (hp_sys(SYS_ptrace, PTRACE_PEEKTEXT, t->tid, regs.rip - 2, &word) < 0 ||
+        (word & 0xffff) != 0x050f)
+        return;                     /* not right after a `syscall` */
+    regs.rax = regs.orig_rax;
+    regs.rip -= 2;
+    hp_sys(SYS_ptrace, PTRACE_SETREGS, t->tid, 0, &regs);
+}
+
+HP_RAW static void release_threads(struct stop_area *a)
+{
+    for (int i = 0; i < a->count; i++)
+        if (a->threads[i].state == STOPPED)
+            hp_sys(SYS_ptrace, PTRACE_DETACH, a->threads[i].tid, 0, a->threads[i].signal);
+    a->count = 0;
+}
+
+HP_RAW static void stop_threads(struct stop_area *a, int task_fd, int sigfd)
+{
+    a->count = 0;
+    a->result = HP_STOP_OK;
+    a->message[0] = 0;
+    for (;;) {
+        int added = seize_new_threads(a, task_fd);
+        if (added < 0 || wait_for_stops(a, sigfd) < 0) {
+            release_threads(a);
+            return;
+        }
+        if (!added)
+            break;      /* listed again and nothing new: every thread is held */
+    }
+    for (int i = 0; i < a->count; i++)
+        if (a->threads[i].state == STOPPED)
+            read_registers(a, &a->threads[i]);
+}
+
+HP_RAW __attribute__((noreturn)) static void helper_main(void *arg)
+{
+    struct helper_args *args = arg;
+    /* A thread pointer of its own: code built with a stack protector reads
+     * its canary at %fs:0x28, and the service's thread block is unmapped. */
+    volatile uint64_t tls[8] = { 0 };
+    tls[0] = (uint64_t)tls;
+    hp_sys(SYS_arch_prctl, ARCH_SET_FS, tls);
+
+    struct stop_area *a = args->area;
+    int sock = args->sock;
+    hp_sys(SYS_setsid, 0);
+    hp_sys(SYS_prctl, PR_SET_NAME, "hotpatch-stop");
+    hp_sys(SYS_chdir, "/");
+    uint64_t all = ~0ull, chld = 1ull << (SIGCHLD - 1);
+    hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, 0, 8);
+    struct { uintptr_t handler; unsigned long flags; uintptr_t restorer; uint64_t mask; } dfl = { 0 };
+    hp_sys(SYS_rt_sigaction, SIGCHLD, &dfl, 0, 8);     /* tracee stops are reported */
+    if (sock > 0)
+        hp_sys(SYS_close_range, 0, sock - 1, 0);
+    if (hp_sys(SYS_close_range, sock + 1, ~0u, 0) == -ENOSYS)
+        for (int fd = 0; fd < 65536; fd++)
+            if (fd != sock)
+                hp_sys(SYS_close, fd);
+    /* The kernel updates the rseq area inherited from the cloning thread on
+     * every return to user space: unregister it before it is unmapped. */
+    if (args->rseq_size &&
+        hp_sys(SYS_rseq, args->rseq_area, args->rseq_size, RSEQ_FLAG_UNREGISTER, RSEQ_SIG) == -EINVAL)
+        hp_sys(SYS_rseq, args->rseq_area, 32, RSEQ_FLAG_UNREGISTER, RSEQ_SIG);
+    unmap_all_but(args);
+
+    char path[32];
+    char *at = hp_fmt_str(path, path + sizeof path, "/proc/");
+    at = hp_fmt_num(at, path + sizeof path, a->pid);
+    hp_fmt_str(at, path + sizeof path, "/task");
+    int task_fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int sigfd = (int)hp_sys(SYS_signalfd4, -1, &chld, 8, SFD_NONBLOCK | SFD_CLOEXEC);
+    a->helper_pid = hp_getpid();
+    char op = task_fd >= 0 && sigfd >= 0 ? 'R' : 'E';
+    hp_sys(SYS_write, sock, &op, 1);
+    for (;;) {
+        struct pollfd p[2] = { { sock, POLLIN, 0 }, { sigfd, POLLIN, 0 } };
+        if (hp_sys(SYS_poll, p, 2, -1) < 0)
+            continue;
+        if (p[1].revents) {             /* late stops of threads no stop waits for */
+            struct signalfd_siginfo info[8];
+            hp_sys(SYS_read, sigfd, info, sizeof info);
+            drain_waits(a, 0);
+        }
+        if (!p[0].revents)
+            continue;
+        if (hp_sys(SYS_read, sock, &op, 1) != 1)
+            hp_sys(SYS_exit_group, 0);  /* the service is gone */
+        if (op == 'S')
+            stop_threads(a, task_fd, sigfd);
+        else if (op == 'R')
+            release_threads(a);
+        hp_sys(SYS_write, sock, &op, 1);
+    }
+}
+
+HP_RAW __attribute__((noreturn)) static void helper_intermediate(void *arg)
+{
+    struct helper_args *args = arg;
+    hp_clone_run(SIGCHLD, args->helper_sp, helper_main, args);
+    hp_sys(SYS_exit_group, 0);
+    __builtin_unreachable();
+}
+
+/* ===================================================================== */
+/* The service's side                                                     */
+/* ===================================================================== */
+
+static void stop_helper(void)
+{
+    if (helper_sock >= 0)
+        hp_sys(SYS_close, helper_sock);
+    if (helper_pid > 0)
+        hp_sys(SYS_kill, helper_pid, SIGKILL);   /* its tracees are let go */
+    helper_sock = -1;
+    helper_pid = 0;
+}
+
+/* Wait until `deadline_ns` for the helper to answer `op`. */
+HP_RAW static int await_answer(char op, uint64_t deadline_ns)
+{
+    for (;;) {
+        uint64_t now = hp_now_ns();
+        if (now >= deadline_ns)
+            return -1;
+        struct timespec ts = { (time_t)((deadline_ns - now) / 1000000000ull),
+                               (long)((deadline_ns - now) % 1000000000ull) };
+        struct pollfd p = { helper_sock, POLLIN, 0 };
+        long rc = hp_sys(SYS_ppoll, &p, 1, &ts, 0, 8);
+        if (rc == -EINTR)
+            continue;
+        if (rc <= 0)
+            return -1;
+        char answer;
+        return hp_sys(SYS_read, helper_sock, &answer, 1) == 1 && answer == op ? 0 : -1;
+    }
+}
+
+/* Send a request and wait for its answer until `deadline_ns`. */
+HP_RAW static int request(char op, uint64_t deadline_ns)
+{
+    if (hp_sys(SYS_write, helper_sock, &op, 1) != 1)
+        return -1;
+    return await_answer(op, deadline_ns);
+}
+
+static int start_helper(char *err)
+{
+    if (!area) {
+        void *p = mmap(NULL, sizeof *area, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            hp_fmt_str(err, err + HP_ERRLEN, "no memory for the ptrace helper's area");
+            return -1;
+        }
+        area = p;
+    }
+    char *stack = mmap(NULL, HELPER_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int sv[2];
+    if (stack == MAP_FAILED) {
+        hp_fmt_str(err, err + HP_ERRLEN, "no memory for the ptrace helper's stack");
+        return -1;
+    }
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv)) {
+        munmap(stack, HELPER_STACK);
+        hp_fmt_str(err, err + HP_ERRLEN, "cannot create the ptrace helper's socket");
+        return -1;
+    }
+    uintptr_t top = (uintptr_t)stack + HELPER_STACK;
+    struct helper_args *args = (struct helper_args *)(top - 256);
+    args->sock = sv[1];
+    args->rseq_size = &__rseq_size && &__rseq_offset ? __rseq_size : 0;
+    args->rseq_area = args->rseq_size ? (uintptr_t)__builtin_thread_pointer() + __rseq_offset : 0;
+    args->area = area;
+    args->helper_sp = (uintptr_t)stack + HELPER_STACK / 2;
+    args->keep[0][0] = (uintptr_t)stack;
+    args->keep[0][1] = top;
+    args->keep[1][0] = (uintptr_t)area;
+    args->keep[1][1] = (uintptr_t)area + ((sizeof *area + 4095) & ~(size_t)4095);
+    hp_object_span((uintptr_t)helper_main, &args->keep[2][0], &args->keep[2][1]);
+    area->pid = hp_getpid();
+    area->helper_pid = 0;
+
+    long pid = hp_clone_run(0, top - 512, helper_intermediate, args);
+    hp_sys(SYS_close, sv[1]);
+    int status;
+    if (pid > 0)
+        while (hp_sys(SYS_wait4, pid, &status, __WCLONE, 0) == -EINTR)
+            ;
+    helper_sock = sv[0];
+    int ok = pid > 0 && await_answer('R', hp_now_ns() + 2000000000ull) == 0 && area->helper_pid > 0;
+    munmap(stack, HELPER_STACK);
+    if (!ok) {
+        char *at = hp_fmt_str(err, err + HP_ERRLEN, "the ptrace helper did not start");
+        if (pid < 0) {
+            at = hp_fmt_str(at, err + HP_ERRLEN, ": clone failed, errno ");
+            hp_fmt_num(at, err + HP_ERRLEN, -pid);
+        }
+        stop_helper();
+        return -1;
+    }
+    helper_pid = area->helper_pid;
+    prctl(PR_SET_PTRACER, helper_pid, 0, 0, 0);   /* Yama's ptrace_scope 1; EINVAL without Yama */
+    return 0;
+}
+
+/* Stop every other thread with the helper (started on first need). */
+HP_RAW int hp_ptrace_stop(uint64_t deadline_ns, char *err)
+{
+    if (helper_sock < 0 && start_helper(err))
+        return HP_STOP_REFUSED;
+    area->self_tid = hp_gettid();
+    area->deadline_ns = deadline_ns;
+    if (request('S', deadline_ns + 1000000000ull)) {
+        stop_helper();
+        hp_fmt_str(err, err + HP_ERRLEN, "the ptrace helper stopped answering");
+        return HP_STOP_FAILED;
+    }
+    if (area->result != HP_STOP_OK) {
+        hp_fmt_str(err, err + HP_ERRLEN, area->message);
+        return area->result;
+    }
+    hp_nstopped = 0;
+    for (int i = 0; i < area->count; i++)
+        if (area->threads[i].state == STOPPED)
+            hp_stopped[hp_nstopped++] = area->threads[i];
+    return HP_STOP_OK;
+}
+
+HP_RAW void hp_ptrace_release(void)
+{
+    if (helper_sock >= 0 && request('R', hp_now_ns() + 5000000000ull))
+        stop_helper();
+}
+
+int hp_ptrace_helper_pid(void)
+{
+    return helper_pid;
+}
+
+/* A forked child has no helper: the parent's is not its own.  The shared
+ * area is the parent's too. */
+void hp_ptrace_after_fork(void)
+{
+    if (helper_sock >= 0)
+        hp_sys(SYS_close, helper_sock);
+    helper_sock = -1;
+    helper_pid = 0;
+    if (area)
+        munmap(area, sizeof *area);
+    area = NULL;
+}
