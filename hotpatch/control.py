@@ -43,6 +43,6 @@ def tree() -> dict:
     ``main``.  ``core`` says how code is written in this process (the pool's
     backing, /proc/self/mem or an mprotect window, the core sync, the park
     signal), how many sites are redirected and what stopping the world cost."""
-    with core._mutex:
+    with core._mutex.query():
         return {"livepatch": {p.name: _patch_entry(p) for p in core.patches()},
                 "tainted": core.tainted(), "core": _core_entry()}

@@ -23,10 +23,10 @@ encodes an instruction itself.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ._locks import OperationLock
 from ._native import ffi, lib
 from .errors import HotpatchError, TransitionError, UnsafeToPatch
 from .x86_64 import encode
@@ -37,7 +37,17 @@ FORMS = ("direct", "slot", "call")
 #: How long a stop of the world may wait for every thread to park.
 STOP_TIMEOUT_MS = 2000
 
-_lock = threading.RLock()
+
+def _refused(what: str) -> HotpatchError:
+    return HotpatchError(
+        f"{what}: hotpatch is already preparing or writing sites in this thread (this was "
+        f"called from a signal handler or a callback in the middle of it); it cannot wait "
+        f"for that: retry after it returns")
+
+
+# Not re-entrant: a second batch from a signal handler in the middle of a
+# batch would plan against entries the first one is about to overwrite.
+_lock = OperationLock(1, _refused)
 _sites: dict[int, "Site"] = {}    # by entry; kept after restore to reuse the stub
 
 
@@ -118,18 +128,24 @@ def prepare(entry: int, *, size: int | None = None,
     """The site for the function at ``entry``, analysed and with its original
     code ready; nothing is written at the entry.  A site restored earlier is
     reused when its bytes are still the ones it saved."""
-    with _lock:
-        site = _sites.get(entry)
-        if site is not None:
-            if site.installed or read_memory(site.address, site.plan.length) == site.plan.original_bytes:
-                return site
-        if exec_ranges is None:
-            exec_ranges = executable_ranges()
-        plan = analyze_entry(read_memory, entry, size=size, exec_ranges=exec_ranges,
-                             fentry_targets=fentry_targets)
-        site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
-        _sites[entry] = site
-        return site
+    with _lock.operation(f"prepare the site at {entry:#x}"):
+        return _prepare(entry, size=size, exec_ranges=exec_ranges, fentry_targets=fentry_targets)
+
+
+def _prepare(entry: int, *, size: int | None = None,
+             exec_ranges: Sequence[tuple[int, int]] | None = None,
+             fentry_targets=()) -> Site:
+    site = _sites.get(entry)
+    if site is not None:
+        if site.installed or read_memory(site.address, site.plan.length) == site.plan.original_bytes:
+            return site
+    if exec_ranges is None:
+        exec_ranges = executable_ranges()
+    plan = analyze_entry(read_memory, entry, size=size, exec_ranges=exec_ranges,
+                         fentry_targets=fentry_targets)
+    site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
+    _sites[entry] = site
+    return site
 
 
 # ---------------------------------------------------------------------------
@@ -291,21 +307,26 @@ def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[
     ``form``: ``None`` keeps a site's slot or call form and otherwise picks
     ``"direct"`` where the target is in reach, else ``"slot"``; ``"auto"``
     always picks that way; a form name forces it."""
-    with _lock:
-        _unique([site for site, _ in redirects] + list(restores))
-        changes = [_plan_redirect(site, int(target), form) for site, target in redirects]
-        changes += [_plan_restore(site) for site in restores]
-        # Late arrivals in a restored call path must reach the old code too.
+    with _lock.operation("update a batch of sites"):
+        _update_batch(redirects, restores, form)
+
+
+def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site],
+                  form: str | None) -> None:
+    _unique([site for site, _ in redirects] + list(restores))
+    changes = [_plan_redirect(site, int(target), form) for site, target in redirects]
+    changes += [_plan_restore(site) for site in restores]
+    # Late arrivals in a restored call path must reach the old code too.
+    for site in restores:
+        if site.form == "call":
+            lib.hp_call_site_set_target(site._call_site, site.original)
+    try:
+        _commit(changes)
+    except BaseException:
         for site in restores:
             if site.form == "call":
-                lib.hp_call_site_set_target(site._call_site, site.original)
-        try:
-            _commit(changes)
-        except BaseException:
-            for site in restores:
-                if site.form == "call":
-                    lib.hp_call_site_set_target(site._call_site, site.target)
-            raise
+                lib.hp_call_site_set_target(site._call_site, site.target)
+        raise
 
 
 def redirect_batch(requests: Sequence[tuple[Site, int]], form: str | None = None) -> None:
@@ -315,9 +336,9 @@ def redirect_batch(requests: Sequence[tuple[Site, int]], form: str | None = None
 
 def redirect(entry: int, target: int, *, form: str | None = None, **analysis) -> Site:
     """Prepare the site at ``entry`` and send its calls to ``target``."""
-    with _lock:
-        site = prepare(entry, **analysis)
-        redirect_batch([(site, target)], form)
+    with _lock.operation(f"redirect the function at {entry:#x}"):
+        site = _prepare(entry, **analysis)
+        _update_batch([(site, target)], (), form)
         return site
 
 
@@ -352,5 +373,5 @@ def remove_observer(site: Site, handle: int) -> None:
 
 def installed_sites() -> list[Site]:
     """Sites currently redirected, by entry address."""
-    with _lock:
+    with _lock.query():
         return sorted((s for s in _sites.values() if s.installed), key=lambda s: s.entry)

@@ -28,13 +28,13 @@ import difflib
 import os
 import re
 import struct
-import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import lief
 
+from hotpatch._locks import OperationLock
 from hotpatch._native import ffi, lib
 from hotpatch.errors import (
     AmbiguousSymbol,
@@ -173,7 +173,11 @@ _VDSO = _libc_function("getauxval", ctypes.c_ulong, ctypes.c_ulong)(AT_SYSINFO_E
 
 
 _described: tuple[tuple[int, int] | None, tuple[LoadedObject, ...]] = (None, ())
-_described_lock = threading.Lock()
+# Only ever taken as a query: the list is a cache, and a thread that cannot
+# wait for it (a signal handler that interrupted the describing) describes
+# the objects again without it.
+_described_lock = OperationLock(
+    2, lambda what: HotpatchError(f"{what}: already listing loaded objects in this thread"))
 
 
 def _generation() -> tuple[int, int]:
@@ -192,7 +196,9 @@ def loaded_objects() -> list[LoadedObject]:
     global _described
     # Read before listing: a load in between makes the next call list again.
     generation = _generation()
-    with _described_lock:
+    with _described_lock.query() as held:
+        if not held:
+            return _describe_loaded()
         if _described[0] != generation:
             _described = (generation, tuple(_describe_loaded()))
         return list(_described[1])
