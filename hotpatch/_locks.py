@@ -15,10 +15,17 @@ deadlock against a thread that takes the locks in order).
 The layers, in the order a thread takes their locks: the lifecycle
 (``core``), the code writes (``sites``), the list of loaded objects
 (``symbols``).
+
+``os.fork()`` from one thread while another holds a lock would leave the
+child with a lock held by a thread it does not have, and possibly a site
+half written.  Before a fork every lock is taken in that order, so the fork
+waits for the operation in progress to end; the parent releases them after,
+and the child gets fresh ones.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Callable, Iterator
 
@@ -37,6 +44,7 @@ class OperationLock:
         self.rank = rank
         self._refusal = refusal
         self._lock = threading.RLock()
+        self._held_before_fork = False
         _locks.append(self)
         _locks.sort(key=lambda lock: lock.rank)
 
@@ -71,3 +79,46 @@ class OperationLock:
             return
         with self._lock:
             yield True
+
+    # fork ------------------------------------------------------------------
+
+    def _before_fork(self) -> None:
+        self._held_before_fork = self.held_here()
+        # A thread that forks from inside an operation (a callback, a signal
+        # handler) holds this lock or a later one: it cannot wait here, and
+        # the child gets this lock fresh.
+        if self._held_before_fork or not self._blocked_here():
+            self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        if self.held_here():
+            self._lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        # The forking thread is the child's only thread.  It keeps the hold
+        # it had before the fork (it may be inside an operation that will
+        # release it); nothing else carries over.
+        depth = self._lock._release_save()[0] if self.held_here() else 0
+        self._lock = threading.RLock()
+        if self._held_before_fork:
+            for _ in range(depth - 1):
+                self._lock.acquire()
+
+
+def _before_fork() -> None:
+    for lock in _locks:
+        lock._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for lock in reversed(_locks):
+        lock._after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    for lock in _locks:
+        lock._after_fork_in_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)

@@ -35,6 +35,69 @@ REPL, REPL2 = addr("replacement"), addr("replacement2")
 REFUSAL = "already in progress in this thread"
 
 
+def test_fork_while_another_thread_patches(child, lifecycle_lib):
+    # plain_add is written in a stop of the world, rip_load with the int3
+    # protocol: a fork must land between operations of both kinds.
+    r = child(PRELUDE + """
+names = ["plain_add", "rip_load"]
+original = {n: ctypes.string_at(addr(n), 5) for n in names}
+patch = Patch("fix", [Object(OBJ, [Func(n, REPL) for n in names])])
+hotpatch.register(patch)
+stop = False
+def flip():
+    while not stop:
+        patch.disable()
+        patch.enable()
+flipper = threading.Thread(target=flip)
+flipper.start()
+
+def in_child():
+    enabled = patch.enabled
+    for n in names:
+        if call(n) != (5 + 1000 if enabled else ORIGINAL[n]):
+            return 3    # the function does not do what the state says
+        if (ctypes.string_at(addr(n), 5) != original[n]) != enabled:
+            return 4    # memory is not what the state says
+    if enabled:
+        patch.disable(); patch.enable()
+    else:
+        patch.enable(); patch.disable()
+    return 0
+
+ORIGINAL = {"plain_add": 6, "rip_load": 45}
+statuses = []
+for i in range(50):
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            code = in_child()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            statuses.append(os.waitstatus_to_exitcode(status))
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            statuses.append("hung")
+            break
+        time.sleep(0.002)
+    if statuses[-1] != 0:
+        break
+stop = True
+flipper.join()
+report({"statuses": statuses, "parent": [patch.enabled, call("plain_add"), call("rip_load")]})
+""", lib=lifecycle_lib, timeout=60)[0]
+    assert r["statuses"] == [0] * 50, r
+    assert r["parent"] == [True, 1005, 1005]
+
+
 def test_patching_from_a_signal_handler_is_refused_or_done(child, lifecycle_lib):
     r = child(PRELUDE + """
 names = ["plain_add", "rip_load", "jcc_leaf"]
