@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from . import _procfs
 from ._locks import OperationLock
 from ._native import ffi, lib
 from .errors import HotpatchError, TransitionError, UnsafeToPatch
@@ -94,9 +95,10 @@ def read_memory(address: int, size: int) -> bytes:
 
 
 def executable_ranges() -> list[tuple[int, int]]:
-    """Executable mappings of this process, from /proc/self/maps."""
+    """Executable mappings of this process, from its maps."""
     ranges = []
-    with open("/proc/self/maps") as maps:
+    # Not /proc/self/maps: it reads empty once the main thread has exited.
+    with open(f"{_procfs.SELF}/maps") as maps:
         for line in maps:
             span, perms = line.split(None, 2)[:2]
             if "x" in perms:
@@ -115,7 +117,8 @@ def _new_original_stub(plan: EntryPlan) -> int:
     size = original_stub_size_bound(plan)
     stub = lib.hp_alloc_code(plan.address, size)
     if not stub:
-        raise UnsafeToPatch(f"{plan.entry:#x}: no free memory within +-2 GiB for the original stub")
+        raise UnsafeToPatch(f"{plan.entry:#x}: no free memory within +-2 GiB for the original "
+                            f"stub{_procfs.exited_main_thread_note()}")
     code = build_original(plan, stub)
     if lib.hp_write_code(stub, code, len(code)):
         raise HotpatchError(f"{plan.entry:#x}: cannot write the original stub at {stub:#x}")
@@ -170,7 +173,8 @@ def _ensure_slot(site: Site) -> None:
         slot = lib.hp_alloc_slot(site.address)
         trampoline = lib.hp_alloc_code(site.address, encode.JMP_RIP_INDIRECT_SIZE)
         if slot == ffi.NULL or not trampoline:
-            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for a trampoline")
+            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for a "
+                                f"trampoline{_procfs.exited_main_thread_note()}")
         code = encode.jmp_rip_indirect(trampoline, int(ffi.cast("uintptr_t", slot)))
         if lib.hp_write_code(trampoline, code, len(code)):
             raise HotpatchError(f"{site.entry:#x}: cannot write the trampoline at {trampoline:#x}")
@@ -182,7 +186,8 @@ def _ensure_call(site: Site) -> None:
         caller = lib.hp_caller_near(site.address)
         call_site = lib.hp_call_site(site.address)
         if not caller or call_site == ffi.NULL:
-            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for the caller")
+            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for the "
+                                f"caller{_procfs.exited_main_thread_note()}")
         site._call_site, site._caller = call_site, caller
 
 
@@ -234,7 +239,7 @@ def _write(changes: list[_Change]) -> None:
         w.push_return = push_return
     err = ffi.new("char[256]")
     if lib.hp_write_batch(batch, len(writes), STOP_TIMEOUT_MS, err):
-        raise TransitionError(ffi.string(err).decode())
+        raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
 
 
 def _store_targets(changes: list[_Change]) -> None:

@@ -226,3 +226,43 @@ report(out)
     assert r["sites"].startswith("HotpatchError: ") and "in this thread" in r["sites"], r
     assert r["installed"] == [True]      # fix's plain_add; jcc_leaf is not written yet
     assert r["sites after"] == [1005, False]
+
+
+def test_patching_after_the_main_thread_exited(child, lifecycle_lib):
+    r = child(PRELUDE + """
+def leader_gone():
+    with open(f"/proc/self/task/{os.getpid()}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+def worker():
+    out = {}
+    try:
+        while not leader_gone():
+            time.sleep(0.01)
+        main = symbols.find_object(None)
+        out["main"] = [main.path == os.path.realpath(sys.executable),
+                       len(symbols.functions(main)) > 0]
+        # A 5-byte NOP entry: one instruction, its old body intact.
+        patch = hotpatch.register(Patch("fix", [Object(OBJ, [Func("fentry_nop", REPL)])]))
+        out["patched"] = call("fentry_nop")
+        patch.disable()
+        out["restored"] = call("fentry_nop")
+        # A generic entry needs more of the C core: it works, or says why not.
+        try:
+            hotpatch.register(Patch("generic", [Object(OBJ, [Func("plain_add", REPL)])]))
+            out["generic"] = call("plain_add")
+        except hotpatch.HotpatchError as e:
+            out["generic"] = str(e)
+    except BaseException as e:
+        out["error"] = f"{type(e).__name__}: {e}\\n{traceback.format_exc()}"
+    report(out)
+    sys.stdout.flush()
+    os._exit(0)
+
+threading.Thread(target=worker).start()
+ctypes.CDLL(None).pthread_exit(None)
+""", lib=lifecycle_lib)[0]
+    assert "error" not in r, r["error"]
+    assert r["main"] == [True, True]
+    assert r["patched"] == 1005 and r["restored"] == 25
+    assert r["generic"] == 1006 or "main thread" in r["generic"] and "has exited" in r["generic"], r
