@@ -56,6 +56,6 @@ def tree() -> dict:
     are redirected and what the stops cost.  ``stopper`` is ``{"method":
     "ptrace" | "signals", "helper_pid", "reason" (why not ptrace, or None),
     "park_signal"}``."""
-    with core._mutex:
+    with core._mutex.query():
         return {"livepatch": {p.name: _patch_entry(p) for p in core.patches()},
                 "tainted": core.tainted(), "core": _core_entry()}

@@ -14,18 +14,31 @@ A :class:`Patch` is one fix, enabled and disabled as a unit; an
 - callbacks run in the patch's object order: every ``pre_patch``, the code
   writes, every ``post_patch`` (and the same around disabling).
 
-Every lifecycle operation runs under one lock (``klp_mutex``).
+Every lifecycle operation runs under one lock (``klp_mutex``).  It is not
+re-entrant: an operation started by a thread already inside one (from a
+signal handler or a callback) is refused with :class:`PatchStateError`,
+since it can neither wait for that operation nor safely run in its middle.
+Queries (:func:`patches`, :func:`stack_order`, :func:`tainted`, the tree)
+work from there too.
 """
 from __future__ import annotations
 
-import threading
 from typing import Callable, Iterable, Sequence
 
 from . import newcode, patch as stacks, sites, symbols
+from ._locks import OperationLock
 from ._native import lib
 from .errors import HotpatchError, PatchStateError
 
-_mutex = threading.RLock()
+
+def _refused(what: str) -> PatchStateError:
+    return PatchStateError(
+        f"{what}: a hotpatch operation is already in progress in this thread (e.g. this "
+        f"was called from a signal handler or a callback during it); it cannot wait for "
+        f"it: retry after that operation returns")
+
+
+_mutex = OperationLock(0, _refused)
 _patches: list["Patch"] = []          # registered, oldest first
 _enabled: list["Patch"] = []          # enabled, in the order they were enabled
 _pinned: list[object] = []            # new code kept alive for the process's life
@@ -274,13 +287,13 @@ def _update_crash_report() -> None:
 
 def patches() -> list[Patch]:
     """The registered patches, oldest first."""
-    with _mutex:
+    with _mutex.query():
         return list(_patches)
 
 
 def stack_order(patch: Patch) -> int:
     """Position among enabled patches, 1 = the oldest; 0 while disabled."""
-    with _mutex:
+    with _mutex.query():
         return _enabled.index(patch) + 1 if patch in _enabled else 0
 
 
@@ -305,7 +318,7 @@ def register(patch: Patch, *, enable: bool = True) -> Patch:
     A patch whose enabling fails is not left registered."""
     if not isinstance(patch, Patch):
         raise TypeError(f"register() takes a hotpatch.Patch, not {type(patch).__name__}")
-    with _mutex:
+    with _mutex.operation(f"register patch {patch.name!r}"):
         if patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is already registered")
         if any(p.name == patch.name for p in _patches):
@@ -326,7 +339,7 @@ def register(patch: Patch, *, enable: bool = True) -> Patch:
 def unregister(patch: Patch) -> None:
     """Forget a disabled patch.  Its new code stays pinned: a thread may
     still be running it."""
-    with _mutex:
+    with _mutex.operation(f"unregister patch {patch.name!r}"):
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
         if patch.enabled:
@@ -338,7 +351,7 @@ def unregister(patch: Patch) -> None:
 def enable(patch: Patch) -> None:
     """Enable a registered, disabled patch: every function of every loaded
     object of the patch, or nothing."""
-    with _mutex:
+    with _mutex.operation(f"enable patch {patch.name!r}"):
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
         _enable(patch)
@@ -393,7 +406,7 @@ def _mark_disabled(patch: Patch) -> None:
 
 def disable(patch: Patch) -> None:
     """Disable the most recently enabled patch still enabled."""
-    with _mutex:
+    with _mutex.operation(f"disable patch {patch.name!r}"):
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
         if not patch.enabled:

@@ -129,6 +129,9 @@ def load(path: str, *, enable: bool = True) -> core.Patch:
     """Load a patch module (a C ``.so`` or a ``.py`` file) and register it
     (enabled by default).  Returns the :class:`~hotpatch.Patch`."""
     path = os.path.abspath(path)
+    # Refused before the module is opened: its constructors must not run
+    # for a load that register() would refuse.
+    core._mutex.check(f"load {path}")
     if not os.path.exists(path):
         raise HotpatchError(f"{path}: no such patch module")
     patch = _patch_from_python(path) if path.endswith(".py") else _patch_from_library(path)

@@ -24,10 +24,11 @@ encodes an instruction itself.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from . import _procfs
+from ._locks import OperationLock
 from ._native import ffi, lib
 from .errors import HotpatchError, TransitionError, UnsafeToPatch
 from .x86_64 import encode
@@ -38,7 +39,17 @@ FORMS = ("direct", "slot", "call")
 #: How long a stop may wait for every other thread to be held.
 STOP_TIMEOUT_MS = 2000
 
-_lock = threading.RLock()
+
+def _refused(what: str) -> HotpatchError:
+    return HotpatchError(
+        f"{what}: hotpatch is already preparing or writing sites in this thread (this was "
+        f"called from a signal handler or a callback in the middle of it); it cannot wait "
+        f"for that: retry after it returns")
+
+
+# Not re-entrant: a second batch from a signal handler in the middle of a
+# batch would plan against entries the first one is about to overwrite.
+_lock = OperationLock(1, _refused)
 _sites: dict[int, "Site"] = {}    # by entry; kept after restore to reuse the stub
 
 
@@ -85,9 +96,10 @@ def read_memory(address: int, size: int) -> bytes:
 
 
 def executable_ranges() -> list[tuple[int, int]]:
-    """Executable mappings of this process, from /proc/self/maps."""
+    """Executable mappings of this process, from its maps."""
     ranges = []
-    with open("/proc/self/maps") as maps:
+    # Not /proc/self/maps: it reads empty once the main thread has exited.
+    with open(f"{_procfs.SELF}/maps") as maps:
         for line in maps:
             span, perms = line.split(None, 2)[:2]
             if "x" in perms:
@@ -106,7 +118,8 @@ def _new_original_stub(plan: EntryPlan) -> int:
     size = original_stub_size_bound(plan)
     stub = lib.hp_alloc_code(plan.address, size)
     if not stub:
-        raise UnsafeToPatch(f"{plan.entry:#x}: no free memory within +-2 GiB for the original stub")
+        raise UnsafeToPatch(f"{plan.entry:#x}: no free memory within +-2 GiB for the original "
+                            f"stub{_procfs.exited_main_thread_note()}")
     code = build_original(plan, stub)
     if lib.hp_write_code(stub, code, len(code)):
         raise HotpatchError(f"{plan.entry:#x}: cannot write the original stub at {stub:#x}")
@@ -119,18 +132,24 @@ def prepare(entry: int, *, size: int | None = None,
     """The site for the function at ``entry``, analysed and with its original
     code ready; nothing is written at the entry.  A site restored earlier is
     reused when its bytes are still the ones it saved."""
-    with _lock:
-        site = _sites.get(entry)
-        if site is not None:
-            if site.installed or read_memory(site.address, site.plan.length) == site.plan.original_bytes:
-                return site
-        if exec_ranges is None:
-            exec_ranges = executable_ranges()
-        plan = analyze_entry(read_memory, entry, size=size, exec_ranges=exec_ranges,
-                             fentry_targets=fentry_targets)
-        site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
-        _sites[entry] = site
-        return site
+    with _lock.operation(f"prepare the site at {entry:#x}"):
+        return _prepare(entry, size=size, exec_ranges=exec_ranges, fentry_targets=fentry_targets)
+
+
+def _prepare(entry: int, *, size: int | None = None,
+             exec_ranges: Sequence[tuple[int, int]] | None = None,
+             fentry_targets=()) -> Site:
+    site = _sites.get(entry)
+    if site is not None:
+        if site.installed or read_memory(site.address, site.plan.length) == site.plan.original_bytes:
+            return site
+    if exec_ranges is None:
+        exec_ranges = executable_ranges()
+    plan = analyze_entry(read_memory, entry, size=size, exec_ranges=exec_ranges,
+                         fentry_targets=fentry_targets)
+    site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
+    _sites[entry] = site
+    return site
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +174,8 @@ def _ensure_slot(site: Site) -> None:
         slot = lib.hp_alloc_slot(site.address)
         trampoline = lib.hp_alloc_code(site.address, encode.JMP_RIP_INDIRECT_SIZE)
         if slot == ffi.NULL or not trampoline:
-            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for a trampoline")
+            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for a "
+                                f"trampoline{_procfs.exited_main_thread_note()}")
         code = encode.jmp_rip_indirect(trampoline, int(ffi.cast("uintptr_t", slot)))
         if lib.hp_write_code(trampoline, code, len(code)):
             raise HotpatchError(f"{site.entry:#x}: cannot write the trampoline at {trampoline:#x}")
@@ -167,7 +187,8 @@ def _ensure_call(site: Site) -> None:
         caller = lib.hp_caller_near(site.address)
         call_site = lib.hp_call_site(site.address)
         if not caller or call_site == ffi.NULL:
-            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for the caller")
+            raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for the "
+                                f"caller{_procfs.exited_main_thread_note()}")
         site._call_site, site._caller = call_site, caller
 
 
@@ -214,7 +235,7 @@ def _write(changes: list[_Change]) -> None:
         w.len = len(new)
     err = ffi.new("char[256]")
     if lib.hp_write_batch(batch, len(writes), STOP_TIMEOUT_MS, err):
-        raise TransitionError(ffi.string(err).decode())
+        raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
 
 
 def _store_targets(changes: list[_Change]) -> None:
@@ -285,21 +306,26 @@ def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[
     ``form``: ``None`` keeps a site's slot or call form and otherwise picks
     ``"direct"`` where the target is in reach, else ``"slot"``; ``"auto"``
     always picks that way; a form name forces it."""
-    with _lock:
-        _unique([site for site, _ in redirects] + list(restores))
-        changes = [_plan_redirect(site, int(target), form) for site, target in redirects]
-        changes += [_plan_restore(site) for site in restores]
-        # Late arrivals in a restored call path must reach the old code too.
+    with _lock.operation("update a batch of sites"):
+        _update_batch(redirects, restores, form)
+
+
+def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site],
+                  form: str | None) -> None:
+    _unique([site for site, _ in redirects] + list(restores))
+    changes = [_plan_redirect(site, int(target), form) for site, target in redirects]
+    changes += [_plan_restore(site) for site in restores]
+    # Late arrivals in a restored call path must reach the old code too.
+    for site in restores:
+        if site.form == "call":
+            lib.hp_call_site_set_target(site._call_site, site.original)
+    try:
+        _commit(changes)
+    except BaseException:
         for site in restores:
             if site.form == "call":
-                lib.hp_call_site_set_target(site._call_site, site.original)
-        try:
-            _commit(changes)
-        except BaseException:
-            for site in restores:
-                if site.form == "call":
-                    lib.hp_call_site_set_target(site._call_site, site.target)
-            raise
+                lib.hp_call_site_set_target(site._call_site, site.target)
+        raise
 
 
 def redirect_batch(requests: Sequence[tuple[Site, int]], form: str | None = None) -> None:
@@ -309,9 +335,9 @@ def redirect_batch(requests: Sequence[tuple[Site, int]], form: str | None = None
 
 def redirect(entry: int, target: int, *, form: str | None = None, **analysis) -> Site:
     """Prepare the site at ``entry`` and send its calls to ``target``."""
-    with _lock:
-        site = prepare(entry, **analysis)
-        redirect_batch([(site, target)], form)
+    with _lock.operation(f"redirect the function at {entry:#x}"):
+        site = _prepare(entry, **analysis)
+        _update_batch([(site, target)], (), form)
         return site
 
 
@@ -346,5 +372,5 @@ def remove_observer(site: Site, handle: int) -> None:
 
 def installed_sites() -> list[Site]:
     """Sites currently redirected, by entry address."""
-    with _lock:
+    with _lock.query():
         return sorted((s for s in _sites.values() if s.installed), key=lambda s: s.entry)

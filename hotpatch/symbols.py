@@ -28,13 +28,14 @@ import difflib
 import os
 import re
 import struct
-import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import lief
 
+from hotpatch import _procfs
+from hotpatch._locks import OperationLock
 from hotpatch._native import ffi, lib
 from hotpatch.errors import (
     AmbiguousSymbol,
@@ -127,7 +128,7 @@ class LoadedObject:
 
     #: None for the main program, else the path as the dynamic linker has it
     name: str | None
-    #: the file (realpath); /proc/self/exe resolved for the main program
+    #: the file (realpath); /proc/thread-self/exe resolved for the main program
     path: str
     basename: str
     soname: str | None
@@ -173,7 +174,11 @@ _VDSO = _libc_function("getauxval", ctypes.c_ulong, ctypes.c_ulong)(AT_SYSINFO_E
 
 
 _described: tuple[tuple[int, int] | None, tuple[LoadedObject, ...]] = (None, ())
-_described_lock = threading.Lock()
+# Only ever taken as a query: the list is a cache, and a thread that cannot
+# wait for it (a signal handler that interrupted the describing) describes
+# the objects again without it.
+_described_lock = OperationLock(
+    2, lambda what: HotpatchError(f"{what}: already listing loaded objects in this thread"))
 
 
 def _generation() -> tuple[int, int]:
@@ -192,7 +197,9 @@ def loaded_objects() -> list[LoadedObject]:
     global _described
     # Read before listing: a load in between makes the next call list again.
     generation = _generation()
-    with _described_lock:
+    with _described_lock.query() as held:
+        if not held:
+            return _describe_loaded()
         if _described[0] != generation:
             _described = (generation, tuple(_describe_loaded()))
         return list(_described[1])
@@ -222,7 +229,7 @@ def _describe(entry) -> LoadedObject:
     phdrs = [entry.phdr[i] for i in range(entry.phnum)]
     loads = [(base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz)
              for ph in phdrs if ph.p_type == PT_LOAD]
-    path = os.path.realpath(name or "/proc/self/exe")
+    path = os.path.realpath(name) if name else _main_program_path()
     basename = os.path.basename(name or path)
     soname = _mapped_soname(base, phdrs, loads)
     return LoadedObject(
@@ -237,6 +244,18 @@ def _describe(entry) -> LoadedObject:
         build_id=_mapped_build_id(base, phdrs, loads),
         names=frozenset(n for n in (basename, os.path.basename(path), soname) if n),
     )
+
+
+def _main_program_path() -> str:
+    """The main program's file.  Read through the calling thread: the main
+    thread may have exited, and /proc/self/exe with it."""
+    exe = f"{_procfs.SELF}/exe"
+    try:
+        return os.path.realpath(os.readlink(exe))
+    except OSError:
+        # Describing every other object goes on; resolving in the main
+        # program then fails on this path, with the reason.
+        return exe
 
 
 def _mapped_build_id(base: int, phdrs, loads) -> bytes | None:
@@ -609,7 +628,7 @@ def _table(obj: LoadedObject, what: str) -> _SymbolTable:
     except OSError as error:
         raise HotpatchError(
             f"{obj}: cannot resolve {what}: cannot read {obj.path}: {error.strerror}"
-        ) from None
+            f"{_procfs.exited_main_thread_note()}") from None
     key = (obj.path, st.st_ino, st.st_mtime_ns)
     table = _files.get(key)
     if table is None:
@@ -646,11 +665,11 @@ def _hex(build_id: bytes | None) -> str:
 
 
 def _mapped_file_identity(obj: LoadedObject) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file mapped at ``obj``'s code, from /proc/self/maps."""
+    """(st_dev, st_ino) of the file mapped at ``obj``'s code, from the maps."""
     if not obj.exec_ranges:
         return None
     address = obj.exec_ranges[0][0]
-    with open("/proc/self/maps") as maps:
+    with open(f"{_procfs.SELF}/maps") as maps:    # /proc/self/maps: see _procfs
         for line in maps:
             span, _perms, _offset, device, inode = line.split(maxsplit=5)[:5]
             lo, hi = (int(x, 16) for x in span.split("-"))
