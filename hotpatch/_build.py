@@ -58,12 +58,32 @@ void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *
 int hp_code_writes_use_proc_mem(void);
 int hp_core_sync_ready(void);
 int hp_set_crash_report(const char *text);
+
+struct hp_loader_event {
+    int kind;
+    int reserved;
+    uint64_t seq;
+    uintptr_t base;
+    uintptr_t map;
+    char name[...];
+};
+uintptr_t hp_loader_brk_site(void);
+uintptr_t hp_loader_entry(int which);
+void hp_loader_set_original(int which, uintptr_t original);
+int hp_loader_set_wanted(const char *names, size_t len);
+void hp_loader_start(void (*callback)(void), int wait);
+void hp_loader_stop(void);
+int hp_loader_wait(int timeout_ms);
+int hp_loader_take(struct hp_loader_event *out);
+void hp_loader_done(uint64_t seq);
+int hp_loader_write_unreachable(const struct hp_write *w, size_t n, uint64_t seq, char *err);
+void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *dropped);
 """
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _native = os.path.join(_here, "native")
 SOURCES = ["objects.c", "maps.c", "pool.c", "codewrite.c", "stop.c", "check.c", "stop_ptrace.c",
-           "stop_signal.c", "caller.c", "crash.c"]
+           "stop_signal.c", "caller.c", "crash.c", "loader.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

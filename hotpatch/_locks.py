@@ -71,6 +71,18 @@ class OperationLock:
             yield
 
     @contextlib.contextmanager
+    def try_operation(self, what: str, timeout: float) -> Iterator[bool]:
+        """:meth:`operation`, waiting at most ``timeout`` seconds: yields
+        whether the lock is held (False: do the work later)."""
+        self.check(what)
+        got = self._lock.acquire(timeout=timeout)
+        try:
+            yield got
+        finally:
+            if got:
+                self._lock.release()
+
+    @contextlib.contextmanager
     def query(self) -> Iterator[bool]:
         """Hold the lock to read state, unless this thread is inside an
         operation: then read as things are.  Yields whether it holds it."""

@@ -1,8 +1,9 @@
 """Introspection (the kernel's /sys/kernel/livepatch tree, as data)."""
 from __future__ import annotations
 
-from . import core, sites
+from . import core, loader, sites
 from ._native import ffi, lib
+from .errors import HotpatchError
 
 
 def _func_entry(func: core.Func) -> dict:
@@ -10,11 +11,18 @@ def _func_entry(func: core.Func) -> dict:
             "patched": func.patched, "original": func.original}
 
 
+def _loaded(obj: core.Object) -> bool:
+    try:
+        return obj.loaded
+    except HotpatchError:     # two loaded objects match its name
+        return True
+
+
 def _patch_entry(patch: core.Patch) -> dict:
     entry = {"enabled": patch.enabled, "transition": patch.transition,
              "replace": patch.replace, "stack_order": core.stack_order(patch)}
     for obj in patch.objects:
-        node = {"patched": obj.patched}
+        node = {"patched": obj.patched, "loaded": _loaded(obj), "note": obj.note}
         for func in obj.funcs:
             # sysfs names a func directory "<name>,<sympos>", with 0 shown as 1.
             node[f"{func.old_name},{func.old_sympos or 1}"] = _func_entry(func)
@@ -55,7 +63,10 @@ def tree() -> dict:
     stopper holds the other threads during a write and why), how many sites
     are redirected and what the stops cost.  ``stopper`` is ``{"method":
     "ptrace" | "signals", "helper_pid", "reason" (why not ptrace, or None),
-    "park_signal"}``."""
+    "park_signal"}``.  An object's ``loaded`` says whether it is loaded now
+    and ``note`` why it is not patched (waiting for it to load, a pre_patch
+    veto at load) or that it was patched late, and why.  ``loader`` is
+    :func:`hotpatch.loader.info`: which notifier reports loads and unloads."""
     with core._mutex.query():
         return {"livepatch": {p.name: _patch_entry(p) for p in core.patches()},
-                "tainted": core.tainted(), "core": _core_entry()}
+                "tainted": core.tainted(), "core": _core_entry(), "loader": loader.info()}

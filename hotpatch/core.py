@@ -23,6 +23,10 @@ work from there too.
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
+import logging
+import os
 from typing import Callable, Iterable, Sequence
 
 from . import newcode, patch as stacks, sites, symbols
@@ -39,6 +43,12 @@ def _refused(what: str) -> PatchStateError:
 
 
 _mutex = OperationLock(0, _refused)
+#: Every enable, disable, COMING and GOING is logged at INFO, as the kernel
+#: logs its transitions.
+log = logging.getLogger("hotpatch")
+#: How COMING/GOING messages are logged: hotpatch.loader queues them while
+#: inside the dynamic linker (a logging handler may do anything there).
+notify: Callable[..., None] = log.log
 _patches: list["Patch"] = []          # registered, oldest first
 _enabled: list["Patch"] = []          # enabled, in the order they were enabled
 _pinned: list[object] = []            # new code kept alive for the process's life
@@ -122,6 +132,8 @@ class Object:
         self.patch: Patch | None = None
         self.patched = False              # its funcs are redirected
         self._loaded: symbols.LoadedObject | None = None
+        #: why it is not patched, or was patched late (for the tree); None
+        self.note: str | None = None
 
     @property
     def label(self) -> str:
@@ -333,7 +345,29 @@ def register(patch: Patch, *, enable: bool = True) -> Patch:
                 _patches.remove(patch)
                 patch.registered = False
                 raise
+        _watch_loads(patch)
         return patch
+
+
+def _watch_loads(patch: Patch) -> None:
+    """Objects named by the patch and not loaded now are patched when they
+    load (the loader hook, installed on first need): say so, with loaded
+    objects of close names (a typo looks just like a library not loaded yet)."""
+    from . import loader
+    if all(obj.name is None for obj in patch.objects):
+        return
+    loader.watch()
+    loaded = None
+    for obj in patch.objects:
+        if obj.name is None or obj._loaded is not None or symbols.find_object(obj.name):
+            continue
+        if loaded is None:
+            loaded = sorted({n for o in symbols.loaded_objects() for n in o.names})
+        close = difflib.get_close_matches(os.path.basename(obj.name), loaded, n=5, cutoff=0.75)
+        obj.note = "waiting for the object to load"
+        log.warning("patch '%s': object %s is not loaded: it will be patched when it loads%s",
+                    patch.name, obj.label,
+                    f" (loaded objects with close names: {', '.join(close)})" if close else "")
 
 
 def unregister(patch: Patch) -> None:
@@ -346,6 +380,8 @@ def unregister(patch: Patch) -> None:
             raise PatchStateError(f"patch {patch.name!r} is enabled; disable it first")
         _patches.remove(patch)
         patch.registered = False
+        from . import loader
+        loader.update_names()
 
 
 def enable(patch: Patch) -> None:
@@ -361,6 +397,7 @@ def _enable(patch: Patch) -> None:
     global _tainted
     if patch.enabled:
         raise PatchStateError(f"patch {patch.name!r} is already enabled")
+    log.info("livepatch: enabling patch '%s'", patch.name)
     present = _loaded_objects(patch)
     prepared: dict[int, sites.Site] = {}
     for obj in present:
@@ -389,12 +426,13 @@ def _enable(patch: Patch) -> None:
     for old in replaced:
         _mark_disabled(old)
     for obj in present:
-        obj.patched = True
+        obj.patched, obj.note = True, None
     patch.enabled = True
     _enabled.append(patch)
     _tainted = True
     _update_crash_report()
     _run_callbacks(present, "post_patch")
+    log.info("livepatch: '%s': patching complete", patch.name)
 
 
 def _mark_disabled(patch: Patch) -> None:
@@ -421,6 +459,99 @@ def disable(patch: Patch) -> None:
             stacks.patch_funcs(pop=pop)
         except HotpatchError as e:
             raise _prefixed(e, f"patch {patch.name!r}") from None
+        log.info("livepatch: '%s': starting unpatching transition", patch.name)
         _mark_disabled(patch)
         _update_crash_report()
         _run_callbacks(patched, "post_unpatch")
+        log.info("livepatch: '%s': unpatching complete", patch.name)
+
+
+# ---------------------------------------------------------------------------
+# Objects loaded and unloaded later (the kernel's klp_module_coming/going);
+# called by hotpatch.loader with the lifecycle lock held.
+
+
+def _names_asked_for() -> set[str]:
+    """Every object name of every registered patch (the main program aside)."""
+    return {obj.name for p in _patches for obj in p.objects if obj.name is not None}
+
+
+def _matches(obj: Object, loaded: symbols.LoadedObject) -> bool:
+    if obj.name is None:
+        return False
+    if os.path.isabs(obj.name):
+        return obj.name == loaded.name or os.path.realpath(obj.name) == loaded.path
+    return obj.name in loaded.names
+
+
+def _object_coming(loaded: symbols.LoadedObject, unreachable, late: str | None) -> None:
+    """``loaded`` appeared: patch it for every enabled patch naming it, in the
+    order they were enabled, each with its callbacks.  ``unreachable`` writes
+    while the object cannot run yet; ``late`` says why it may have run."""
+    for patch in list(_enabled):
+        for obj in patch.objects:
+            if _matches(obj, loaded) and not obj.patched:
+                _patch_coming(patch, obj, loaded, unreachable, late)
+    for patch in _patches:
+        for obj in patch.objects:
+            if _matches(obj, loaded):
+                obj._loaded = loaded
+                if not patch.enabled:
+                    obj.note = None
+
+
+def _patch_coming(patch: Patch, obj: Object, loaded, unreachable, late: str | None) -> None:
+    notify(logging.INFO, "livepatch: applying patch '%s' to loading module '%s'", patch.name, obj.label)
+    obj._loaded = loaded
+    prepared: dict[int, sites.Site] = {}
+    try:
+        # Inside the notification nothing may call dlsym (see loader.py).
+        with symbols.no_dynamic_linker() if unreachable else contextlib.nullcontext():
+            _prepare_object(patch, obj, prepared)
+        _check_addresses(obj.funcs)
+    except HotpatchError as e:
+        obj.note = f"not patched at load: {e}"
+        notify(logging.WARNING, "livepatch: patch '%s' failed for module '%s': %s", patch.name, obj.label, e)
+        if isinstance(e, symbols.NotBoundYet):
+            raise
+        return
+    reason = _vetoed(obj)
+    if reason:
+        obj.note = f"not patched: pre_patch vetoed it at load ({reason})"
+        notify(logging.WARNING, "livepatch: pre-patch callback failed for object '%s' (%s): patch '%s' "
+                    "not applied to it; the load goes on", obj.label, reason, patch.name)
+        return
+    try:
+        stacks.patch_funcs(push=obj.funcs, prepared=prepared, unreachable=unreachable)
+    except HotpatchError as e:
+        _run_callbacks([obj], "post_unpatch")
+        obj.note = f"not patched at load: {e}"
+        notify(logging.WARNING, "livepatch: patch '%s' failed for module '%s': %s", patch.name, obj.label, e)
+        return
+    obj.patched, obj.note = True, (f"patched late: {late}" if late else None)
+    _run_callbacks([obj], "post_patch")
+
+
+def _object_going(base: int, name: str) -> None:
+    """The object loaded at ``base`` as ``name`` is gone: every patch that
+    patched it, oldest registered first, runs pre_unpatch, drops its sites
+    without writing (the memory is gone, or another object's) and runs
+    post_unpatch.  Its Objects are marked not loaded."""
+    gone = None
+    for patch in _patches:
+        for obj in patch.objects:
+            if obj._loaded is None or obj._loaded.base != base or obj._loaded.name != name:
+                continue
+            gone = obj._loaded
+            if obj.patched:
+                _run_callbacks([obj], "pre_unpatch")
+                notify(logging.INFO, "livepatch: reverting patch '%s' on unloading module '%s'",
+                         patch.name, obj.label)
+                stacks.drop_funcs(f for f in obj.funcs if f.patched)
+                obj.patched = False
+                _run_callbacks([obj], "post_unpatch")
+            obj._loaded, obj.note = None, "unloaded; waiting for the object to load again"
+            for func in obj.funcs:
+                func.old_addr = func.old_size = None
+    if gone is not None:
+        symbols.forget(gone)

@@ -57,10 +57,11 @@ def _new_stacks(push: Iterable["Func"], pop: Iterable["Func"]) -> dict[int, list
 
 
 def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
-                prepared: dict[int, sites.Site] | None = None) -> None:
+                prepared: dict[int, sites.Site] | None = None, unreachable=None) -> None:
     """Pop the funcs of ``pop`` from their stacks and push those of ``push``
     (their sites prepared in ``prepared``, by address, for functions not yet
-    patched), in one batch of code writes.  All or nothing."""
+    patched), in one batch of code writes.  All or nothing.  ``unreachable``
+    writes into an object still being loaded (see :func:`sites.update_batch`)."""
     push, pop = list(push), list(pop)
     changed = _new_stacks(push, pop)
     redirects, restores = [], []
@@ -71,7 +72,7 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
             redirects.append((site, funcs[-1].new_addr))
         elif not funcs and stack is not None:
             restores.append(site)
-    sites.update_batch(redirects, restores)
+    sites.update_batch(redirects, restores, unreachable=unreachable)
     for address, funcs in changed.items():
         if funcs:
             if address not in _stacks:
@@ -84,3 +85,19 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
     for func in push:
         func._site = _stacks[func.old_addr].site
 
+
+
+def drop_funcs(funcs: Iterable["Func"]) -> None:
+    """Take ``funcs`` off their stacks without writing anything: their object
+    was unloaded.  Sites left with no func are forgotten (see
+    :func:`sites.forget`); a later load of the object, at any address, gets
+    new ones."""
+    gone = []
+    for func in funcs:
+        stack = _stacks.get(func.old_addr)
+        if stack is not None and func in stack.funcs:
+            stack.funcs.remove(func)
+            if not stack.funcs:
+                gone.append(_stacks.pop(func.old_addr).site)
+        func._site = None
+    sites.forget(gone)

@@ -51,6 +51,10 @@ def _refused(what: str) -> HotpatchError:
 # batch would plan against entries the first one is about to overwrite.
 _lock = OperationLock(1, _refused)
 _sites: dict[int, "Site"] = {}    # by entry; kept after restore to reuse the stub
+# Pool memory of sites whose object was unloaded (see forget): reused for
+# new stubs and trampolines, so that load/patch/unload cycles stay flat.
+_free_code: list[tuple[int, int]] = []    # (address, size)
+_free_slots: list[object] = []            # uint64_t *
 
 
 @dataclass(eq=False)
@@ -120,11 +124,27 @@ def executable_ranges() -> list[tuple[int, int]]:
 # Preparing a site: analysis and the original stub, nothing written at the entry
 
 
+def _alloc_code(near: int, size: int) -> int:
+    """Pool code within reach of ``near``: a freed block first, else new."""
+    for i, (address, free) in enumerate(_free_code):
+        if free >= size and encode.in_reach(near, address) and encode.in_reach(near, address + free):
+            del _free_code[i]
+            return address
+    return lib.hp_alloc_code(near, size)
+
+
+def _alloc_slot(near: int):
+    for i, slot in enumerate(_free_slots):
+        if encode.in_reach(near, int(ffi.cast("uintptr_t", slot))):
+            return _free_slots.pop(i)
+    return lib.hp_alloc_slot(near)
+
+
 def _new_original_stub(plan: EntryPlan) -> int:
     if plan.body is not None:
         return plan.body    # the old body is intact after the patchable NOP
     size = original_stub_size_bound(plan)
-    stub = lib.hp_alloc_code(plan.address, size)
+    stub = _alloc_code(plan.address, size)
     if not stub:
         raise UnsafeToPatch(f"{plan.entry:#x}: no free memory within +-2 GiB for the original "
                             f"stub{_procfs.exited_main_thread_note()}")
@@ -179,8 +199,8 @@ def _choose_form(site: Site, target: int, form: str | None) -> str:
 
 def _ensure_slot(site: Site) -> None:
     if site._slot is None:
-        slot = lib.hp_alloc_slot(site.address)
-        trampoline = lib.hp_alloc_code(site.address, encode.JMP_RIP_INDIRECT_SIZE)
+        slot = _alloc_slot(site.address)
+        trampoline = _alloc_code(site.address, encode.JMP_RIP_INDIRECT_SIZE)
         if slot == ffi.NULL or not trampoline:
             raise UnsafeToPatch(f"{site.entry:#x}: no free memory within +-2 GiB for a "
                                 f"trampoline{_procfs.exited_main_thread_note()}")
@@ -230,7 +250,7 @@ class _Change:
     write: tuple | None = None     # (old bytes, new bytes)
 
 
-def _write(changes: list[_Change]) -> None:
+def _write(changes: list[_Change], unreachable=None) -> None:
     writes = [c for c in changes if c.write is not None]
     if not writes:
         return
@@ -242,7 +262,12 @@ def _write(changes: list[_Change]) -> None:
         w.bytes[0:len(new)] = new
         w.len = len(new)
     err = ffi.new("char[256]")
-    if lib.hp_write_batch(batch, len(writes), STOP_TIMEOUT_MS, err):
+    # unreachable(batch, n, err): writes without a stop where no thread can
+    # run the code yet (an object being loaded); 1 = it can run now after all.
+    rc = unreachable(batch, len(writes), err) if unreachable is not None else 1
+    if rc < 0:
+        raise TransitionError(ffi.string(err).decode())
+    if rc and lib.hp_write_batch(batch, len(writes), STOP_TIMEOUT_MS, err):
         raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
 
 
@@ -271,13 +296,13 @@ def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
     return change
 
 
-def _commit(changes: list[_Change]) -> None:
+def _commit(changes: list[_Change], unreachable=None) -> None:
     # A slot or call target is set before an entry starts to point at it;
     # where the entry already does, the store is the whole retarget, and it
     # waits until every write of the batch has succeeded.
     rewritten = [c for c in changes if c.write is not None]
     _store_targets(rewritten)
-    _write(changes)
+    _write(changes, unreachable)
     _store_targets([c for c in changes if c.write is None])
     for change in changes:
         change.site.form, change.site.target = change.form, change.target
@@ -302,20 +327,21 @@ def _plan_restore(site: Site) -> _Change:
 
 
 def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[Site] = (),
-                 form: str | None = None) -> None:
+                 form: str | None = None, *, unreachable=None) -> None:
     """One batch of code writes: send every ``(site, target)`` of
     ``redirects`` to its target (installing or retargeting) and put the
     original bytes back at every site of ``restores``.  All or nothing.
 
     ``form``: ``None`` keeps a site's slot or call form and otherwise picks
     ``"direct"`` where the target is in reach, else ``"slot"``; ``"auto"``
-    always picks that way; a form name forces it."""
+    always picks that way; a form name forces it.  ``unreachable``: see
+    :mod:`hotpatch.loader` (writes into an object still being loaded)."""
     with _lock.operation("update a batch of sites"):
-        _update_batch(redirects, restores, form)
+        _update_batch(redirects, restores, form, unreachable)
 
 
 def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site],
-                  form: str | None) -> None:
+                  form: str | None, unreachable=None) -> None:
     _unique([site for site, _ in redirects] + list(restores))
     changes = [_plan_redirect(site, int(target), form) for site, target in redirects]
     changes += [_plan_restore(site) for site in restores]
@@ -324,7 +350,7 @@ def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
         if site.form == "call":
             lib.hp_call_site_set_target(site._call_site, site.original)
     try:
-        _commit(changes)
+        _commit(changes, unreachable)
     except BaseException:
         for site in restores:
             if site.form == "call":
@@ -372,6 +398,23 @@ def add_observer(site: Site, function, data=ffi.NULL) -> int:
 def remove_observer(site: Site, handle: int) -> None:
     """Stop calling the observer ``handle`` of ``site``."""
     lib.hp_call_site_unobserve(site._call_site, handle)
+
+
+def forget(sites: Sequence[Site]) -> None:
+    """Drop sites whose object was unloaded, writing nothing (their memory is
+    gone, or another object's).  Their pool memory is reused; call-site
+    records (caller.c) stay, as they always do."""
+    with _lock.operation("forget the sites of an unloaded object"):
+        for site in sites:
+            if _sites.get(site.entry) is site:
+                del _sites[site.entry]
+            if site.plan.body is None:
+                _free_code.append((site.original, original_stub_size_bound(site.plan)))
+            if site._slot is not None:
+                _free_code.append((site._trampoline, encode.JMP_RIP_INDIRECT_SIZE))
+                _free_slots.append(site._slot)
+            site.form = site.target = site.written = None
+            site._slot, site._trampoline = None, 0
 
 
 def installed_sites() -> list[Site]:

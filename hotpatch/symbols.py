@@ -23,11 +23,13 @@ position among same-named function symbols in symbol-table order.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import difflib
 import os
 import re
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -145,6 +147,28 @@ class LoadedObject:
         if self.name is None:
             return f"main program {self.basename}"
         return self.basename
+
+
+class NotBoundYet(UnsafeToPatch):
+    """An IFUNC of an object still being loaded: its slot is filled when the
+    object is relocated, after the dynamic linker's notification."""
+
+
+# Set while resolving inside the dynamic linker's notification: nothing may
+# call dlopen/dlsym then (its lock is held, and the object is not relocated).
+_no_dynamic_linker = threading.local()
+
+
+@contextlib.contextmanager
+def no_dynamic_linker():
+    """Resolve without calling into the dynamic linker: an IFUNC whose slot
+    is not bound yet raises :class:`NotBoundYet` instead of running dlsym."""
+    before = getattr(_no_dynamic_linker, "on", False)
+    _no_dynamic_linker.on = True
+    try:
+        yield
+    finally:
+        _no_dynamic_linker.on = before
 
 
 class MemoryGone(HotpatchError):
@@ -631,6 +655,11 @@ _files: dict[tuple[str, int, int], _SymbolTable] = {}
 _objects: dict[LoadedObject, _SymbolTable] = {}
 
 
+def forget(obj: LoadedObject) -> None:
+    """Forget what was checked about ``obj``: it was unloaded."""
+    _objects.pop(obj, None)
+
+
 def cache_clear() -> None:
     """Forget every symbol table read: the next lookup reads the files again."""
     _files.clear()
@@ -789,6 +818,10 @@ def _bound_ifunc(obj: LoadedObject, table: _SymbolTable, entry: _FuncSym) -> Sym
     resolver = obj.base + entry.value
     slot = table.irelative.get(entry.value)
     bound = struct.unpack("<Q", _read(obj.base + slot, 8))[0] if slot is not None else None
+    if getattr(_no_dynamic_linker, "on", False) and not (bound and _inside(obj.exec_ranges, bound)):
+        raise NotBoundYet(
+            f"{obj}: symbol '{entry.name}' is an IFUNC whose implementation is bound only "
+            f"when {obj} is relocated, after the dynamic linker's notification")
     if not bound and entry.exported:
         bound = _dlsym_in(obj, entry)
     if not bound or not _inside(obj.exec_ranges, bound):

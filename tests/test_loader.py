@@ -11,9 +11,12 @@ from conftest import compile_library
 @pytest.fixture(scope="session")
 def libs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("loader"))
-    return {name: compile_library(os.path.join(out, f"lib{name}.so"), [f"loader_targets/{src}"])
-            for name, src in [("same_a", "same_a.c"), ("same_b", "same_b.c"),
-                              ("repl", "repl.c")]}
+    built = {name: compile_library(os.path.join(out, f"lib{name}.so"), [f"loader_targets/{name}.c"],
+                                   flags=["-pthread"])
+             for name in ("same_a", "same_b", "repl", "coming", "spawn")}
+    built["user"] = compile_library(os.path.join(out, "libuser.so"), ["loader_targets/user.c"],
+                                    flags=[f"-L{out}", "-lcoming", f"-Wl,-rpath,{out}"])
+    return built
 
 
 PRELUDE = """
@@ -29,6 +32,20 @@ def call(lib, name, x=1):
 REPL, REPL2 = addr(repl, "replacement"), addr(repl, "replacement2")
 def base_of(path):
     return symbols.find_object(os.path.basename(path)).base
+spawn = ctypes.CDLL(P["spawn"])
+spawn.native_dlopen.restype = ctypes.c_void_p
+spawn.native_dlopen.argtypes = [ctypes.c_char_p]
+spawn.native_dlclose.argtypes = [ctypes.c_void_p]
+def seen(path):
+    return ctypes.c_long.in_dll(ctypes.CDLL(path), "seen_at_init").value
+def coming_patch(name="libcoming.so", funcs=("target",), **callbacks):
+    new = {"target": REPL, "chosen": REPL2}
+    return Patch("late", [Object(name, [Func(f, new[f]) for f in funcs], **callbacks)])
+def settle(patch, timeout=10):
+    import time
+    deadline = time.monotonic() + timeout
+    while not all(o.patched for o in patch.objects) and time.monotonic() < deadline:
+        time.sleep(0.01)
 """
 
 
@@ -53,3 +70,53 @@ report({"patched": patched, "same": same, "error": error, "other": call(b, "othe
     assert r["patched"] == 1001 and r["same"], r
     assert r["error"] and "changed by someone else" in r["error"]
     assert r["other"] == 8
+
+
+@pytest.mark.parametrize("how", ["ctypes", "native thread", "dependency"])
+def test_object_loaded_later_is_patched_before_its_constructor(child, libs, how):
+    r = child(PRELUDE + """
+patch = hotpatch.register(coming_patch())
+before = hotpatch.tree()["livepatch"]["late"]["libcoming.so"]
+how = P["how"]
+if how == "ctypes":
+    lib = ctypes.CDLL(P["coming"])
+elif how == "native thread":
+    assert spawn.native_dlopen(P["coming"].encode())
+    lib = ctypes.CDLL(P["coming"])
+else:
+    user = ctypes.CDLL(P["user"])
+    lib = ctypes.CDLL(P["coming"])
+node = hotpatch.tree()["livepatch"]["late"]["libcoming.so"]
+report({"before": before, "init": seen(P["coming"]), "target": call(lib, "target"),
+        "node": node, "loader": hotpatch.tree()["loader"],
+        "original": ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(patch.objects[0].funcs[0].original)(1)})
+patch.disable()
+report(call(lib, "target"))
+""", how=how, **libs)
+    out, after = r
+    assert out["before"]["patched"] is False and out["before"]["loaded"] is False
+    assert "waiting" in out["before"]["note"]
+    assert out["loader"]["notifier"] == "r_brk", out["loader"]
+    assert out["init"] == 1001, "the constructor ran the old code"
+    assert out["target"] == 1001 and out["original"] == 2
+    assert out["node"]["patched"] is True and out["node"]["loaded"] is True
+    assert out["node"]["note"] is None and out["loader"]["late"] == []
+    assert after == 2
+
+
+def test_ifunc_of_an_object_loaded_later_is_patched_late_and_says_why(child, libs):
+    """At RT_CONSISTENT the object is not relocated: its IFUNC slot is empty,
+    and dlsym may not be called under the dynamic linker's lock.  The object
+    is patched by the worker once the load is over, through a stop."""
+    r = child(PRELUDE + """
+patch = hotpatch.register(coming_patch(funcs=("target", "chosen")))
+lib = ctypes.CDLL(P["coming"])
+settle(patch)
+report({"init": seen(P["coming"]), "target": call(lib, "target"), "chosen": call(lib, "chosen"),
+        "node": hotpatch.tree()["livepatch"]["late"]["libcoming.so"],
+        "late": hotpatch.tree()["loader"]["late"]})
+""", **libs)[0]
+    assert r["target"] == 1001 and r["chosen"] == 2001
+    assert r["init"] == 2           # late: the constructor ran first
+    assert r["node"]["patched"] and "patched late" in r["node"]["note"] and "IFUNC" in r["node"]["note"]
+    assert len(r["late"]) == 1 and "libcoming.so" in r["late"][0]

@@ -11,6 +11,7 @@
  *   stop_signal.c the fallback stopper: park every other thread in a signal handler
  *   caller.c      the shared caller of the ftrace-style call path
  *   crash.c       the crash report of a live-patched process
+ *   loader.c      the loader hook: COMING/GOING events from the dynamic linker
  *
  * Policy (what to patch, the bytes, the stacks of patches) lives in Python.
  * Everything that runs while threads are stopped uses only raw system calls
@@ -159,6 +160,28 @@ void hp_ptrace_after_fork(void);
 int hp_signal_stop(uint64_t deadline_ns, const char *why_not_ptrace, char *err);
 void hp_signal_release(void);
 int hp_park_signal(void);
+
+/* --- loader.c ------------------------------------------------------- */
+struct hp_loader_event {
+    int kind;               /* 1 COMING, 2 GOING */
+    int reserved;
+    uint64_t seq;           /* from 1, in the order the dynamic linker did them */
+    uintptr_t base;         /* l_addr */
+    uintptr_t map;          /* the struct link_map (an identity only, never read) */
+    char name[HP_NAME_MAX]; /* l_name, copied under the dynamic linker's lock */
+};
+uintptr_t hp_loader_brk_site(void);
+uintptr_t hp_loader_entry(int which);
+void hp_loader_set_original(int which, uintptr_t original);
+int hp_loader_set_wanted(const char *names, size_t len);
+void hp_loader_start(void (*callback)(void), int wait);
+void hp_loader_stop(void);
+int hp_loader_wait(int timeout_ms);
+int hp_loader_take(struct hp_loader_event *out);
+void hp_loader_done(uint64_t seq);
+int hp_loader_write_unreachable(const struct hp_write *w, size_t n, uint64_t seq, char *err);
+void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *dropped);
+void hp_loader_brk(void);
 
 /* Small formatting without libc, for the stop path and the helper. */
 HP_RAW static inline char *hp_fmt_str(char *at, char *end, const char *s)

@@ -1,0 +1,301 @@
+"""COMING and GOING from the dynamic linker: the kernel's module notifiers.
+
+A patch may name objects that are not loaded yet, and loaded objects may
+be unloaded.  The notifier tells the lifecycle (``core``) about both:
+
+* COMING: an object named by a registered patch appeared.  Every enabled
+  patch naming it patches it, with its ``pre_patch``/``post_patch``, before
+  any of its code runs (when the notifier is ``r_brk``, see below).
+* GOING: a tracked object disappeared.  Its sites are dropped without a
+  write (its memory is gone, or already another object's), with
+  ``pre_unpatch``/``post_unpatch``, and its Objects are marked not loaded.
+
+The notifier is ``r_brk``: the function the dynamic linker calls on every
+change of its list (``_dl_debug_state``) is redirected with the site
+machinery to the C core's ``hp_loader_brk`` (``native/loader.c``), which
+diffs the link maps at ``RT_CONSISTENT`` -- for a load, after mapping and
+before relocation and constructors.  Where ``r_brk`` is not ``[endbr64;]
+ret`` (a debugger's ``int3`` there, an unknown layout), the fallback
+interposes ``dlopen``/``dlmopen``/``dlclose`` instead; it sees a load only
+after it returned, so every object is then patched late (after its
+constructors ran), and the tree says so.
+
+Who runs the Python side of an event, and what it may do:
+
+* the loading thread holds the GIL (an ``import``, ``ctypes.CDLL``): the
+  handler runs right there, inside the dynamic linker's lock;
+* otherwise the loading thread waits at most :data:`WAIT_MS` for the worker
+  thread here.  It cannot wait longer: the worker needs the GIL, whose
+  holder may be waiting for the dynamic linker's lock.  Writes into the new
+  object go without a stop only while its loading thread still waits
+  (``hp_loader_write_unreachable``); after that through a stop, and the
+  object is noted as patched late.
+
+Inside the notification the handler calls no dlopen/dlsym (an IFUNC whose
+slot is not bound yet makes its object patched late, from the worker, with a
+reference on the object held by ``dlopen(RTLD_NOLOAD)``), waits for
+hotpatch's lifecycle lock at most :data:`WAIT_MS` (else the event is handled
+late by the worker), and queues its log records for the worker to emit (a
+logging handler may do anything, dlopen included).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import ctypes
+import logging
+import os
+import threading
+
+from . import core, sites, symbols
+from ._native import ffi, lib
+from .errors import HotpatchError
+from .x86_64.decode import decode_one
+
+#: How long a loading thread without the GIL waits for the worker.
+WAIT_MS = 1000
+
+COMING, GOING = 1, 2
+_RTLD_LAZY, _RTLD_NOLOAD = 0x1, 0x4
+
+_state = {"notifier": None, "reason": None, "sites": []}
+_install_lock = threading.Lock()
+_draining = threading.local()        # this thread is handling events now
+_consume = threading.Lock()          # events are handled in order, by one thread at a time
+_deferred: collections.deque = collections.deque()   # (event, why late), for the worker
+_records: collections.deque = collections.deque()    # log records queued inside the hook
+_late: list[str] = []                # objects patched late, and why (for the tree)
+_worker: threading.Thread | None = None
+_callback = None
+
+
+# ---------------------------------------------------------------------------
+# Installing the notifier
+
+
+def watch() -> None:
+    """Make sure objects loaded and unloaded from now on are notified, and
+    that the names of every registered patch are asked for."""
+    with _install_lock:
+        if _state["notifier"] is None and _state["reason"] is None:
+            _install()
+            _start_worker()
+    update_names()
+
+
+def update_names() -> None:
+    """Tell the C hook which object names to report (registered patches')."""
+    names = b"".join(os.fsencode(n) + b"\0" for n in sorted(core._names_asked_for()))
+    if lib.hp_loader_set_wanted(names, len(names)):
+        raise HotpatchError("too many object names for the loader hook (64 KiB)")
+
+
+def _object_at(address: int) -> symbols.LoadedObject | None:
+    return next((o for o in symbols.loaded_objects()
+                 if any(lo <= address < hi for lo, hi in o.exec_ranges)), None)
+
+
+def _brk_refusal(brk: int) -> str | None:
+    """Why ``r_brk`` cannot carry the hook, or None: it must be ``ret``,
+    after an ``endbr64`` on CET builds."""
+    code = sites.read_memory(brk, 16)
+    first = decode_one(code, brk)
+    if first is not None and first.mnemonic == "endbr64":
+        first = decode_one(code[first.size:], first.end)
+    if first is None or first.branch != "ret":
+        what = f"{first.mnemonic} {first.op_str}".strip() if first else f"undecodable {code[:4].hex()}"
+        hint = " (a debugger's breakpoint?)" if first is not None and first.mnemonic == "int3" else ""
+        return f"r_brk ({brk:#x}) starts with {what}{hint}, not [endbr64;] ret"
+    return None
+
+
+def _install() -> None:
+    """Redirect r_brk to the hook, or fall back to interposing dlopen."""
+    brk = lib.hp_loader_brk_site()
+    reason = _brk_refusal(brk) if brk else "the dynamic linker has no r_brk"
+    if reason is None:
+        try:
+            _redirect([(brk, 0)])
+            _state["notifier"] = "r_brk"
+            return
+        except HotpatchError as e:
+            reason = f"r_brk ({brk:#x}) cannot be patched: {e}"
+    try:
+        libc = ctypes.CDLL(None)
+        entries = [(ctypes.cast(getattr(libc, name), ctypes.c_void_p).value, which)
+                   for which, name in ((1, "dlopen"), (2, "dlmopen"), (3, "dlclose"))]
+        _redirect(entries)
+        _state.update(notifier="dlopen interposition", reason=reason)
+        core.log.warning("hotpatch: loader notifier: %s; interposing dlopen/dlmopen/dlclose "
+                         "instead: objects loaded later are patched after their constructors ran",
+                         reason)
+    except HotpatchError as e:
+        _state.update(reason=f"{reason}; interposing dlopen failed too: {e}")
+        core.log.warning("hotpatch: no loader notifier: %s", _state["reason"])
+
+
+def _redirect(entries: list[tuple[int, int]]) -> None:
+    """Redirect each ``(address, which)`` to the C core's entry ``which``."""
+    prepared = []
+    for address, which in entries:
+        obj = _object_at(address)
+        if obj is None:
+            raise HotpatchError(f"{address:#x} lies in no loaded object")
+        # The symbol's size tells its padding from the next function.
+        size = symbols.resolve_offset(obj, address - obj.base).size
+        site = sites.prepare(address, size=size, exec_ranges=obj.exec_ranges)
+        lib.hp_loader_set_original(which, site.original)
+        prepared.append((site, lib.hp_loader_entry(which)))
+    sites.redirect_batch(prepared)
+    _state["sites"] = [site for site, _ in prepared]
+
+
+def _start_worker() -> None:
+    global _worker, _callback
+    core.notify = _say
+    _callback = ffi.callback("void(void)", _in_hook)
+    lib.hp_loader_start(_callback, WAIT_MS)
+    _worker = threading.Thread(target=_work, name="hotpatch-loader", daemon=True)
+    _worker.start()
+
+
+@atexit.register
+def _at_exit() -> None:
+    lib.hp_loader_stop()     # no call into a finalising interpreter
+
+
+def _after_fork_in_child() -> None:
+    # The worker did not survive the fork; the child's loads need one.
+    if _worker is not None:
+        _start_worker()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------------
+# Handling events
+
+
+def _say(level: int, message: str, *args) -> None:
+    """Log now, or later from the worker when inside the dynamic linker."""
+    if getattr(_draining, "in_hook", False):
+        _records.append((level, message, args))
+    else:
+        core.log.log(level, message, *args)
+
+
+def _in_hook() -> None:
+    """The C hook's callback: this loading thread holds the GIL."""
+    try:
+        _draining.in_hook = True
+        _drain(in_hook=True)
+    except BaseException as e:       # nothing may escape into the dynamic linker
+        _records.append((logging.ERROR, "hotpatch: loader hook: %r", (e,)))
+    finally:
+        _draining.in_hook = False
+
+
+def _work() -> None:
+    while True:
+        lib.hp_loader_wait(200)
+        try:
+            _drain(in_hook=False)
+            while _records:
+                level, message, args = _records.popleft()
+                core.log.log(level, message, *args)
+        except Exception as e:       # the worker must outlive any one event
+            core.log.error("hotpatch: loader worker: %r", e)
+
+
+def _drain(in_hook: bool) -> None:
+    """Handle queued events in order; late ones (and everything after them)
+    are left to the worker when this is the hook."""
+    if getattr(_draining, "busy", False):
+        return      # a load from inside our own handling: the outer loop takes it
+    if not _consume.acquire(timeout=WAIT_MS / 1000):
+        return
+    _draining.busy = True
+    try:
+        if not in_hook:
+            _handle_deferred()
+        event = ffi.new("struct hp_loader_event *")
+        while lib.hp_loader_take(event):
+            copy = (event.kind, event.seq, event.base, os.fsdecode(ffi.string(event.name)))
+            if _deferred:
+                _deferred.append((copy, "an earlier event was handled late"))
+            else:
+                _handle(copy, in_hook)
+            lib.hp_loader_done(event.seq)
+        if not in_hook:
+            _handle_deferred()
+    finally:
+        _draining.busy = False
+        _consume.release()
+
+
+def _handle(event, in_hook: bool) -> None:
+    kind, seq, base, name = event
+    try:
+        with core._mutex.try_operation("handle a load", WAIT_MS / 1000) as held:
+            if not held:
+                _deferred.append((event, f"hotpatch's lifecycle lock was busy for {WAIT_MS} ms"))
+                return
+            if kind == GOING:
+                _say(logging.INFO, "hotpatch: GOING %s at %#x", name, base)
+                core._object_going(base, name)
+                return
+            loaded = _loaded_at(base, name)
+            if loaded is None:
+                return      # unloaded again meanwhile: its GOING follows
+            _say(logging.INFO, "hotpatch: COMING %s at %#x", name, base)
+
+            def unreachable(batch, n, err):
+                return lib.hp_loader_write_unreachable(batch, n, seq, err)
+            try:
+                core._object_coming(loaded, unreachable, None)
+            except symbols.NotBoundYet as e:
+                _deferred.append((event, str(e)))
+    except core.PatchStateError as e:    # a load from inside an operation (a callback)
+        _deferred.append((event, str(e)))
+
+
+def _handle_deferred() -> None:
+    """Events the hook could not handle in time, from the worker: the object
+    may be running, so writes go through a stop, with a reference held."""
+    while _deferred:
+        (kind, seq, base, name), why = _deferred.popleft()
+        with core._mutex.operation("handle a late load"):
+            if kind == GOING:
+                core._object_going(base, name)
+                continue
+            handle = symbols._dlopen(os.fsencode(name), _RTLD_LAZY | _RTLD_NOLOAD)
+            if not handle:
+                continue    # gone already
+            try:
+                loaded = _loaded_at(base, name)
+                if loaded is not None:
+                    core.log.warning("hotpatch: %s patched late: %s", name, why)
+                    _late.append(f"{name}: {why}")
+                    core._object_coming(loaded, None, why)
+            finally:
+                symbols._dlclose(handle)
+
+
+def _loaded_at(base: int, name: str) -> symbols.LoadedObject | None:
+    return next((o for o in symbols.loaded_objects() if o.base == base and o.name == name), None)
+
+
+# ---------------------------------------------------------------------------
+# The tree
+
+
+def info() -> dict:
+    """``{"notifier": "r_brk" | "dlopen interposition" | None, "reason",
+    "calls", "events", "waits_abandoned", "dropped", "late": [...]}``."""
+    counts = [ffi.new("uint64_t *") for _ in range(4)]
+    lib.hp_loader_stats(*counts)
+    calls, events, abandoned, dropped = (c[0] for c in counts)
+    return {"notifier": _state["notifier"], "reason": _state["reason"], "calls": calls,
+            "events": events, "waits_abandoned": abandoned, "dropped": dropped,
+            "late": list(_late)}

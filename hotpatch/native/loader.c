@@ -1,0 +1,469 @@
+/*
+ * The loader hook: COMING and GOING from the dynamic linker (the kernel's
+ * module notifiers).
+ *
+ * The dynamic linker calls _r_debug.r_brk (_dl_debug_state) on every load
+ * and unload, with its lock held; at RT_CONSISTENT after a load the new
+ * objects are mapped but neither relocated nor initialised.  hotpatch
+ * redirects r_brk to hp_loader_brk(), which walks the link maps of every
+ * namespace, diffs them with the last walk, and queues an event for each
+ * object that appeared or disappeared and whose name (basename of l_name,
+ * l_name itself, or DT_SONAME) Python asked for.  Names of such objects are
+ * copied here, under the dynamic linker's lock: after a dlclose, l_name is
+ * freed.
+ *
+ * Who handles the events (Python) depends on the loading thread:
+ *  - it holds the GIL (an import, a ctypes.CDLL that keeps it): Python runs
+ *    right here, in this thread, through the callback;
+ *  - otherwise (a native thread, or a thread that released the GIL around
+ *    dlopen): the loading thread wakes hotpatch's worker thread and waits
+ *    for it at most `wait_ms`.  Never longer: the worker needs the GIL, and
+ *    the GIL's holder may itself be waiting for the lock this thread holds.
+ *    Once the wait is over the events are *abandoned*: the object's code
+ *    may run from then on, and any write into it must go through a stop.
+ *
+ * hp_loader_write_unreachable() is how Python writes into an object still
+ * being loaded: under the queue lock, only while the loading thread still
+ * waits for that event (so no thread can run the object's code yet), no
+ * stop.  When the wait was abandoned it writes nothing and says so.
+ *
+ * Where r_brk cannot be patched, the fallback wrappers of dlopen, dlmopen
+ * and dlclose run the same walk after the call returns (outside the lock,
+ * after constructors: every event is then late).
+ */
+#include "hotpatch_core.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <string.h>
+
+#define MAX_MAPS 4096
+#define MAX_TRACKED 256
+#define QUEUE 256
+#define WANTED_BYTES 65536
+
+enum { EV_COMING = 1, EV_GOING = 2 };
+
+struct map_entry {
+    const struct link_map *map;
+    uintptr_t addr;
+    int tracked;            /* index in `tracked_names`, -1 when not asked for */
+};
+
+static pthread_mutex_t q_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t q_more = PTHREAD_COND_INITIALIZER;   /* an event was queued */
+static pthread_cond_t q_done = PTHREAD_COND_INITIALIZER;   /* events were handled */
+
+static struct map_entry prev[MAX_MAPS], cur[MAX_MAPS];
+static int nprev;
+static char tracked_names[MAX_TRACKED][HP_NAME_MAX];
+static int tracked_used[MAX_TRACKED];
+
+static char wanted[WANTED_BYTES];          /* NUL-separated names */
+static size_t wanted_len;
+
+static struct hp_loader_event queue[QUEUE];
+static uint64_t q_head, q_tail;            /* seq of the next event taken / queued (from 1) */
+static uint64_t done_seq, abandoned_seq;   /* handled up to; given up waiting up to */
+static uint64_t n_calls, n_events, n_abandoned, n_dropped;
+
+static int started, wait_ms = 1000;
+static void (*py_callback)(void);
+static void (*brk_original)(void);
+static void *(*real_dlopen)(const char *, int);
+static void *(*real_dlmopen)(Lmid_t, const char *, int);
+static int (*real_dlclose)(void *);
+static __thread int in_python;
+
+/* --- names ----------------------------------------------------------- */
+
+static int is_wanted(const char *name)
+{
+    for (size_t at = 0; at < wanted_len; at += strlen(wanted + at) + 1)
+        if (strcmp(wanted + at, name) == 0)
+            return 1;
+    return 0;
+}
+
+/* DT_SONAME from the object's dynamic section (mapped: it is loaded). */
+static const char *soname_of(const struct link_map *m)
+{
+    const ElfW(Dyn) *d = m->l_ld;
+    uintptr_t strtab = 0, soname = 0;
+    int has_soname = 0;
+    for (; d && d->d_tag != DT_NULL; d++) {
+        if (d->d_tag == DT_STRTAB)
+            strtab = d->d_un.d_ptr;
+        else if (d->d_tag == DT_SONAME) {
+            soname = d->d_un.d_val;
+            has_soname = 1;
+        }
+    }
+    if (!strtab || !has_soname)
+        return NULL;
+    /* glibc relocates d_ptr in place only where PT_DYNAMIC is writable. */
+    if (strtab < m->l_addr)
+        strtab += m->l_addr;
+    return (const char *)(strtab + soname);
+}
+
+static int asked_for(const struct link_map *m)
+{
+    const char *name = m->l_name;
+    if (!name || !*name || wanted_len == 0)
+        return 0;
+    const char *slash = strrchr(name, '/');
+    if (is_wanted(name) || is_wanted(slash ? slash + 1 : name))
+        return 1;
+    const char *soname = soname_of(m);
+    return soname && is_wanted(soname);
+}
+
+/* --- the walk and the diff ------------------------------------------ */
+
+static int walk(struct map_entry *out)
+{
+    int n = 0;
+    struct r_debug_extended *ns = (struct r_debug_extended *)&_r_debug;
+    for (; ns; ns = ns->base.r_version >= 2 ? ns->r_next : NULL)
+        for (const struct link_map *m = ns->base.r_map; m && n < MAX_MAPS; m = m->l_next) {
+            out[n].map = m;
+            out[n].addr = m->l_addr;
+            out[n].tracked = -1;
+            n++;
+        }
+    return n;
+}
+
+static int consistent(void)
+{
+    struct r_debug_extended *ns = (struct r_debug_extended *)&_r_debug;
+    for (; ns; ns = ns->base.r_version >= 2 ? ns->r_next : NULL)
+        if (ns->base.r_state != RT_CONSISTENT)
+            return 0;
+    return 1;
+}
+
+static void push(int kind, const struct map_entry *e, const char *name)
+{
+    if (q_tail - q_head >= QUEUE) {
+        n_dropped++;    /* Python resynchronises from the loaded list (see loader.py) */
+        return;
+    }
+    struct hp_loader_event *ev = &queue[q_tail % QUEUE];
+    ev->kind = kind;
+    ev->seq = ++q_tail;
+    ev->base = e->addr;
+    ev->map = (uintptr_t)e->map;
+    hp_fmt_str(ev->name, ev->name + HP_NAME_MAX, name);
+    n_events++;
+}
+
+static int find(const struct map_entry *list, int n, const struct map_entry *e)
+{
+    for (int i = 0; i < n; i++)
+        if (list[i].map == e->map && list[i].addr == e->addr)
+            return i;
+    return -1;
+}
+
+static int new_tracked(const char *name)
+{
+    for (int i = 0; i < MAX_TRACKED; i++)
+        if (!tracked_used[i]) {
+            tracked_used[i] = 1;
+            hp_fmt_str(tracked_names[i], tracked_names[i] + HP_NAME_MAX, name);
+            return i;
+        }
+    return -1;
+}
+
+/* Diff the link maps with the last walk; queue GOING then COMING events.
+ * Returns the seq of the last event queued, 0 if none.  q_lock held. */
+static uint64_t diff(void)
+{
+    uint64_t before = q_tail;
+    int n = walk(cur);
+    for (int i = 0; i < nprev; i++) {
+        int j = find(cur, n, &prev[i]);
+        if (j >= 0) {
+            cur[j].tracked = prev[i].tracked;
+        } else if (prev[i].tracked >= 0) {
+            push(EV_GOING, &prev[i], tracked_names[prev[i].tracked]);
+            tracked_used[prev[i].tracked] = 0;
+        }
+    }
+    for (int j = 0; j < n; j++)
+        if (find(prev, nprev, &cur[j]) < 0 && asked_for(cur[j].map)) {
+            cur[j].tracked = new_tracked(cur[j].map->l_name);
+            push(EV_COMING, &cur[j], cur[j].map->l_name);
+        }
+    memcpy(prev, cur, (size_t)n * sizeof cur[0]);
+    nprev = n;
+    return q_tail != before ? q_tail : 0;
+}
+
+/* --- delivery ----------------------------------------------------------- */
+
+extern int PyGILState_Check(void);
+
+static void abandon(uint64_t last)
+{
+    if (done_seq < last && abandoned_seq < last) {
+        abandoned_seq = last;
+        n_abandoned++;
+    }
+}
+
+/* Have the events up to `last` handled: here when this thread holds the
+ * GIL, else by the worker, waited for at most wait_ms. */
+static void deliver(uint64_t last)
+{
+    if (!in_python && py_callback && PyGILState_Check()) {
+        in_python = 1;
+        py_callback();
+        in_python = 0;
+        pthread_mutex_lock(&q_lock);
+        abandon(last);
+        pthread_mutex_unlock(&q_lock);
+        return;
+    }
+    pthread_mutex_lock(&q_lock);
+    if (!in_python && py_callback) {
+        pthread_cond_broadcast(&q_more);
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += wait_ms / 1000;
+        deadline.tv_nsec += (long)(wait_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        while (done_seq < last && pthread_cond_timedwait(&q_done, &q_lock, &deadline) != ETIMEDOUT)
+            ;
+    } else {
+        pthread_cond_broadcast(&q_more);   /* nested in our own handler, or not started */
+    }
+    abandon(last);
+    pthread_mutex_unlock(&q_lock);
+}
+
+static void rescan(void)
+{
+    pthread_mutex_lock(&q_lock);
+    n_calls++;
+    uint64_t last = started ? diff() : 0;
+    pthread_mutex_unlock(&q_lock);
+    if (last)
+        deliver(last);
+}
+
+/* What r_brk is redirected to.  The dynamic linker's lock is held. */
+void hp_loader_brk(void)
+{
+    int saved = errno;
+    if (consistent())
+        rescan();
+    errno = saved;
+    if (brk_original)
+        brk_original();
+}
+
+/* The fallback: dlopen / dlmopen / dlclose interposed, the walk after. */
+static void *wrap_dlopen(const char *file, int mode)
+{
+    void *handle = real_dlopen(file, mode);
+    int saved = errno;
+    rescan();
+    errno = saved;
+    return handle;
+}
+
+static void *wrap_dlmopen(Lmid_t lmid, const char *file, int mode)
+{
+    void *handle = real_dlmopen(lmid, file, mode);
+    int saved = errno;
+    rescan();
+    errno = saved;
+    return handle;
+}
+
+static int wrap_dlclose(void *handle)
+{
+    int rc = real_dlclose(handle);
+    int saved = errno;
+    rescan();
+    errno = saved;
+    return rc;
+}
+
+/* --- the Python side's calls ----------------------------------------- */
+
+/* Where r_brk points: the function to redirect. */
+uintptr_t hp_loader_brk_site(void)
+{
+    return _r_debug.r_brk;
+}
+
+/* 0: the r_brk hook; 1, 2, 3: the dlopen, dlmopen, dlclose wrappers. */
+uintptr_t hp_loader_entry(int which)
+{
+    switch (which) {
+    case 0: return (uintptr_t)hp_loader_brk;
+    case 1: return (uintptr_t)wrap_dlopen;
+    case 2: return (uintptr_t)wrap_dlmopen;
+    case 3: return (uintptr_t)wrap_dlclose;
+    }
+    return 0;
+}
+
+/* The address that runs the original of entry `which` (see above). */
+void hp_loader_set_original(int which, uintptr_t original)
+{
+    switch (which) {
+    case 0: brk_original = (void (*)(void))original; break;
+    case 1: real_dlopen = (void *(*)(const char *, int))original; break;
+    case 2: real_dlmopen = (void *(*)(Lmid_t, const char *, int))original; break;
+    case 3: real_dlclose = (int (*)(void *))original; break;
+    }
+}
+
+/* The names asked for, NUL-separated (`len` bytes in all).  Objects loaded
+ * before, asked for now, are tracked from the next walk on: Python handles
+ * those from the loaded list itself. */
+int hp_loader_set_wanted(const char *names, size_t len)
+{
+    if (len > sizeof wanted)
+        return -1;
+    pthread_mutex_lock(&q_lock);
+    memcpy(wanted, names, len);
+    wanted_len = len;
+    for (int i = 0; i < nprev; i++)
+        if (prev[i].tracked < 0 && asked_for(prev[i].map))
+            prev[i].tracked = new_tracked(prev[i].map->l_name);
+    pthread_mutex_unlock(&q_lock);
+    return 0;
+}
+
+/* Take the first walk (objects loaded now are no events) and start
+ * delivering to `callback`, which runs with the GIL held by its thread. */
+void hp_loader_start(void (*callback)(void), int wait)
+{
+    pthread_mutex_lock(&q_lock);
+    if (!started) {
+        nprev = walk(prev);
+        started = 1;
+    }
+    for (int i = 0; i < nprev; i++)
+        if (prev[i].tracked < 0 && asked_for(prev[i].map))
+            prev[i].tracked = new_tracked(prev[i].map->l_name);
+    py_callback = callback;
+    wait_ms = wait;
+    pthread_mutex_unlock(&q_lock);
+}
+
+/* No more calls into Python (the interpreter is finalising). */
+void hp_loader_stop(void)
+{
+    pthread_mutex_lock(&q_lock);
+    py_callback = NULL;
+    pthread_cond_broadcast(&q_more);
+    pthread_mutex_unlock(&q_lock);
+}
+
+/* The worker: wait up to timeout_ms for an event; how many are queued. */
+int hp_loader_wait(int timeout_ms)
+{
+    pthread_mutex_lock(&q_lock);
+    if (q_head == q_tail) {
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&q_more, &q_lock, &deadline);
+    }
+    int n = (int)(q_tail - q_head);
+    pthread_mutex_unlock(&q_lock);
+    return n;
+}
+
+/* Take the oldest event; 0 when there is none. */
+int hp_loader_take(struct hp_loader_event *out)
+{
+    pthread_mutex_lock(&q_lock);
+    int got = q_head != q_tail;
+    if (got)
+        *out = queue[q_head++ % QUEUE];
+    pthread_mutex_unlock(&q_lock);
+    return got;
+}
+
+/* Events up to `seq` handled: the loading thread waiting for them goes on. */
+void hp_loader_done(uint64_t seq)
+{
+    pthread_mutex_lock(&q_lock);
+    if (seq > done_seq)
+        done_seq = seq;
+    pthread_cond_broadcast(&q_done);
+    pthread_mutex_unlock(&q_lock);
+}
+
+/* Write into an object still being loaded by the event `seq`: no stop, as
+ * no thread can run its code while its loading thread waits for us.
+ * 0 written; 1 nothing written, the loading thread went on (use a stop);
+ * -1 nothing written, `err` says why (the bytes are not what was expected). */
+int hp_loader_write_unreachable(const struct hp_write *w, size_t n, uint64_t seq, char *err)
+{
+    err[0] = 0;
+    pthread_mutex_lock(&q_lock);
+    int rc = seq <= abandoned_seq || seq <= done_seq ? 1 : 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        uint8_t now[16];
+        if (w[i].len > sizeof now || hp_read_memory(w[i].address, now, w[i].len) != (long)w[i].len ||
+            memcmp(now, w[i].old, w[i].len) != 0) {
+            char *at = hp_fmt_str(err, err + HP_ERRLEN, "the code at ");
+            at = hp_fmt_hex(at, err + HP_ERRLEN, w[i].address);
+            hp_fmt_str(at, err + HP_ERRLEN, " is not what it was expected to be");
+            rc = -1;
+        }
+    }
+    for (size_t i = 0; i < n && rc == 0; i++)
+        if (hp_write_code(w[i].address, w[i].bytes, w[i].len)) {
+            while (i--)    /* put back what was written: all or nothing */
+                hp_write_code(w[i].address, w[i].old, w[i].len);
+            hp_fmt_str(err, err + HP_ERRLEN, "writing code into an object being loaded failed");
+            rc = -1;
+        }
+    pthread_mutex_unlock(&q_lock);
+    return rc;
+}
+
+/* Counters for the tree: r_brk/wrapper calls, events, waits abandoned,
+ * events dropped on a full queue. */
+void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *dropped)
+{
+    pthread_mutex_lock(&q_lock);
+    *calls = n_calls;
+    *events = n_events;
+    *abandoned = n_abandoned;
+    *dropped = n_dropped;
+    pthread_mutex_unlock(&q_lock);
+}
+
+/* A forked child has one thread and no worker yet: nothing waits. */
+static void after_fork_in_child(void)
+{
+    pthread_mutex_init(&q_lock, NULL);
+    pthread_cond_init(&q_more, NULL);
+    pthread_cond_init(&q_done, NULL);
+    in_python = 0;
+}
+
+__attribute__((constructor)) static void hp_loader_init(void)
+{
+    pthread_atfork(NULL, NULL, after_fork_in_child);
+}
