@@ -120,3 +120,62 @@ report({"init": seen(P["coming"]), "target": call(lib, "target"), "chosen": call
     assert r["init"] == 2           # late: the constructor ran first
     assert r["node"]["patched"] and "patched late" in r["node"]["note"] and "IFUNC" in r["node"]["note"]
     assert len(r["late"]) == 1 and "libcoming.so" in r["late"][0]
+
+
+def test_dlclose_then_disable_never_touches_the_old_addresses(child, libs):
+    """The issue's reproduction: patch, dlclose, another library loaded at
+    the same address, disable: that library's code is untouched; loading
+    the object again patches it again."""
+    r = child(PRELUDE + """
+events = []
+cb = {k: (lambda k: lambda o: events.append(k))(k)
+      for k in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")}
+a = ctypes.CDLL(P["same_a"])
+base_a = base_of(P["same_a"])
+patch = hotpatch.register(Patch("p", [Object("libsame_a.so", [Func("fn", REPL)], **cb)]))
+out = {"patched": call(a, "fn")}
+_ctypes.dlclose(a._handle)
+out["after_close"] = hotpatch.tree()["livepatch"]["p"]["libsame_a.so"]
+b = ctypes.CDLL(P["same_b"])
+out["same"] = base_of(P["same_b"]) == base_a
+patch.disable()
+out["other"] = call(b, "other_fn")
+patch.enable()
+out["sites"] = hotpatch.tree()["core"]["sites"]
+a = ctypes.CDLL(P["same_a"])
+out["again"] = call(a, "fn")
+out["events"] = events
+report(out)
+""", **libs)[0]
+    assert r["patched"] == 1002 - 1 and r["same"]
+    assert r["after_close"]["patched"] is False and r["after_close"]["loaded"] is False
+    assert r["other"] == 8
+    assert r["sites"] == 1 and r["again"] == 1001      # the one site: r_brk
+    assert r["events"] == ["pre_patch", "post_patch", "pre_unpatch", "post_unpatch",
+                           "pre_patch", "post_patch"]
+
+
+def test_load_patch_unload_cycles_keep_memory_flat(child, libs):
+    r = child(PRELUDE + """
+import resource
+patch = hotpatch.register(coming_patch())
+def cycle():
+    h = ctypes.CDLL(P["coming"])
+    assert call(h, "target") == 1001
+    _ctypes.dlclose(h._handle)
+def pool():
+    with open("/proc/self/maps") as maps:
+        return sum(int(l.split()[0].split("-")[1], 16) - int(l.split()[0].split("-")[0], 16)
+                   for l in maps if "hotpatch" in l)
+for _ in range(100):
+    cycle()
+rss, maps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, pool()
+for _ in range(1000):
+    cycle()
+report({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss, "pool": pool() - maps,
+        "free": len(sites._free_code), "sites": len(sites._sites),
+        "loader": hotpatch.tree()["loader"]})
+""", **libs)[0]
+    assert r["pool"] == 0 and r["free"] <= 2 and r["sites"] <= 2, r
+    assert r["rss_kb"] < 2048, r
+    assert r["loader"]["late"] == [] and r["loader"]["events"] >= 2200
