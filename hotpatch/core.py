@@ -46,8 +46,9 @@ _mutex = OperationLock(0, _refused)
 #: Every enable, disable, COMING and GOING is logged at INFO, as the kernel
 #: logs its transitions.
 log = logging.getLogger("hotpatch")
-#: How COMING/GOING messages are logged: hotpatch.loader queues them while
-#: inside the dynamic linker (a logging handler may do anything there).
+#: How messages are logged: hotpatch.loader queues them while inside the
+#: dynamic linker (a logging handler may do anything there, dlopen included)
+#: and emits the queue, in order, before the next one outside it.
 notify: Callable[..., None] = log.log
 _patches: list["Patch"] = []          # registered, oldest first
 _enabled: list["Patch"] = []          # enabled, in the order they were enabled
@@ -365,7 +366,7 @@ def _watch_loads(patch: Patch) -> None:
             loaded = sorted({n for o in symbols.loaded_objects() for n in o.names})
         close = difflib.get_close_matches(os.path.basename(obj.name), loaded, n=5, cutoff=0.75)
         obj.note = "waiting for the object to load"
-        log.warning("patch '%s': object %s is not loaded: it will be patched when it loads%s",
+        notify(logging.WARNING, "patch '%s': object %s is not loaded: it will be patched when it loads%s",
                     patch.name, obj.label,
                     f" (loaded objects with close names: {', '.join(close)})" if close else "")
 
@@ -397,7 +398,7 @@ def _enable(patch: Patch) -> None:
     global _tainted
     if patch.enabled:
         raise PatchStateError(f"patch {patch.name!r} is already enabled")
-    log.info("livepatch: enabling patch '%s'", patch.name)
+    notify(logging.INFO, "livepatch: enabling patch '%s'", patch.name)
     present = _loaded_objects(patch)
     prepared: dict[int, sites.Site] = {}
     for obj in present:
@@ -432,7 +433,7 @@ def _enable(patch: Patch) -> None:
     _tainted = True
     _update_crash_report()
     _run_callbacks(present, "post_patch")
-    log.info("livepatch: '%s': patching complete", patch.name)
+    notify(logging.INFO, "livepatch: '%s': patching complete", patch.name)
 
 
 def _mark_disabled(patch: Patch) -> None:
@@ -459,11 +460,11 @@ def disable(patch: Patch) -> None:
             stacks.patch_funcs(pop=pop)
         except HotpatchError as e:
             raise _prefixed(e, f"patch {patch.name!r}") from None
-        log.info("livepatch: '%s': starting unpatching transition", patch.name)
+        notify(logging.INFO, "livepatch: '%s': starting unpatching transition", patch.name)
         _mark_disabled(patch)
         _update_crash_report()
         _run_callbacks(patched, "post_unpatch")
-        log.info("livepatch: '%s': unpatching complete", patch.name)
+        notify(logging.INFO, "livepatch: '%s': unpatching complete", patch.name)
 
 
 # ---------------------------------------------------------------------------

@@ -182,6 +182,13 @@ def _say(level: int, message: str, *args) -> None:
     if getattr(_draining, "in_hook", False):
         _records.append((level, message, args))
     else:
+        _flush()
+        core.log.log(level, message, *args)
+
+
+def _flush() -> None:
+    while _records:
+        level, message, args = _records.popleft()
         core.log.log(level, message, *args)
 
 
@@ -201,9 +208,7 @@ def _work() -> None:
         lib.hp_loader_wait(200)
         try:
             _drain(in_hook=False)
-            while _records:
-                level, message, args = _records.popleft()
-                core.log.log(level, message, *args)
+            _flush()
         except Exception as e:       # the worker must outlive any one event
             core.log.error("hotpatch: loader worker: %r", e)
 

@@ -36,8 +36,8 @@ spawn = ctypes.CDLL(P["spawn"])
 spawn.native_dlopen.restype = ctypes.c_void_p
 spawn.native_dlopen.argtypes = [ctypes.c_char_p]
 spawn.native_dlclose.argtypes = [ctypes.c_void_p]
-def seen(path):
-    return ctypes.c_long.in_dll(ctypes.CDLL(path), "seen_at_init").value
+def seen(lib):
+    return ctypes.c_long.in_dll(lib, "seen_at_init").value
 def coming_patch(name="libcoming.so", funcs=("target",), **callbacks):
     new = {"target": REPL, "chosen": REPL2}
     return Patch("late", [Object(name, [Func(f, new[f]) for f in funcs], **callbacks)])
@@ -87,7 +87,7 @@ else:
     user = ctypes.CDLL(P["user"])
     lib = ctypes.CDLL(P["coming"])
 node = hotpatch.tree()["livepatch"]["late"]["libcoming.so"]
-report({"before": before, "init": seen(P["coming"]), "target": call(lib, "target"),
+report({"before": before, "init": seen(lib), "target": call(lib, "target"),
         "node": node, "loader": hotpatch.tree()["loader"],
         "original": ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(patch.objects[0].funcs[0].original)(1)})
 patch.disable()
@@ -112,7 +112,7 @@ def test_ifunc_of_an_object_loaded_later_is_patched_late_and_says_why(child, lib
 patch = hotpatch.register(coming_patch(funcs=("target", "chosen")))
 lib = ctypes.CDLL(P["coming"])
 settle(patch)
-report({"init": seen(P["coming"]), "target": call(lib, "target"), "chosen": call(lib, "chosen"),
+report({"init": seen(lib), "target": call(lib, "target"), "chosen": call(lib, "chosen"),
         "node": hotpatch.tree()["livepatch"]["late"]["libcoming.so"],
         "late": hotpatch.tree()["loader"]["late"]})
 """, **libs)[0]
@@ -179,3 +179,110 @@ report({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss, "poo
     assert r["pool"] == 0 and r["free"] <= 2 and r["sites"] <= 2, r
     assert r["rss_kb"] < 2048, r
     assert r["loader"]["late"] == [] and r["loader"]["events"] >= 2200
+
+
+CALLBACKS = PRELUDE + """
+import logging
+events, logs = [], []     # callbacks; log records (those from inside the
+                          # dynamic linker come later, from the worker)
+class Log(logging.Handler):
+    def emit(self, record):
+        logs.append(record.getMessage())
+logging.getLogger("hotpatch").addHandler(Log())
+logging.getLogger("hotpatch").setLevel(logging.INFO)
+def callbacks(label, veto=False):
+    def make(kind):
+        def cb(obj):
+            events.append(f"{kind} {label}")
+            return 1 if veto and kind == "pre_patch" else 0
+        return cb
+    return {k: make(k) for k in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")}
+def flushed():
+    import time
+    time.sleep(0.5)     # log records from inside the dynamic linker: emitted by the worker
+    return events
+def livepatch(name, veto=False):
+    return Patch(name, [Object(None, [], **callbacks("main")),
+                        Object("libcoming.so", [Func("target", REPL)], **callbacks("libcoming", veto))])
+"""
+
+
+def test_callbacks_module_coming_and_going(child, libs):
+    """test-callbacks.sh: module_coming, module_going, coming and going."""
+    r = child(CALLBACKS + """
+p = hotpatch.register(livepatch("demo"))
+lib = ctypes.CDLL(P["coming"])
+init = seen(lib)
+_ctypes.dlclose(lib._handle)
+p.disable()
+report([flushed(), init, logs])
+""", **libs)[0]
+    events, init, logs = r
+    assert init == 1001
+    assert events == ["pre_patch main", "post_patch main", "pre_patch libcoming", "post_patch libcoming",
+                      "pre_unpatch libcoming", "post_unpatch libcoming",
+                      "pre_unpatch main", "post_unpatch main"]
+    expected = ["livepatch: enabling patch 'demo'", "livepatch: 'demo': patching complete",
+                "patch 'demo': object libcoming.so is not loaded: it will be patched when it loads",
+                "livepatch: applying patch 'demo' to loading module 'libcoming.so'",
+                "livepatch: reverting patch 'demo' on unloading module 'libcoming.so'",
+                "livepatch: 'demo': unpatching complete"]
+    assert [m for m in logs if m in expected] == expected, logs
+    assert any(m.startswith("hotpatch: COMING") for m in logs)
+    assert any(m.startswith("hotpatch: GOING") for m in logs)
+
+
+def test_callbacks_multiple_patches_and_a_busy_target(child, libs):
+    """Two patches on an object loaded later, while a thread is busy inside a
+    patched function of another object (test-callbacks.sh's busy target,
+    without its consistency part): coming in enable order, going in
+    registration order, the busy thread undisturbed."""
+    r = child(CALLBACKS + """
+import threading
+a = ctypes.CDLL(P["same_a"])
+stop = False
+def busy():
+    while not stop:
+        call(a, "fn")
+t = threading.Thread(target=busy); t.start()
+p1 = hotpatch.register(Patch("p1", [Object("libcoming.so", [Func("target", REPL)], **callbacks("1")),
+                                    Object("libsame_a.so", [Func("fn", REPL)])]))
+p2 = hotpatch.register(Patch("p2", [Object("libcoming.so", [Func("target", REPL2)], **callbacks("2"))]))
+events.clear()
+lib = ctypes.CDLL(P["coming"])
+out = {"init": seen(lib), "busy": call(a, "fn")}
+_ctypes.dlclose(lib._handle)
+stop = True; t.join()
+out["events"] = flushed()
+report(out)
+""", **libs)[0]
+    assert r["init"] == 2001 and r["busy"] == 1001
+    assert r["events"] == ["pre_patch 1", "post_patch 1", "pre_patch 2", "post_patch 2",
+                           "pre_unpatch 1", "post_unpatch 1", "pre_unpatch 2", "post_unpatch 2"]
+
+
+def test_pre_patch_veto_at_coming_leaves_the_object_unpatched_and_loaded(child, libs):
+    r = child(CALLBACKS + """
+p = hotpatch.register(livepatch("veto", veto=True))
+lib = ctypes.CDLL(P["coming"])
+node = hotpatch.tree()["livepatch"]["veto"]["libcoming.so"]
+report([node, call(lib, "target"), seen(lib), flushed(), logs])
+""", **libs)[0]
+    node, target, init, events, logs = r
+    assert target == 2 and init == 2
+    assert node["patched"] is False and node["loaded"] is True
+    assert "pre_patch vetoed" in node["note"] and "returned 1" in node["note"]
+    assert any("pre-patch callback failed for object 'libcoming.so'" in e for e in logs)
+    assert "post_patch libcoming" not in events
+
+
+def test_a_misspelled_object_is_logged_with_close_names(child, libs):
+    r = child(CALLBACKS + """
+ctypes.CDLL(P["coming"])
+hotpatch.register(Patch("typo", [Object("libcomming.so", [Func("target", REPL)])]))
+report([hotpatch.tree()["livepatch"]["typo"]["libcomming.so"], logs])
+""", **libs)[0]
+    node, events = r
+    assert node["loaded"] is False and "waiting" in node["note"]
+    warning = [e for e in events if "libcomming.so" in e][0]
+    assert "will be patched when it loads" in warning and "libcoming.so" in warning
