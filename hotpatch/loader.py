@@ -255,12 +255,23 @@ def _handle(event, in_hook: bool) -> None:
                 return      # unloaded again meanwhile: its GOING follows
             _say(logging.INFO, "hotpatch: COMING %s at %#x", name, base)
 
+            went_on = []
+
             def unreachable(batch, n, err):
-                return lib.hp_loader_write_unreachable(batch, n, seq, err)
+                rc = lib.hp_loader_write_unreachable(batch, n, seq, err)
+                went_on.append(rc == 1)
+                return rc
+            late = _late_reason()
+            if late:
+                _late.append(f"{name}: {late}")
             try:
-                core._object_coming(loaded, unreachable, None)
+                core._object_coming(loaded, unreachable, late)
             except symbols.NotBoundYet as e:
                 _deferred.append((event, str(e)))
+                return
+            if any(went_on):
+                _noted_late(loaded, f"its loading thread stopped waiting after {WAIT_MS} ms "
+                                    f"(the GIL was busy): written through a stop")
     except core.PatchStateError as e:    # a load from inside an operation (a callback)
         _deferred.append((event, str(e)))
 
@@ -285,6 +296,22 @@ def _handle_deferred() -> None:
                     core._object_coming(loaded, None, why)
             finally:
                 symbols._dlclose(handle)
+
+
+def _late_reason() -> str | None:
+    if _state["notifier"] == "r_brk":
+        return None
+    return f"the notifier is dlopen interposition ({_state['reason']}): after its constructors ran"
+
+
+def _noted_late(loaded: symbols.LoadedObject, why: str) -> None:
+    name = loaded.name
+    _late.append(f"{name}: {why}")
+    _say(logging.WARNING, "hotpatch: %s patched late: %s", name, why)
+    for patch in core._patches:
+        for obj in patch.objects:
+            if obj.patched and obj._loaded == loaded and not obj.note:
+                obj.note = f"patched late: {why}"
 
 
 def _loaded_at(base: int, name: str) -> symbols.LoadedObject | None:

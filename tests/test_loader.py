@@ -13,7 +13,7 @@ def libs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("loader"))
     built = {name: compile_library(os.path.join(out, f"lib{name}.so"), [f"loader_targets/{name}.c"],
                                    flags=["-pthread"])
-             for name in ("same_a", "same_b", "repl", "coming", "spawn")}
+             for name in ("same_a", "same_b", "repl", "coming", "spawn", "debugger")}
     built["user"] = compile_library(os.path.join(out, "libuser.so"), ["loader_targets/user.c"],
                                     flags=[f"-L{out}", "-lcoming", f"-Wl,-rpath,{out}"])
     return built
@@ -286,3 +286,24 @@ report([hotpatch.tree()["livepatch"]["typo"]["libcomming.so"], logs])
     assert node["loaded"] is False and "waiting" in node["note"]
     warning = [e for e in events if "libcomming.so" in e][0]
     assert "will be patched when it loads" in warning and "libcoming.so" in warning
+
+
+def test_a_breakpoint_on_r_brk_falls_back_to_dlopen_interposition(child, libs):
+    r = child(PRELUDE + """
+dbg = ctypes.CDLL(P["debugger"])
+patch = hotpatch.register(coming_patch())
+lib = ctypes.CDLL(P["coming"])
+out = {"loader": hotpatch.tree()["loader"], "target": call(lib, "target"), "init": seen(lib),
+       "node": hotpatch.tree()["livepatch"]["late"]["libcoming.so"]}
+_ctypes.dlclose(lib._handle)
+out["gone"] = hotpatch.tree()["livepatch"]["late"]["libcoming.so"]
+out["traps"] = ctypes.c_long.in_dll(dbg, "traps").value
+report(out)
+""", **libs)[0]
+    loader = r["loader"]
+    assert loader["notifier"] == "dlopen interposition" and "int3" in loader["reason"]
+    assert r["target"] == 1001 and r["init"] == 2          # patched after its constructor
+    assert "patched late" in r["node"]["note"] and "dlopen interposition" in r["node"]["note"]
+    assert loader["late"] and "libcoming.so" in loader["late"][0]
+    assert r["gone"]["patched"] is False and r["gone"]["loaded"] is False
+    assert r["traps"] >= 2       # the debugger's breakpoint still fires

@@ -248,11 +248,14 @@ static void deliver(uint64_t last)
     pthread_mutex_unlock(&q_lock);
 }
 
-static void rescan(void)
+/* `late`: the objects' code may run already (the fallback wrappers). */
+static void rescan(int late)
 {
     pthread_mutex_lock(&q_lock);
     n_calls++;
     uint64_t last = started ? diff() : 0;
+    if (late && last)
+        abandon(last);
     pthread_mutex_unlock(&q_lock);
     if (last)
         deliver(last);
@@ -263,7 +266,7 @@ void hp_loader_brk(void)
 {
     int saved = errno;
     if (consistent())
-        rescan();
+        rescan(0);
     errno = saved;
     if (brk_original)
         brk_original();
@@ -274,7 +277,7 @@ static void *wrap_dlopen(const char *file, int mode)
 {
     void *handle = real_dlopen(file, mode);
     int saved = errno;
-    rescan();
+    rescan(1);
     errno = saved;
     return handle;
 }
@@ -283,7 +286,7 @@ static void *wrap_dlmopen(Lmid_t lmid, const char *file, int mode)
 {
     void *handle = real_dlmopen(lmid, file, mode);
     int saved = errno;
-    rescan();
+    rescan(1);
     errno = saved;
     return handle;
 }
@@ -292,7 +295,7 @@ static int wrap_dlclose(void *handle)
 {
     int rc = real_dlclose(handle);
     int saved = errno;
-    rescan();
+    rescan(1);
     errno = saved;
     return rc;
 }
