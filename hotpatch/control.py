@@ -49,7 +49,8 @@ def _core_entry() -> dict:
             "code_writes": "/proc/self/mem" if lib.hp_code_writes_use_proc_mem() else "mprotect window",
             "core_sync": "membarrier SYNC_CORE" if lib.hp_core_sync_ready() else "mprotect IPI",
             "stopper": _stopper_entry(),
-            "sites": len(sites.installed_sites()),
+            # the patches' sites; the loader's own (r_brk) is under "loader"
+            "sites": len([s for s in sites.installed_sites() if s not in loader.sites()]),
             "stops": {"count": stops, "retries": retries, "stop_ms": stop_ns / 1e6,
                       "held_ms": hold_ns / 1e6, "longest_hold_ms": hold_max_ns / 1e6}}
 

@@ -47,7 +47,8 @@ import logging
 import os
 import threading
 
-from . import core, sites, symbols
+from . import core, symbols
+from . import sites as _sites
 from ._native import ffi, lib
 from .errors import HotpatchError
 from .x86_64.decode import decode_one
@@ -98,7 +99,7 @@ def _object_at(address: int) -> symbols.LoadedObject | None:
 def _brk_refusal(brk: int) -> str | None:
     """Why ``r_brk`` cannot carry the hook, or None: it must be ``ret``,
     after an ``endbr64`` on CET builds."""
-    code = sites.read_memory(brk, 16)
+    code = _sites.read_memory(brk, 16)
     first = decode_one(code, brk)
     if first is not None and first.mnemonic == "endbr64":
         first = decode_one(code[first.size:], first.end)
@@ -143,10 +144,10 @@ def _redirect(entries: list[tuple[int, int]]) -> None:
             raise HotpatchError(f"{address:#x} lies in no loaded object")
         # The symbol's size tells its padding from the next function.
         size = symbols.resolve_offset(obj, address - obj.base).size
-        site = sites.prepare(address, size=size, exec_ranges=obj.exec_ranges)
+        site = _sites.prepare(address, size=size, exec_ranges=obj.exec_ranges)
         lib.hp_loader_set_original(which, site.original)
         prepared.append((site, lib.hp_loader_entry(which)))
-    sites.redirect_batch(prepared)
+    _sites.redirect_batch(prepared)
     _state["sites"] = [site for site, _ in prepared]
 
 
@@ -320,6 +321,11 @@ def _loaded_at(base: int, name: str) -> symbols.LoadedObject | None:
 
 # ---------------------------------------------------------------------------
 # The tree
+
+
+def sites() -> list:
+    """The sites the notifier itself redirected (r_brk, or the dl* entries)."""
+    return list(_state["sites"])
 
 
 def info() -> dict:

@@ -296,13 +296,18 @@ def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
     return change
 
 
-def _commit(changes: list[_Change], unreachable=None) -> None:
+# The writer of the batch in progress for an object still being loaded (see
+# update_batch); set only while the sites lock is held.
+_unreachable = None
+
+
+def _commit(changes: list[_Change]) -> None:
     # A slot or call target is set before an entry starts to point at it;
     # where the entry already does, the store is the whole retarget, and it
     # waits until every write of the batch has succeeded.
     rewritten = [c for c in changes if c.write is not None]
     _store_targets(rewritten)
-    _write(changes, unreachable)
+    _write(changes, _unreachable)
     _store_targets([c for c in changes if c.write is None])
     for change in changes:
         change.site.form, change.site.target = change.form, change.target
@@ -349,13 +354,17 @@ def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
     for site in restores:
         if site.form == "call":
             lib.hp_call_site_set_target(site._call_site, site.original)
+    global _unreachable
+    _unreachable = unreachable
     try:
-        _commit(changes, unreachable)
+        _commit(changes)
     except BaseException:
         for site in restores:
             if site.form == "call":
                 lib.hp_call_site_set_target(site._call_site, site.target)
         raise
+    finally:
+        _unreachable = None
 
 
 def redirect_batch(requests: Sequence[tuple[Site, int]], form: str | None = None) -> None:

@@ -150,7 +150,7 @@ report(out)
     assert r["patched"] == 1002 - 1 and r["same"]
     assert r["after_close"]["patched"] is False and r["after_close"]["loaded"] is False
     assert r["other"] == 8
-    assert r["sites"] == 1 and r["again"] == 1001      # the one site: r_brk
+    assert r["sites"] == 0 and r["again"] == 1001
     assert r["events"] == ["pre_patch", "post_patch", "pre_unpatch", "post_unpatch",
                            "pre_patch", "post_patch"]
 
