@@ -49,6 +49,13 @@ def _process_label(pid: int) -> str:
         return f"process {pid}"
 
 
+def _short(command: str, width: int = 32) -> str:
+    """``python3 service.py --lib ...``: programs by their file names."""
+    words = command.split()
+    text = " ".join([os.path.basename(w) for w in words[:2]] + words[2:])
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _when(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
 
@@ -84,7 +91,7 @@ def cmd_ps(args) -> tuple[object, str]:
                 f"{p['name']} (enabled {_when(p['enabled_at'])})" if p["enabled"]
                 else f"{p['name']} (disabled)" for p in row["patches"]) or "-"
         lines.append(f"{row['pid']:>7}  {row.get('user', '?'):<10} "
-                     f"{row.get('command', '?')[:32]:<32} {patches}")
+                     f"{_short(row.get('command', '?')):<32} {patches}")
     return rows, "\n".join(lines)
 
 
@@ -206,11 +213,15 @@ def _change_all(args, step) -> tuple[list, list[str]]:
                     rolled_back.append(pid)
                 except Failed as undo_error:
                     not_rolled_back.append({"pid": pid, "error": str(undo_error)})
-            back = ", ".join(map(str, rolled_back)) or "none"
-            reason = (f"{_process_label(process.pid)} failed: {e}; nothing is left changed: "
-                      f"rolled back in {back}" if not not_rolled_back else
-                      f"{_process_label(process.pid)} failed: {e}; rolled back in {back}, "
-                      f"but NOT in " + "; ".join(f"{f['pid']} ({f['error']})" for f in not_rolled_back))
+            why = str(e).removeprefix(f"process {process.pid}: ")
+            back = ", ".join(map(str, rolled_back))
+            if not_rolled_back:
+                after = (f"rolled back in {back or 'none'}, but NOT in " + "; ".join(
+                    f"{f['pid']} ({f['error']})" for f in not_rolled_back))
+            else:
+                after = f"nothing is left changed: rolled back in {back}" if back else \
+                    "nothing was changed"
+            reason = f"{_process_label(process.pid)} failed: {why}; {after}"
             raise Failed(reason, failed={"pid": process.pid, "error": str(e)},
                          processes=[pid for pid, _ in done], rolled_back=rolled_back,
                          not_rolled_back=not_rolled_back) from None
@@ -348,7 +359,11 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    print(json.dumps({"ok": True, "result": result}) if args.json else text)
+    try:
+        print(json.dumps({"ok": True, "result": result}) if args.json else text)
+        sys.stdout.flush()
+    except BrokenPipeError:      # `hotpatch symbols ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

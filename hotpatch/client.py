@@ -40,14 +40,26 @@ def socket_of(pid: int) -> str:
     except psutil.NoSuchProcess:
         raise ControlError(f"no process {pid}") from None
     except psutil.AccessDenied:
-        raise ControlError(f"{_describe(psutil.Process(pid))} belongs to another user: run "
-                           f"this as that user or as root") from None
+        raise ControlError(_access_denied(pid)) from None
     for connection in connections:
         match = _SOCKET_NAME.search(connection.laddr or "")
         if match and int(match.group(1)) == pid:
             return connection.laddr
     raise ControlError(f"{_describe(process)} has no hotpatch control socket (the service "
                        f"must import hotpatch with HOTPATCH_CONTROL=1 or call hotpatch.serve())")
+
+
+def _access_denied(pid: int) -> str:
+    try:
+        process = psutil.Process(pid)
+        uid = process.uids().real
+    except psutil.Error:
+        return f"process {pid}: permission denied"
+    if uid != os.geteuid() and os.geteuid() != 0:
+        return (f"{_describe(process)} belongs to uid {uid}: run this as that user or "
+                f"as root")
+    return (f"{_describe(process)}: permission denied reading its open files "
+            f"(/proc/{pid}/fd; a container without CAP_SYS_PTRACE?)")
 
 
 def _listening_sockets() -> dict[int, str]:

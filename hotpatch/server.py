@@ -578,7 +578,7 @@ def serve_from_environment() -> None:
     try:
         serve()
     except (HotpatchError, OSError) as e:
-        print(f"hotpatch: HOTPATCH_CONTROL=1: no control socket: {_one_line(e)}", file=sys.stderr)
+        print(f"hotpatch: HOTPATCH_CONTROL=1: {_one_line(e)}", file=sys.stderr)
 
 
 def _after_fork_in_child() -> None:
