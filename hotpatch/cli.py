@@ -219,8 +219,8 @@ def _change_all(args, step) -> tuple[list, list[str]]:
                 after = (f"rolled back in {back or 'none'}, but NOT in " + "; ".join(
                     f"{f['pid']} ({f['error']})" for f in not_rolled_back))
             else:
-                after = f"nothing is left changed: rolled back in {back}" if back else \
-                    "nothing was changed"
+                after = f"rolled back in {back}: no process is left changed" if back else \
+                    "no process was changed"
             reason = f"{_process_label(process.pid)} failed: {why}; {after}"
             raise Failed(reason, failed={"pid": process.pid, "error": str(e)},
                          processes=[pid for pid, _ in done], rolled_back=rolled_back,

@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,14 @@ def run_hotpatch(args, cwd) -> tuple[str, float]:
     if done.returncode:
         raise RuntimeError(f"hotpatch {args[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.rstrip(), took
+
+
+def held_ms(pid, cwd) -> float:
+    """How long the code writes held the service's other threads (the tree's
+    core.stops.held_ms)."""
+    done = subprocess.run(hotpatch_command() + ["ls", str(pid), "--json"], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    return json.loads(done.stdout)["result"]["tree"]["core"]["stops"]["held_ms"]
 
 
 def start_service(library, cwd):
@@ -99,7 +108,8 @@ def demo(tmp) -> int:
     library = build(os.path.join(HERE, "shop.c"), os.path.join(tmp, "libshop.so"))
     print("built libshop.so, the service's native library (total_cents() truncates "
           "instead of rounding)")
-    run_hotpatch(["build", os.path.join(HERE, "fix.c"), "-o", "fix.so"], tmp)
+    shutil.copy(os.path.join(HERE, "fix.c"), tmp)
+    run_hotpatch(["build", "fix.c", "-o", "fix.so"], tmp)
     print("  (the patch module: total_cents() rounded to the nearest cent)")
 
     service, port = start_service(library, tmp)
@@ -123,6 +133,8 @@ def demo(tmp) -> int:
         print(f"  {output}   ({took:.2f} s, most of it starting the command)")
         output, _ = run_hotpatch(["ls", str(service.pid)], tmp)
         print("\n".join(f"    {line}" for line in output.splitlines()))
+        print(f"  the service's threads were held for {held_ms(service.pid, tmp):.2f} ms in all, "
+              f"while the code was written")
         print(f"  GET /total?unit={unit}&qty={qty} -> {ask(port, unit, qty)}")
         out, _ = load.communicate(timeout=LOAD_SECONDS + 60)
         records = json.loads(out)["records"]
