@@ -16,12 +16,18 @@ from .errors import HotpatchError
 PROTOCOL = 1      # the version this client speaks (server.PROTOCOL)
 TIMEOUT = 30.0
 
-# <pid>.sock in a directory named hotpatch or hotpatch-<uid> (server.default_directory)
+# <pid>.sock in a directory named hotpatch or hotpatch-<uid> (server.default_directories)
 _SOCKET_NAME = re.compile(r"/hotpatch(?:-\d+)?/(\d+)\.sock$")
 
 
 class ControlError(HotpatchError):
     """A process could not be reached, or refused or failed a request."""
+
+
+def _unix_sockets(process: psutil.Process):
+    # psutil 6 renamed connections() to net_connections().
+    listing = getattr(process, "net_connections", None) or process.connections
+    return listing(kind="unix")
 
 
 def _describe(process: psutil.Process) -> str:
@@ -36,7 +42,7 @@ def socket_of(pid: int) -> str:
     own named ``<pid>.sock``."""
     try:
         process = psutil.Process(pid)
-        connections = process.net_connections(kind="unix")
+        connections = _unix_sockets(process)
     except psutil.NoSuchProcess:
         raise ControlError(f"no process {pid}") from None
     except psutil.AccessDenied:
@@ -89,7 +95,7 @@ def serving_processes() -> list[tuple[psutil.Process, str]]:
     for pid, path in sorted(_listening_sockets().items()):
         try:
             process = psutil.Process(pid)
-            if any(c.laddr == path for c in process.net_connections(kind="unix")):
+            if any(c.laddr == path for c in _unix_sockets(process)):
                 found.append((process, path))
         except psutil.Error:
             continue    # gone, or another user's

@@ -44,6 +44,7 @@ PROTOCOL = 1
 MAX_LINE = 1 << 20          # bytes in one request line
 IDLE_TIMEOUT = 10.0         # seconds a connection may stall mid-request or unread
 MAX_CLIENTS = 32
+SWEEP_INTERVAL = 60.0       # seconds between removals of dead processes' sockets
 _RECV = 65536
 
 _server: "_Server | None" = None
@@ -54,15 +55,37 @@ _serve_lock = threading.Lock()
 # Where the socket lives
 
 
-def default_directory() -> str:
-    """``$XDG_RUNTIME_DIR/hotpatch``, else ``/run/hotpatch`` for root, else
+def default_directories() -> list[str]:
+    """Where the socket goes, in order of preference:
+    ``$XDG_RUNTIME_DIR/hotpatch``, else ``/run/hotpatch`` for root, else (or
+    where those cannot be created, e.g. a read-only /run)
     ``/tmp/hotpatch-<uid>``."""
+    places = []
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isabs(runtime) and os.path.isdir(runtime):
-        return os.path.join(runtime, "hotpatch")
-    if os.geteuid() == 0 and os.path.isdir("/run"):
-        return "/run/hotpatch"
-    return f"/tmp/hotpatch-{os.geteuid()}"
+        places.append(os.path.join(runtime, "hotpatch"))
+    elif os.geteuid() == 0 and os.path.isdir("/run"):
+        places.append("/run/hotpatch")
+    places.append(f"/tmp/hotpatch-{os.geteuid()}")
+    return places
+
+
+def _default_directory() -> str:
+    """The first default directory that can be made private, or the error
+    of the preferred one."""
+    first_error = None
+    for place in default_directories():
+        try:
+            _private_directory(place)
+            return place
+        except _CannotCreate as e:
+            first_error = first_error or e
+    raise first_error
+
+
+class _CannotCreate(HotpatchError):
+    """The directory could not be created (a read-only or foreign parent):
+    the next place may do."""
 
 
 def _private_directory(path: str) -> None:
@@ -74,7 +97,7 @@ def _private_directory(path: str) -> None:
     except FileExistsError:
         pass
     except OSError as e:
-        raise HotpatchError(f"control socket: cannot create {path}: {e.strerror}") from None
+        raise _CannotCreate(f"control socket: cannot create {path}: {e.strerror}") from None
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise HotpatchError(f"control socket: {path} is not a directory")
@@ -372,10 +395,10 @@ class _Server:
     # the loop ---------------------------------------------------------------
 
     def _run(self) -> None:
+        next_sweep = time.monotonic() + SWEEP_INTERVAL
         while not self._stopping:
-            timeout = min((c.deadline for c in self._connections.values()), default=None)
-            if timeout is not None:
-                timeout = max(0.0, timeout - time.monotonic())
+            wake = min([next_sweep, *(c.deadline for c in self._connections.values())])
+            timeout = max(0.0, wake - time.monotonic())
             try:
                 events = self._selector.select(timeout)
             except OSError:
@@ -388,6 +411,11 @@ class _Server:
                         continue
                     self._close(key.fileobj)
             self._expire()
+            if time.monotonic() >= next_sweep:
+                # Workers that end with os._exit() (multiprocessing's do) run no
+                # exit handler: their sockets are removed here.
+                _remove_stale(self.directory)
+                next_sweep = time.monotonic() + SWEEP_INTERVAL
 
     def _dispatch(self, fileobj, mask: int) -> None:
         if fileobj is self._wake_r:
@@ -542,16 +570,13 @@ class _Server:
 def serve(directory: str | None = None) -> str:
     """Open this process's control socket (once; later calls return the
     same path) and serve it from a daemon thread.  ``directory`` overrides
-    the default place (see :func:`default_directory`).  Returns the socket's
+    the default places (see :func:`default_directories`).  Returns the socket's
     path."""
     global _server
     with _serve_lock:
         if _server is not None and _server.pid == os.getpid():
             return _server.path
-        if directory is None:
-            directory = default_directory()
-            _private_directory(directory)
-        directory = os.path.abspath(directory)
+        directory = os.path.abspath(directory) if directory else _default_directory()
         _remove_stale(directory)
         _server = _Server(directory)
         return _server.path

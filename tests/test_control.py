@@ -443,6 +443,27 @@ report({"path": path == mine, "listing": sorted(os.listdir(P["dir"]))})
     assert r["path"] and len(r["listing"]) == 1 and os.path.basename(path) not in r["listing"]
     assert os.listdir(directory) == []
 
+    # A forked worker serves on its own socket; ended with os._exit() (no exit
+    # handlers), its socket is swept by the parent's server.
+    r = child("""
+import os, time
+from hotpatch import server
+server.SWEEP_INTERVAL = 0.3
+path = server.serve(P["dir"])
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, (server.serving() or "").encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+worker_path = os.read(read, 4096).decode()
+left = os.path.exists(worker_path)
+time.sleep(1.5)
+report({"worker": worker_path == os.path.join(P["dir"], f"{pid}.sock"), "left": left,
+        "listing": os.listdir(P["dir"]), "mine": os.path.basename(path)})
+""", dir=directory)[0]
+    assert r["worker"] and r["left"] and r["listing"] == [r["mine"]]
+
     # A directory someone else could use is refused, with the reason, and the import goes on.
     shared = tmp_path / "shared"
     (shared / "hotpatch").mkdir(parents=True)
