@@ -338,7 +338,7 @@ def handle(line: bytes) -> dict:
         if not isinstance(request, dict):
             raise ValueError("bad request: a request is a JSON object")
         request_id = request.get("id")
-        if request.get("v") != PROTOCOL:
+        if type(request.get("v")) is not int or request["v"] != PROTOCOL:
             raise ValueError(f"protocol version {request.get('v')!r} is not spoken here "
                              f"(this process speaks {PROTOCOL}; put \"v\": {PROTOCOL} in the request)")
         operation = OPERATIONS.get(request.get("op"))
@@ -428,7 +428,10 @@ class _Server:
                 return
             if mask & selectors.EVENT_WRITE:
                 self._flush(connection)
-            if mask & selectors.EVENT_READ:
+                # The reply is out: the next request already received is served.
+                if self._connections.get(fileobj.fileno()) is connection and connection.inbox:
+                    self._serve_lines(connection)
+            if mask & selectors.EVENT_READ and fileobj.fileno() in self._connections:
                 self._read(connection)
 
     def _accept(self) -> None:
@@ -507,8 +510,6 @@ class _Server:
                 connection.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 self._close(connection.sock)
-        elif connection.inbox:
-            self._serve_lines(connection)
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -311,6 +311,17 @@ def test_malformed_requests_get_errors_and_others_are_served(service):
     reply = exchange(sock, b"\n" + STATUS)                 # same connection, still served
     assert reply["ok"] and reply["id"] == 7 and reply["result"]["pid"] == service["pid"]
 
+    pipelined = connect(service)                           # many requests in one write
+    pipelined.sendall(b"{}\n" * 20000 + STATUS)
+    replies = b""
+    while replies.count(b"\n") < 20001:
+        chunk = pipelined.recv(1 << 20)
+        assert chunk
+        replies += chunk
+    lines = replies.splitlines()
+    assert all(b"protocol version None" in line for line in lines[:20000])
+    assert json.loads(lines[20000])["result"]["pid"] == service["pid"]
+
     flood = connect(service)
     flood.sendall(b"x" * (10 << 20))
     flood.shutdown(socket.SHUT_WR)
