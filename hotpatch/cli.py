@@ -359,6 +359,9 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:     # a bug of ours: still one line, never a traceback
+        print(f"hotpatch {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     try:
         print(json.dumps({"ok": True, "result": result}) if args.json else text)
         sys.stdout.flush()
