@@ -23,6 +23,7 @@ work from there too.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable, Sequence
 
 from . import newcode, patch as stacks, sites, symbols
@@ -152,7 +153,10 @@ class Patch:
         self.replace = bool(replace)
         self.consistency = consistency
         self.enabled = False
+        self.enabled_at: float | None = None     # time.time() of the enable in effect
         self.registered = False
+        self.module_path: str | None = None      # the patch module it came from, if any
+        self.module_digest: str | None = None    # its SHA-256
         for obj in self.objects:
             if not isinstance(obj, Object):
                 raise TypeError(f"patch {name!r}: {obj!r} is not a hotpatch.Object")
@@ -391,6 +395,7 @@ def _enable(patch: Patch) -> None:
     for obj in present:
         obj.patched = True
     patch.enabled = True
+    patch.enabled_at = time.time()
     _enabled.append(patch)
     _tainted = True
     _update_crash_report()
@@ -399,6 +404,7 @@ def _enable(patch: Patch) -> None:
 
 def _mark_disabled(patch: Patch) -> None:
     patch.enabled = False
+    patch.enabled_at = None
     _enabled.remove(patch)
     for obj in patch.objects:
         obj.patched = False

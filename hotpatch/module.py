@@ -10,6 +10,7 @@ file that defines ``patch``.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import runpy
 import subprocess
@@ -125,14 +126,24 @@ def _patch_from_python(path: str) -> core.Patch:
     return patch
 
 
+def digest(path: str) -> str:
+    """SHA-256 of a patch module's file: what tells that the same module is
+    loaded again."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def load(path: str, *, enable: bool = True) -> core.Patch:
     """Load a patch module (a C ``.so`` or a ``.py`` file) and register it
-    (enabled by default).  Returns the :class:`~hotpatch.Patch`."""
+    (enabled by default).  Returns the :class:`~hotpatch.Patch`, whose
+    ``module_path`` and ``module_digest`` name the file it came from."""
     path = os.path.abspath(path)
     # Refused before the module is opened: its constructors must not run
     # for a load that register() would refuse.
     core._mutex.check(f"load {path}")
     if not os.path.exists(path):
         raise HotpatchError(f"{path}: no such patch module")
+    module_digest = digest(path)
     patch = _patch_from_python(path) if path.endswith(".py") else _patch_from_library(path)
+    patch.module_path, patch.module_digest = path, module_digest
     return core.register(patch, enable=enable)

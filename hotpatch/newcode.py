@@ -13,7 +13,7 @@ import sys
 import traceback
 
 import _cffi_backend
-from cffi import FFI
+from cffi import FFI, CDefError, FFIError
 
 from ._native import ffi
 from .errors import HotpatchError
@@ -37,8 +37,18 @@ def _callback(func, new, signature: str):
 
     try:
         return _callback_ffi.callback(signature, new, onerror=report)
-    except (_callback_ffi.error, TypeError) as e:
-        raise HotpatchError(f"{func.old_name}: bad signature {signature!r}: {e}") from None
+    except (CDefError, FFIError, TypeError) as e:
+        reason = str(e).splitlines()[0]
+        raise HotpatchError(f"{func.old_name}: bad signature {signature!r}: {reason}") from None
+    except MemoryError:
+        # cffi's callbacks are built in writable and executable memory, which a
+        # process started with PR_SET_MDWE (systemd's MemoryDenyWriteExecute)
+        # refuses; code compiled ahead of time needs none.
+        raise HotpatchError(
+            f"{func.old_name}: a Python callable cannot be made callable from C in this "
+            f"process: it refuses writable and executable memory (PR_SET_MDWE, systemd's "
+            f"MemoryDenyWriteExecute); use a C patch module (hotpatch build) or a compiled "
+            f"function pointer") from None
 
 
 def code_address(func) -> tuple[int, object]:
