@@ -217,7 +217,8 @@ def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) 
             if stacks.stack_of(func.old_addr) is None and func.old_addr not in prepared:
                 prepared[func.old_addr] = sites.prepare(
                     func.old_addr, size=func.old_size, exec_ranges=loaded.exec_ranges,
-                    fentry_targets=fentry_targets)
+                    fentry_targets=fentry_targets,
+                    branches_into=lambda lo, hi: symbols.branches_into(loaded, lo, hi))
         except HotpatchError as e:
             raise _prefixed(e, where) from None
 

@@ -37,6 +37,7 @@ import lief
 from hotpatch import _procfs
 from hotpatch._locks import OperationLock
 from hotpatch._native import ffi, lib
+from hotpatch.x86_64.xrefs import BranchIndex, index_branches
 from hotpatch.errors import (
     AmbiguousSymbol,
     HotpatchError,
@@ -57,6 +58,8 @@ __all__ = [
     "set_debug_dirs",
     "debug_dirs",
     "cache_clear",
+    "describe_address",
+    "branches_into",
 ]
 
 PT_LOAD, PT_DYNAMIC, PT_NOTE = 1, 2, 4
@@ -387,6 +390,7 @@ class _SymbolTable:
     _at_start: dict[int, _FuncSym] | None = field(default=None, init=False, repr=False)
     _sized: list[_FuncSym] = field(default_factory=list, init=False, repr=False)
     _sized_starts: list[int] = field(default_factory=list, init=False, repr=False)
+    _all_starts: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.by_name = {}
@@ -419,7 +423,17 @@ class _SymbolTable:
         self._sized = sorted((e for e in at_start.values() if e.size),
                              key=lambda e: e.value)
         self._sized_starts = [e.value for e in self._sized]
+        self._all_starts = sorted(at_start)
         self._at_start = at_start
+
+    def function_before(self, offset: int) -> _FuncSym | None:
+        """The function holding ``offset``, else the last one starting before
+        it (a symbol without size holds everything up to the next one)."""
+        entry = self.function_at(offset)
+        if entry is not None:
+            return entry
+        i = bisect.bisect_right(self._all_starts, offset) - 1
+        return self._at_start[self._all_starts[i]] if i >= 0 else None
 
 
 def _parse_elf(path: str, config: lief.ELF.ParserConfig | None = None):
@@ -610,12 +624,15 @@ _files: dict[tuple[str, int, int], _SymbolTable] = {}
 #: object -> its file's table, checked against the mapped image.  A mapping
 #: never changes, so a checked object needs no further stat().
 _objects: dict[LoadedObject, _SymbolTable] = {}
+# The direct branches of each loaded object, swept once (see x86_64.xrefs).
+_branch_indexes: dict[LoadedObject, BranchIndex] = {}
 
 
 def cache_clear() -> None:
     """Forget every symbol table read: the next lookup reads the files again."""
     _files.clear()
     _objects.clear()
+    _branch_indexes.clear()
 
 
 def _table(obj: LoadedObject, what: str) -> _SymbolTable:
@@ -849,6 +866,32 @@ def functions(obj: LoadedObject) -> list[Symbol]:
             continue
     listing.sort(key=lambda s: (s.address, s.name))
     return listing
+
+
+def describe_address(obj: LoadedObject, address: int) -> str:
+    """``name+0x12 (0x7f...)`` for an address of ``obj``: the function
+    symbol holding it (or the last before it) where there is one, else its
+    offset in ``obj``."""
+    offset = address - obj.base
+    try:
+        entry = _table(obj, f"the address {address:#x}").function_before(offset)
+    except HotpatchError:
+        entry = None
+    if entry is None:
+        return f"{obj}+{offset:#x} ({address:#x})"
+    delta = offset - entry.value
+    return f"{entry.name}{f'+{delta:#x}' if delta else ''} ({address:#x})"
+
+
+def branches_into(obj: LoadedObject, lo: int, hi: int) -> list[tuple[int, str, int]]:
+    """``(source, description, target)`` of every direct branch of ``obj``
+    landing in [lo, hi).  The object's code is swept once (about a second
+    for libc) and the index kept for its life."""
+    index = _branch_indexes.get(obj)
+    if index is None:
+        index = _branch_indexes[obj] = index_branches(_read, obj.exec_ranges)
+    return [(source, f"{describe_address(obj, source)}: {text}", target)
+            for source, text, target in index.into(lo, hi)]
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""The replacement's contract: shared entry points refused, the original
+always callable, Python replacements that fail safe, inputs checked before
+anything runs, callers' register assumptions kept, C modules that reach the
+target.  Every test that patches runs in a child process."""
+import os
+
+import pytest
+
+from conftest import compile_library
+
+
+@pytest.fixture(scope="session")
+def contract_lib(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("contract"))
+    return compile_library(os.path.join(out, "libcontract.so"),
+                           ["contract_targets/xrefs.c", "targets/shapes.c"])
+
+
+PRELUDE = """
+import ctypes, os
+import hotpatch
+from hotpatch import Patch, Object, Func
+lib = ctypes.CDLL(P["lib"])
+OBJ = os.path.basename(P["lib"])
+def addr(name):
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+def fn(name, restype=ctypes.c_long, *argtypes):
+    f = getattr(lib, name); f.restype = restype; f.argtypes = list(argtypes) or [ctypes.c_long]
+    return f
+def code(name, n=16):
+    return ctypes.string_at(addr(name), n).hex()
+REPL = addr("replacement")
+"""
+
+
+# --- shared entry points ------------------------------------------------------
+
+@pytest.mark.parametrize("name,jumper", [
+    ("xr_target", "xr_jumper"),     # another function jumps to its second instruction
+    ("xr_unsized", "xr_unsized"),   # no .size: its own loop goes back to +3
+])
+def test_branch_from_elsewhere_into_replaced_bytes_is_refused(child, contract_lib, name, jumper):
+    r = child(PRELUDE + f"""
+before = code("{name}"), fn("xr_jumper")(5), fn("xr_unsized")(5)
+try:
+    hotpatch.register(Patch("shared", [Object(OBJ, [Func("{name}", REPL)])]))
+    report({{"raised": None}})
+except hotpatch.UnsafeToPatch as e:
+    report({{"raised": str(e), "same": (code("{name}"), fn("xr_jumper")(5),
+                                        fn("xr_unsized")(5)) == before,
+            "registered": len(hotpatch.patches())}})
+""", lib=contract_lib)[0]
+    assert r["raised"], r
+    assert f"{jumper}+0x" in r["raised"] and name in r["raised"] and "libcontract.so" in r["raised"]
+    assert r["same"] and r["registered"] == 0
+
+
+def test_glibc_memcpy_shared_entry(child):
+    """glibc's mempcpy ends with a jump into memmove's implementation, which
+    memcpy shares: patching memcpy must not break mempcpy."""
+    r = child("""
+import ctypes, hotpatch
+from hotpatch import symbols, Patch, Object, Func
+libc = ctypes.CDLL("libc.so.6")
+obj = symbols.find_object("libc.so.6")
+memcpy = symbols.resolve(obj, "memcpy")
+jumpers = symbols.branches_into(obj, memcpy.address + 1, memcpy.address + 5)
+out = {"jumpers": [d for _, d, _ in jumpers], "raised": None}
+if jumpers:    # never redirected: memcpy's replacement would be memcpy itself
+    try:
+        p = hotpatch.register(Patch("memcpy", [Object("libc.so.6", [Func("memcpy", 0x1000)])]))
+    except hotpatch.HotpatchError as e:
+        out["raised"] = type(e).__name__ + ": " + str(e)
+dst = ctypes.create_string_buffer(8)
+libc.mempcpy.restype = ctypes.c_void_p
+end = libc.mempcpy(dst, b"abcdefg", 7)
+out["mempcpy"] = [dst.value.decode(), end - ctypes.addressof(dst)]
+report(out)
+""")[0]
+    assert r["mempcpy"] == ["abcdefg", 7]
+    if not r["jumpers"]:
+        pytest.skip("this CPU's memcpy has no shared entry point")
+    assert r["raised"].startswith("UnsafeToPatch") and "memcpy" in r["raised"], r
+    assert any(j.split(" ")[0].split("+")[0] in r["raised"] for j in r["jumpers"]), r
+
