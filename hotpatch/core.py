@@ -74,6 +74,9 @@ class Func:
         self.errors = 0                       # exceptions raised by a Python `new`
         self.last_error: BaseException | None = None
         self._site: sites.Site | None = None  # set while on a stack
+        # Set before the redirect is written and kept after it is gone: a
+        # wrapper running in another thread may call it at any moment.
+        self._original: int | None = None
 
     @property
     def patched(self) -> bool:
@@ -83,8 +86,10 @@ class Func:
     @property
     def original(self) -> int | None:
         """Address that runs the old code (callable from C and, through cffi
-        or ctypes, from Python), or None while not patched."""
-        return self._site.original if self._site is not None else None
+        or ctypes, from Python).  None until the func is first enabled; set
+        before any code is written, and still valid after disable (the stub
+        is pinned for the life of the process)."""
+        return self._original
 
     def __repr__(self) -> str:
         where = f" at {self.old_addr:#x}" if self.old_addr is not None else ""

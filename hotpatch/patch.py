@@ -63,6 +63,12 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
     patched), in one batch of code writes.  All or nothing."""
     push, pop = list(push), list(pop)
     changed = _new_stacks(push, pop)
+    before = [(func, func._original) for func in push]
+    for func in push:
+        # Before the write: the new code may call its original as soon as
+        # the redirect is live, from any thread.
+        stack = _stacks.get(func.old_addr)
+        func._original = (stack.site if stack else prepared[func.old_addr]).original
     redirects, restores = [], []
     for address, funcs in changed.items():
         stack = _stacks.get(address)
@@ -71,7 +77,12 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
             redirects.append((site, funcs[-1].new_addr))
         elif not funcs and stack is not None:
             restores.append(site)
-    sites.update_batch(redirects, restores)
+    try:
+        sites.update_batch(redirects, restores)
+    except BaseException:
+        for func, original in before:
+            func._original = original
+        raise
     for address, funcs in changed.items():
         if funcs:
             if address not in _stacks:

@@ -83,3 +83,44 @@ report(out)
     assert r["raised"].startswith("UnsafeToPatch") and "memcpy" in r["raised"], r
     assert any(j.split(" ")[0].split("+")[0] in r["raised"] for j in r["jumpers"]), r
 
+
+# --- the original, always callable ----------------------------------------------
+
+def test_original_callable_from_threads_through_enable_disable_cycles(child, contract_lib):
+    """A wrapper calling func.original from 4 threads while the patch is
+    enabled and disabled 1,000 times never sees None, and its C callers
+    never get 0."""
+    r = child(PRELUDE + """
+import sys, threading
+sys.setswitchinterval(1e-4)   # the callers hold the GIL; let the cycles get it back
+CALL = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)
+seen_none, bad = [], []
+def wrapper(x):
+    original = func.original
+    if original is None:
+        seen_none.append(x)
+        return -1
+    return CALL(original)(x) + 1
+func = Func("xr_plain", wrapper, signature="long(long)")
+patch = Patch("wrap", [Object(OBJ, [func])])
+stop = False
+def caller(k):
+    f = fn("xr_plain")
+    while not stop:
+        got = f(k)
+        if got not in (3 * k, 3 * k + 1):
+            bad.append(got)
+threads = [threading.Thread(target=caller, args=(k,)) for k in range(1, 5)]
+for t in threads:
+    t.start()
+hotpatch.register(patch)
+for _ in range(1000):
+    patch.disable()
+    patch.enable()
+patch.disable()
+stop = True
+for t in threads:
+    t.join()
+report({"none": len(seen_none), "bad": bad[:5], "after": CALL(func.original)(7)})
+""", lib=contract_lib, timeout=240)[0]
+    assert r == {"none": 0, "bad": [], "after": 21}
