@@ -41,7 +41,7 @@ def _refused(what: str) -> PatchStateError:
 _mutex = OperationLock(0, _refused)
 _patches: list["Patch"] = []          # registered, oldest first
 _enabled: list["Patch"] = []          # enabled, in the order they were enabled
-_pinned: list[object] = []            # new code kept alive for the process's life
+_pinned: dict[int, object] = {}       # new code kept alive for the process's life, by id
 _tainted = False
 
 CONSISTENCY_MODELS = ("immediate",)
@@ -71,8 +71,9 @@ class Func:
         self.old_addr: int | None = None      # resolved absolute address
         self.old_size: int | None = None
         self.new_addr: int | None = None
-        self.errors = 0                       # exceptions raised by a Python `new`
+        self.errors = 0                       # failed calls of a Python `new`
         self.last_error: BaseException | None = None
+        self._caller = (None, None)           # (original, cffi function calling it)
         self._site: sites.Site | None = None  # set while on a stack
         # Set before the redirect is written and kept after it is gone: a
         # wrapper running in another thread may call it at any moment.
@@ -90,6 +91,19 @@ class Func:
         before any code is written, and still valid after disable (the stub
         is pinned for the life of the process)."""
         return self._original
+
+    def call_original(self, *args):
+        """Run the old code with ``args``, converted by the func's C
+        ``signature`` (or by ``new``'s type, a cffi function pointer); returns
+        its result as cffi converts it.  Valid from the moment the redirect
+        can be live, from any thread, and after disable."""
+        original = self._original
+        if original is None:
+            raise PatchStateError(f"{self.old_name}: the func was never enabled, so it has "
+                                  f"no original yet")
+        if self._caller[0] != original:
+            self._caller = (original, newcode.original_caller(self))
+        return self._caller[1](*args)
 
     def __repr__(self) -> str:
         where = f" at {self.old_addr:#x}" if self.old_addr is not None else ""
@@ -315,7 +329,7 @@ def _pin_new_code(patch: Patch) -> None:
             except TypeError as e:
                 raise TypeError(f"{where}: {e}") from None
             if keep is not None:
-                _pinned.append(keep)
+                _pinned.setdefault(id(keep), keep)    # pinned once, however often registered
 
 
 def register(patch: Patch, *, enable: bool = True) -> Patch:

@@ -124,3 +124,74 @@ for t in threads:
 report({"none": len(seen_none), "bad": bad[:5], "after": CALL(func.original)(7)})
 """, lib=contract_lib, timeout=240)[0]
     assert r == {"none": 0, "bad": [], "after": 21}
+
+
+# --- Python replacements fail safe ------------------------------------------------
+
+@pytest.mark.parametrize("new,signature,problem", [
+    ("lambda x: x", "long(long, int", "bad signature"),
+    ("lambda x: x", "long", "not a function type"),
+    ("lambda x: x", "int(int, ...)", "variadic"),
+    ("lambda x, y: x", "long(long)", "cannot be called with the 1 argument"),
+    ("lambda: 0", "long(long)", "cannot be called with the 1 argument"),
+])
+def test_python_replacement_checked_at_register(child, contract_lib, new, signature, problem):
+    r = child(PRELUDE + f"""
+before = code("xr_plain"), fn("xr_plain")(5)
+try:
+    hotpatch.register(Patch("py", [Object(OBJ, [Func("xr_plain", {new}, signature={signature!r})])]))
+    report({{"raised": None}})
+except Exception as e:
+    report({{"raised": type(e).__name__, "message": str(e),
+            "same": (code("xr_plain"), fn("xr_plain")(5)) == before,
+            "registered": len(hotpatch.patches())}})
+""", lib=contract_lib)[0]
+    assert r["raised"] == "HotpatchError", r
+    assert problem in r["message"] and "xr_plain" in r["message"] and "libcontract.so" in r["message"]
+    assert r["same"] and r["registered"] == 0
+
+
+def test_python_replacement_failing_at_call_time_runs_the_original(child, contract_lib):
+    r = child(PRELUDE + """
+import logging
+logged = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        logged.append(record.getMessage())
+logging.getLogger("hotpatch").addHandler(Keep())
+def replacement(x):
+    if x == 1:
+        raise ValueError("unlucky")
+    if x == 2:
+        return "not a number"
+    if x == 3:
+        return 1 << 70          # does not fit a long
+    return func.call_original(x) + 1000
+func = Func("xr_plain", replacement, signature="long(long)")
+hotpatch.register(Patch("py", [Object(OBJ, [func])]))
+f = fn("xr_plain")
+results = [f(x) for x in (1, 2, 3, 4)]
+node = hotpatch.tree()["livepatch"]["py"][OBJ]["xr_plain,1"]
+report({"results": results, "errors": func.errors, "last": repr(func.last_error),
+        "tree": [node["errors"], node["last_error"]], "logged": logged})
+""", lib=contract_lib)[0]
+    assert r["results"] == [3, 6, 9, 1012]
+    assert r["errors"] == 3 and "OverflowError" in r["last"]
+    assert r["tree"] == [3, r["last"]]
+    assert len(r["logged"]) == 1 and "xr_plain" in r["logged"][0] and "unlucky" in r["logged"][0]
+
+
+def test_callback_reused_across_register_cycles(child, contract_lib):
+    r = child(PRELUDE + """
+def replacement(x):
+    return x + 7
+addresses = set()
+for i in range(50):
+    patch = hotpatch.register(Patch(f"p{i}", [Object(OBJ, [Func("xr_plain", replacement,
+                                                                signature="long(long)")])]))
+    addresses.add(patch.objects[0].funcs[0].new_addr)
+    patch.disable()
+    hotpatch.unregister(patch)
+report({"callbacks": len(addresses), "result": fn("xr_plain")(5)})
+""", lib=contract_lib)[0]
+    assert r == {"callbacks": 1, "result": 15}
