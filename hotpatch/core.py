@@ -23,12 +23,14 @@ work from there too.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable, Sequence
 
 from . import newcode, patch as stacks, sites, symbols
 from ._locks import OperationLock
 from ._native import lib
-from .errors import HotpatchError, PatchStateError
+from .errors import HotpatchError, PatchStateError, UnsafeToPatch
+from .x86_64.decode import boundary_before
 
 
 def _refused(what: str) -> PatchStateError:
@@ -67,6 +69,9 @@ class Func:
         self.old_sympos = old_sympos
         self.old_offset = old_offset
         self.signature = signature
+        # Where the Func was made ("fix.py:12"), for errors about it.
+        caller = sys._getframe(1)
+        self.defined_at = f"{caller.f_code.co_filename}:{caller.f_lineno}"
         self.object: Object | None = None
         self.old_addr: int | None = None      # resolved absolute address
         self.old_size: int | None = None
@@ -217,9 +222,27 @@ def _prefixed(error: HotpatchError, prefix: str) -> HotpatchError:
     return type(error)(f"{prefix}: {error}")
 
 
+def _check_instruction_boundary(loaded: symbols.LoadedObject, offset: int) -> None:
+    """Refuse an ``old_offset`` in the middle of an instruction of the
+    function holding it: the redirect would cut that instruction."""
+    holder = symbols.containing_function(loaded, offset)
+    if holder is None or holder[1] == offset:
+        return      # a function's start, or no sized function to decode from
+    name, start, size = holder
+    address = loaded.base + offset
+    code = sites.read_memory(loaded.base + start, size)
+    at = boundary_before(code, loaded.base + start, address)
+    if at != address:
+        where = (f"inside the instruction at {name}+{at - loaded.base - start:#x} ({at:#x})"
+                 if at is not None else f"past undecodable bytes of {name}")
+        raise UnsafeToPatch(f"old_offset {offset:#x} ({address:#x}) is not on an instruction "
+                            f"boundary of {name}: it lies {where}")
+
+
 def _resolve_func(loaded: symbols.LoadedObject, func: Func) -> None:
     if func.old_offset is not None:
         symbol = symbols.resolve_offset(loaded, func.old_offset)
+        _check_instruction_boundary(loaded, func.old_offset)
     else:
         symbol = symbols.resolve(loaded, func.old_name, func.old_sympos)
     func.old_addr, func.old_size = symbol.address, symbol.size

@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import runpy
 import subprocess
+import traceback
 
 from cffi import FFI
 
-from . import core
+from . import core, symbols
 from .errors import HotpatchError
 
 INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
@@ -96,7 +97,28 @@ def _c_objects(c_patch) -> list[core.Object]:
     raise HotpatchError("the objs array has no terminating { } element")
 
 
+_DESCRIPTOR_SYMBOLS = ("hotpatch_patch_descriptor", "hotpatch_abi_version")
+
+
+def _check_descriptor(path: str) -> None:
+    """Refuse a file that does not export the descriptor, read from its
+    dynamic symbols before it is opened: dlopen runs its constructors, and
+    RTLD_NODELETE would keep it mapped for life."""
+    binary = symbols._parse_elf(path)
+    if binary is None:
+        raise HotpatchError(f"{path}: not a patch module: not an ELF file (a C patch module "
+                            f"is a shared object built with `hotpatch build`, a Python one "
+                            f"ends in .py)")
+    defined = {sym.name for sym in binary.dynamic_symbols if sym.shndx != 0}
+    missing = [name for name in _DESCRIPTOR_SYMBOLS if name not in defined]
+    if missing:
+        raise HotpatchError(f"{path}: not a hotpatch patch module: it does not export "
+                            f"{' or '.join(missing)} (no HP_PATCH(...) descriptor); it was "
+                            f"not opened")
+
+
 def _patch_from_library(path: str) -> core.Patch:
+    _check_descriptor(path)
     try:
         library = _ffi.dlopen(path, _ffi.RTLD_NOW | _ffi.RTLD_NODELETE)
     except OSError as e:
@@ -117,8 +139,24 @@ def _patch_from_library(path: str) -> core.Patch:
     return patch
 
 
+def _module_line(path: str, error: BaseException) -> str:
+    """``:LINE`` of the deepest frame of ``error`` in the module ``path``."""
+    line = ""
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        if os.path.abspath(frame.f_code.co_filename) == path:
+            line = f":{lineno}"
+    return line
+
+
 def _patch_from_python(path: str) -> core.Patch:
-    namespace = runpy.run_path(path, run_name=f"hotpatch_module_{os.path.basename(path)[:-3]}")
+    try:
+        namespace = runpy.run_path(path, run_name=f"hotpatch_module_{os.path.basename(path)[:-3]}")
+    except SyntaxError as e:
+        raise HotpatchError(f"{path}:{e.lineno}: the Python patch module does not compile: "
+                            f"{type(e).__name__}: {e.msg}") from None
+    except Exception as e:
+        raise HotpatchError(f"{path}{_module_line(path, e)}: the Python patch module raised "
+                            f"{type(e).__name__}: {e}") from e
     patch = namespace.get("patch")
     if not isinstance(patch, core.Patch):
         raise HotpatchError(f"{path}: a Python patch module must define `patch`, a hotpatch.Patch")
@@ -135,4 +173,7 @@ def load(path: str, *, enable: bool = True) -> core.Patch:
     if not os.path.exists(path):
         raise HotpatchError(f"{path}: no such patch module")
     patch = _patch_from_python(path) if path.endswith(".py") else _patch_from_library(path)
-    return core.register(patch, enable=enable)
+    try:
+        return core.register(patch, enable=enable)
+    except HotpatchError as e:
+        raise core._prefixed(e, path) from None

@@ -23,8 +23,9 @@ import threading
 import _cffi_backend
 import cffi
 
+from . import sites
 from ._native import ffi
-from .errors import HotpatchError
+from .errors import HotpatchError, UnsafeToPatch
 
 _log = logging.getLogger("hotpatch")
 _callback_ffi = cffi.FFI()   # parses the signatures of Python callables
@@ -120,7 +121,7 @@ def _where(func) -> str:
 
 
 def _python_callback(func, new) -> int:
-    where = f"{func.old_name}"
+    where = f"{func.old_name} (Func at {func.defined_at})"
     if not func.signature:
         raise HotpatchError(f"{where}: a Python callable as new code needs a C "
                             "signature, e.g. signature=\"long(long)\"")
@@ -157,21 +158,33 @@ def _cdata_address(new) -> int:
 
 def code_address(func) -> tuple[int, object]:
     """``(address, what keeps it alive)`` for ``func.new``; a Python
-    callable's callback is kept by this module (None is returned for it)."""
+    callable's callback is kept by this module (None is returned for it).
+    An address given by the user must lie in executable memory."""
     new = func.new
     if isinstance(new, bool):
         raise TypeError(f"{func.old_name}: new must be code, not {new!r}")
     if isinstance(new, int):
-        keep = None
+        address, keep = new, None
     elif isinstance(new, _cffi_backend._CDataBase):
-        new, keep = _cdata_address(new), new
+        address, keep = _cdata_address(new), new
     elif isinstance(new, ctypes._CFuncPtr):
-        new, keep = ctypes.cast(new, ctypes.c_void_p).value, new
+        address, keep = ctypes.cast(new, ctypes.c_void_p).value or 0, new
     elif callable(new):
-        new, keep = _python_callback(func, new), None
+        return _python_callback(func, new), None    # cffi's own executable memory
     else:
         raise TypeError(f"{func.old_name}: new must be an address, a cffi or ctypes function "
                         f"pointer or a callable with a signature, not {type(new).__name__}")
-    if not new:
+    if not address:
         raise HotpatchError(f"{func.old_name}: new code at address 0")
-    return new, keep
+    _check_executable(func, address)
+    return address, keep
+
+
+def _check_executable(func, address: int) -> None:
+    """Refuse new code outside executable memory (a data buffer, a stale
+    address): the first call through the redirect would crash."""
+    for lo, hi in sites.executable_ranges():
+        if lo <= address < hi:
+            return
+    raise UnsafeToPatch(f"{func.old_name}: new code at {address:#x} is not in an "
+                        f"executable mapping of this process (data, or not mapped)")

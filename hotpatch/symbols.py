@@ -59,6 +59,7 @@ __all__ = [
     "debug_dirs",
     "cache_clear",
     "describe_address",
+    "containing_function",
     "branches_into",
 ]
 
@@ -848,6 +849,15 @@ def resolve_offset(obj: LoadedObject, offset: int) -> Symbol:
         return Symbol(entry.name, entry.sympos, address, offset, entry.size,
                       version=entry.version)
     return Symbol(f"{entry.name}+{delta:#x}", 0, address, offset, entry.size - delta)
+
+
+def containing_function(obj: LoadedObject, offset: int) -> tuple[str, int, int] | None:
+    """``(name, start offset, size)`` of the sized function symbol holding
+    ``offset``, or None where no sized symbol does."""
+    entry = _table(obj, f"offset {offset:#x}").function_at(offset)
+    if entry is None or not entry.size:
+        return None
+    return entry.name, entry.value, entry.size
 
 
 def functions(obj: LoadedObject) -> list[Symbol]:

@@ -68,7 +68,8 @@ jumpers = symbols.branches_into(obj, memcpy.address + 1, memcpy.address + 5)
 out = {"jumpers": [d for _, d, _ in jumpers], "raised": None}
 if jumpers:    # never redirected: memcpy's replacement would be memcpy itself
     try:
-        p = hotpatch.register(Patch("memcpy", [Object("libc.so.6", [Func("memcpy", 0x1000)])]))
+        labs = ctypes.cast(libc.labs, ctypes.c_void_p).value
+        p = hotpatch.register(Patch("memcpy", [Object("libc.so.6", [Func("memcpy", labs)])]))
     except hotpatch.HotpatchError as e:
         out["raised"] = type(e).__name__ + ": " + str(e)
 dst = ctypes.create_string_buffer(8)
@@ -195,3 +196,92 @@ for i in range(50):
 report({"callbacks": len(addresses), "result": fn("xr_plain")(5)})
 """, lib=contract_lib)[0]
     assert r == {"callbacks": 1, "result": 15}
+
+
+# --- inputs checked before anything runs -------------------------------------------
+
+def test_new_in_a_data_buffer_is_refused(child, contract_lib):
+    r = child(PRELUDE + """
+buffer = ctypes.create_string_buffer(b"\\xc3" * 64)     # a ret, in data
+before = code("xr_plain")
+try:
+    hotpatch.register(Patch("data", [Object(OBJ, [Func("xr_plain", ctypes.addressof(buffer))])]))
+    report({"raised": None})
+except hotpatch.HotpatchError as e:
+    report({"raised": type(e).__name__, "message": str(e), "same": code("xr_plain") == before,
+            "result": fn("xr_plain")(5)})
+""", lib=contract_lib)[0]
+    assert r["raised"] == "UnsafeToPatch" and "executable" in r["message"], r
+    assert "xr_plain" in r["message"] and "libcontract.so" in r["message"]
+    assert r["same"] and r["result"] == 15
+
+
+def test_old_offset_inside_an_instruction_is_refused(child, contract_lib):
+    r = child(PRELUDE + """
+from hotpatch import symbols
+offset = addr("xr_target") - symbols.find_object(OBJ).base
+out = {}
+for delta in (1, 3):    # inside `mov %rdi,%rax`; the boundary of `add $1,%rax`
+    try:
+        p = hotpatch.register(Patch(f"off{delta}", [Object(OBJ, [
+            Func("inner", REPL, old_offset=offset + delta)])]))
+        out[delta] = "accepted"
+        p.disable()
+    except hotpatch.HotpatchError as e:
+        out[delta] = f"{type(e).__name__}: {e}"
+report(out)
+""", lib=contract_lib)[0]
+    assert r["1"].startswith("UnsafeToPatch") and "instruction boundary" in r["1"], r
+    assert "xr_target+0x0" in r["1"]
+    # +3 is a boundary, but a short function: refused for what it is, not for the boundary
+    assert "instruction boundary" not in r["3"]
+
+
+NO_DESCRIPTOR = r"""
+#include <stdlib.h>
+__attribute__((constructor)) static void ran(void) { setenv("HP_CONSTRUCTOR_RAN", "1", 1); }
+int not_a_patch(void) { return 1; }
+"""
+
+
+def test_patch_module_without_descriptor_is_never_opened(child, tmp_path):
+    source = tmp_path / "nodesc.c"
+    source.write_text(NO_DESCRIPTOR)
+    from hotpatch import module
+    so = module.build(str(source), str(tmp_path / "nodesc.so"))
+    r = child("""
+import ctypes, hotpatch
+libc = ctypes.CDLL(None)
+libc.getenv.restype = ctypes.c_char_p
+try:
+    hotpatch.load(P["so"])
+    report({"raised": None})
+except hotpatch.HotpatchError as e:
+    report({"raised": str(e), "constructor": libc.getenv(b"HP_CONSTRUCTOR_RAN"),
+            "mapped": P["so"] in open("/proc/self/maps").read()})
+""", so=so)[0]
+    assert r["raised"] and so in r["raised"] and "HP_PATCH" in r["raised"], r
+    assert r["constructor"] is None and r["mapped"] is False
+
+
+@pytest.mark.parametrize("text,line,what", [
+    ("import hotpatch\n\npatch = hotpatch.Patch('x', [\n", 3, "does not compile"),
+    ("import hotpatch\nx = 1\nraise RuntimeError('boom')\n", 3, "RuntimeError: boom"),
+    ("import hotpatch\nfrom hotpatch import Patch, Object, Func\n"
+     "patch = Patch('sig', [Object('libcontract.so', [\n"
+     "    Func('xr_plain', lambda x: x, signature='long(long, int'),\n])])\n", 4, "bad signature"),
+])
+def test_python_patch_module_errors_name_file_and_line(child, contract_lib, tmp_path, text, line, what):
+    path = tmp_path / "fix.py"
+    path.write_text(text)
+    r = child("""
+import ctypes, hotpatch
+ctypes.CDLL(P["lib"])
+try:
+    hotpatch.load(P["path"])
+    report({"raised": None})
+except hotpatch.HotpatchError as e:
+    report({"raised": str(e), "patches": len(hotpatch.patches())})
+""", lib=contract_lib, path=str(path))[0]
+    assert r["raised"] and f"{path}:{line}" in r["raised"] and what in r["raised"], r
+    assert r["patches"] == 0
