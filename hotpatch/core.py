@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Iterable, Sequence
 
-from . import newcode, patch as stacks, sites, symbols
+from . import newcode, patch as stacks, sites, symbols, thunks
 from ._locks import OperationLock
 from ._native import lib
 from .errors import HotpatchError, PatchStateError, UnsafeToPatch
@@ -79,6 +79,8 @@ class Func:
         self.errors = 0                       # failed calls of a Python `new`
         self.last_error: BaseException | None = None
         self._caller = (None, None)           # (original, cffi function calling it)
+        self._local = False                   # only its object calls it (IPA-RA)
+        self.thunk: thunks.Thunk | None = None  # where calls go when registers are kept
         self._site: sites.Site | None = None  # set while on a stack
         # Set before the redirect is written and kept after it is gone: a
         # wrapper running in another thread may call it at any moment.
@@ -245,7 +247,7 @@ def _resolve_func(loaded: symbols.LoadedObject, func: Func) -> None:
         _check_instruction_boundary(loaded, func.old_offset)
     else:
         symbol = symbols.resolve(loaded, func.old_name, func.old_sympos)
-    func.old_addr, func.old_size = symbol.address, symbol.size
+    func.old_addr, func.old_size, func._local = symbol.address, symbol.size, symbol.local
 
 
 def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) -> None:
@@ -256,13 +258,24 @@ def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) 
         where = f"patch {patch.name!r}: object {obj.label}: {func.old_name}"
         try:
             _resolve_func(loaded, func)
-            if stacks.stack_of(func.old_addr) is None and func.old_addr not in prepared:
+            stack = stacks.stack_of(func.old_addr)
+            if stack is None and func.old_addr not in prepared:
                 prepared[func.old_addr] = sites.prepare(
                     func.old_addr, size=func.old_size, exec_ranges=loaded.exec_ranges,
                     fentry_targets=fentry_targets,
                     branches_into=lambda lo, hi: symbols.branches_into(loaded, lo, hi))
+            site = stack.site if stack is not None else prepared[func.old_addr]
+            _prepare_thunk(loaded, func, site)
         except HotpatchError as e:
             raise _prefixed(e, where) from None
+
+
+def _prepare_thunk(loaded: symbols.LoadedObject, func: Func, site: sites.Site) -> None:
+    """Send calls through a thunk where the old function's callers may keep
+    values in registers it never writes (see :mod:`hotpatch.thunks`)."""
+    preserve = thunks.preserved_registers(loaded, func.old_addr, func.old_size, func._local)
+    func.thunk = thunks.thunk_for(func.old_addr, site.address, func.new_addr,
+                                  preserve) if preserve else None
 
 
 def _loaded_objects(patch: Patch) -> list[Object]:

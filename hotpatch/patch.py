@@ -34,6 +34,11 @@ class FuncStack:
 _stacks: dict[int, FuncStack] = {}   # by the function's address
 
 
+def entry_target(func: "Func") -> int:
+    """Where calls go while ``func`` is on top: its thunk, if it has one."""
+    return func.thunk.address if func.thunk is not None else func.new_addr
+
+
 def stack_of(address: int) -> FuncStack | None:
     """The stack of the function at ``address``, if it is patched."""
     return _stacks.get(address)
@@ -74,7 +79,7 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
         stack = _stacks.get(address)
         site = stack.site if stack else prepared[address]
         if funcs and (stack is None or stack.top is not funcs[-1]):
-            redirects.append((site, funcs[-1].new_addr))
+            redirects.append((site, entry_target(funcs[-1])))
         elif not funcs and stack is not None:
             restores.append(site)
     try:

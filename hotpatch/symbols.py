@@ -37,6 +37,7 @@ import lief
 from hotpatch import _procfs
 from hotpatch._locks import OperationLock
 from hotpatch._native import ffi, lib
+from hotpatch.x86_64 import clobbers
 from hotpatch.x86_64.xrefs import BranchIndex, index_branches
 from hotpatch.errors import (
     AmbiguousSymbol,
@@ -357,6 +358,8 @@ class Symbol:
     ifunc_resolver: int | None = None
     #: "@@VER" (default) or "@VER" for a versioned .dynsym symbol
     version: str | None = None
+    #: local binding or hidden visibility (see _FuncSym.local)
+    local: bool = False
 
 
 class _FuncSym(NamedTuple):
@@ -369,6 +372,9 @@ class _FuncSym(NamedTuple):
     ifunc: bool
     version: str | None
     exported: bool          # dlsym can find it (only computed for IFUNCs)
+    #: local binding or hidden/internal visibility: only this object calls
+    #: it directly, and its callers may rely on more than the ABI (IPA-RA)
+    local: bool = False
 
 
 @dataclass
@@ -507,7 +513,9 @@ def _function_entries(symbols, versioned: bool) -> list[_FuncSym]:
             name, sympos, sym.value, sym.size or None, ifunc,
             _version_of(sym) if versioned else None,
             ifunc and sym.binding in _EXPORTED_BINDINGS
-            and sym.visibility in _EXPORTED_VISIBILITIES))
+            and sym.visibility in _EXPORTED_VISIBILITIES,
+            sym.binding not in _EXPORTED_BINDINGS
+            or sym.visibility not in _EXPORTED_VISIBILITIES))
     return entries
 
 
@@ -767,7 +775,7 @@ def _symbol(obj: LoadedObject, table: _SymbolTable, entry: _FuncSym) -> Symbol:
     address = obj.base + entry.value
     _check_code(obj, address, f"symbol '{entry.name}'")
     return Symbol(entry.name, entry.sympos, address, entry.value, entry.size,
-                  version=entry.version)
+                  version=entry.version, local=entry.local)
 
 
 def _check_code(obj: LoadedObject, address: int, what: str) -> None:
@@ -847,8 +855,24 @@ def resolve_offset(obj: LoadedObject, offset: int) -> Symbol:
     delta = offset - entry.value
     if delta == 0:
         return Symbol(entry.name, entry.sympos, address, offset, entry.size,
-                      version=entry.version)
+                      version=entry.version, local=entry.local)
     return Symbol(f"{entry.name}+{delta:#x}", 0, address, offset, entry.size - delta)
+
+
+def callee_extent(obj: LoadedObject, address: int):
+    """For :mod:`hotpatch.x86_64.clobbers`: what a call or jump of ``obj`` to
+    ``address`` reaches: ``(start, size)`` of the sized function holding it,
+    ``clobbers.ALL`` outside ``obj`` or in its PLT (gcc assumes nothing of
+    those), None when unknown."""
+    offset = address - obj.base
+    table = _table(obj, f"the call target {address:#x}")
+    if not _inside(obj.exec_ranges, address) or any(
+            lo <= offset < lo + size for lo, size in table.plt_sections):
+        return clobbers.ALL
+    entry = table.function_at(offset)
+    if entry is None or not entry.size:
+        return None
+    return obj.base + entry.value, entry.size
 
 
 def containing_function(obj: LoadedObject, offset: int) -> tuple[str, int, int] | None:

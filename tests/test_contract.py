@@ -13,7 +13,8 @@ from conftest import compile_library
 def contract_lib(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("contract"))
     return compile_library(os.path.join(out, "libcontract.so"),
-                           ["contract_targets/xrefs.c", "targets/shapes.c"])
+                           ["contract_targets/xrefs.c", "targets/shapes.c",
+                            "contract_targets/ipa_ra.c"])
 
 
 PRELUDE = """
@@ -285,3 +286,61 @@ except hotpatch.HotpatchError as e:
 """, lib=contract_lib, path=str(path))[0]
     assert r["raised"] and f"{path}:{line}" in r["raised"] and what in r["raised"], r
     assert r["patches"] == 0
+
+
+# --- callers' register assumptions ----------------------------------------------
+
+IPA = PRELUDE + """
+from hotpatch import symbols
+obj = symbols.find_object(OBJ)
+def static(name):
+    return symbols.resolve(obj, name).address
+line_total = fn("line_total", ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int)
+blend = fn("blend", ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double)
+via = fn("call_via_libc", ctypes.c_long, ctypes.c_long, ctypes.c_long)
+def results():
+    return [line_total(500, 3, 2), line_total(7, 2000, -5), blend(1.5, 2.0, 3.0), via(-4, 3)]
+"""
+
+
+@pytest.mark.parametrize("kind", ["c", "python"])
+def test_callers_registers_kept_across_a_replaced_static_function(child, contract_lib, kind):
+    r = child(IPA + f"""
+expected = results()
+if "{kind}" == "c":
+    funcs = [Func("clamp_qty", addr("clamp_qty_scribbling")),
+             Func("half", addr("half_scribbling")), Func("via_libc", addr("plain_add"))]
+else:
+    scribble_int = fn("clamp_qty_scribbling", ctypes.c_int, ctypes.c_int)
+    scribble_dbl = fn("half_scribbling", ctypes.c_double, ctypes.c_double)
+    funcs = [Func("clamp_qty", lambda q: scribble_int(q), signature="int(int)"),
+             Func("half", lambda x: scribble_dbl(x), signature="double(double)"),
+             Func("via_libc", lambda x: x + 1, signature="long(long)")]
+patch = hotpatch.register(Patch("ipa", [Object(OBJ, funcs)]))
+node = hotpatch.tree()["livepatch"]["ipa"][OBJ]
+report({{"expected": expected, "patched": results(),
+        "thunks": {{f.old_name: node[f.old_name + ",1"]["thunk"] and node[f.old_name + ",1"]["thunk"]["preserves"]
+                   for f in funcs}}}})
+""", lib=contract_lib)[0]
+    assert r["patched"] == r["expected"], r
+    assert "rsi" in r["thunks"]["clamp_qty"] and "rax" not in r["thunks"]["clamp_qty"]
+    assert "xmm2" in r["thunks"]["half"] and "xmm0" not in r["thunks"]["half"]
+    assert r["thunks"]["via_libc"] is None      # calls out of its object: no thunk, no cost
+
+
+def test_thunk_encodings_match_keystone():
+    from keystone import KS_ARCH_X86, KS_MODE_64, Ks
+    from hotpatch.x86_64 import thunk
+    ks = Ks(KS_ARCH_X86, KS_MODE_64)
+    code = thunk.thunk_code(0x10000, 0x20000, {"rsi", "r10", "xmm9", "xmm0"})
+    text = ("push rsi; push r10; push rbp; mov rbp, rsp; sub rsp, 0x60; and rsp, -16; "
+            + "".join(f"mov r11, qword ptr [rbp+{0x20 + 8 * i}]; mov qword ptr [rsp+{8 * i}], r11; "
+                      for i in range(8))
+            + "movdqu xmmword ptr [rsp+0x40], xmm0; movdqu xmmword ptr [rsp+0x50], xmm9; "
+              "call 0x20000; movdqu xmm0, xmmword ptr [rsp+0x40]; "
+              "movdqu xmm9, xmmword ptr [rsp+0x50]; mov rsp, rbp; pop rbp; pop r10; pop rsi; ret")
+    # keystone picks short displacements where they fit: compare decoded text
+    from hotpatch.x86_64 import decode
+    ours = [str(i).split(": ", 1)[1] for i in decode(code, 0x10000)]
+    theirs = [str(i).split(": ", 1)[1] for i in decode(bytes(ks.asm(text, 0x10000)[0]), 0x10000)]
+    assert ours == theirs
