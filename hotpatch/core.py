@@ -81,6 +81,9 @@ class Func:
         self._caller = (None, None)           # (original, cffi function calling it)
         self._local = False                   # only its object calls it (IPA-RA)
         self.thunk: thunks.Thunk | None = None  # where calls go when registers are kept
+        # Called with the original's address before the redirect is written
+        # (a C module's hp_func.original).
+        self._publish_original: Callable[[int], None] | None = None
         self._site: sites.Site | None = None  # set while on a stack
         # Set before the redirect is written and kept after it is gone: a
         # wrapper running in another thread may call it at any moment.
@@ -126,11 +129,13 @@ class Object:
 
     ``name``: None for the main program, else a file name, soname or absolute
     path.  Callbacks take the Object: ``pre_patch`` may veto by returning
-    non-zero or raising."""
+    non-zero or raising.  ``build_id`` (hex), when given, must be the loaded
+    object's NT_GNU_BUILD_ID."""
 
     def __init__(self, name: str | None, funcs: Iterable[Func] = (), *,
                  pre_patch: Callable | None = None, post_patch: Callable | None = None,
-                 pre_unpatch: Callable | None = None, post_unpatch: Callable | None = None):
+                 pre_unpatch: Callable | None = None, post_unpatch: Callable | None = None,
+                 build_id: str | None = None):
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError("an Object's name is None (the main program) or a non-empty string")
         self.name = name
@@ -146,6 +151,8 @@ class Object:
         self.pre_unpatch = pre_unpatch or _no_callback
         self.post_unpatch = post_unpatch or _no_callback
         self.patch: Patch | None = None
+        # The NT_GNU_BUILD_ID (hex) the patch was made for: another build is refused.
+        self.build_id = build_id.lower() if build_id else None
         self.patched = False              # its funcs are redirected
         self._loaded: symbols.LoadedObject | None = None
 
@@ -278,6 +285,16 @@ def _prepare_thunk(loaded: symbols.LoadedObject, func: Func, site: sites.Site) -
                                   preserve) if preserve else None
 
 
+def _check_build_id(patch: Patch, obj: Object) -> None:
+    if obj.build_id is None:
+        return
+    loaded = obj._loaded.build_id.hex() if obj._loaded.build_id else None
+    if loaded != obj.build_id:
+        raise UnsafeToPatch(f"patch {patch.name!r}: object {obj.label}: the patch was built "
+                            f"for build-id {obj.build_id}, the loaded object is build-id "
+                            f"{loaded or 'none'} ({obj._loaded.path}): another build")
+
+
 def _loaded_objects(patch: Patch) -> list[Object]:
     """The objects of the patch loaded now (their ``_loaded`` set)."""
     present = []
@@ -287,6 +304,7 @@ def _loaded_objects(patch: Patch) -> list[Object]:
         except HotpatchError as e:
             raise _prefixed(e, f"patch {patch.name!r}") from None
         if obj._loaded is not None:
+            _check_build_id(patch, obj)
             present.append(obj)
     return present
 

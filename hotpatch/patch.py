@@ -74,6 +74,8 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
         # the redirect is live, from any thread.
         stack = _stacks.get(func.old_addr)
         func._original = (stack.site if stack else prepared[func.old_addr]).original
+        if func._publish_original is not None:
+            func._publish_original(func._original)
     redirects, restores = [], []
     for address, funcs in changed.items():
         stack = _stacks.get(address)

@@ -61,6 +61,7 @@ __all__ = [
     "cache_clear",
     "describe_address",
     "containing_function",
+    "resolve_any",
     "branches_into",
 ]
 
@@ -642,6 +643,7 @@ def cache_clear() -> None:
     _files.clear()
     _objects.clear()
     _branch_indexes.clear()
+    _data_tables.clear()
 
 
 def _table(obj: LoadedObject, what: str) -> _SymbolTable:
@@ -873,6 +875,51 @@ def callee_extent(obj: LoadedObject, address: int):
     if entry is None or not entry.size:
         return None
     return obj.base + entry.value, entry.size
+
+
+_data_tables: dict[LoadedObject, dict[str, list[tuple[int, int]]]] = {}
+
+
+def _data_symbols(obj: LoadedObject) -> dict[str, list[tuple[int, int]]]:
+    """name -> [(offset, size)] of the data symbols (STT_OBJECT), in table
+    order, from the same table as the functions (.symtab, the debug file or
+    .dynsym)."""
+    data = _data_tables.get(obj)
+    if data is None:
+        table = _table(obj, "its data symbols")
+        if table.source == ".symtab":
+            symbols = _parse_elf(obj.path).symtab_symbols
+        elif table.source == ".dynsym":
+            symbols = _parse_elf(obj.path).dynamic_symbols
+        else:
+            symbols = _parse_elf(table.source, _DEBUG_CONFIG).symtab_symbols
+        data = {}
+        for sym in symbols:
+            if sym.type == lief.ELF.Symbol.TYPE.OBJECT and sym.shndx != 0:
+                data.setdefault(sym.name, []).append((sym.value, sym.size))
+        _data_tables[obj] = data
+    return data
+
+
+def resolve_any(obj: LoadedObject, name: str, sympos: int = 0) -> int:
+    """The address of the function or data symbol ``name`` of ``obj``, static
+    ones included (a klp relocation's target); ``sympos`` as for
+    :func:`resolve`."""
+    try:
+        return resolve(obj, name, sympos).address
+    except SymbolNotFound:
+        candidates = _data_symbols(obj).get(name)
+        if not candidates:
+            raise
+    if sympos:
+        if sympos > len(candidates):
+            raise SymbolNotFound(f"{obj}: data symbol '{name}' has no sympos {sympos}: "
+                                 f"there are {len(candidates)}")
+        return obj.base + candidates[sympos - 1][0]
+    if len({offset for offset, _ in candidates}) > 1:
+        raise AmbiguousSymbol(f"{obj}: data symbol '{name}' is ambiguous: " + "; ".join(
+            f"sympos {i} at offset {offset:#x}" for i, (offset, _) in enumerate(candidates, 1)))
+    return obj.base + candidates[0][0]
 
 
 def containing_function(obj: LoadedObject, offset: int) -> tuple[str, int, int] | None:

@@ -14,7 +14,7 @@ def contract_lib(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("contract"))
     return compile_library(os.path.join(out, "libcontract.so"),
                            ["contract_targets/xrefs.c", "targets/shapes.c",
-                            "contract_targets/ipa_ra.c"])
+                            "contract_targets/ipa_ra.c", "contract_targets/statics.c"])
 
 
 PRELUDE = """
@@ -344,3 +344,97 @@ def test_thunk_encodings_match_keystone():
     ours = [str(i).split(": ", 1)[1] for i in decode(code, 0x10000)]
     theirs = [str(i).split(": ", 1)[1] for i in decode(bytes(ks.asm(text, 0x10000)[0]), 0x10000)]
     assert ours == theirs
+
+
+# --- C patch modules reach the target ----------------------------------------------
+
+C_MODULE = r"""
+#include <hotpatch.h>
+#ifndef BUILD_ID
+#define BUILD_ID 0
+#endif
+static long (*old_use_scale)(long);
+static long (*scale)(long);        /* static in the target */
+static int *calls;                 /* static in the target */
+
+static long fixed(long x)
+{
+    *calls += 100;
+    return old_use_scale(x) + scale(x);
+}
+
+static struct hp_func funcs[] = {
+    { .old_name = "st_use_scale", .new_func = fixed, .original = (void **)&old_use_scale },
+    { }
+};
+static struct hp_object objs[] = {
+    { .name = "libcontract.so", .funcs = funcs, .build_id = BUILD_ID },
+    { }
+};
+static struct hp_symbol symbols[] = {
+    HP_SYMBOL(scale, "libcontract.so", "st_scale", 0),
+    HP_SYMBOL(calls, "libcontract.so", "st_calls", 0),
+    { }
+};
+static struct hp_patch patch = { .name = "reach", .objs = objs, .symbols = symbols };
+HP_PATCH(patch);
+"""
+
+LOAD = PRELUDE + """
+from hotpatch import symbols
+real_build_id = symbols.find_object(OBJ).build_id.hex()
+use_scale = fn("st_use_scale")
+calls = lib.st_calls_so_far; calls.argtypes = []; calls.restype = ctypes.c_int
+try:
+    patch = hotpatch.load(P["so"])
+    out = {"result": use_scale(2), "calls": calls(), "original": patch.objects[0].funcs[0].original}
+    patch.disable()
+    out["after"] = use_scale(2)
+except hotpatch.HotpatchError as e:
+    out = {"raised": f"{type(e).__name__}: {e}", "result": use_scale(2)}
+out["real_build_id"] = real_build_id
+report(out)
+"""
+
+
+def _module(tmp_path, name, defines=()):
+    from hotpatch import module
+    source = tmp_path / f"{name}.c"
+    source.write_text(C_MODULE)
+    return module.build(str(source), str(tmp_path / f"{name}.so"), [f"-D{d}" for d in defines])
+
+
+def test_c_module_calls_the_original_and_reaches_statics(child, contract_lib, tmp_path):
+    r = child(LOAD, lib=contract_lib, so=_module(tmp_path, "reach"))[0]
+    # old(2) = scale(2) + 1 = 21, + scale(2) = 20; st_calls: 2 calls + 100
+    assert r.get("raised") is None, r
+    assert r["result"] == 41 and r["calls"] == 102 and r["original"]
+    assert r["after"] == 21
+
+
+def test_c_module_for_another_build_is_refused(child, contract_lib, tmp_path):
+    so = _module(tmp_path, "otherbuild", ['BUILD_ID="0123456789abcdef"'])
+    r = child(LOAD, lib=contract_lib, so=so)[0]
+    assert r["raised"].startswith("UnsafeToPatch"), r
+    assert "0123456789abcdef" in r["raised"] and r["real_build_id"] in r["raised"]
+    assert so in r["raised"] and r["result"] == 21
+
+
+def test_c_module_for_this_build_is_accepted(child, contract_lib, tmp_path):
+    import lief
+    binary = lief.parse(contract_lib)    # its notes do not outlive it
+    build_id = bytes(next(n.description for n in binary.notes
+                          if n.type == lief.ELF.Note.TYPE.GNU_BUILD_ID)).hex()
+    so = _module(tmp_path, "thisbuild", [f'BUILD_ID="{build_id}"'])
+    r = child(LOAD, lib=contract_lib, so=so)[0]
+    assert r.get("raised") is None and r["result"] == 41, r
+
+
+def test_c_module_symbol_not_found_names_it(child, contract_lib, tmp_path):
+    from hotpatch import module
+    source = tmp_path / "missing.c"
+    source.write_text(C_MODULE.replace('"st_calls", 0', '"st_no_such_variable", 0'))
+    so = module.build(str(source), str(tmp_path / "missing.so"))
+    r = child(LOAD, lib=contract_lib, so=so)[0]
+    assert r["raised"].startswith("SymbolNotFound") and "st_no_such_variable" in r["raised"], r
+    assert so in r["raised"] and r["result"] == 21
