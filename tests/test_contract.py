@@ -438,3 +438,45 @@ def test_c_module_symbol_not_found_names_it(child, contract_lib, tmp_path):
     r = child(LOAD, lib=contract_lib, so=so)[0]
     assert r["raised"].startswith("SymbolNotFound") and "st_no_such_variable" in r["raised"], r
     assert so in r["raised"] and r["result"] == 21
+
+
+def test_call_dispatch_from_an_unknown_site_stops_with_a_message():
+    import signal
+    import subprocess
+    import sys
+    code = ("from hotpatch._native import lib, ffi\n"
+            "lib.hp_call_dispatch(0x1005, ffi.new('uint64_t[8]'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGABRT, proc
+    assert "called from 0x1000, which is no call site" in proc.stderr
+
+
+V1_MODULE = r"""
+/* A module built against version 1 of hotpatch.h (no original, build_id, symbols). */
+#include <stdbool.h>
+struct hp_object;
+struct hp_callbacks { int (*pre_patch)(struct hp_object *); void (*post_patch)(struct hp_object *);
+                      void (*pre_unpatch)(struct hp_object *); void (*post_unpatch)(struct hp_object *); };
+struct hp_func { const char *old_name; void *new_func; unsigned long old_sympos; };
+struct hp_object { const char *name; struct hp_func *funcs; struct hp_callbacks callbacks; };
+struct hp_patch { const char *name; struct hp_object *objs; bool replace; };
+static long plus_one(long x) { return 3 * x + 1; }
+static long plus_two(long x) { return 3 * x + 2; }
+static struct hp_func funcs[] = { { "xr_plain", plus_one, 0 }, { "st_use_scale", plus_two, 0 }, { } };
+static struct hp_object objs[] = { { "libcontract.so", funcs }, { } };
+static struct hp_patch patch = { "v1", objs, false };
+__attribute__((visibility("default"))) struct hp_patch *const hotpatch_patch_descriptor = &patch;
+__attribute__((visibility("default"))) const unsigned int hotpatch_abi_version = 1;
+"""
+
+
+def test_version_1_module_still_loads(child, contract_lib, tmp_path):
+    from hotpatch import module
+    source = tmp_path / "v1.c"
+    source.write_text(V1_MODULE)
+    so = module.build(str(source), str(tmp_path / "v1.so"))
+    r = child(PRELUDE + """
+patch = hotpatch.load(P["so"])
+report([fn("xr_plain")(5), fn("st_use_scale")(5), [f.old_name for f in patch.objects[0].funcs]])
+""", lib=contract_lib, so=so)[0]
+    assert r == [16, 17, ["xr_plain", "st_use_scale"]]
