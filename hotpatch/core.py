@@ -280,7 +280,12 @@ def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) 
 def _prepare_thunk(loaded: symbols.LoadedObject, func: Func, site: sites.Site) -> None:
     """Send calls through a thunk where the old function's callers may keep
     values in registers it never writes (see :mod:`hotpatch.thunks`)."""
-    preserve = thunks.preserved_registers(loaded, func.old_addr, func.old_size, func._local)
+    # Callers may rely on more than the ABI where the compiler saw the body:
+    # a local or hidden function, any function of the main program (not
+    # interposable), or one its object branches to directly (no PLT:
+    # -fno-semantic-interposition, -Bsymbolic, LTO).
+    assumed = func._local or loaded.name is None or symbols.branched_to(loaded, func.old_addr)
+    preserve = thunks.preserved_registers(loaded, func.old_addr, func.old_size, assumed)
     func.thunk = thunks.thunk_for(func.old_addr, site.address, func.new_addr,
                                   preserve) if preserve else None
 

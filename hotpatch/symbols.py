@@ -60,6 +60,7 @@ __all__ = [
     "debug_dirs",
     "cache_clear",
     "describe_address",
+    "branched_to",
     "containing_function",
     "resolve_any",
     "branches_into",
@@ -947,6 +948,13 @@ def functions(obj: LoadedObject) -> list[Symbol]:
             continue
     listing.sort(key=lambda s: (s.address, s.name))
     return listing
+
+
+def branched_to(obj: LoadedObject, address: int) -> bool:
+    """Whether any direct branch (a call, a tail jump) of ``obj`` goes to
+    ``address``: callers inside the object, which the compiler may have
+    bound to this very code (no PLT), so may rely on more than the ABI."""
+    return bool(branches_into(obj, address, address + 1))
 
 
 def describe_address(obj: LoadedObject, address: int) -> str:

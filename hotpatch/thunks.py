@@ -1,7 +1,8 @@
 """Callers' register assumptions: where the redirect goes through a thunk.
 
-A function only its own object calls directly (local binding, hidden
-visibility) may have callers that keep values in call-clobbered registers
+A function whose body the compiler saw when compiling its callers (local
+binding, hidden visibility, the main program, or any function its object
+branches to directly rather than through the PLT) may have callers that keep values in call-clobbered registers
 across the call, because gcc's IPA-RA saw that it never writes them.  For
 such a function the registers it (and what it reaches in its object) never
 writes are computed once (:mod:`hotpatch.x86_64.clobbers`); when there are

@@ -14,7 +14,10 @@ def contract_lib(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("contract"))
     return compile_library(os.path.join(out, "libcontract.so"),
                            ["contract_targets/xrefs.c", "targets/shapes.c",
-                            "contract_targets/ipa_ra.c", "contract_targets/statics.c"])
+                            "contract_targets/ipa_ra.c", "contract_targets/statics.c",
+                            "contract_targets/nsi.c"],
+                           per_source_flags={"contract_targets/nsi.c":
+                                             ["-fPIC", "-fno-semantic-interposition"]})
 
 
 PRELUDE = """
@@ -304,8 +307,10 @@ def static(name):
 line_total = fn("line_total", ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int)
 blend = fn("blend", ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double)
 via = fn("call_via_libc", ctypes.c_long, ctypes.c_long, ctypes.c_long)
+pub_total = fn("pub_line_total", ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int)
 def results():
-    return [line_total(500, 3, 2), line_total(7, 2000, -5), blend(1.5, 2.0, 3.0), via(-4, 3)]
+    return [line_total(500, 3, 2), line_total(7, 2000, -5), blend(1.5, 2.0, 3.0), via(-4, 3),
+            pub_total(500, 3, 2)]
 """
 
 
@@ -315,13 +320,15 @@ def test_callers_registers_kept_across_a_replaced_static_function(child, contrac
 expected = results()
 if "{kind}" == "c":
     funcs = [Func("clamp_qty", addr("clamp_qty_scribbling")),
-             Func("half", addr("half_scribbling")), Func("via_libc", addr("plain_add"))]
+             Func("half", addr("half_scribbling")), Func("via_libc", addr("plain_add")),
+             Func("pub_clamp", addr("clamp_qty_scribbling"))]
 else:
     scribble_int = fn("clamp_qty_scribbling", ctypes.c_int, ctypes.c_int)
     scribble_dbl = fn("half_scribbling", ctypes.c_double, ctypes.c_double)
     funcs = [Func("clamp_qty", lambda q: scribble_int(q), signature="int(int)"),
              Func("half", lambda x: scribble_dbl(x), signature="double(double)"),
-             Func("via_libc", lambda x: x + 1, signature="long(long)")]
+             Func("via_libc", lambda x: x + 1, signature="long(long)"),
+             Func("pub_clamp", lambda q: scribble_int(q), signature="int(int)")]
 patch = hotpatch.register(Patch("ipa", [Object(OBJ, funcs)]))
 node = hotpatch.tree()["livepatch"]["ipa"][OBJ]
 report({{"expected": expected, "patched": results(),
@@ -332,6 +339,8 @@ report({{"expected": expected, "patched": results(),
     assert "rsi" in r["thunks"]["clamp_qty"] and "rax" not in r["thunks"]["clamp_qty"]
     assert "xmm2" in r["thunks"]["half"] and "xmm0" not in r["thunks"]["half"]
     assert r["thunks"]["via_libc"] is None      # calls out of its object: no thunk, no cost
+    # exported, but called directly inside its object (-fno-semantic-interposition)
+    assert "r8" in r["thunks"]["pub_clamp"] and "r10" in r["thunks"]["pub_clamp"]
 
 
 def test_thunk_encodings_match_keystone():
