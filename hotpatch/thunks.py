@@ -27,8 +27,10 @@ class Thunk:
     preserves: tuple[str, ...]      # in CALL_CLOBBERED order
 
 
-_preserved: dict[int, frozenset] = {}        # by function address
-_thunks: dict[tuple[int, int], Thunk] = {}   # by (function, new code); never freed
+# By object and function address: an object unloaded and another mapped at
+# the same place is another key.
+_preserved: dict[tuple[symbols.LoadedObject, int], frozenset] = {}
+_thunks: dict[tuple[int, int, frozenset], Thunk] = {}   # never freed
 _memos: dict[symbols.LoadedObject, dict] = {}
 
 
@@ -37,22 +39,23 @@ def preserved_registers(loaded: symbols.LoadedObject, address: int, size: int | 
     """The call-clobbered registers callers of the function may rely on."""
     if not local:
         return frozenset()      # callers from other objects assume only the ABI
-    if address not in _preserved:
+    key = (loaded, address)
+    if key not in _preserved:
         if not size:
             # Not decodable to its end: every register may be relied on.
-            _preserved[address] = frozenset(CALL_CLOBBERED)
+            _preserved[key] = frozenset(CALL_CLOBBERED)
         else:
             memo = _memos.setdefault(loaded, {})
-            _preserved[address] = never_written(
+            _preserved[key] = never_written(
                 sites.read_memory, address, size,
                 lambda target: symbols.callee_extent(loaded, target), memo)
-    return _preserved[address]
+    return _preserved[key]
 
 
 def thunk_for(function: int, near: int, new: int, preserve: frozenset) -> Thunk:
     """The thunk calling ``new`` that preserves ``preserve``, within reach of
-    ``near`` (made once per function and new code)."""
-    key = (function, new)
+    ``near`` (made once per function, new code and register set)."""
+    key = (function, new, preserve)
     thunk = _thunks.get(key)
     if thunk is None:
         at = lib.hp_alloc_code(near, THUNK_SIZE_BOUND)
