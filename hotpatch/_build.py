@@ -29,6 +29,7 @@ struct hp_loaded_object {
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
+long hp_read_memory(uintptr_t address, void *out, size_t len);
 
 int hp_write_code(uintptr_t addr, const void *src, size_t len);
 void hp_store_slot(uint64_t *slot, uint64_t value);
@@ -62,8 +63,8 @@ int hp_set_crash_report(const char *text);
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _native = os.path.join(_here, "native")
-SOURCES = ["objects.c", "maps.c", "pool.c", "codewrite.c", "stop.c", "stop_ptrace.c", "stop_signal.c",
-           "caller.c", "crash.c"]
+SOURCES = ["objects.c", "maps.c", "pool.c", "codewrite.c", "stop.c", "check.c", "stop_ptrace.c",
+           "stop_signal.c", "caller.c", "crash.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -73,7 +74,10 @@ ffibuilder.set_source(
     # Relative to the project root, where setuptools builds.
     sources=[os.path.relpath(os.path.join(_native, name)) for name in SOURCES],
     include_dirs=[_native],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    # Hidden: nothing but the module's init is exported, and calls between
+    # the core's files are direct -- the ptrace helper, which unmaps all but
+    # the core's code, never goes through a PLT.
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"],
     libraries=["dl", "pthread"],
 )
 

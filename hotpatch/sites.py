@@ -91,8 +91,12 @@ class Site:
 
 
 def read_memory(address: int, size: int) -> bytes:
-    """Bytes of this process's memory (the caller knows the range is mapped)."""
-    return bytes(ffi.buffer(ffi.cast("char *", address), size))
+    """Bytes of this process's memory, read without faulting (a HotpatchError
+    where the range is not mapped: its object may have been unloaded)."""
+    buffer = ffi.new("char[]", size)
+    if lib.hp_read_memory(address, buffer, size) != size:
+        raise HotpatchError(f"{address:#x}: {size} bytes there are not mapped")
+    return ffi.buffer(buffer, size)[:]
 
 
 def executable_ranges() -> list[tuple[int, int]]:

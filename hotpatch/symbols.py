@@ -154,8 +154,20 @@ class LoadedObject:
         return self.basename
 
 
+class MemoryGone(HotpatchError):
+    """Memory of a loaded object was unmapped while it was read: another
+    thread unloaded the object."""
+
+
 def _read(address: int, size: int) -> bytes:
-    return bytes(ffi.buffer(ffi.cast("char *", address), size))
+    """Bytes of this process's memory, read without faulting: another thread
+    may unload the object meanwhile."""
+    buffer = ffi.new("char[]", size)
+    got = lib.hp_read_memory(address, buffer, size)
+    if got != size:
+        raise MemoryGone(f"the memory at {address:#x} is no longer mapped "
+                         "(its object was unloaded meanwhile?)")
+    return ffi.buffer(buffer, size)[:]
 
 
 def _inside(ranges, address: int, size: int = 1) -> bool:
@@ -226,7 +238,10 @@ def _describe_loaded() -> list[LoadedObject]:
         # The vdso's program headers follow its ELF header, in its one page.
         if 0 <= entry.phdr_address - _VDSO < 4096:
             continue
-        objects.append(_describe(entry))
+        try:
+            objects.append(_describe(entry))
+        except MemoryGone:
+            continue    # unloaded while described: it is gone
     return objects
 
 
@@ -312,7 +327,11 @@ def _mapped_soname(base: int, phdrs, loads) -> str | None:
         strtab += base
     if not _inside(loads, strtab + soname):
         return None
-    return os.fsdecode(ffi.string(ffi.cast("char *", strtab + soname), 4096))
+    name = b""
+    for lo, hi in loads:
+        if lo <= strtab + soname < hi:
+            name = _read(strtab + soname, min(256, hi - strtab - soname))
+    return os.fsdecode(name.split(b"\0", 1)[0])
 
 
 def find_object(name: str | None) -> LoadedObject | None:

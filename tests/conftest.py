@@ -36,9 +36,28 @@ def compile_library(path, sources, flags=(), per_source_flags=None):
 def run_child(code, timeout=120, env=None, **params):
     """Run ``code`` in a fresh Python; ``params`` are visible to it as the
     dict ``P``.  The code reports with ``report(obj)``; returns the list of
-    reported objects.  A crash or non-zero exit fails the calling test."""
+    reported objects.  A crash or non-zero exit fails the calling test.
+
+    Like a real service, the child has a thread that blocks every signal
+    before the test code runs: faulthandler's watchdog (never cancelled
+    here; a test that needs the signal stop to work cancels it)."""
     prelude = textwrap.dedent("""
-        import json, sys
+        import faulthandler, json, sys
+        def _watchdog_blocks_signals():
+            import os, time
+            faulthandler.dump_traceback_later(3600, exit=False)
+            for _ in range(2000):
+                for tid in os.listdir("/proc/self/task"):
+                    try:
+                        with open(f"/proc/self/task/{tid}/status") as status:
+                            if int(tid) != os.getpid() and any(
+                                    line.startswith("SigBlk:") and int(line.split()[1], 16)
+                                    for line in status):
+                                return
+                    except FileNotFoundError:
+                        pass
+                time.sleep(0.0005)
+        _watchdog_blocks_signals()
         P = json.loads(sys.argv[1])
         def report(obj):
             print("REPORT " + json.dumps(obj), flush=True)
@@ -47,7 +66,10 @@ def run_child(code, timeout=120, env=None, **params):
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:      # a real-time signal has no name
+            name = f"signal {-proc.returncode}"
         pytest.fail(f"child died of {name}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     if proc.returncode:
         pytest.fail(f"child exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

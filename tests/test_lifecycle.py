@@ -247,7 +247,7 @@ def worker():
         out["patched"] = call("fentry_nop")
         patch.disable()
         out["restored"] = call("fentry_nop")
-        # A generic entry needs more of the C core: it works, or says why not.
+        # A generic entry needs a stop and new pool memory: both work too.
         try:
             hotpatch.register(Patch("generic", [Object(OBJ, [Func("plain_add", REPL)])]))
             out["generic"] = call("plain_add")
@@ -265,4 +265,4 @@ ctypes.CDLL(None).pthread_exit(None)
     assert "error" not in r, r["error"]
     assert r["main"] == [True, True]
     assert r["patched"] == 1005 and r["restored"] == 25
-    assert r["generic"] == 1006 or "main thread" in r["generic"] and "has exited" in r["generic"], r
+    assert r["generic"] == 1005, r

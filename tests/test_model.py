@@ -480,8 +480,10 @@ report([hotpatch.tree(), REPL, addr("plain_add")])
     assert core["sites"] == 2
     assert "memfd" in core["pool"] or "PR_SET_VMA_ANON_NAME" in core["pool"]
     assert core["code_writes"] == "/proc/self/mem" and core["core_sync"] == "membarrier SYNC_CORE"
-    assert core["park_signal"] > 32
-    assert core["stops"]["count"] >= 1      # generic prologues: the world was stopped
+    assert core["stopper"]["method"] == "ptrace" and core["stopper"]["reason"] is None
+    assert core["stopper"]["helper_pid"] > 0 and core["stopper"]["park_signal"] > 32
+    assert core["stops"]["count"] >= 1      # every code write is made in a stop
+    assert 0 < core["stops"]["longest_hold_ms"] <= core["stops"]["held_ms"]
 
 
 @pytest.mark.parametrize("faulthandler_first", [True, False])

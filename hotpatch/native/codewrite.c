@@ -19,6 +19,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <linux/membarrier.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,7 +46,7 @@ static void open_mem_fd(void)
 /* --- the mprotect window ------------------------------------------- */
 
 /* The window gives each page back exactly the protection it had (a JIT's
- * rwx page stays rwx): the mappings are read before each batch. */
+ * rwx page stays rwx): the mappings are read before each batch that uses it. */
 HP_RAW static int page_prot(uintptr_t page)
 {
     const struct hp_mapping *m = hp_mapping_of(page);
@@ -137,39 +138,12 @@ int hp_core_sync_ready(void)
     return sync_core_ready;
 }
 
-/* --- a batch: one stop ----------------------------------------------- */
+/* --- a batch: one stop ------------------------------------------------ */
 
-static struct stats {
-    uint64_t stops, retries, stop_ns, hold_ns, hold_max_ns;
-} stats;
-
-/* The bytes at each write are what the caller expects: read without
- * faulting (the object may have been unmapped), compared byte by byte. */
-HP_RAW static int check_old_bytes(const struct hp_write *w, size_t n, int pid, char *err)
+/* With every other thread stopped: write, and on a failed write put back
+ * the ones already written. */
+HP_RAW int hp_write_stopped(const struct hp_write *w, size_t n, char *err)
 {
-    for (size_t i = 0; i < n; i++) {
-        uint8_t now[16];
-        long got = hp_read_own(pid, now, w[i].address, w[i].len);
-        int same = got == (long)w[i].len;
-        for (uint32_t k = 0; same && k < w[i].len; k++)
-            same = now[k] == w[i].old[k];
-        if (!same) {
-            char *at = hp_fmt_str(err, err + HP_ERRLEN, "the code at ");
-            at = hp_fmt_hex(at, err + HP_ERRLEN, w[i].address);
-            hp_fmt_str(at, err + HP_ERRLEN, got < 0 ? " is no longer mapped"
-                       : " is not what it was expected to be (changed by someone else?)");
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* With every other thread stopped: check, write, sync.  On a failed write,
- * the ones already written are put back before the threads go. */
-HP_RAW static int write_stopped(struct hp_write *w, size_t n, int pid, char *err)
-{
-    if (check_old_bytes(w, n, pid, err))
-        return -1;
     size_t i = 0;
     int rc = 0;
     for (; i < n && !rc; i++)
@@ -181,42 +155,6 @@ HP_RAW static int write_stopped(struct hp_write *w, size_t n, int pid, char *err
         at = hp_fmt_hex(at, err + HP_ERRLEN, w[i - 1].address);
         hp_fmt_str(at, err + HP_ERRLEN, " failed");
     }
-    sync_cores();
-    return rc;
-}
-
-HP_RAW static int stopped_round(struct hp_write *w, size_t n, int timeout_ms, char *err)
-{
-    uint64_t start = hp_now_ns(), deadline = start + (uint64_t)timeout_ms * 1000000ull;
-    int pid = hp_getpid();
-    for (;;) {
-        if (hp_stop_world(deadline, err))
-            return -1;
-        stats.stops++;
-        uintptr_t pc;
-        int tid = hp_thread_inside(w, n, &pc);
-        if (!tid)
-            break;
-        hp_release_world();
-        stats.retries++;
-        if (hp_now_ns() > deadline) {
-            char *at = hp_fmt_str(err, err + HP_ERRLEN, "thread ");
-            at = hp_fmt_num(at, err + HP_ERRLEN, tid);
-            at = hp_fmt_str(at, err + HP_ERRLEN, " stayed inside the bytes being replaced (pc ");
-            at = hp_fmt_hex(at, err + HP_ERRLEN, pc);
-            hp_fmt_str(at, err + HP_ERRLEN, "); nothing was written");
-            return -1;
-        }
-        hp_sleep_ns(200000);
-    }
-    uint64_t stopped = hp_now_ns();
-    int rc = write_stopped(w, n, pid, err);
-    hp_release_world();
-    uint64_t end = hp_now_ns(), hold = end - stopped;
-    stats.stop_ns += end - start;
-    stats.hold_ns += hold;
-    if (hold > stats.hold_max_ns)
-        stats.hold_max_ns = hold;
     return rc;
 }
 
@@ -227,7 +165,9 @@ static int by_address(const void *a, const void *b)
 }
 
 /* Write a batch of sites safely while other threads run: one stop.
- * Returns 0, or -1 with `err` filled and no byte changed. */
+ * Returns 0, or -1 with `err` filled and no byte changed.  This thread's
+ * signals are blocked meanwhile: a handler running here could otherwise
+ * run the code being written. */
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
 {
     err[0] = 0;
@@ -249,29 +189,18 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
             hp_fmt_str(at, err + HP_ERRLEN, " overlap");
             return -1;
         }
+    uint64_t all = ~0ull, mask;
     pthread_mutex_lock(&hp_lock);
+    hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, &mask, 8);
     open_mem_fd();
-    hp_read_mappings();      /* page protections, stack extents */
-    hp_stop_prepare();
-    int rc = stopped_round(w, n, timeout_ms, err);
+    if (mem_fd < 0)
+        hp_read_mappings();  /* the protections the window gives back */
+    uint64_t deadline = hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    int rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
+    sync_cores();
+    hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
     pthread_mutex_unlock(&hp_lock);
     return rc;
-}
-
-/* Stop counters since the process started (or forked): stops, stops
- * retried because a thread was inside the bytes, the time from asking for
- * a stop to letting the threads go, and how long threads were held while
- * the code was checked and written (total and longest). */
-void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
-                   uint64_t *hold_max_ns)
-{
-    pthread_mutex_lock(&hp_lock);
-    *stops = stats.stops;
-    *retries = stats.retries;
-    *stop_ns = stats.stop_ns;
-    *hold_ns = stats.hold_ns;
-    *hold_max_ns = stats.hold_max_ns;
-    pthread_mutex_unlock(&hp_lock);
 }
 
 /* --- fork ------------------------------------------------------------ */
@@ -289,7 +218,6 @@ static void after_fork_in_child(void)
         close(mem_fd);
     mem_fd = -1;
     sync_core_ready = 0;
-    memset(&stats, 0, sizeof stats);
     hp_stop_after_fork();
     pthread_mutex_init(&hp_lock, NULL);
 }

@@ -5,7 +5,8 @@
  *   maps.c        this process's mappings (/proc/thread-self/maps), no malloc
  *   pool.c        executable memory within +-2 GiB of a target, named "hotpatch"
  *   codewrite.c   writing code while other threads run it: one stop per batch
- *   stop.c        the stop: which stopper, what the stopped threads may not be doing
+ *   stop.c        the stop: which stopper holds the threads, retries, counters
+ *   check.c       what a stopped thread may not be doing (pc, signal frames)
  *   stop_ptrace.c the ptrace stopper: a helper process seizes every other thread
  *   stop_signal.c the fallback stopper: park every other thread in a signal handler
  *   caller.c      the shared caller of the ftrace-style call path
@@ -53,6 +54,7 @@ int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
 /* The address range spanned by the loaded object that contains `address`. */
 int hp_object_span(uintptr_t address, uintptr_t *lo, uintptr_t *hi);
+long hp_read_memory(uintptr_t address, void *out, size_t len);
 
 /* --- maps.c -------------------------------------------------------- */
 #define HP_MAX_MAPPINGS 65536
@@ -87,20 +89,35 @@ int hp_set_crash_report(const char *text);
 /* --- codewrite.c ---------------------------------------------------- */
 struct hp_write {
     uintptr_t address;
-    uint8_t old[16];    /* what must be there now (checked with the world stopped) */
+    uint8_t old[16];    /* what must be there now (checked with the threads stopped) */
     uint8_t bytes[16];  /* what goes there */
     uint32_t len;
 };
 int hp_write_code(uintptr_t addr, const void *src, size_t len);
 void hp_store_slot(uint64_t *slot, uint64_t value);
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
-void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
-                   uint64_t *hold_max_ns);
 int hp_code_writes_use_proc_mem(void);
 int hp_core_sync_ready(void);
-void hp_codewrite_after_fork(void);
 /* Write code no thread runs (fresh pool memory), hp_lock held. */
 int hp_write_code_locked(uintptr_t addr, const void *src, size_t len);
+/* With the other threads stopped: write every site (undone on failure). */
+int hp_write_stopped(const struct hp_write *w, size_t n, char *err);
+
+/* --- check.c -------------------------------------------------------- */
+#define HP_MAX_RESTORERS 8
+#define HP_FRAME_WINDOW (64u << 10)   /* stack above sp walked for signal frames */
+struct hp_check {
+    int pid;                               /* whose memory (process_vm_readv): a live thread's id */
+    const struct hp_write *writes;         /* sorted by address */
+    size_t nwrites;
+    const uintptr_t *restorers;            /* sa_restorer of every handled signal */
+    int nrestorers;
+    uint64_t *scratch;                     /* for reading stacks */
+    size_t scratch_bytes;
+};
+int hp_collect_restorers(uintptr_t *out, int max);
+int hp_check_thread(const struct hp_check *c, uintptr_t pc, uintptr_t sp, uintptr_t *found);
+int hp_check_old_bytes(const struct hp_check *c, char *err);
 
 /* --- stop.c --------------------------------------------------------- */
 /* A stopped thread: where it is.  Filled by whichever stopper ran. */
@@ -115,20 +132,26 @@ extern struct hp_stopped_thread hp_stopped[HP_MAX_THREADS];
 extern int hp_nstopped;
 
 #define HP_STOP_OK 0
-#define HP_STOP_FAILED (-1)     /* a thread could not be stopped: err says which, why */
-#define HP_STOP_REFUSED (-2)    /* this stopper cannot run here: err says why */
+#define HP_STOP_FAILED (-1)       /* a thread could not be stopped or stayed inside: err says */
+#define HP_STOP_REFUSED (-2)      /* this stopper cannot run here: err says why */
+#define HP_STOP_CANNOT_WRITE (-3) /* the helper cannot write this process's code */
 
-int hp_stop_world(uint64_t deadline_ns, char *err);
-void hp_release_world(void);
-void hp_stop_prepare(void);
-int hp_thread_inside(const struct hp_write *w, size_t n, uintptr_t *pc);
-void hp_stop_count_retry(void);
+/* Counters of the stops, for the tree and the benchmarks. */
+struct hp_stop_stats {
+    uint64_t stops, retries, stop_ns, hold_ns, hold_max_ns;
+};
+extern struct hp_stop_stats hp_stats;
+
+int hp_stop_write(struct hp_write *w, size_t n, uint64_t deadline_ns, int helper_may_write, char *err);
+void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
+                   uint64_t *hold_max_ns);
 void hp_stop_after_fork(void);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
 
 /* --- stop_ptrace.c -------------------------------------------------- */
 int hp_ptrace_stop(uint64_t deadline_ns, char *err);
 void hp_ptrace_release(void);
+int hp_ptrace_write(const struct hp_check *c, uint64_t deadline_ns, char *err);
 int hp_ptrace_helper_pid(void);
 void hp_ptrace_after_fork(void);
 

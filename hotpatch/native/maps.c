@@ -4,8 +4,8 @@
  * thread-self, not self: once the main thread has exited (pthread_exit),
  * /proc/self/maps reads empty.
  *
- * Used for the pool's free gaps, the protection an mprotect window must give
- * back, and the extent of a stopped thread's stack.
+ * Used for the pool's free gaps and for the protection an mprotect window
+ * gives back.
  */
 #include "hotpatch_core.h"
 

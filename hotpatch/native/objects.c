@@ -95,3 +95,13 @@ int hp_object_span(uintptr_t address, uintptr_t *lo, uintptr_t *hi)
     *hi = q.hi;
     return q.found ? 0 : -1;
 }
+
+/* Copy `len` bytes of this process's memory at `address` into `out` without
+ * faulting where it is no longer mapped (an object unloaded meanwhile by
+ * another thread): the number of bytes copied, or -errno. */
+long hp_read_memory(uintptr_t address, void *out, size_t len)
+{
+    /* By thread id: once the main thread has exited, the process id names
+     * a zombie without memory. */
+    return hp_read_own(hp_gettid(), out, address, len);
+}

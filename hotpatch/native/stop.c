@@ -1,26 +1,29 @@
 /*
  * The stop: every thread but the calling one held where it is while code is
- * written, and a check that none of them is inside the bytes being replaced.
+ * written, none of them inside the bytes being replaced (check.c).
  *
  * The stopper is ptrace (stop_ptrace.c): it needs no cooperation from the
  * threads, whatever their signal masks, and a thread asleep in a system call
- * resumes it unaware.  Where ptrace is refused the fallback parks threads in
- * a signal handler (stop_signal.c), which works only when every thread takes
- * the park signal.  HOTPATCH_STOPPER=signals selects the fallback.
+ * resumes it unaware.  Where /proc/PID/mem writes work, the helper does the
+ * whole round itself -- stop, check, write, let go -- so that the threads
+ * are held for no longer than that takes, without waiting for this thread to
+ * be scheduled in between.  Where ptrace is refused the fallback parks
+ * threads in a signal handler (stop_signal.c), which works only when every
+ * thread takes the park signal.  HOTPATCH_STOPPER=signals selects it.
  */
 #include "hotpatch_core.h"
 
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
 struct hp_stopped_thread hp_stopped[HP_MAX_THREADS];
 int hp_nstopped;
+struct hp_stop_stats hp_stats;
 
 enum { METHOD_PTRACE, METHOD_SIGNALS };
-static int method = -1;           /* of the current or last stop; -1 before any */
-static int running;               /* which stopper holds the threads now */
+static int method = -1;           /* of the last stop; -1 before any */
 static char why_not_ptrace[HP_ERRLEN];
+static uint64_t stack_words[8192];
 
 static int signals_forced(void)
 {
@@ -28,161 +31,109 @@ static int signals_forced(void)
     return how && strcmp(how, "signals") == 0;
 }
 
-/* --- signal frames --------------------------------------------------- */
-
-/* A thread may be stopped inside a signal handler that interrupted the bytes
- * being replaced: it returns there through the signal frame on its stack.
- * The frame (struct rt_sigframe) begins with the handler's return address,
- * which is the sa_restorer of its action (glibc's __restore_rt for every
- * handler installed through sigaction()); the restorers are read from the
- * kernel's actions before each stop. */
-#define MAX_RESTORERS 8
-static uintptr_t restorers[MAX_RESTORERS];
-static int nrestorers;
-
-void hp_stop_prepare(void)
+HP_RAW static void count_hold(uint64_t hold)
 {
-    nrestorers = 0;
-    for (int sig = 1; sig <= 64; sig++) {
-        struct { uintptr_t handler; unsigned long flags; uintptr_t restorer; uint64_t mask; } act;
-        if (hp_sys(SYS_rt_sigaction, sig, 0, &act, 8) || act.handler <= 1 || !(act.flags & 0x04000000))
-            continue;   /* no handler, or no SA_RESTORER */
-        int known = 0;
-        for (int i = 0; i < nrestorers; i++)
-            known |= restorers[i] == act.restorer;
-        if (!known && nrestorers < MAX_RESTORERS)
-            restorers[nrestorers++] = act.restorer;
-    }
+    hp_stats.hold_ns += hold;
+    if (hold > hp_stats.hold_max_ns)
+        hp_stats.hold_max_ns = hold;
 }
 
-/* Layout of the frame after its return address, x86-64: ucontext's
- * uc_flags, uc_link, uc_stack (24 bytes), then mcontext's 23 gregs and the
- * fpstate pointer. */
-#define FRAME_GREGS 48
-#define FRAME_RSP (FRAME_GREGS + 15 * 8)
-#define FRAME_RIP (FRAME_GREGS + 16 * 8)
-#define FRAME_CSGSFS (FRAME_GREGS + 18 * 8)
-#define FRAME_FPSTATE (FRAME_GREGS + 23 * 8)
-#define FRAME_SIZE (FRAME_FPSTATE + 8)
-#define USER_CS 0x33
-
-HP_RAW static int inside(const struct hp_write *w, size_t n, uintptr_t pc)
+HP_RAW static void release(int kind)
 {
-    for (size_t i = 0; i < n; i++)
-        if (pc > w[i].address && pc < w[i].address + w[i].len)
-            return 1;
-    return 0;
-}
-
-HP_RAW static int is_restorer(uint64_t word)
-{
-    for (int i = 0; i < nrestorers; i++)
-        if (word == restorers[i])
-            return 1;
-    return 0;
-}
-
-/* Is `at` a signal frame?  Its interrupted pc and sp if so.  Checked so that
- * a stale copy of a restorer's address in a dead frame is not taken for one:
- * user code segment, fpstate just above the frame. */
-HP_RAW static int signal_frame(int pid, uintptr_t at, uintptr_t *pc, uintptr_t *sp)
-{
-    uint64_t f[FRAME_SIZE / 8];
-    if (hp_read_own(pid, f, at, sizeof f) != (long)sizeof f)
-        return 0;
-    uint64_t fpstate = f[FRAME_FPSTATE / 8];
-    if ((f[FRAME_CSGSFS / 8] & 0xffff) != USER_CS ||
-        (fpstate && (fpstate <= at || fpstate > at + 65536)))
-        return 0;
-    *pc = f[FRAME_RIP / 8];
-    *sp = f[FRAME_RSP / 8];
-    return 1;
-}
-
-/* Walk up the stack from `sp` to the end of its mapping (at most 8 MiB) for
- * signal frames whose interrupted pc is inside a write; a frame on an
- * alternate stack leads to the interrupted stack, walked in turn. */
-static uint64_t stack_words[8192];
-
-HP_RAW static int frames_inside(int pid, uintptr_t sp, const struct hp_write *w, size_t n,
-                                uintptr_t *found)
-{
-    uintptr_t todo[4] = { sp & ~(uintptr_t)7 };
-    int ntodo = 1;
-    for (int region = 0; region < ntodo; region++) {
-        uintptr_t at = todo[region], end = at + (8u << 20);
-        const struct hp_mapping *m = hp_mapping_of(at);
-        if (m && m->hi < end)
-            end = m->hi;
-        while (at < end) {
-            size_t want = end - at < sizeof stack_words ? end - at : sizeof stack_words;
-            long got = hp_read_own(pid, stack_words, at, want);
-            if (got <= 0)
-                break;
-            for (long i = 0; i < got / 8; i++) {
-                uintptr_t frame = at + (uintptr_t)i * 8, pc, frame_sp;
-                /* sp + 8 is 16-byte aligned at a handler's entry */
-                if ((frame & 15) != 8 || !is_restorer(stack_words[i]) ||
-                    !signal_frame(pid, frame, &pc, &frame_sp))
-                    continue;
-                if (inside(w, n, pc)) {
-                    *found = pc;
-                    return 1;
-                }
-                if ((frame_sp < todo[region] || frame_sp > end) && ntodo < 4)
-                    todo[ntodo++] = frame_sp & ~(uintptr_t)7;
-            }
-            at += (uintptr_t)got;
-        }
-    }
-    return 0;
-}
-
-/* A stopped thread inside the bytes of a write -- its pc, or the pc a
- * signal handler it is running will return to: its tid, or 0. */
-HP_RAW int hp_thread_inside(const struct hp_write *w, size_t n, uintptr_t *pc)
-{
-    int pid = hp_getpid();
-    for (int t = 0; t < hp_nstopped; t++) {
-        if (inside(w, n, hp_stopped[t].pc)) {
-            *pc = hp_stopped[t].pc;
-            return hp_stopped[t].tid;
-        }
-        if (nrestorers && frames_inside(pid, hp_stopped[t].sp, w, n, pc))
-            return hp_stopped[t].tid;
-    }
-    return 0;
-}
-
-/* --- choosing the stopper ------------------------------------------- */
-
-/* Stop every other thread: ptrace, or the signal stop where ptrace is
- * refused.  hp_stopped lists the threads held. */
-HP_RAW int hp_stop_world(uint64_t deadline_ns, char *err)
-{
-    int rc = HP_STOP_REFUSED;
-    if (!signals_forced()) {
-        rc = hp_ptrace_stop(deadline_ns, err);
-        if (rc != HP_STOP_REFUSED) {
-            method = running = METHOD_PTRACE;
-            why_not_ptrace[0] = 0;
-            return rc == HP_STOP_OK ? 0 : -1;
-        }
-        hp_fmt_str(why_not_ptrace, why_not_ptrace + HP_ERRLEN, err);
-    } else {
-        hp_fmt_str(why_not_ptrace, why_not_ptrace + HP_ERRLEN, "HOTPATCH_STOPPER=signals");
-    }
-    method = running = METHOD_SIGNALS;
-    return hp_signal_stop(deadline_ns, why_not_ptrace, err) == HP_STOP_OK ? 0 : -1;
-}
-
-HP_RAW void hp_release_world(void)
-{
-    if (running == METHOD_PTRACE)
+    if (kind == METHOD_PTRACE)
         hp_ptrace_release();
     else
         hp_signal_release();
     hp_nstopped = 0;
+}
+
+/* A stop with this thread doing the check and the writes: the signal stop,
+ * or ptrace where the helper cannot write.  Retried while a thread is
+ * inside the bytes, until the deadline. */
+HP_RAW static int stopped_round(const struct hp_check *c, int kind, uint64_t deadline, char *err)
+{
+    for (;;) {
+        int rc = kind == METHOD_PTRACE ? hp_ptrace_stop(deadline, err)
+                                       : hp_signal_stop(deadline, why_not_ptrace, err);
+        if (rc != HP_STOP_OK)
+            return rc;
+        hp_stats.stops++;
+        uint64_t stopped = hp_now_ns();
+        uintptr_t pc = 0;
+        int tid = 0;
+        for (int t = 0; t < hp_nstopped && !tid; t++)
+            if (hp_check_thread(c, hp_stopped[t].pc, hp_stopped[t].sp, &pc))
+                tid = hp_stopped[t].tid;
+        if (!tid) {
+            rc = hp_check_old_bytes(c, err) ? HP_STOP_FAILED
+                 : hp_write_stopped(c->writes, c->nwrites, err) ? HP_STOP_FAILED : HP_STOP_OK;
+            release(kind);
+            count_hold(hp_now_ns() - stopped);
+            return rc;
+        }
+        release(kind);
+        hp_stats.retries++;
+        if (hp_now_ns() > deadline) {
+            char *at = hp_fmt_str(err, err + HP_ERRLEN, "thread ");
+            at = hp_fmt_num(at, err + HP_ERRLEN, tid);
+            at = hp_fmt_str(at, err + HP_ERRLEN, " stayed inside the bytes being replaced (pc ");
+            at = hp_fmt_hex(at, err + HP_ERRLEN, pc);
+            hp_fmt_str(at, err + HP_ERRLEN, "); nothing was written");
+            return HP_STOP_FAILED;
+        }
+        hp_sleep_ns(200000);
+    }
+}
+
+/* Write a batch (sorted by address) with every other thread stopped:
+ * ptrace, or the signal stop where ptrace is refused.  0, or -1 with `err`
+ * filled and nothing written.  hp_lock held. */
+HP_RAW int hp_stop_write(struct hp_write *w, size_t n, uint64_t deadline, int helper_may_write,
+                         char *err)
+{
+    uintptr_t restorers[HP_MAX_RESTORERS];
+    struct hp_check c = {
+        .pid = hp_gettid(), .writes = w, .nwrites = n,   /* tid: see hp_read_memory */
+        .restorers = restorers, .nrestorers = hp_collect_restorers(restorers, HP_MAX_RESTORERS),
+        .scratch = stack_words, .scratch_bytes = sizeof stack_words,
+    };
+    uint64_t start = hp_now_ns();
+    int rc = HP_STOP_REFUSED;
+    if (!signals_forced()) {
+        rc = helper_may_write ? hp_ptrace_write(&c, deadline, err) : HP_STOP_CANNOT_WRITE;
+        if (rc == HP_STOP_CANNOT_WRITE)
+            rc = stopped_round(&c, METHOD_PTRACE, deadline, err);
+        if (rc != HP_STOP_REFUSED) {
+            method = METHOD_PTRACE;
+            why_not_ptrace[0] = 0;
+        } else {
+            hp_fmt_str(why_not_ptrace, why_not_ptrace + HP_ERRLEN, err);
+        }
+    } else {
+        hp_fmt_str(why_not_ptrace, why_not_ptrace + HP_ERRLEN, "HOTPATCH_STOPPER=signals");
+    }
+    if (rc == HP_STOP_REFUSED) {
+        method = METHOD_SIGNALS;
+        rc = stopped_round(&c, METHOD_SIGNALS, deadline, err);
+    }
+    hp_stats.stop_ns += hp_now_ns() - start;
+    return rc == HP_STOP_OK ? 0 : -1;
+}
+
+/* Stop counters since the process started (or forked): stops, stops
+ * retried because a thread was inside the bytes, the time from asking for
+ * a stop to letting the threads go, and how long threads were held while
+ * the code was checked and written (total and longest). */
+void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
+                   uint64_t *hold_max_ns)
+{
+    pthread_mutex_lock(&hp_lock);
+    *stops = hp_stats.stops;
+    *retries = hp_stats.retries;
+    *stop_ns = hp_stats.stop_ns;
+    *hold_ns = hp_stats.hold_ns;
+    *hold_max_ns = hp_stats.hold_max_ns;
+    pthread_mutex_unlock(&hp_lock);
 }
 
 /* Which stopper runs (1 = ptrace, 0 = signals), its helper's pid, the park
@@ -204,5 +155,6 @@ void hp_stop_after_fork(void)
     method = -1;
     why_not_ptrace[0] = 0;
     hp_nstopped = 0;
+    memset(&hp_stats, 0, sizeof hp_stats);
     hp_ptrace_after_fork();
 }

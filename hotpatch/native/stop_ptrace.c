@@ -52,8 +52,14 @@ struct stop_area {
     int32_t result;           /* HP_STOP_* */
     uint64_t deadline_ns;
     char message[HP_ERRLEN];
+    /* a whole round ('W'): what to write and check, read from the service */
+    uintptr_t writes;
+    uint64_t nwrites;
+    int32_t nrestorers, reserved;
+    uintptr_t restorers[HP_MAX_RESTORERS];
+    int32_t mem_ok;           /* the helper could open /proc/PID/mem */
     int32_t count;
-    int32_t reserved;
+    uint64_t stops, retries, hold_ns;   /* of the last round */
     struct hp_stopped_thread threads[HP_MAX_THREADS];
 };
 
@@ -314,6 +320,9 @@ HP_RAW static int seize_new_threads(struct stop_area *a, int task_fd)
                 if (st.tracer) {
                     at = hp_fmt_str(at, why + sizeof why, "it is traced by process ");
                     hp_fmt_num(at, why + sizeof why, st.tracer);
+                } else if (rc == -EPERM || rc == -ENOSYS) {
+                    hp_fmt_str(at, why + sizeof why, rc == -EPERM ? "not permitted (EPERM)"
+                               : "no ptrace system call (ENOSYS)");
                 } else {
                     at = hp_fmt_str(at, why + sizeof why, "errno ");
                     hp_fmt_num(at, why + sizeof why, -rc);
@@ -476,6 +485,101 @@ HP_RAW static void stop_threads(struct stop_area *a, int task_fd, int sigfd)
             read_registers(a, &a->threads[i]);
 }
 
+/* The helper's own memory for a round's inputs, grown as needed. */
+struct buffer {
+    void *base;
+    size_t size;
+};
+
+HP_RAW static void *buffer_reserve(struct buffer *b, size_t size)
+{
+    if (size > b->size) {
+        if (b->base)
+            hp_sys(SYS_munmap, b->base, b->size);
+        size_t want = (size + 65535) & ~(size_t)65535;
+        long p = hp_sys(SYS_mmap, 0, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        b->base = p < 0 ? 0 : (void *)p;
+        b->size = p < 0 ? 0 : want;
+    }
+    return b->base;
+}
+
+HP_RAW static void *buffer_copy(struct buffer *b, int pid, uintptr_t from, size_t size)
+{
+    void *to = buffer_reserve(b, size ? size : 1);
+    return to && (!size || hp_read_own(pid, to, from, size) == (long)size) ? to : 0;
+}
+
+HP_RAW static int write_all(int mem_fd, const struct hp_write *w, size_t n, char *err)
+{
+    size_t i = 0;
+    int rc = 0;
+    for (; i < n && !rc; i++)
+        rc = hp_sys(SYS_pwrite64, mem_fd, w[i].bytes, w[i].len, w[i].address) != (long)w[i].len;
+    if (rc) {
+        for (size_t j = 0; j + 1 < i; j++)
+            hp_sys(SYS_pwrite64, mem_fd, w[j].old, w[j].len, w[j].address);
+        char *at = hp_fmt_str(err, err + HP_ERRLEN, "writing code at ");
+        at = hp_fmt_hex(at, err + HP_ERRLEN, w[i - 1].address);
+        hp_fmt_str(at, err + HP_ERRLEN, " failed");
+    }
+    return rc;
+}
+
+/* A whole round: stop, check, write, let go -- retried while a thread is
+ * inside the bytes, until the deadline. */
+HP_RAW static void write_round(struct stop_area *a, int task_fd, int sigfd, int mem_fd,
+                               struct buffer bufs[2])
+{
+    /* The service's memory, named by the patching thread: its main thread
+     * may have exited. */
+    struct hp_check c = {
+        .pid = a->self_tid, .nwrites = a->nwrites, .restorers = a->restorers,
+        .nrestorers = a->nrestorers,
+    };
+    c.writes = buffer_copy(&bufs[0], a->self_tid, a->writes, a->nwrites * sizeof(struct hp_write));
+    c.scratch = buffer_reserve(&bufs[1], 1 << 16);
+    c.scratch_bytes = 1 << 16;
+    a->stops = a->retries = a->hold_ns = 0;
+    if (!c.writes || !c.scratch) {
+        a->count = 0;
+        hp_fmt_str(a->message, a->message + HP_ERRLEN, "the ptrace helper cannot read what to write");
+        a->result = HP_STOP_FAILED;
+        return;
+    }
+    for (;;) {
+        stop_threads(a, task_fd, sigfd);
+        if (a->result != HP_STOP_OK)
+            return;
+        a->stops++;
+        uint64_t stopped = hp_now_ns();
+        uintptr_t pc = 0;
+        int tid = 0;
+        for (int i = 0; i < a->count && !tid; i++)
+            if (a->threads[i].state == STOPPED &&
+                hp_check_thread(&c, a->threads[i].pc, a->threads[i].sp, &pc))
+                tid = a->threads[i].tid;
+        if (!tid) {
+            if (hp_check_old_bytes(&c, a->message) || write_all(mem_fd, c.writes, c.nwrites, a->message))
+                a->result = HP_STOP_FAILED;
+            release_threads(a);
+            a->hold_ns = hp_now_ns() - stopped;
+            return;
+        }
+        release_threads(a);
+        a->retries++;
+        if (hp_now_ns() > a->deadline_ns) {
+            char what[96];
+            char *at = hp_fmt_str(what, what + sizeof what, " stayed inside the bytes being replaced (pc ");
+            at = hp_fmt_hex(at, what + sizeof what, pc);
+            hp_fmt_str(at, what + sizeof what, "); nothing was written");
+            fail(a, HP_STOP_FAILED, tid, 0, what);
+            return;
+        }
+        hp_sleep_ns(200000);
+    }
+}
+
 HP_RAW __attribute__((noreturn)) static void helper_main(void *arg)
 {
     struct helper_args *args = arg;
@@ -513,6 +617,12 @@ HP_RAW __attribute__((noreturn)) static void helper_main(void *arg)
     hp_fmt_str(at, path + sizeof path, "/task");
     int task_fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     int sigfd = (int)hp_sys(SYS_signalfd4, -1, &chld, 8, SFD_NONBLOCK | SFD_CLOEXEC);
+    at = hp_fmt_str(path, path + sizeof path, "/proc/");
+    at = hp_fmt_num(at, path + sizeof path, a->pid);
+    hp_fmt_str(at, path + sizeof path, "/mem");
+    int mem_fd = (int)hp_sys(SYS_open, path, O_RDWR | O_CLOEXEC);
+    a->mem_ok = mem_fd >= 0;
+    struct buffer bufs[2] = { { 0, 0 }, { 0, 0 } };
     a->helper_pid = hp_getpid();
     char op = task_fd >= 0 && sigfd >= 0 ? 'R' : 'E';
     hp_sys(SYS_write, sock, &op, 1);
@@ -529,7 +639,9 @@ HP_RAW __attribute__((noreturn)) static void helper_main(void *arg)
             continue;
         if (hp_sys(SYS_read, sock, &op, 1) != 1)
             hp_sys(SYS_exit_group, 0);  /* the service is gone */
-        if (op == 'S')
+        if (op == 'W')
+            write_round(a, task_fd, sigfd, mem_fd, bufs);
+        else if (op == 'S')
             stop_threads(a, task_fd, sigfd);
         else if (op == 'R')
             release_threads(a);
@@ -667,6 +779,36 @@ HP_RAW int hp_ptrace_stop(uint64_t deadline_ns, char *err)
         if (area->threads[i].state == STOPPED)
             hp_stopped[hp_nstopped++] = area->threads[i];
     return HP_STOP_OK;
+}
+
+/* A whole round in the helper: stop, check, write through /proc/PID/mem,
+ * let go.  HP_STOP_CANNOT_WRITE where the helper cannot open that file. */
+HP_RAW int hp_ptrace_write(const struct hp_check *c, uint64_t deadline_ns, char *err)
+{
+    if (helper_sock < 0 && start_helper(err))
+        return HP_STOP_REFUSED;
+    if (!area->mem_ok)
+        return HP_STOP_CANNOT_WRITE;
+    area->self_tid = hp_gettid();
+    area->deadline_ns = deadline_ns;
+    area->writes = (uintptr_t)c->writes;
+    area->nwrites = c->nwrites;
+    area->nrestorers = c->nrestorers < HP_MAX_RESTORERS ? c->nrestorers : HP_MAX_RESTORERS;
+    for (int i = 0; i < area->nrestorers; i++)
+        area->restorers[i] = c->restorers[i];
+    if (request('W', deadline_ns + 1000000000ull)) {
+        stop_helper();
+        hp_fmt_str(err, err + HP_ERRLEN, "the ptrace helper stopped answering");
+        return HP_STOP_FAILED;
+    }
+    hp_stats.stops += area->stops;
+    hp_stats.retries += area->retries;
+    hp_stats.hold_ns += area->hold_ns;
+    if (area->hold_ns > hp_stats.hold_max_ns)
+        hp_stats.hold_max_ns = area->hold_ns;
+    if (area->result != HP_STOP_OK)
+        hp_fmt_str(err, err + HP_ERRLEN, area->message);
+    return area->result;
 }
 
 HP_RAW void hp_ptrace_release(void)

@@ -222,9 +222,12 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
     hp_nstopped = 0;
     if (ensure_park_handler(err))
         return HP_STOP_FAILED;
+    /* A thread held in the last stop may still be on its way out of the
+     * handler, every signal blocked: the new signal waits for it there. */
     int n = list_threads(tids, HP_MAX_THREADS);
     for (int i = 0; i < n; i++) {
-        char state = tids[i] == self ? 0 : thread_status(tids[i], &blocked, name, sizeof name);
+        char state = tids[i] == self || was_signalled(tids[i]) ? 0
+                     : thread_status(tids[i], &blocked, name, sizeof name);
         if (state && state != 'Z' && state != 'X' && (blocked >> (park_signal - 1) & 1))
             return refuse(err, tids[i], name, "blocks the park signal", why_not_ptrace);
     }
