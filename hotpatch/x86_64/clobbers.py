@@ -1,8 +1,8 @@
 """Which call-clobbered registers a function never writes.
 
 gcc's interprocedural register allocation (``-fipa-ra``, on at -O2) lets the
-caller of a function whose body it knows (static, hidden, or in a non-PIC
-program) keep values in call-clobbered registers the callee never writes.
+caller of a function whose body it knows (static, hidden, in the main
+program, or bound locally with ``-fno-semantic-interposition``) keep values in call-clobbered registers the callee never writes.
 A replacement compiled on its own, or a Python callback, writes any of
 them.  This module finds, from the old machine code, the call-clobbered
 registers the function (with the functions it calls or jumps to inside its
@@ -38,9 +38,11 @@ _GPR_FAMILIES = {
 }
 _FAMILY = {name: family for family, names in _GPR_FAMILIES.items() for name in names}
 _FAMILY.update({f"{kind}{i}": f"xmm{i}" for kind in ("xmm", "ymm", "zmm") for i in range(16)})
-# vzeroupper/vzeroall touch the upper halves (call-clobbered anyway) or all
-# of every vector register; capstone reports them without operands.
-_IMPLICIT = {"vzeroall": frozenset(f"xmm{i}" for i in range(16)), "syscall": frozenset({"rax", "rcx", "r11"})}
+# Writes capstone does not list: vzeroall clears every vector register (and
+# vzeroupper only the upper halves, call-clobbered anyway: see _written_by);
+# syscall returns in rax and clobbers rcx and r11.
+_IMPLICIT = {"vzeroall": frozenset(f"xmm{i}" for i in range(16)),
+             "syscall": frozenset({"rax", "rcx", "r11"})}
 
 #: ``callee(target)`` -> (start, size) of the object's function holding a
 #: branch target, ALL for a target that clobbers everything (PLT, another

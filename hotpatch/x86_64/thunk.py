@@ -61,19 +61,21 @@ def _rsp_imm(opcode_ext: int, value: int) -> bytes:
     return bytes((0x48, 0x81, 0xC0 | opcode_ext << 3 | 4)) + struct.pack("<i", value)
 
 
-def _rsp_mem(prefix: bytes, opcode: bytes, reg: int, disp: int) -> bytes:
-    """``<op> reg, [rsp+disp32]`` with REX.R for reg >= 8 (``prefix`` before REX)."""
-    rex = (0x44 if reg >= 8 else 0) | (0x48 if prefix == b"W" else 0)
-    prefix = b"" if prefix == b"W" else prefix
+def _rsp_mem(prefix: bytes, opcode: bytes, reg: int, disp: int, wide: bool = False) -> bytes:
+    """``<op> reg, [rsp+disp32]``: ``prefix`` (mandatory prefix, before
+    REX), REX.W when ``wide``, REX.R for reg >= 8."""
+    rex = (0x48 if wide else 0) | (0x44 if reg >= 8 else 0)
     return (prefix + (bytes((rex,)) if rex else b"") + opcode
             + bytes((0x84 | (reg & 7) << 3, 0x24)) + struct.pack("<i", disp))
 
 
 def _movdqu_store(xmm: int, disp: int) -> bytes:
+    """``movdqu [rsp+disp32], xmm``."""
     return _rsp_mem(b"\xf3", b"\x0f\x7f", xmm, disp)
 
 
 def _movdqu_load(xmm: int, disp: int) -> bytes:
+    """``movdqu xmm, [rsp+disp32]``."""
     return _rsp_mem(b"\xf3", b"\x0f\x6f", xmm, disp)
 
 
@@ -83,7 +85,8 @@ def _mov_r11_from_rbp(disp: int) -> bytes:
 
 
 def _mov_r11_to(disp: int) -> bytes:
-    return _rsp_mem(b"W", b"\x89", 11, disp)
+    """``mov [rsp+disp32], r11``."""
+    return _rsp_mem(b"", b"\x89", 11, disp, wide=True)
 
 
 def thunk_code(at: int, new: int, preserve) -> bytes:
