@@ -145,6 +145,8 @@ def _resolve_symbols(path: str, c_patch) -> None:
         object_name, name = _string(_ffi, ref.object), _ffi.string(ref.name).decode()
         where = f"{path}: symbols[{i}]: object {object_name or 'main'}: symbol '{name}'"
         try:
+            if ref.address == _ffi.NULL:
+                raise HotpatchError("its address to fill is NULL (use HP_SYMBOL(ptr, ...))")
             loaded = symbols.find_object(object_name)
             if loaded is None:
                 raise HotpatchError("the object is not loaded")
