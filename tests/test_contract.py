@@ -445,13 +445,18 @@ def test_c_module_for_this_build_is_accepted(child, contract_lib, tmp_path):
     assert r.get("raised") is None and r["result"] == 41, r
 
 
-def test_c_module_symbol_not_found_names_it(child, contract_lib, tmp_path):
+@pytest.mark.parametrize("change,error,named", [
+    (('"st_calls", 0', '"st_no_such_variable", 0'), "SymbolNotFound", "st_no_such_variable"),
+    (('HP_SYMBOL(calls, "libcontract.so", "st_calls", 0)',
+      '{ .address = 0, .object = "libcontract.so", .name = "st_calls" }'), "HotpatchError", "NULL"),
+])
+def test_c_module_bad_symbol_reference_names_it(child, contract_lib, tmp_path, change, error, named):
     from hotpatch import module
-    source = tmp_path / "missing.c"
-    source.write_text(C_MODULE.replace('"st_calls", 0', '"st_no_such_variable", 0'))
-    so = module.build(str(source), str(tmp_path / "missing.so"))
+    source = tmp_path / "bad.c"
+    source.write_text(C_MODULE.replace(*change))
+    so = module.build(str(source), str(tmp_path / "bad.so"))
     r = child(LOAD, lib=contract_lib, so=so)[0]
-    assert r["raised"].startswith("SymbolNotFound") and "st_no_such_variable" in r["raised"], r
+    assert r["raised"].startswith(error) and named in r["raised"] and "st_" in r["raised"], r
     assert so in r["raised"] and r["result"] == 21
 
 
