@@ -103,6 +103,11 @@ def _sysfs_value(value) -> str:
     return str(int(value)) if isinstance(value, bool) else str(value)
 
 
+#: The entries of a func in the tree that are addresses (shown in hex with
+#: the symbol they resolve to); the others are counts, flags or text.
+_ADDRESSES = ("old_addr", "new_addr", "original")
+
+
 def _ls_lines(tree: dict, names: dict) -> list[str]:
     lines = ["livepatch/"]
     for patch_name, patch in tree["livepatch"].items():
@@ -120,7 +125,7 @@ def _ls_lines(tree: dict, names: dict) -> list[str]:
                     continue
                 lines.append(f"      {func_name}/")
                 for key, value in func.items():
-                    if isinstance(value, int) and not isinstance(value, bool):
+                    if key in _ADDRESSES and isinstance(value, int):
                         text = f"{value:#x}  {names.get(hex(value), '?')}"
                     else:
                         text = _sysfs_value(value) if value is not None else "-"
