@@ -62,6 +62,10 @@ class Site:
     original: int                  # address that runs the old code
     form: str | None = None        # current form, None while not installed
     target: int | None = None      # where calls go now, None while not installed
+    #: the bytes hotpatch wrote at the entry (None while not installed): what a
+    #: later write expects to find there, so that code changed since -- the
+    #: object unloaded, another one mapped at its address -- is never overwritten
+    written: bytes | None = field(default=None, repr=False)
     _slot: object = field(default=None, repr=False)        # uint64_t * (slot form)
     _trampoline: int = field(default=0, repr=False)         # jmp [rip+d] (slot form)
     _call_site: object = field(default=None, repr=False)    # struct hp_call_site *
@@ -253,10 +257,6 @@ def _store_targets(changes: list[_Change]) -> None:
             lib.hp_call_site_set_target(site._call_site, change.target)
 
 
-def _current_entry(site: Site) -> bytes:
-    return read_memory(site.address, site.plan.length)
-
-
 def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
     """The change that makes ``site`` send calls to ``target``."""
     form = _choose_form(site, target, form)
@@ -268,10 +268,8 @@ def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
     new = _pad(site, _entry_instruction(site, form, target))
     if not site.installed:
         change.write = (site.plan.original_bytes, new)
-    else:
-        old = _current_entry(site)
-        if old != new:    # the form or a direct target changed: one instruction rewritten
-            change.write = (old, new)
+    elif site.written != new:    # the form or a direct target changed: one instruction rewritten
+        change.write = (site.written, new)
     return change
 
 
@@ -285,6 +283,8 @@ def _commit(changes: list[_Change]) -> None:
     _store_targets([c for c in changes if c.write is None])
     for change in changes:
         change.site.form, change.site.target = change.form, change.target
+        if change.write is not None:
+            change.site.written = change.write[1] if change.form else None
 
 
 def _unique(sites: Sequence[Site]) -> None:
@@ -299,7 +299,7 @@ def _plan_restore(site: Site) -> _Change:
     if not site.installed:
         raise HotpatchError(f"{site.entry:#x}: site is not installed")
     change = _Change(site, None, None)
-    change.write = (_current_entry(site), site.plan.original_bytes)
+    change.write = (site.written, site.plan.original_bytes)
     return change
 
 
