@@ -27,7 +27,7 @@ from .common import Options
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 #: Our series, in the order they run and are reported.
-SERIES = ("overhead", "apply", "reach")
+SERIES = ("overhead", "apply", "reach", "stop")
 #: Series owned by other modules: symbols resolution (benchmarks/symbols.py),
 #: and the loader hook's cost on dlopen (benchmarks/loader.py, once the loader exists).
 EXTERNAL = ("symbols", "loader")
@@ -56,6 +56,16 @@ def _load_previous() -> dict:
     return {"series": {}}
 
 
+def keep_machines(results: dict) -> None:
+    """A series not run now keeps the machine it ran on: the machine block
+    describes only the latest run (results written before series carried
+    their own machine ran on the last run's commit and machine)."""
+    previous = results.get("machine")
+    for result in results["series"].values():
+        if "machine" not in result and previous and result.get("commit") == previous.get("commit"):
+            result["machine"] = previous
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -69,10 +79,12 @@ def main(argv=None) -> int:
     results = _load_previous()
     if not args.report_only:
         env = machine.describe()
+        keep_machines(results)
         for name in args.only or SERIES + EXTERNAL:
             print(f"[benchmarks] {name}...", file=sys.stderr, flush=True)
             result = run_series(name, opts)
             result["commit"] = env["commit"]
+            result["machine"] = env
             results["series"][name] = result
             print(f"[benchmarks] {name}: {result['seconds']} s"
                   + (" (failed)" if "failed" in result else ""), file=sys.stderr, flush=True)

@@ -2,8 +2,10 @@
 
 - ``driver.so`` (``driver.c``) and ``libbenchpeer.so`` (``peer.c``): the
   overhead driver and the library it reaches through its PLT;
-- ``libgen<N>.so``: N generated functions for the apply and reach series,
-  with a table of their addresses and busy threads that call them.
+- ``libgen<N>.so``: N generated functions for the apply, reach and stop
+  series, with a table of their addresses and busy threads that call them;
+- ``libstopthreads.so`` (``stop_threads.c``): the busy, idle and sleeping
+  threads of the stop series, which record how long they were held.
 
 Outputs are rebuilt only when their source or flags change.  The build checks
 with objdump that the driver's direct loops really are ``call rel32`` to the
@@ -82,6 +84,13 @@ def check_rel32_loops(driver: str) -> None:
         calls = re.findall(r"\scall\s+([0-9a-f]+ <[^>]+>|\*\S+)", body)
         if not any(c.endswith(expected) for c in calls):
             raise RuntimeError(f"bench_rel32_{callee} does not call {expected} directly: {calls}")
+
+
+def build_stop_threads() -> str:
+    """Build the threads of the stop series; returns the library's path."""
+    source = os.path.join(HERE, "stop_threads.c")
+    return _compile(os.path.join(BUILD, "libstopthreads.so"), _read(source),
+                    ["-pthread", source])
 
 
 # ---------------------------------------------------------------------------

@@ -11,9 +11,11 @@ from __future__ import annotations
 import collections
 import json
 import os
+import statistics
 
 from .apply import growth
 from .overhead import BY_KEY, METHODS, VARIANTS
+from .stop import pause_key
 
 HOTPATCH_KEYS = ("direct", "slot", "call", "stack1", "stack4", "stack16", "retargets", "python",
                  "original", "original_nop")
@@ -291,6 +293,214 @@ def reach_section(r: dict, images: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# 2c. Stops
+
+
+STOPPERS = {"ptrace": "ptrace helper", "signals": "signal stop"}
+_FIGURE = {"gap_us": "longest gap a busy thread saw", "stop_us": "the core's stop time"}
+
+
+def triple(s: dict | None, sign: bool = False) -> str:
+    """"median / p90 / max" of a stats() dict."""
+    if not s:
+        return "—"
+    f = signed if sign else num
+    return f"{f(s['median'])} / {f(s['p90'])} / {f(s['max'])}"
+
+
+def _lateness(m: dict) -> str:
+    s = m.get("late_us")
+    if not s:
+        return "none due"
+    return f"{s['n']}: {num(s['median'])} / {num(s['max'])}"
+
+
+def _ordered(r: dict) -> list[dict]:
+    return [l for l in r["loads"] if l["label"] in r["results"]]
+
+
+def _stop_verdicts(r: dict) -> list[tuple[str, str, str, float, float, bool]]:
+    """(load, method, figure, median µs, target µs, met) for each target."""
+    out = []
+    for load in _ordered(r):
+        target = r["targets_us"].get(load["label"])
+        if target is None:
+            continue
+        key = pause_key(load["busy"])
+        for method in r["methods"]:
+            s = r["results"][load["label"]][method]["one"][key]
+            if s:
+                out.append((load["label"], method, key, s["median"], target, s["median"] < target))
+    return out
+
+
+def _stop_closing(r: dict) -> list[str]:
+    """What the figures say about each missed target, and what would close it."""
+    notes = []
+    for label, method, key, median, target, met in _stop_verdicts(r):
+        if met:
+            continue
+        m = r["results"][label][method]["one"]
+        hold, stop = m["hold_us"]["median"], m["stop_us"]["median"]
+        name = f"**{label}, {STOPPERS[method]}: {num(median, ' µs')}, target < {num(target, ' µs')}.**"
+        if key == "gap_us":
+            control, added = m["control_gap_us"], m["added_gap_us"]
+            beyond = control and control["median"] >= target
+            notes.append(
+                f"{name} With nothing written, the same threads saw {num(control['median'], ' µs')} "
+                f"over windows as long (the control); a stop's gap less its own control's is "
+                f"{signed(added['median'], ' µs')} (median). "
+                + ("The control alone is above the target: 8 threads that never block on 2 cores "
+                   "each wait for a CPU for several scheduler slices at a time, stop or no stop, so "
+                   "no stopper can bring this figure under 2 ms here; the target can only be met for "
+                   "what the stop *adds*, or with no more busy threads than cores. "
+                   if beyond else "")
+                + f"The core's figures for these stops (stop time {num(stop, ' µs')}, hold "
+                f"{num(hold, ' µs')}) are taken by the patching thread, which waits for a CPU too "
+                + ("(and the helper, which lets the threads go one PTRACE_DETACH at a time while "
+                   "those already let go compete with it for the CPU)"
+                   if method == "ptrace" else
+                   "(a thread asked to park must first be scheduled to run its handler)")
+                + ". What would shorten the stop's own share: letting the patching thread (and "
+                "the helper) run ahead of the held threads during a stop, e.g. a raised priority "
+                "where the process may have one, and fewer scheduling round trips per stop.")
+        else:
+            notes.append(
+                f"{name} Of that, the threads are all held for {num(hold, ' µs')} (the code checked "
+                f"and written, the cores synced, the threads let go); the other "
+                f"{num(stop - hold, ' µs')} go to stopping them: "
+                + ("a request to the helper process over its socket (a cross-process wakeup), "
+                   "then for each thread PTRACE_SEIZE, PTRACE_INTERRUPT, a wait for its stop and "
+                   "PTRACE_GETREGS, a second listing of /proc/PID/task, and the stacks read for "
+                   "signal frames. The series does not time these steps one by one; the "
+                   "per-thread attach is where to look first: every thread is attached and "
+                   "detached at each stop. Keeping the tracees attached across the stops of a "
+                   "transition (PTRACE_INTERRUPT and PTRACE_CONT only) would take the attach out "
+                   "of every stop but the first, at the price of threads traced in between."
+                   if method == "ptrace" else
+                   "the /proc status file of every thread read (open, read, close) to check its "
+                   "signal mask before any signal is sent, one tgkill per thread, each thread "
+                   "scheduled to run its handler, and at each wakeup of the patching thread the "
+                   "thread list read again and the status file of every thread not yet parked. "
+                   "The series does not time these steps one by one; checking the masks once, "
+                   "and counting arrivals against the threads signalled instead of listing again, "
+                   "would remove most of the system calls.")
+                + " The write itself is a small part.")
+    return notes
+
+
+def stop_section(r: dict, images: str) -> str:
+    head = "## 2c. Stopping the other threads: ptrace helper and signal stop\n\n"
+    if "failed" in r:
+        return head + "The series failed:\n\n```\n" + r["failed"] + "\n```\n"
+    pause_rows, latency_rows = [], []
+    for load in _ordered(r):
+        label, busy = load["label"], load["busy"]
+        res = r["results"][label]
+        for method in r["methods"]:
+            m = res[method]
+            one, big = m["one"], m["big"]
+            key = pause_key(busy)
+            refused = f" ({m['refused']} refused)" if m.get("refused") else ""
+            pause_rows.append([
+                label, STOPPERS[method], f"{one['stops']}{refused}",
+                f"**{triple(one[key])}**",
+                triple(one["control_gap_us"]) if busy else "—",
+                triple(one["added_gap_us"], sign=True) if busy else "—",
+                triple(one["stop_us"]), triple(one["hold_us"]),
+                _lateness(one), triple(res["sleeper_quiet_us"])])
+            lat = m["latency_us"]
+            latency_rows.append([
+                label, STOPPERS[method], triple(lat["apply1"]), triple(lat["restore1"]),
+                triple(lat["apply1000"]), triple(lat["restore1000"]),
+                triple(big[key]), triple(big["hold_us"]),
+                f"{num(m['first_us']['median'])} ({num(m['first_stop_us']['median'])})"
+                if m.get("first_us") else "—"])
+    rep = r["repeats"]
+    out = [head.rstrip("\n"), "",
+           "Every code write happens in a *stop*: every other thread of the process is held while "
+           "the bytes are written, by a ptrace helper process (PTRACE_SEIZE + PTRACE_INTERRUPT of "
+           "each thread, PTRACE_DETACH after; the default) or by parking each thread in a handler "
+           "of SIGRTMAX-2 (`HOTPATCH_STOPPER=signals`, the fallback). `python -m benchmarks.stop` "
+           "(`benchmarks/stop.py`, threads in `benchmarks/stop_threads.c`) measures both in the "
+           f"same child processes, stop by stop in ABBA order ({r['children']} fresh "
+           f"child{'ren' if r['children'] > 1 else ''} per load, each starting with the other "
+           "method), on the same sites: one function, and "
+           f"{r['big']:,} distinct generated `-O2` functions with generic prologues, prepared "
+           "beforehand (the analysis is section 2's subject).", "",
+           "- *Busy threads* spin in C reading CLOCK_MONOTONIC; every gap between two readings is "
+           "recorded. A stop's **pause** for them is the longest gap of any busy thread that "
+           "overlaps the stop (it was held, or descheduled meanwhile). *Control*: right after each "
+           "stop the patching thread spins for as long as the stop took, writing nothing, and the "
+           "same figure is taken over that window (8 busy threads on 2 cores are descheduled for "
+           "long stretches anyway); *Δ* is each stop's gap less its own control's.",
+           "- *Idle threads* block, half in `pthread_cond_wait`, half in a `nanosleep` loop. They "
+           "cannot report a gap, so a stop's **pause** for them is the core's *stop time* "
+           "(`tree()[\"core\"][\"stops\"]`, read around each batch: from asking for the stop to "
+           "letting the threads go; no thread is held longer). The *hold* is its part from every "
+           "thread held to every thread let go (code checked, written, cores synced, release).",
+           "- A *1 ms sleeper* (absolute deadlines, `clock_nanosleep`, timer slack 1 ns; a missed "
+           "period is skipped) runs in every load: what an idle thread sees. For each batch, the "
+           "most delayed of its wakeups due between the call and the return is taken (*n*: the batches "
+           "during which one was due). The batch call includes the work before the stop (see "
+           "below), so many of those wakeups fall before the threads are held and are barely "
+           "late: the median is low, the max shows what a stop did (a wakeup due inside a stop "
+           "is late by the rest of the stop). Its lateness over quiet phases of the same "
+           "children (nothing written) is its control.",
+           "- Figures are **median / p90 / max** in µs; the pause column is the one the targets "
+           "use (busy loads: the gap; the others: the stop time).",
+           f"- The machine is shared with other work: 1-minute load average {r['loadavg'][0]} when "
+           f"the series started, {r['loadavg'][1]} when it ended. Only medians of interleaved stops "
+           "are compared, never single stops.", "",
+           f"**Pause of a stop of 1 site** ({rep['one']} applies and {rep['one']} restores per "
+           "method and load):", "",
+           table(["threads", "stopper", "stops", "pause µs", "control: busy gap, nothing written µs",
+                  "Δ gap vs control µs", "core stop time µs", "core hold µs",
+                  "1 ms sleeper: wakeups due during a stop, n: median / max lateness µs",
+                  "sleeper lateness, nothing written µs"], pause_rows), "",
+           f"**Apply latency**: wall time of `sites.redirect_batch` (apply) and "
+           f"`sites.restore_batch` (restore), one batch = one stop ({rep['one']} repeats of 1 site, "
+           f"{rep['big']} of {r['big']:,} sites per method and load):", "",
+           table(["threads", "stopper", "apply 1 site µs", "restore 1 site µs",
+                  f"apply {r['big']:,} sites µs", f"restore {r['big']:,} sites µs",
+                  f"pause of a {r['big']:,}-site stop µs", f"core hold, {r['big']:,} sites µs",
+                  "first stop of the process: wall µs (stop time)"], latency_rows), "",
+           "- The first stop of each method in a process is not in the tables above: it pays "
+           "one-time costs (ptrace: starting the helper process; signals: installing the park "
+           "handler); its median is in the last column."]
+    verdicts = _stop_verdicts(r)
+    if verdicts:
+        out += ["", "Targets on this machine (2 cores):", "",
+                table(["load", "stopper", "figure", "median", "target", "verdict"],
+                      [[label, STOPPERS[method], _FIGURE[key], num(median, " µs"),
+                        f"< {num(target, ' µs')}", "met" if met else "**not met**"]
+                       for label, method, key, median, target, met in verdicts]), ""]
+    closing = _stop_closing(r)
+    if closing:
+        out += ["What the figures say about each missed target, and what would close it:", ""]
+        out += [f"- {n}" for n in closing]
+        out.append("")
+    for method in r["methods"]:
+        for load in _ordered(r):
+            m = r["results"][load["label"]][method]
+            if m.get("refused"):
+                out.append(f"- **The {STOPPERS[method]} refused {m['refused']} stops with "
+                           f"{load['label']} threads** (nothing written; a refused apply is not "
+                           "retried, a refused restore is tried again a moment later): "
+                           + "; ".join(f"`{msg}`" for msg in m["refused_messages"]))
+    if any(r["results"][l["label"]]["signals"].get("refused") for l in _ordered(r)):
+        out.append("- Why the signal stop refuses: before signalling anyone it reads every "
+                   "thread's blocked signals and refuses a thread that blocks the park signal. A "
+                   "thread let go by the previous stop that has not yet finished the park "
+                   "handler still has the handler's mask (every signal blocked), so it is "
+                   "refused although it would take the signal as soon as it returns (as the "
+                   "comment at the top of `stop_signal.c` says). With more runnable threads than "
+                   "cores that window lasts milliseconds.")
+    out.append(f"\n![stop]({images}stop.png)\n")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
 # 3. Series owned elsewhere
 
 
@@ -363,6 +573,12 @@ def targets_section(series: dict) -> str:
         k = growth({c: s["median"] for c, s in zero["apply"].items()})
         if k is not None:
             rows.append(_target("apply linear in the count", f"time ∝ count^{k:.2f}", 0.85 <= k <= 1.15))
+    st = series.get("stop", {})
+    if "results" in st:
+        for label, method, key, median, target, met in _stop_verdicts(st):
+            rows.append(_target(f"median pause of a stop < {num(target, ' µs')}, {label} threads on "
+                                f"2 cores, {STOPPERS[method]} ({_FIGURE[key]})",
+                                num(median, " µs"), met))
     return "## Targets\n\n" + table(["target", "measured", "verdict"], rows) + "\n"
 
 
@@ -454,10 +670,82 @@ def _plot_reach(r: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _plot_stop(r: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+    loads = [l for l in r["loads"] if l["label"] in r["results"]]
+    methods = r["methods"]
+    colors = {"ptrace": "C0", "signals": "C1"}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    ax = axes[0]
+    width = 0.27
+    seen = set()
+    for j, load in enumerate(loads):
+        res = r["results"][load["label"]]
+        key = pause_key(load["busy"])
+        for i, method in enumerate(methods):
+            s = res[method]["one"][key]
+            if not s:
+                continue
+            x = j + (i - 0.5) * width
+            ax.bar(x, s["median"], width, color=colors[method],
+                   label=f"{STOPPERS[method]}: median, whisker to p90, dot: max" if j == 0 else None)
+            ax.plot([x, x], [s["median"], s["p90"]], color="black", lw=1)
+            ax.plot([x], [s["max"]], marker="o", color=colors[method], markeredgecolor="black", ms=4)
+            ax.text(x, 12, num(s["median"]), ha="center", va="bottom", fontsize=7,
+                    rotation=90, color="white")
+        control = [res[m]["one"]["control_gap_us"] for m in methods if load["busy"]]
+        control = [c["median"] for c in control if c]
+        if control:
+            x = j + 1.5 * width
+            ax.bar(x, statistics.median(control), width, color="0.75", hatch="//",
+                   label="control: same gap, nothing written (median)" if "c" not in seen else None)
+            seen.add("c")
+        target = r["targets_us"].get(load["label"])
+        if target:
+            ax.plot([j - 1.5 * width, j + 1.5 * width], [target, target], color="red", lw=2,
+                    label="target (median)" if "t" not in seen else None)
+            seen.add("t")
+    ax.set_xticks(range(len(loads)),
+                  [f"{l['label']}\n({'busy gap' if l['busy'] else 'core stop time'})" for l in loads],
+                  fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=10)
+    ax.set_ylabel("µs (log)")
+    ax.set_title("Pause of a 1-site stop for the other threads")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    ax = axes[1]
+    kinds = [("apply1", "1 site"), ("apply1000", f"{r['big']:,} sites")]
+    width = 0.2
+    for j, load in enumerate(loads):
+        res = r["results"][load["label"]]
+        for k, (kind, name) in enumerate(kinds):
+            for i, method in enumerate(methods):
+                s = res[method]["latency_us"][kind]
+                if not s:
+                    continue
+                x = j + (2 * k + i - 1.5) * width
+                ax.bar(x, s["median"], width, color=colors[method], alpha=1.0 if k == 0 else 0.55,
+                       label=f"{STOPPERS[method]}, {name}" if j == 0 else None)
+                ax.plot([x, x], [s["median"], s["p90"]], color="black", lw=1)
+    ax.set_xticks(range(len(loads)), [l["label"] for l in loads], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs (log)")
+    ax.set_title("Apply latency: redirect_batch wall time (median, whisker to p90)")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Stops of the world: ptrace helper vs signal stop, interleaved in the same processes "
+                 f"(load average {r['loadavg'][0]}–{r['loadavg'][1]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(series: dict, out_dir: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
-    for name, plot in (("overhead", _plot_overhead), ("apply", _plot_apply), ("reach", _plot_reach)):
+    for name, plot in (("overhead", _plot_overhead), ("apply", _plot_apply), ("reach", _plot_reach),
+                       ("stop", _plot_stop)):
         r = series.get(name)
         if r and "failed" not in r:
             plot(r, os.path.join(out_dir, f"{name}.png"))
@@ -470,9 +758,22 @@ def write_plots(series: dict, out_dir: str) -> None:
 def machine_section(results: dict) -> str:
     m = results.get("machine", {})
     series = results["series"]
-    runs = ", ".join(f"{name} {r.get('seconds', '?')} s{' (quick)' if r.get('quick') else ''}"
-                     f"{'' if r.get('commit') == m.get('commit') else ' at ' + str(r.get('commit'))}"
-                     for name, r in series.items())
+    def where(r: dict) -> str:
+        """"" for the latest run, else the commit (and machine) it ran on."""
+        other = r.get("machine") or {}
+        if r.get("commit") == m.get("commit") and other.get("date", m.get("date")) == m.get("date"):
+            return ""
+        text = f"at {r.get('commit')}"
+        if other and (other.get("cpu"), other.get("kernel")) != (m.get("cpu"), m.get("kernel")):
+            text += f" on {other.get('cpu')}, Linux {other.get('kernel')}, {other.get('date')}"
+        return text
+
+    groups = {}
+    for name, r in series.items():
+        groups.setdefault(where(r), []).append(
+            f"{name} {r.get('seconds', '?')} s{' (quick)' if r.get('quick') else ''}")
+    runs = "; ".join((f"{place}: " if place else "") + ", ".join(names)
+                     for place, names in sorted(groups.items()))
     return "\n".join([
         f"- Run {m.get('date')} on commit `{m.get('commit')}`; series: {runs}.",
         f"- CPU: {m.get('cpu')}, {m.get('cores')} cores (shared, noisy: medians of alternating repeats).",
@@ -484,7 +785,8 @@ def machine_section(results: dict) -> str:
 def sections(results: dict, images: str) -> str:
     series = results["series"]
     parts = [targets_section(series)]
-    for name, render in (("overhead", overhead_section), ("apply", apply_section), ("reach", reach_section)):
+    for name, render in (("overhead", overhead_section), ("apply", apply_section), ("reach", reach_section),
+                         ("stop", stop_section)):
         if name in series:
             parts.append(render(series[name], images))
     parts.append(external_section("symbols", "3. Symbol resolution (first and cached)", series.get("symbols")))
@@ -508,9 +810,9 @@ steadier.
 
 ```sh
 pip install -e '.[bench]'          # matplotlib and frida (optional: without it the suite says so)
-python -m benchmarks               # the full run (about 4 minutes on the machine above)
+python -m benchmarks               # the full run (about 6 minutes; the stop series about 2)
 python -m benchmarks --quick       # a smoke run of about a minute
-python -m benchmarks --only apply  # one series (overhead, apply, reach, symbols, loader)
+python -m benchmarks --only apply  # one series (overhead, apply, reach, stop, symbols, loader)
 python -m benchmarks --report-only # tables, plots and this file again from results/results.json
 ```
 
@@ -545,11 +847,14 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   Python, about 30 µs a function. Two changes would close it: a native length
   decoder and branch scan in the C core (the policy would stay in Python), and
   writing a batch's original stubs with one `pwrite`.
-- **Stopping the world with more busy threads than cores takes milliseconds.**
-  Every thread must get a CPU to park. Frida does not stop threads, and it
-  crashed processes under this load. Entries compiled with a patchable NOP
-  (`-fpatchable-function-entry`, `-mnop-mcount`) need no stop at all: the
-  int3 protocol suffices.
+- **A stop of the world costs the other threads hundreds of µs, and more
+  with more busy threads than cores.** Every code write happens in a stop
+  (section 2c): the ptrace helper or the signal stop holds every other thread
+  while the bytes are written. Most of a stop is getting the threads stopped
+  and letting them go, not the write. With more busy threads than cores each
+  also waits for a CPU, as it does without any stop (the section's control).
+  Frida does not stop threads, and it crashed processes under this load.
+  Section 2c says what would shorten each part.
 - **A Python callable as the replacement costs a cffi callback per call** (the
   GIL and argument conversion). A C patch module (`hotpatch build`) avoids it.
 

@@ -44,6 +44,7 @@ void hp_call_site_set_target(struct hp_call_site *s, uintptr_t target);
 int hp_call_site_observe(struct hp_call_site *s, hp_observer_fn fn, void *data);
 void hp_call_site_unobserve(struct hp_call_site *s, int slot);
 uintptr_t hp_caller_near(uintptr_t near);
+uintptr_t hp_call_dispatch(uintptr_t return_address, uint64_t *regs);
 
 struct hp_write {
     uintptr_t address;

@@ -8,7 +8,13 @@ from .errors import HotpatchError
 
 def _func_entry(func: core.Func) -> dict:
     return {"old_addr": func.old_addr, "new_addr": func.new_addr,
-            "patched": func.patched, "original": func.original}
+            "patched": func.patched, "original": func.original,
+            # failed calls of a Python replacement (the original ran instead)
+            "errors": func.errors,
+            "last_error": repr(func.last_error) if func.last_error is not None else None,
+            # calls go through a thunk that keeps registers the callers rely on
+            "thunk": ({"address": func.thunk.address, "preserves": list(func.thunk.preserves)}
+                      if func.thunk is not None else None)}
 
 
 def _loaded(obj: core.Object) -> bool:

@@ -27,12 +27,15 @@ import contextlib
 import difflib
 import logging
 import os
+import sys
+import time
 from typing import Callable, Iterable, Sequence
 
-from . import newcode, patch as stacks, sites, symbols
+from . import newcode, patch as stacks, sites, symbols, thunks
 from ._locks import OperationLock
 from ._native import lib
-from .errors import HotpatchError, PatchStateError
+from .errors import HotpatchError, PatchStateError, UnsafeToPatch
+from .x86_64.decode import boundary_before
 
 
 def _refused(what: str) -> PatchStateError:
@@ -52,7 +55,7 @@ log = logging.getLogger("hotpatch")
 notify: Callable[..., None] = log.log
 _patches: list["Patch"] = []          # registered, oldest first
 _enabled: list["Patch"] = []          # enabled, in the order they were enabled
-_pinned: list[object] = []            # new code kept alive for the process's life
+_pinned: dict[int, object] = {}       # new code kept alive for the process's life, by id
 _tainted = False
 
 CONSISTENCY_MODELS = ("immediate",)
@@ -78,13 +81,25 @@ class Func:
         self.old_sympos = old_sympos
         self.old_offset = old_offset
         self.signature = signature
+        # Where the Func was made ("fix.py:12"), for errors about it.
+        caller = sys._getframe(1)
+        self.defined_at = f"{caller.f_code.co_filename}:{caller.f_lineno}"
         self.object: Object | None = None
         self.old_addr: int | None = None      # resolved absolute address
         self.old_size: int | None = None
         self.new_addr: int | None = None
-        self.errors = 0                       # exceptions raised by a Python `new`
+        self.errors = 0                       # failed calls of a Python `new`
         self.last_error: BaseException | None = None
+        self._caller = (None, None)           # (original, cffi function calling it)
+        self._local = False                   # only its object calls it (IPA-RA)
+        self.thunk: thunks.Thunk | None = None  # where calls go when registers are kept
+        # Called with the original's address before the redirect is written
+        # (a C module's hp_func.original).
+        self._publish_original: Callable[[int], None] | None = None
         self._site: sites.Site | None = None  # set while on a stack
+        # Set before the redirect is written and kept after it is gone: a
+        # wrapper running in another thread may call it at any moment.
+        self._original: int | None = None
 
     @property
     def patched(self) -> bool:
@@ -94,8 +109,23 @@ class Func:
     @property
     def original(self) -> int | None:
         """Address that runs the old code (callable from C and, through cffi
-        or ctypes, from Python), or None while not patched."""
-        return self._site.original if self._site is not None else None
+        or ctypes, from Python).  None until the func is first enabled; set
+        before any code is written, and still valid after disable (the stub
+        is pinned for the life of the process)."""
+        return self._original
+
+    def call_original(self, *args):
+        """Run the old code with ``args``, converted by the func's C
+        ``signature`` (or by ``new``'s type, a cffi function pointer); returns
+        its result as cffi converts it.  Valid from the moment the redirect
+        can be live, from any thread, and after disable."""
+        original = self._original
+        if original is None:
+            raise PatchStateError(f"{self.old_name}: the func was never enabled, so it has "
+                                  f"no original yet")
+        if self._caller[0] != original:
+            self._caller = (original, newcode.original_caller(self))
+        return self._caller[1](*args)
 
     def __repr__(self) -> str:
         where = f" at {self.old_addr:#x}" if self.old_addr is not None else ""
@@ -111,11 +141,13 @@ class Object:
 
     ``name``: None for the main program, else a file name, soname or absolute
     path.  Callbacks take the Object: ``pre_patch`` may veto by returning
-    non-zero or raising."""
+    non-zero or raising.  ``build_id`` (hex), when given, must be the loaded
+    object's NT_GNU_BUILD_ID."""
 
     def __init__(self, name: str | None, funcs: Iterable[Func] = (), *,
                  pre_patch: Callable | None = None, post_patch: Callable | None = None,
-                 pre_unpatch: Callable | None = None, post_unpatch: Callable | None = None):
+                 pre_unpatch: Callable | None = None, post_unpatch: Callable | None = None,
+                 build_id: str | None = None):
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError("an Object's name is None (the main program) or a non-empty string")
         self.name = name
@@ -131,6 +163,8 @@ class Object:
         self.pre_unpatch = pre_unpatch or _no_callback
         self.post_unpatch = post_unpatch or _no_callback
         self.patch: Patch | None = None
+        # The NT_GNU_BUILD_ID (hex) the patch was made for: another build is refused.
+        self.build_id = build_id.lower() if build_id else None
         self.patched = False              # its funcs are redirected
         self._loaded: symbols.LoadedObject | None = None
         #: why it is not patched, or was patched late (for the tree); None
@@ -165,7 +199,10 @@ class Patch:
         self.replace = bool(replace)
         self.consistency = consistency
         self.enabled = False
+        self.enabled_at: float | None = None     # time.time() of the enable in effect
         self.registered = False
+        self.module_path: str | None = None      # the patch module it came from, if any
+        self.module_digest: str | None = None    # its SHA-256
         for obj in self.objects:
             if not isinstance(obj, Object):
                 raise TypeError(f"patch {name!r}: {obj!r} is not a hotpatch.Object")
@@ -211,12 +248,30 @@ def _prefixed(error: HotpatchError, prefix: str) -> HotpatchError:
     return type(error)(f"{prefix}: {error}")
 
 
+def _check_instruction_boundary(loaded: symbols.LoadedObject, offset: int) -> None:
+    """Refuse an ``old_offset`` in the middle of an instruction of the
+    function holding it: the redirect would cut that instruction."""
+    holder = symbols.containing_function(loaded, offset)
+    if holder is None or holder[1] == offset:
+        return      # a function's start, or no sized function to decode from
+    name, start, size = holder
+    address = loaded.base + offset
+    code = sites.read_memory(loaded.base + start, size)
+    at = boundary_before(code, loaded.base + start, address)
+    if at != address:
+        where = (f"inside the instruction at {name}+{at - loaded.base - start:#x} ({at:#x})"
+                 if at is not None else f"past undecodable bytes of {name}")
+        raise UnsafeToPatch(f"old_offset {offset:#x} ({address:#x}) is not on an instruction "
+                            f"boundary of {name}: it lies {where}")
+
+
 def _resolve_func(loaded: symbols.LoadedObject, func: Func) -> None:
     if func.old_offset is not None:
         symbol = symbols.resolve_offset(loaded, func.old_offset)
+        _check_instruction_boundary(loaded, func.old_offset)
     else:
         symbol = symbols.resolve(loaded, func.old_name, func.old_sympos)
-    func.old_addr, func.old_size = symbol.address, symbol.size
+    func.old_addr, func.old_size, func._local = symbol.address, symbol.size, symbol.local
 
 
 def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) -> None:
@@ -227,12 +282,39 @@ def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) 
         where = f"patch {patch.name!r}: object {obj.label}: {func.old_name}"
         try:
             _resolve_func(loaded, func)
-            if stacks.stack_of(func.old_addr) is None and func.old_addr not in prepared:
+            stack = stacks.stack_of(func.old_addr)
+            if stack is None and func.old_addr not in prepared:
                 prepared[func.old_addr] = sites.prepare(
                     func.old_addr, size=func.old_size, exec_ranges=loaded.exec_ranges,
-                    fentry_targets=fentry_targets)
+                    fentry_targets=fentry_targets,
+                    branches_into=lambda lo, hi: symbols.branches_into(loaded, lo, hi))
+            site = stack.site if stack is not None else prepared[func.old_addr]
+            _prepare_thunk(loaded, func, site)
         except HotpatchError as e:
             raise _prefixed(e, where) from None
+
+
+def _prepare_thunk(loaded: symbols.LoadedObject, func: Func, site: sites.Site) -> None:
+    """Send calls through a thunk where the old function's callers may keep
+    values in registers it never writes (see :mod:`hotpatch.thunks`)."""
+    # Callers may rely on more than the ABI where the compiler saw the body:
+    # a local or hidden function, any function of the main program (not
+    # interposable), or one its object branches to directly (no PLT:
+    # -fno-semantic-interposition, -Bsymbolic, LTO).
+    assumed = func._local or loaded.name is None or symbols.branched_to(loaded, func.old_addr)
+    preserve = thunks.preserved_registers(loaded, func.old_addr, func.old_size, assumed)
+    func.thunk = thunks.thunk_for(func.old_addr, site.address, func.new_addr,
+                                  preserve) if preserve else None
+
+
+def _check_build_id(patch: Patch, obj: Object) -> None:
+    if obj.build_id is None:
+        return
+    loaded = obj._loaded.build_id.hex() if obj._loaded.build_id else None
+    if loaded != obj.build_id:
+        raise UnsafeToPatch(f"patch {patch.name!r}: object {obj.label}: the patch was built "
+                            f"for build-id {obj.build_id}, the loaded object is build-id "
+                            f"{loaded or 'none'} ({obj._loaded.path}): another build")
 
 
 def _loaded_objects(patch: Patch) -> list[Object]:
@@ -244,6 +326,7 @@ def _loaded_objects(patch: Patch) -> list[Object]:
         except HotpatchError as e:
             raise _prefixed(e, f"patch {patch.name!r}") from None
         if obj._loaded is not None:
+            _check_build_id(patch, obj)
             present.append(obj)
     return present
 
@@ -322,7 +405,7 @@ def _pin_new_code(patch: Patch) -> None:
             except TypeError as e:
                 raise TypeError(f"{where}: {e}") from None
             if keep is not None:
-                _pinned.append(keep)
+                _pinned.setdefault(id(keep), keep)    # pinned once, however often registered
 
 
 def register(patch: Patch, *, enable: bool = True) -> Patch:
@@ -429,6 +512,7 @@ def _enable(patch: Patch) -> None:
     for obj in present:
         obj.patched, obj.note = True, None
     patch.enabled = True
+    patch.enabled_at = time.time()
     _enabled.append(patch)
     _tainted = True
     _update_crash_report()
@@ -438,6 +522,7 @@ def _enable(patch: Patch) -> None:
 
 def _mark_disabled(patch: Patch) -> None:
     patch.enabled = False
+    patch.enabled_at = None
     _enabled.remove(patch)
     for obj in patch.objects:
         obj.patched = False

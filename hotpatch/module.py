@@ -10,18 +10,34 @@ file that defines ``patch``.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import runpy
 import subprocess
+import traceback
 
 from cffi import FFI
 
-from . import core
+from . import core, symbols
 from .errors import HotpatchError
 
 INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
-ABI_VERSION = 1
-
+ABI_VERSION = 2
+# Version 1 had no hp_func.original, hp_object.build_id, hp_patch.symbols:
+# its arrays have a shorter stride, so its modules are read with its own
+# declarations.
+_V1_DECLARATIONS = """
+struct hp_object;
+struct hp_callbacks {
+    int (*pre_patch)(struct hp_object *obj);
+    void (*post_patch)(struct hp_object *obj);
+    void (*pre_unpatch)(struct hp_object *obj);
+    void (*post_unpatch)(struct hp_object *obj);
+};
+struct hp_func { const char *old_name; void *new_func; unsigned long old_sympos; };
+struct hp_object { const char *name; struct hp_func *funcs; struct hp_callbacks callbacks; };
+struct hp_patch { const char *name; struct hp_object *objs; bool replace; };
+"""
 
 
 def _header_declarations() -> str:
@@ -38,6 +54,16 @@ _ffi.cdef(_header_declarations() + """
 extern struct hp_patch *hotpatch_patch_descriptor;   /* const in the module */
 extern unsigned int hotpatch_abi_version;
 """)
+_ffi_v1 = FFI()
+_ffi_v1.cdef(_V1_DECLARATIONS)
+
+
+def _field(cdata, name: str):
+    """A field that version 1 structures do not have: NULL there."""
+    try:
+        return getattr(cdata, name)
+    except AttributeError:
+        return _ffi.NULL
 
 
 def build(source: str, output: str, extra_args: list[str] = ()) -> str:
@@ -58,45 +84,104 @@ def _callback(c_object, function):
     return lambda obj: function(c_object)
 
 
-def _c_funcs(c_object) -> list[core.Func]:
+def _string(ffi, pointer) -> str | None:
+    return None if pointer == ffi.NULL else ffi.string(pointer).decode()
+
+
+def _c_funcs(ffi, c_object) -> list[core.Func]:
     funcs = []
-    if c_object.funcs == _ffi.NULL:
+    if c_object.funcs == ffi.NULL:
         return funcs
     for i in range(1 << 16):
         c_func = c_object.funcs[i]
-        if c_func.old_name == _ffi.NULL:
+        if c_func.old_name == ffi.NULL:
             return funcs
-        funcs.append(core.Func(_ffi.string(c_func.old_name).decode(),
-                               int(_ffi.cast("uintptr_t", c_func.new_func)),
-                               old_sympos=int(c_func.old_sympos)))
+        func = core.Func(ffi.string(c_func.old_name).decode(),
+                         int(ffi.cast("uintptr_t", c_func.new_func)),
+                         old_sympos=int(c_func.old_sympos))
+        slot = _field(c_func, "original")
+        if slot != ffi.NULL:
+            # Filled before the redirect is written (see core.Func.original).
+            func._publish_original = lambda address, slot=slot: slot.__setitem__(
+                0, ffi.cast("void *", address))
+        funcs.append(func)
     raise HotpatchError("a funcs array has no terminating { } element")
 
 
-def _is_terminator(c_object) -> bool:
+def _is_terminator(ffi, c_object) -> bool:
     callbacks = c_object.callbacks
-    return (c_object.name == _ffi.NULL and c_object.funcs == _ffi.NULL
-            and all(getattr(callbacks, n) == _ffi.NULL
+    return (c_object.name == ffi.NULL and c_object.funcs == ffi.NULL
+            and all(getattr(callbacks, n) == ffi.NULL
                     for n in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")))
 
 
-def _c_objects(c_patch) -> list[core.Object]:
+def _c_objects(ffi, c_patch) -> list[core.Object]:
     objects = []
     for i in range(1 << 16):
         c_object = c_patch.objs + i      # callbacks take a struct hp_object *
-        if _is_terminator(c_object):
+        if _is_terminator(ffi, c_object):
             return objects
-        name = None if c_object.name == _ffi.NULL else _ffi.string(c_object.name).decode()
         cb = c_object.callbacks
         objects.append(core.Object(
-            name, _c_funcs(c_object),
+            _string(ffi, c_object.name), _c_funcs(ffi, c_object),
             pre_patch=_callback(c_object, cb.pre_patch),
             post_patch=_callback(c_object, cb.post_patch),
             pre_unpatch=_callback(c_object, cb.pre_unpatch),
-            post_unpatch=_callback(c_object, cb.post_unpatch)))
+            post_unpatch=_callback(c_object, cb.post_unpatch),
+            build_id=_string(ffi, _field(c_object, "build_id"))))
     raise HotpatchError("the objs array has no terminating { } element")
 
 
+def _resolve_symbols(path: str, c_patch) -> None:
+    """Store the address of every hp_symbol of the module (klp relocations);
+    all are resolved before any is written."""
+    table = _field(c_patch, "symbols")
+    if table == _ffi.NULL:
+        return
+    resolved = []
+    for i in range(1 << 16):
+        ref = table[i]
+        if ref.name == _ffi.NULL:
+            break
+        object_name, name = _string(_ffi, ref.object), _ffi.string(ref.name).decode()
+        where = f"{path}: symbols[{i}]: object {object_name or 'main'}: symbol '{name}'"
+        try:
+            if ref.address == _ffi.NULL:
+                raise HotpatchError("its address to fill is NULL (use HP_SYMBOL(ptr, ...))")
+            loaded = symbols.find_object(object_name)
+            if loaded is None:
+                raise HotpatchError("the object is not loaded")
+            resolved.append((ref.address, symbols.resolve_any(loaded, name, int(ref.sympos))))
+        except HotpatchError as e:
+            raise type(e)(f"{where}: {e}") from None
+    else:
+        raise HotpatchError(f"{path}: the symbols array has no terminating {{ }} element")
+    for address, value in resolved:
+        address[0] = _ffi.cast("void *", value)
+
+
+_DESCRIPTOR_SYMBOLS = ("hotpatch_patch_descriptor", "hotpatch_abi_version")
+
+
+def _check_descriptor(path: str) -> None:
+    """Refuse a file that does not export the descriptor, read from its
+    dynamic symbols before it is opened: dlopen runs its constructors, and
+    RTLD_NODELETE would keep it mapped for life."""
+    binary = symbols._parse_elf(path)
+    if binary is None:
+        raise HotpatchError(f"{path}: not a patch module: not an ELF file (a C patch module "
+                            f"is a shared object built with `hotpatch build`, a Python one "
+                            f"ends in .py)")
+    defined = {sym.name for sym in binary.dynamic_symbols if sym.shndx != 0}
+    missing = [name for name in _DESCRIPTOR_SYMBOLS if name not in defined]
+    if missing:
+        raise HotpatchError(f"{path}: not a hotpatch patch module: it does not export "
+                            f"{' or '.join(missing)} (no HP_PATCH(...) descriptor); it was "
+                            f"not opened")
+
+
 def _patch_from_library(path: str) -> core.Patch:
+    _check_descriptor(path)
     try:
         library = _ffi.dlopen(path, _ffi.RTLD_NOW | _ffi.RTLD_NODELETE)
     except OSError as e:
@@ -107,32 +192,69 @@ def _patch_from_library(path: str) -> core.Patch:
     except (AttributeError, KeyError):
         raise HotpatchError(f"{path}: not a hotpatch patch module (no HP_PATCH(...) "
                             "descriptor)") from None
-    if version != ABI_VERSION:
+    if version not in (1, ABI_VERSION):
         raise HotpatchError(f"{path}: built for hotpatch ABI {version}, this is {ABI_VERSION}")
-    if c_patch == _ffi.NULL or c_patch.name == _ffi.NULL or c_patch.objs == _ffi.NULL:
+    ffi = _ffi if version == ABI_VERSION else _ffi_v1
+    if version != ABI_VERSION:
+        c_patch = ffi.cast("struct hp_patch *", int(_ffi.cast("uintptr_t", c_patch)))
+    if c_patch == ffi.NULL or c_patch.name == ffi.NULL or c_patch.objs == ffi.NULL:
         raise HotpatchError(f"{path}: the patch descriptor has no name or no objs")
-    patch = core.Patch(_ffi.string(c_patch.name).decode(), _c_objects(c_patch),
+    try:
+        objects = _c_objects(ffi, c_patch)
+    except HotpatchError as e:
+        raise HotpatchError(f"{path}: {e}") from None
+    _resolve_symbols(path, c_patch)
+    patch = core.Patch(ffi.string(c_patch.name).decode(), objects,
                        replace=bool(c_patch.replace))
     patch.module = library     # keeps the descriptor's memory reachable
     return patch
 
 
+def _module_line(path: str, error: BaseException) -> str:
+    """``:LINE`` of the deepest frame of ``error`` in the module ``path``."""
+    line = ""
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        if os.path.abspath(frame.f_code.co_filename) == path:
+            line = f":{lineno}"
+    return line
+
+
 def _patch_from_python(path: str) -> core.Patch:
-    namespace = runpy.run_path(path, run_name=f"hotpatch_module_{os.path.basename(path)[:-3]}")
+    try:
+        namespace = runpy.run_path(path, run_name=f"hotpatch_module_{os.path.basename(path)[:-3]}")
+    except SyntaxError as e:
+        raise HotpatchError(f"{path}:{e.lineno}: the Python patch module does not compile: "
+                            f"{type(e).__name__}: {e.msg}") from None
+    except Exception as e:
+        raise HotpatchError(f"{path}{_module_line(path, e)}: the Python patch module raised "
+                            f"{type(e).__name__}: {e}") from e
     patch = namespace.get("patch")
     if not isinstance(patch, core.Patch):
         raise HotpatchError(f"{path}: a Python patch module must define `patch`, a hotpatch.Patch")
     return patch
 
 
+def digest(path: str) -> str:
+    """SHA-256 of a patch module's file: what tells that the same module is
+    loaded again."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def load(path: str, *, enable: bool = True) -> core.Patch:
     """Load a patch module (a C ``.so`` or a ``.py`` file) and register it
-    (enabled by default).  Returns the :class:`~hotpatch.Patch`."""
+    (enabled by default).  Returns the :class:`~hotpatch.Patch`, whose
+    ``module_path`` and ``module_digest`` name the file it came from."""
     path = os.path.abspath(path)
     # Refused before the module is opened: its constructors must not run
     # for a load that register() would refuse.
     core._mutex.check(f"load {path}")
     if not os.path.exists(path):
         raise HotpatchError(f"{path}: no such patch module")
+    module_digest = digest(path)
     patch = _patch_from_python(path) if path.endswith(".py") else _patch_from_library(path)
-    return core.register(patch, enable=enable)
+    patch.module_path, patch.module_digest = path, module_digest
+    try:
+        return core.register(patch, enable=enable)
+    except HotpatchError as e:
+        raise core._prefixed(e, path) from None

@@ -3,22 +3,162 @@
 ``new`` may be an integer address, a cffi function pointer (from any FFI),
 a ctypes function pointer, or a Python callable together with a C
 ``signature`` such as ``"long(long)"``: that becomes a cffi callback, which
-takes the GIL on entry.  An exception raised in the callable is printed,
-recorded on the Func, and the call returns 0 (or NULL) to the C caller.
+takes the GIL on entry.
+
+A Python replacement fails safe: its signature is parsed and checked against
+the callable's arity at ``register()``; at call time an exception, or a
+result that cannot be converted to the C result type, runs the original
+function with the same arguments instead, counts the error on the Func
+(``errors``, ``last_error``) and logs the first one (logger ``hotpatch``).
+One callback is made per callable, signature and target function, and
+reused by every later ``register()``: cffi callbacks are never freed.
 """
 from __future__ import annotations
 
 import ctypes
-import sys
-import traceback
+import inspect
+import logging
+import threading
 
 import _cffi_backend
-from cffi import FFI
+import cffi
 
+from . import sites
 from ._native import ffi
-from .errors import HotpatchError
+from .errors import HotpatchError, UnsafeToPatch
 
-_callback_ffi = FFI()   # parses the signatures of Python callables
+_log = logging.getLogger("hotpatch")
+_callback_ffi = cffi.FFI()   # parses the signatures of Python callables
+# (callable's id, signature, target) -> _Callback; holds them for the process's life
+_callbacks: dict[tuple, "_Callback"] = {}
+# The arguments of the Python replacement running in this thread, for
+# onerror, which cffi calls without them when the result cannot be converted.
+_running = threading.local()
+
+
+def function_type(where: str, signature: str):
+    """The cffi function-pointer type of a C ``signature``, or a HotpatchError."""
+    if not isinstance(signature, str) or not signature.strip():
+        raise HotpatchError(f"{where}: signature must be a C function type such as "
+                            f"\"long(long)\", not {signature!r}")
+    try:
+        # A function type ("long(long)") read as a pointer to it, as
+        # ffi.callback() reads its first argument.
+        ftype = _callback_ffi._typeof(signature, consider_function_as_funcptr=True)
+    except (cffi.CDefError, cffi.FFIError, TypeError, ValueError, KeyError) as e:
+        reason = " ".join(str(e).split())
+        raise HotpatchError(f"{where}: bad signature {signature!r}: {reason}") from None
+    if ftype.kind != "function":
+        raise HotpatchError(f"{where}: bad signature {signature!r}: a {ftype.kind} type, "
+                            f"not a function type such as \"long(long)\"")
+    if ftype.ellipsis:
+        raise HotpatchError(f"{where}: bad signature {signature!r}: a variadic function "
+                            f"cannot be replaced by a Python callable")
+    return ftype
+
+
+def _check_arity(where: str, new, ftype, signature: str) -> None:
+    try:
+        parameters = inspect.signature(new)
+    except (TypeError, ValueError):
+        return      # a builtin without introspection: cannot tell
+    try:
+        parameters.bind(*range(len(ftype.args)))
+    except TypeError as e:
+        raise HotpatchError(f"{where}: the Python replacement {_name(new)} cannot be called "
+                            f"with the {len(ftype.args)} argument(s) of {signature!r}: "
+                            f"{e}") from None
+
+
+def _name(new) -> str:
+    return getattr(new, "__qualname__", None) or repr(new)
+
+
+class _Callback:
+    """One cffi callback for a Python replacement; ``func`` is the Func it
+    serves now (the latest registered for its target)."""
+
+    def __init__(self, new, ftype):
+        self.new = new           # keeps id(new) in the cache key unique
+        self.func = None
+        self.void = ftype.result.kind == "void"
+        self.cdata = _callback_ffi.callback(ftype, self._call, onerror=self._unconvertible)
+        self.address = int(_callback_ffi.cast("uintptr_t", self.cdata))
+
+    def _call(self, *args):
+        try:
+            result = self.new(*args)
+        except BaseException as e:   # anything, so that C gets the old behaviour
+            return self._fall_back(e, args)
+        # Nested replacements ran in between: these are the arguments
+        # onerror needs if cffi cannot convert the result.
+        _running.args = args
+        return result
+
+    def _unconvertible(self, exc_type, exc, tb):
+        """cffi could not convert the result: run the original instead."""
+        return self._fall_back(exc, getattr(_running, "args", ()))
+
+    def _fall_back(self, error: BaseException, args):
+        func = self.func
+        func.errors += 1
+        func.last_error = error
+        if func.errors == 1:
+            _log.error("the Python replacement of %s failed (%s: %s); running the original "
+                       "function instead (this is logged once; func.errors counts them)",
+                       _where(func), type(error).__name__, error,
+                       exc_info=(type(error), error, error.__traceback__))
+        try:
+            return func.call_original(*args)
+        except BaseException as e:
+            _log.error("%s: calling the original failed too: %s", _where(func), e)
+            return None      # cffi returns the zero value: nothing better left
+
+
+def _where(func) -> str:
+    obj = func.object.label if func.object is not None else "?"
+    return f"object {obj}: {func.old_name}"
+
+
+def _python_callback(func, new) -> int:
+    where = f"{func.old_name} (Func at {func.defined_at})"
+    if not func.signature:
+        raise HotpatchError(f"{where}: a Python callable as new code needs a C "
+                            "signature, e.g. signature=\"long(long)\"")
+    ftype = function_type(where, func.signature)
+    _check_arity(where, new, ftype, func.signature)
+    target = (func.object.name if func.object else None, func.old_name, func.old_sympos,
+              func.old_offset)
+    key = (id(new), ftype.cname, target)
+    callback = _callbacks.get(key)
+    if callback is None or callback.new is not new:
+        try:
+            callback = _callbacks[key] = _Callback(new, ftype)
+        except MemoryError:
+            # cffi builds its callbacks in writable and executable memory,
+            # which a process started with PR_SET_MDWE (systemd's
+            # MemoryDenyWriteExecute) refuses; code compiled ahead of time
+            # needs none.
+            raise HotpatchError(
+                f"{where}: a Python callable cannot be made callable from C in this process: "
+                "it refuses writable and executable memory (PR_SET_MDWE, systemd's "
+                "MemoryDenyWriteExecute); use a C patch module (hotpatch build) or a compiled "
+                "function pointer") from None
+    callback.func = func
+    return callback.address
+
+
+def original_caller(func):
+    """The old code of ``func`` as a cffi function of its C signature (or of
+    ``new``'s type when that is a cffi function pointer)."""
+    if func.signature:
+        ftype = function_type(func.old_name, func.signature)
+    elif isinstance(func.new, _cffi_backend._CDataBase) and ffi.typeof(func.new).kind == "function":
+        ftype = ffi.typeof(func.new)
+    else:
+        raise HotpatchError(f"{func.old_name}: call_original needs the func's C signature "
+                            f"(Func(..., signature=\"long(long)\"))")
+    return _callback_ffi.cast(ftype.cname, func.original)
 
 
 def _cdata_address(new) -> int:
@@ -27,40 +167,35 @@ def _cdata_address(new) -> int:
     return int(ffi.cast("uintptr_t", new))
 
 
-def _callback(func, new, signature: str):
-    def report(exc_type, exc, tb):
-        func.errors += 1
-        func.last_error = exc
-        sys.stderr.write(f"hotpatch: exception in the replacement of {func.old_name}:\n")
-        traceback.print_exception(exc_type, exc, tb)
-        return None     # cffi then returns the zero value of the result type
-
-    try:
-        return _callback_ffi.callback(signature, new, onerror=report)
-    except (_callback_ffi.error, TypeError) as e:
-        raise HotpatchError(f"{func.old_name}: bad signature {signature!r}: {e}") from None
-
-
 def code_address(func) -> tuple[int, object]:
-    """``(address, what keeps it alive)`` for ``func.new``."""
+    """``(address, what keeps it alive)`` for ``func.new``; a Python
+    callable's callback is kept by this module (None is returned for it).
+    An address given by the user must lie in executable memory."""
     new = func.new
     if isinstance(new, bool):
         raise TypeError(f"{func.old_name}: new must be code, not {new!r}")
     if isinstance(new, int):
-        keep = None
+        address, keep = new, None
     elif isinstance(new, _cffi_backend._CDataBase):
-        new, keep = _cdata_address(new), new
+        address, keep = _cdata_address(new), new
     elif isinstance(new, ctypes._CFuncPtr):
-        new, keep = ctypes.cast(new, ctypes.c_void_p).value, new
+        address, keep = ctypes.cast(new, ctypes.c_void_p).value or 0, new
     elif callable(new):
-        if not func.signature:
-            raise HotpatchError(f"{func.old_name}: a Python callable as new code needs a C "
-                                "signature, e.g. signature=\"long(long)\"")
-        keep = _callback(func, new, func.signature)
-        new = int(_callback_ffi.cast("uintptr_t", keep))
+        return _python_callback(func, new), None    # cffi's own executable memory
     else:
         raise TypeError(f"{func.old_name}: new must be an address, a cffi or ctypes function "
                         f"pointer or a callable with a signature, not {type(new).__name__}")
-    if not new:
+    if not address:
         raise HotpatchError(f"{func.old_name}: new code at address 0")
-    return new, keep
+    _check_executable(func, address)
+    return address, keep
+
+
+def _check_executable(func, address: int) -> None:
+    """Refuse new code outside executable memory (a data buffer, a stale
+    address): the first call through the redirect would crash."""
+    for lo, hi in sites.executable_ranges():
+        if lo <= address < hi:
+            return
+    raise UnsafeToPatch(f"{func.old_name}: new code at {address:#x} is not in an "
+                        f"executable mapping of this process (data, or not mapped)")

@@ -34,6 +34,11 @@ class FuncStack:
 _stacks: dict[int, FuncStack] = {}   # by the function's address
 
 
+def entry_target(func: "Func") -> int:
+    """Where calls go while ``func`` is on top: its thunk, if it has one."""
+    return func.thunk.address if func.thunk is not None else func.new_addr
+
+
 def stack_of(address: int) -> FuncStack | None:
     """The stack of the function at ``address``, if it is patched."""
     return _stacks.get(address)
@@ -64,15 +69,28 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
     writes into an object still being loaded (see :func:`sites.update_batch`)."""
     push, pop = list(push), list(pop)
     changed = _new_stacks(push, pop)
+    before = [(func, func._original) for func in push]
+    for func in push:
+        # Before the write: the new code may call its original as soon as
+        # the redirect is live, from any thread.
+        stack = _stacks.get(func.old_addr)
+        func._original = (stack.site if stack else prepared[func.old_addr]).original
+        if func._publish_original is not None:
+            func._publish_original(func._original)
     redirects, restores = [], []
     for address, funcs in changed.items():
         stack = _stacks.get(address)
         site = stack.site if stack else prepared[address]
         if funcs and (stack is None or stack.top is not funcs[-1]):
-            redirects.append((site, funcs[-1].new_addr))
+            redirects.append((site, entry_target(funcs[-1])))
         elif not funcs and stack is not None:
             restores.append(site)
-    sites.update_batch(redirects, restores, unreachable=unreachable)
+    try:
+        sites.update_batch(redirects, restores, unreachable=unreachable)
+    except BaseException:
+        for func, original in before:
+            func._original = original
+        raise
     for address, funcs in changed.items():
         if funcs:
             if address not in _stacks:

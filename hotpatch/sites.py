@@ -156,17 +156,19 @@ def _new_original_stub(plan: EntryPlan) -> int:
 
 def prepare(entry: int, *, size: int | None = None,
             exec_ranges: Sequence[tuple[int, int]] | None = None,
-            fentry_targets=()) -> Site:
+            fentry_targets=(), branches_into=None) -> Site:
     """The site for the function at ``entry``, analysed and with its original
     code ready; nothing is written at the entry.  A site restored earlier is
-    reused when its bytes are still the ones it saved."""
+    reused when its bytes are still the ones it saved.  ``branches_into``:
+    see :func:`hotpatch.x86_64.analyze_entry`."""
     with _lock.operation(f"prepare the site at {entry:#x}"):
-        return _prepare(entry, size=size, exec_ranges=exec_ranges, fentry_targets=fentry_targets)
+        return _prepare(entry, size=size, exec_ranges=exec_ranges, fentry_targets=fentry_targets,
+                        branches_into=branches_into)
 
 
 def _prepare(entry: int, *, size: int | None = None,
              exec_ranges: Sequence[tuple[int, int]] | None = None,
-             fentry_targets=()) -> Site:
+             fentry_targets=(), branches_into=None) -> Site:
     site = _sites.get(entry)
     if site is not None:
         if site.installed or read_memory(site.address, site.plan.length) == site.plan.original_bytes:
@@ -174,7 +176,7 @@ def _prepare(entry: int, *, size: int | None = None,
     if exec_ranges is None:
         exec_ranges = executable_ranges()
     plan = analyze_entry(read_memory, entry, size=size, exec_ranges=exec_ranges,
-                         fentry_targets=fentry_targets)
+                         fentry_targets=fentry_targets, branches_into=branches_into)
     site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
     _sites[entry] = site
     return site

@@ -39,6 +39,8 @@ import lief
 from hotpatch import _procfs
 from hotpatch._locks import OperationLock
 from hotpatch._native import ffi, lib
+from hotpatch.x86_64 import clobbers
+from hotpatch.x86_64.xrefs import BranchIndex, index_branches
 from hotpatch.errors import (
     AmbiguousSymbol,
     HotpatchError,
@@ -59,6 +61,11 @@ __all__ = [
     "set_debug_dirs",
     "debug_dirs",
     "cache_clear",
+    "describe_address",
+    "branched_to",
+    "containing_function",
+    "resolve_any",
+    "branches_into",
 ]
 
 PT_LOAD, PT_DYNAMIC, PT_NOTE = 1, 2, 4
@@ -396,6 +403,8 @@ class Symbol:
     ifunc_resolver: int | None = None
     #: "@@VER" (default) or "@VER" for a versioned .dynsym symbol
     version: str | None = None
+    #: local binding or hidden visibility (see _FuncSym.local)
+    local: bool = False
 
 
 class _FuncSym(NamedTuple):
@@ -408,6 +417,9 @@ class _FuncSym(NamedTuple):
     ifunc: bool
     version: str | None
     exported: bool          # dlsym can find it (only computed for IFUNCs)
+    #: local binding or hidden/internal visibility: only this object calls
+    #: it directly, and its callers may rely on more than the ABI (IPA-RA)
+    local: bool = False
 
 
 @dataclass
@@ -430,6 +442,7 @@ class _SymbolTable:
     _at_start: dict[int, _FuncSym] | None = field(default=None, init=False, repr=False)
     _sized: list[_FuncSym] = field(default_factory=list, init=False, repr=False)
     _sized_starts: list[int] = field(default_factory=list, init=False, repr=False)
+    _all_starts: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.by_name = {}
@@ -462,7 +475,17 @@ class _SymbolTable:
         self._sized = sorted((e for e in at_start.values() if e.size),
                              key=lambda e: e.value)
         self._sized_starts = [e.value for e in self._sized]
+        self._all_starts = sorted(at_start)
         self._at_start = at_start
+
+    def function_before(self, offset: int) -> _FuncSym | None:
+        """The function holding ``offset``, else the last one starting before
+        it (a symbol without size holds everything up to the next one)."""
+        entry = self.function_at(offset)
+        if entry is not None:
+            return entry
+        i = bisect.bisect_right(self._all_starts, offset) - 1
+        return self._at_start[self._all_starts[i]] if i >= 0 else None
 
 
 def _parse_elf(path: str, config: lief.ELF.ParserConfig | None = None):
@@ -535,7 +558,9 @@ def _function_entries(symbols, versioned: bool) -> list[_FuncSym]:
             name, sympos, sym.value, sym.size or None, ifunc,
             _version_of(sym) if versioned else None,
             ifunc and sym.binding in _EXPORTED_BINDINGS
-            and sym.visibility in _EXPORTED_VISIBILITIES))
+            and sym.visibility in _EXPORTED_VISIBILITIES,
+            sym.binding not in _EXPORTED_BINDINGS
+            or sym.visibility not in _EXPORTED_VISIBILITIES))
     return entries
 
 
@@ -653,6 +678,8 @@ _files: dict[tuple[str, int, int], _SymbolTable] = {}
 #: object -> its file's table, checked against the mapped image.  A mapping
 #: never changes, so a checked object needs no further stat().
 _objects: dict[LoadedObject, _SymbolTable] = {}
+# The direct branches of each loaded object, swept once (see x86_64.xrefs).
+_branch_indexes: dict[LoadedObject, BranchIndex] = {}
 
 
 def forget(obj: LoadedObject) -> None:
@@ -664,6 +691,8 @@ def cache_clear() -> None:
     """Forget every symbol table read: the next lookup reads the files again."""
     _files.clear()
     _objects.clear()
+    _branch_indexes.clear()
+    _data_tables.clear()
 
 
 def _table(obj: LoadedObject, what: str) -> _SymbolTable:
@@ -797,7 +826,7 @@ def _symbol(obj: LoadedObject, table: _SymbolTable, entry: _FuncSym) -> Symbol:
     address = obj.base + entry.value
     _check_code(obj, address, f"symbol '{entry.name}'")
     return Symbol(entry.name, entry.sympos, address, entry.value, entry.size,
-                  version=entry.version)
+                  version=entry.version, local=entry.local)
 
 
 def _check_code(obj: LoadedObject, address: int, what: str) -> None:
@@ -881,8 +910,78 @@ def resolve_offset(obj: LoadedObject, offset: int) -> Symbol:
     delta = offset - entry.value
     if delta == 0:
         return Symbol(entry.name, entry.sympos, address, offset, entry.size,
-                      version=entry.version)
+                      version=entry.version, local=entry.local)
     return Symbol(f"{entry.name}+{delta:#x}", 0, address, offset, entry.size - delta)
+
+
+def callee_extent(obj: LoadedObject, address: int):
+    """For :mod:`hotpatch.x86_64.clobbers`: what a call or jump of ``obj`` to
+    ``address`` reaches: ``(start, size)`` of the sized function holding it,
+    ``clobbers.ALL`` outside ``obj`` or in its PLT (gcc assumes nothing of
+    those), None when unknown."""
+    offset = address - obj.base
+    table = _table(obj, f"the call target {address:#x}")
+    if not _inside(obj.exec_ranges, address) or any(
+            lo <= offset < lo + size for lo, size in table.plt_sections):
+        return clobbers.ALL
+    entry = table.function_at(offset)
+    if entry is None or not entry.size:
+        return None
+    return obj.base + entry.value, entry.size
+
+
+_data_tables: dict[LoadedObject, dict[str, list[tuple[int, int]]]] = {}
+
+
+def _data_symbols(obj: LoadedObject) -> dict[str, list[tuple[int, int]]]:
+    """name -> [(offset, size)] of the data symbols (STT_OBJECT), in table
+    order, from the same table as the functions (.symtab, the debug file or
+    .dynsym)."""
+    data = _data_tables.get(obj)
+    if data is None:
+        table = _table(obj, "its data symbols")
+        if table.source == ".symtab":
+            symbols = _parse_elf(obj.path).symtab_symbols
+        elif table.source == ".dynsym":
+            symbols = _parse_elf(obj.path).dynamic_symbols
+        else:
+            symbols = _parse_elf(table.source, _DEBUG_CONFIG).symtab_symbols
+        data = {}
+        for sym in symbols:
+            if sym.type == lief.ELF.Symbol.TYPE.OBJECT and sym.shndx != 0:
+                data.setdefault(sym.name, []).append((sym.value, sym.size))
+        _data_tables[obj] = data
+    return data
+
+
+def resolve_any(obj: LoadedObject, name: str, sympos: int = 0) -> int:
+    """The address of the function or data symbol ``name`` of ``obj``, static
+    ones included (a klp relocation's target); ``sympos`` as for
+    :func:`resolve`."""
+    try:
+        return resolve(obj, name, sympos).address
+    except SymbolNotFound:
+        candidates = _data_symbols(obj).get(name)
+        if not candidates:
+            raise
+    if sympos:
+        if sympos > len(candidates):
+            raise SymbolNotFound(f"{obj}: data symbol '{name}' has no sympos {sympos}: "
+                                 f"there are {len(candidates)}")
+        return obj.base + candidates[sympos - 1][0]
+    if len({offset for offset, _ in candidates}) > 1:
+        raise AmbiguousSymbol(f"{obj}: data symbol '{name}' is ambiguous: " + "; ".join(
+            f"sympos {i} at offset {offset:#x}" for i, (offset, _) in enumerate(candidates, 1)))
+    return obj.base + candidates[0][0]
+
+
+def containing_function(obj: LoadedObject, offset: int) -> tuple[str, int, int] | None:
+    """``(name, start offset, size)`` of the sized function symbol holding
+    ``offset``, or None where no sized symbol does."""
+    entry = _table(obj, f"offset {offset:#x}").function_at(offset)
+    if entry is None or not entry.size:
+        return None
+    return entry.name, entry.value, entry.size
 
 
 def functions(obj: LoadedObject) -> list[Symbol]:
@@ -901,6 +1000,39 @@ def functions(obj: LoadedObject) -> list[Symbol]:
             continue
     listing.sort(key=lambda s: (s.address, s.name))
     return listing
+
+
+def branched_to(obj: LoadedObject, address: int) -> bool:
+    """Whether any direct branch (a call, a tail jump) of ``obj`` goes to
+    ``address``: callers inside the object, which the compiler may have
+    bound to this very code (no PLT), so may rely on more than the ABI."""
+    return bool(branches_into(obj, address, address + 1))
+
+
+def describe_address(obj: LoadedObject, address: int) -> str:
+    """``name+0x12 (0x7f...)`` for an address of ``obj``: the function
+    symbol holding it (or the last before it) where there is one, else its
+    offset in ``obj``."""
+    offset = address - obj.base
+    try:
+        entry = _table(obj, f"the address {address:#x}").function_before(offset)
+    except HotpatchError:
+        entry = None
+    if entry is None:
+        return f"{obj}+{offset:#x} ({address:#x})"
+    delta = offset - entry.value
+    return f"{entry.name}{f'+{delta:#x}' if delta else ''} ({address:#x})"
+
+
+def branches_into(obj: LoadedObject, lo: int, hi: int) -> list[tuple[int, str, int]]:
+    """``(source, description, target)`` of every direct branch of ``obj``
+    landing in [lo, hi).  The object's code is swept once (about a second
+    for libc) and the index kept for its life."""
+    index = _branch_indexes.get(obj)
+    if index is None:
+        index = _branch_indexes[obj] = index_branches(_read, obj.exec_ranges)
+    return [(source, f"{describe_address(obj, source)}: {text}", target)
+            for source, text, target in index.into(lo, hi)]
 
 
 # --------------------------------------------------------------------------

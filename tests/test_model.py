@@ -59,7 +59,8 @@ out["enabled"] = dict(enabled=patch.enabled, transition=patch.transition, name=p
                       original=ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(func.original)(5),
                       listed=hotpatch.patches() == [patch], tainted=hotpatch.tainted())
 patch.disable()
-out["disabled"] = dict(enabled=patch.enabled, patched=func.patched, original=func.original,
+out["disabled"] = dict(enabled=patch.enabled, patched=func.patched,
+                       original=ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(func.original)(5),
                        obj_patched=obj.patched, result=call("plain_add"), tainted=hotpatch.tainted())
 hotpatch.enable(patch)
 out["again"] = call("plain_add")
@@ -73,7 +74,8 @@ report(out)
                                 obj_name="libmodel.so", loaded=True, obj_patched=True, funcs=True,
                                 old_name="plain_add", sympos=0, old_addr_ok=True, new_addr_ok=True,
                                 patched=True, result=1005, original=6, listed=True, tainted=True)
-    assert r["disabled"] == dict(enabled=False, patched=False, original=None, obj_patched=False,
+    # the original stays callable after disable (contract: pinned)
+    assert r["disabled"] == dict(enabled=False, patched=False, original=6, obj_patched=False,
                                  result=6, tainted=True)
     assert r["again"] == 1005
     assert r["after"] == [[], 6]
@@ -267,10 +269,11 @@ func = Func("calls_other", wrapper, signature="long(long)")
 hotpatch.register(Patch("wrap", [Object(OBJ, [func])]))
 state["original"] = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(func.original)
 report({"wrapped": call("calls_other", 5), "error_result": call("calls_other", 13),
+        "original_13": func.call_original(13),
         "errors": func.errors, "last": repr(func.last_error), "after": call("calls_other", 1)})
 """, lib=model_lib)[0]
     assert r["wrapped"] == 120
-    assert r["error_result"] == 0
+    assert r["error_result"] == r["original_13"]   # the original ran instead
     assert r["errors"] == 1 and "unlucky" in r["last"]
     assert r["after"] == 40
 

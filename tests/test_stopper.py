@@ -309,9 +309,10 @@ report(out)
         if r["helper_ppid"] == r["me"]:
             problems.append("the helper is the service's child")
         # Nothing inherited: its socket, and what it opened itself (the
-        # service's task list and memory, a signalfd for its tracees' stops).
+        # service's task list, its own /proc/PID/mem -- it shares the
+        # service's memory --, a signalfd for its tracees' stops).
         fds = sorted(r["helper_fds"].values())
-        own = ("socket:", "anon_inode:[signalfd]", f"/proc/{r['me']}/task", f"/proc/{r['me']}/mem")
+        own = ("socket:", "anon_inode:[signalfd]", f"/proc/{r['me']}/task", f"/proc/{helper}/mem")
         if len(fds) != 4 or not all(t.startswith(own) for t in fds):
             problems.append(f"the helper's descriptors: {fds}")
         if not _helper_gone(helper):

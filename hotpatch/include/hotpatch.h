@@ -6,10 +6,12 @@
  *
  *     #include <hotpatch.h>
  *
- *     static long fixed_crc(long x) { ... }
+ *     static unsigned long (*old_crc)(unsigned long, const unsigned char *, unsigned);
+ *     static unsigned long fixed_crc(unsigned long c, const unsigned char *b, unsigned n)
+ *     { return n ? old_crc(c, b, n) : c; }
  *
  *     static struct hp_func funcs[] = {
- *         { .old_name = "crc32", .new_func = fixed_crc },
+ *         { .old_name = "crc32", .new_func = fixed_crc, .original = (void **)&old_crc },
  *         { }
  *     };
  *     static struct hp_object objs[] = {
@@ -36,7 +38,7 @@
 extern "C" {
 #endif
 
-#define HP_ABI_VERSION 1
+#define HP_ABI_VERSION 2    /* 2: hp_func.original, hp_object.build_id, hp_patch.symbols */
 
 /* hp-declarations-begin: hotpatch.load() reads the declarations from here
  * to hp-declarations-end, so this header is their one definition. */
@@ -57,20 +59,56 @@ struct hp_func {
     const char *old_name;      /* the function to replace */
     void *new_func;            /* its replacement */
     unsigned long old_sympos;  /* 1-based among same-named symbols; 0 = unique */
+    /* Optional: where hotpatch stores the address that runs the old
+     * function, before the redirect is live (so new_func may call it from
+     * its first call on); it stays valid after the patch is disabled. */
+    void **original;
 };
 
 struct hp_object {
     const char *name;          /* file name, soname or path; NULL = main program */
     struct hp_func *funcs;
     struct hp_callbacks callbacks;
+    /* Optional: the NT_GNU_BUILD_ID (hex) of the build this module was made
+     * for; another build of the object is refused, naming both. */
+    const char *build_id;
+};
+
+/* A reference to a symbol of a target object, static ones included,
+ * resolved when the module is loaded (the kernel's klp relocations):
+ * *address = the symbol's address.  See HP_SYMBOL. */
+struct hp_symbol {
+    void **address;
+    const char *object;        /* as hp_object.name; NULL = main program */
+    const char *name;          /* a function or a variable */
+    unsigned long sympos;      /* as hp_func.old_sympos */
 };
 
 struct hp_patch {
     const char *name;
     struct hp_object *objs;
     bool replace;              /* atomic replace of every older patch */
+    struct hp_symbol *symbols; /* optional, ends with { }: see HP_SYMBOL */
 };
 /* hp-declarations-end */
+
+/* One element of hp_patch.symbols: `ptr` (a pointer variable of the module,
+ * to a function or to data) gets the address of `name` in `object`:
+ *
+ *     static long (*scale)(long);
+ *     static int *calls;
+ *     static struct hp_symbol symbols[] = {
+ *         HP_SYMBOL(scale, "libfoo.so", "scale", 0),    (a static function)
+ *         HP_SYMBOL(calls, "libfoo.so", "calls", 0),    (a static variable)
+ *         { }
+ *     };
+ *
+ * All are resolved before the patch is registered; one that cannot be is
+ * an error that names it, and nothing is patched.  The object must be
+ * loaded when the module is. */
+#define HP_SYMBOL(ptr, object_name, symbol_name, position)                    \
+    { .address = (void **)&(ptr), .object = (object_name),                    \
+      .name = (symbol_name), .sympos = (position) }
 
 /* Exported under fixed names that hotpatch.load() looks up. */
 #define HP_PATCH(patch)                                                         \

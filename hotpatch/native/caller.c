@@ -136,12 +136,26 @@ void hp_call_site_unobserve(struct hp_call_site *s, int slot)
     pthread_mutex_unlock(&hp_lock);
 }
 
+__attribute__((noreturn, cold)) static void call_from_unknown_site(uintptr_t address)
+{
+    char text[160], *end = text + sizeof text;
+    char *at = hp_fmt_str(text, end, "hotpatch: the shared caller was called from ");
+    at = hp_fmt_hex(at, end, address);
+    hp_fmt_str(at, end, ", which is no call site of hotpatch's: aborting\n");
+    hp_sys(SYS_write, 2, (long)text, (long)strlen(text));
+    abort();
+}
+
 uintptr_t hp_call_dispatch(uintptr_t return_address, uint64_t *regs)
 {
     uintptr_t address = return_address - 5;
     struct hp_call_site *s = call_site_find(__atomic_load_n(&call_table, __ATOMIC_ACQUIRE), address);
     /* A site is registered before its `call` is written and never removed,
-     * so s is always found. */
+     * so s is found unless something else wrote a call to the shared caller
+     * (or memory is corrupt).  Then there is no target to continue at: stop
+     * with a message that says where, not with a NULL dereference. */
+    if (!s)
+        call_from_unknown_site(address);
     for (int i = 0; i < HP_MAX_OBSERVERS; i++) {
         struct hp_observer *o = __atomic_load_n(&s->observers[i], __ATOMIC_ACQUIRE);
         if (o)

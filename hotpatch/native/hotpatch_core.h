@@ -53,8 +53,6 @@ struct hp_loaded_object {
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
-/* The address range spanned by the loaded object that contains `address`. */
-int hp_object_span(uintptr_t address, uintptr_t *lo, uintptr_t *hi);
 long hp_read_memory(uintptr_t address, void *out, size_t len);
 
 /* --- maps.c -------------------------------------------------------- */

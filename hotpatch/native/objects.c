@@ -58,44 +58,6 @@ void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs)
     *subs = counts[1];
 }
 
-struct span_query {
-    uintptr_t address, lo, hi;
-    int found;
-};
-
-static int find_span(struct dl_phdr_info *info, size_t size, void *data)
-{
-    struct span_query *q = data;
-    uintptr_t lo = UINTPTR_MAX, hi = 0;
-    (void)size;
-    for (int i = 0; i < info->dlpi_phnum; i++) {
-        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
-        if (ph->p_type != PT_LOAD)
-            continue;
-        uintptr_t start = (info->dlpi_addr + ph->p_vaddr) & ~(uintptr_t)4095;
-        uintptr_t end = (info->dlpi_addr + ph->p_vaddr + ph->p_memsz + 4095) & ~(uintptr_t)4095;
-        lo = start < lo ? start : lo;
-        hi = end > hi ? end : hi;
-    }
-    if (q->address >= lo && q->address < hi) {
-        q->lo = lo;
-        q->hi = hi;
-        q->found = 1;
-        return 1;
-    }
-    return 0;
-}
-
-/* The pages spanned by the loaded object that contains `address`. */
-int hp_object_span(uintptr_t address, uintptr_t *lo, uintptr_t *hi)
-{
-    struct span_query q = { address, 0, 0, 0 };
-    dl_iterate_phdr(find_span, &q);
-    *lo = q.lo;
-    *hi = q.hi;
-    return q.found ? 0 : -1;
-}
-
 /* Copy `len` bytes of this process's memory at `address` into `out` without
  * faulting where it is no longer mapped (an object unloaded meanwhile by
  * another thread): the number of bytes copied, or -errno. */

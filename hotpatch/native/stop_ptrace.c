@@ -15,13 +15,15 @@
  * double clone: an intermediate process with no exit signal (a clone child:
  * waitpid(-1) without __WALL never sees it, and no SIGCHLD is sent) which
  * starts the helper and exits, and is reaped here.  The helper is then
- * nobody's child in the service: it leaves the session, closes every
- * descriptor but its socket, writes nothing, blocks every signal, and unmaps
- * every mapping but its own code, stack and the shared area (so the
- * service's memory is not kept copy-on-write twice).  When the service exits
- * its socket end closes and the helper exits.  Everything the helper runs
- * is in this file: static functions, raw system calls, its stack.
- */
+ * nobody's child in the service.  Both share the service's memory
+ * (CLONE_VM, as vfork does): nothing is copied, so starting it costs no
+ * page-table copy and it holds no copy-on-write share of the service's
+ * memory; it runs on a stack of its own and keeps its own thread pointer.
+ * It leaves the session, closes every descriptor it inherited but its
+ * socket, writes nothing, and blocks every signal.  When the service exits
+ * its socket end closes and the helper exits.  Everything the helper runs is
+ * in this file and check.c: hidden functions, raw system calls.
+  */
 #include "hotpatch_core.h"
 
 #include <asm/prctl.h>
@@ -29,6 +31,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -65,20 +68,11 @@ struct stop_area {
 
 struct helper_args {
     int sock;
-    uintptr_t rseq_area;      /* the cloning thread's rseq registration, inherited */
-    uint32_t rseq_size;
     struct stop_area *area;
     uintptr_t helper_sp;
-    uintptr_t keep[3][2];     /* its stack, the area, its code: never unmapped */
 };
 
-#define HELPER_STACK (256u << 10)
-#define RSEQ_SIG 0x53053053
-#define RSEQ_FLAG_UNREGISTER 1
-
-/* glibc 2.35+ registers an rseq area for each thread, in its thread block. */
-extern const ptrdiff_t __rseq_offset __attribute__((weak));
-extern const unsigned int __rseq_size __attribute__((weak));
+#define HELPER_STACK (128u << 10)
 
 static int helper_sock = -1;
 static int helper_pid;
@@ -120,18 +114,6 @@ __asm__(
 
 HP_RAW static int is_digit(char c) { return c >= '0' && c <= '9'; }
 
-HP_RAW static int contains(const char *s, long len, const char *what)
-{
-    for (long i = 0; i < len; i++) {
-        long k = 0;
-        while (what[k] && i + k < len && s[i + k] == what[k])
-            k++;
-        if (!what[k])
-            return 1;
-    }
-    return 0;
-}
-
 HP_RAW static uintptr_t hex_at(const char **p)
 {
     uintptr_t v = 0;
@@ -141,69 +123,6 @@ HP_RAW static uintptr_t hex_at(const char **p)
         if (d < 0)
             return v;
         v = v * 16 + (uintptr_t)d;
-    }
-}
-
-/* Unmap everything but what the helper uses, so that it holds no copy of
- * the service's memory.  Ranges are collected while /proc/self/maps is
- * read and unmapped after, pass after pass, until none is left. */
-HP_RAW static void unmap_all_but(const struct helper_args *args)
-{
-    for (int pass = 0; pass < 64; pass++) {
-        uintptr_t drop[512][2];
-        int ndrop = 0;
-        int fd = (int)hp_sys(SYS_open, "/proc/self/maps", O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            return;
-        char buf[8192];
-        long kept = 0, got;
-        while (ndrop < 512 && (got = hp_sys(SYS_read, fd, buf + kept, sizeof buf - kept)) > 0) {
-            long have = kept + got, start = 0;
-            for (long i = 0; i < have && ndrop < 512; i++) {
-                if (buf[i] != '\n')
-                    continue;
-                const char *p = buf + start;
-                uintptr_t lo = hex_at(&p);
-                p++;
-                uintptr_t hi = hex_at(&p);
-                int writable = p[2] == 'w';
-                int keep = contains(buf + start, i - start, "[v");   /* vdso, vvar, vsyscall */
-                for (int k = 0; k < 3; k++)   /* of its own code, only what is not written */
-                    keep |= lo < args->keep[k][1] && hi > args->keep[k][0] && !(k == 2 && writable);
-                if (!keep) {
-                    drop[ndrop][0] = lo;
-                    drop[ndrop][1] = hi;
-                    ndrop++;
-                }
-                /* its stack and the area may share a mapping with the service's
-                 * memory next to them (the kernel merges neighbours): trim */
-                for (int k = 0; k < 2 && ndrop < 510; k++) {
-                    if (!(lo < args->keep[k][1] && hi > args->keep[k][0]))
-                        continue;
-                    if (lo < args->keep[k][0]) {
-                        drop[ndrop][0] = lo;
-                        drop[ndrop][1] = args->keep[k][0];
-                        ndrop++;
-                    }
-                    if (hi > args->keep[k][1]) {
-                        drop[ndrop][0] = args->keep[k][1];
-                        drop[ndrop][1] = hi;
-                        ndrop++;
-                    }
-                }
-                start = i + 1;
-            }
-            kept = have - start;
-            if (kept == (long)sizeof buf)
-                kept = 0;       /* a line longer than the buffer: its start is enough */
-            for (long i = 0; i < kept; i++)
-                buf[i] = buf[start + i];
-        }
-        hp_sys(SYS_close, fd);
-        if (!ndrop)
-            return;
-        for (int i = 0; i < ndrop; i++)
-            hp_sys(SYS_munmap, drop[i][0], drop[i][1] - drop[i][0]);
     }
 }
 
@@ -584,7 +503,8 @@ HP_RAW __attribute__((noreturn)) static void helper_main(void *arg)
 {
     struct helper_args *args = arg;
     /* A thread pointer of its own: code built with a stack protector reads
-     * its canary at %fs:0x28, and the service's thread block is unmapped. */
+     * its canary at %fs:0x28, and the service's thread whose block the
+     * inherited one points into may exit. */
     volatile uint64_t tls[8] = { 0 };
     tls[0] = (uint64_t)tls;
     hp_sys(SYS_arch_prctl, ARCH_SET_FS, tls);
@@ -604,12 +524,6 @@ HP_RAW __attribute__((noreturn)) static void helper_main(void *arg)
         for (int fd = 0; fd < 65536; fd++)
             if (fd != sock)
                 hp_sys(SYS_close, fd);
-    /* The kernel updates the rseq area inherited from the cloning thread on
-     * every return to user space: unregister it before it is unmapped. */
-    if (args->rseq_size &&
-        hp_sys(SYS_rseq, args->rseq_area, args->rseq_size, RSEQ_FLAG_UNREGISTER, RSEQ_SIG) == -EINVAL)
-        hp_sys(SYS_rseq, args->rseq_area, 32, RSEQ_FLAG_UNREGISTER, RSEQ_SIG);
-    unmap_all_but(args);
 
     char path[32];
     char *at = hp_fmt_str(path, path + sizeof path, "/proc/");
@@ -617,10 +531,9 @@ HP_RAW __attribute__((noreturn)) static void helper_main(void *arg)
     hp_fmt_str(at, path + sizeof path, "/task");
     int task_fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     int sigfd = (int)hp_sys(SYS_signalfd4, -1, &chld, 8, SFD_NONBLOCK | SFD_CLOEXEC);
-    at = hp_fmt_str(path, path + sizeof path, "/proc/");
-    at = hp_fmt_num(at, path + sizeof path, a->pid);
-    hp_fmt_str(at, path + sizeof path, "/mem");
-    int mem_fd = (int)hp_sys(SYS_open, path, O_RDWR | O_CLOEXEC);
+    /* Its own memory is the service's: /proc/self/mem works even once the
+     * service's main thread has exited. */
+    int mem_fd = (int)hp_sys(SYS_open, "/proc/self/mem", O_RDWR | O_CLOEXEC);
     a->mem_ok = mem_fd >= 0;
     struct buffer bufs[2] = { { 0, 0 }, { 0, 0 } };
     a->helper_pid = hp_getpid();
@@ -652,7 +565,7 @@ HP_RAW __attribute__((noreturn)) static void helper_main(void *arg)
 HP_RAW __attribute__((noreturn)) static void helper_intermediate(void *arg)
 {
     struct helper_args *args = arg;
-    hp_clone_run(SIGCHLD, args->helper_sp, helper_main, args);
+    hp_clone_run(CLONE_VM | SIGCHLD, args->helper_sp, helper_main, args);
     hp_sys(SYS_exit_group, 0);
     __builtin_unreachable();
 }
@@ -709,6 +622,8 @@ static int start_helper(char *err)
         }
         area = p;
     }
+    /* The helper's stack, for its life: it is never unmapped here (a helper
+     * killed and replaced leaves its stack behind). */
     char *stack = mmap(NULL, HELPER_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     int sv[2];
     if (stack == MAP_FAILED) {
@@ -723,19 +638,14 @@ static int start_helper(char *err)
     uintptr_t top = (uintptr_t)stack + HELPER_STACK;
     struct helper_args *args = (struct helper_args *)(top - 256);
     args->sock = sv[1];
-    args->rseq_size = &__rseq_size && &__rseq_offset ? __rseq_size : 0;
-    args->rseq_area = args->rseq_size ? (uintptr_t)__builtin_thread_pointer() + __rseq_offset : 0;
     args->area = area;
     args->helper_sp = (uintptr_t)stack + HELPER_STACK / 2;
-    args->keep[0][0] = (uintptr_t)stack;
-    args->keep[0][1] = top;
-    args->keep[1][0] = (uintptr_t)area;
-    args->keep[1][1] = (uintptr_t)area + ((sizeof *area + 4095) & ~(size_t)4095);
-    hp_object_span((uintptr_t)helper_main, &args->keep[2][0], &args->keep[2][1]);
     area->pid = hp_getpid();
     area->helper_pid = 0;
 
-    long pid = hp_clone_run(0, top - 512, helper_intermediate, args);
+    /* The intermediate runs on the top half of the stack, the helper on the
+     * bottom half. */
+    long pid = hp_clone_run(CLONE_VM, top - 512, helper_intermediate, args);
     hp_sys(SYS_close, sv[1]);
     int status;
     if (pid > 0)
@@ -743,7 +653,6 @@ static int start_helper(char *err)
             ;
     helper_sock = sv[0];
     int ok = pid > 0 && await_answer('R', hp_now_ns() + 2000000000ull) == 0 && area->helper_pid > 0;
-    munmap(stack, HELPER_STACK);
     if (!ok) {
         char *at = hp_fmt_str(err, err + HP_ERRLEN, "the ptrace helper did not start");
         if (pid < 0) {

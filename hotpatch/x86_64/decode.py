@@ -16,7 +16,7 @@ from capstone import x86_const as X
 
 from hotpatch.errors import UnsafeToPatch
 
-__all__ = ["Instruction", "decode", "decode_one"]
+__all__ = ["Instruction", "boundary_before", "decode", "decode_one"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -144,6 +144,17 @@ def relative_branches(swept: Iterable[tuple[int, int, str, str]]) -> list[tuple[
         if mnemonic.rsplit(" ", 1)[-1] in _RELATIVE_BRANCH_MNEMONICS and op_str.startswith("0x"):
             branches.append((at, f"{mnemonic} {op_str}", int(op_str, 16)))
     return branches
+
+
+def boundary_before(code: bytes, start: int, address: int) -> int | None:
+    """Where the instruction holding ``address`` starts, decoding ``code``
+    placed at ``start`` (a function's first byte) by linear sweep: ``address``
+    itself when it is an instruction boundary; None when decoding stops
+    before reaching it."""
+    for at, size, _, _ in _CS_LITE.disasm_lite(bytes(code), start):
+        if at <= address < at + size:
+            return at
+    return None
 
 
 def decode_one(code: bytes, address: int) -> Instruction | None:

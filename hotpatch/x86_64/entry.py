@@ -11,14 +11,15 @@ branches into the replaced bytes, and padding after a function shorter than
 size 0) only the replaced instructions themselves are checked: branches from
 the rest of the function into them cannot be seen, and a ``ret``/``jmp``
 ending before the 5 bytes is refused, because the bytes after it cannot be
-told apart from the next function.  In both cases branches from outside the
-function (a ``.cold`` part, another function jumping into this one) and
-indirect branches (jump tables) are not seen.
+told apart from the next function.  Branches from outside the function (a
+``.cold`` part, another function jumping into this one) are seen only through
+``branches_into``, which the model answers from an index of the whole object
+(:mod:`hotpatch.x86_64.xrefs`); indirect branches (jump tables) are not seen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 
 from hotpatch.errors import UnsafeToPatch
@@ -57,7 +58,9 @@ class EntryPlan:
 def analyze_entry(read: Callable[[int, int], bytes], entry: int, *,
                   size: int | None = None,
                   exec_ranges: Sequence[tuple[int, int]] = (),
-                  fentry_targets: Container[int] = ()) -> EntryPlan:
+                  fentry_targets: Container[int] = (),
+                  branches_into: Callable[[int, int], Iterable[tuple[int, str, int]]]
+                  | None = None) -> EntryPlan:
     """Plan the redirection of the function at ``entry``.
 
     ``read(addr, n)`` returns ``n`` bytes of the live process.  ``size`` is
@@ -65,7 +68,10 @@ def analyze_entry(read: Callable[[int, int], bytes], entry: int, *,
     executable segments [lo, hi) (empty: not checked); when given, ``read``
     is never asked for bytes past the segment holding ``entry``.  ``fentry_targets`` are
     the addresses of ``__fentry__``/``mcount`` or of their GOT slots: a call
-    to one of them at the entry is skipped like a NOP.
+    to one of them at the entry is skipped like a NOP.  ``branches_into(lo,
+    hi)``, when given, lists ``(source, description, target)`` of the direct
+    branches anywhere in the object that land in [lo, hi): any landing
+    strictly inside the replaced bytes refuses the plan.
     """
     function_end = entry + size if size else None
     segment_end = _segment_end(entry, exec_ranges)
@@ -84,6 +90,8 @@ def analyze_entry(read: Callable[[int, int], bytes], entry: int, *,
     _check_inside_segment(entry, plan.address + plan.length, segment_end)
     if function_end is not None:
         _check_no_branch_into(swept, entry, function_end, plan)
+    if branches_into is not None and not plan.single_instruction:
+        _check_no_foreign_branch_into(branches_into, plan)
     return plan
 
 
@@ -286,3 +294,15 @@ def _check_no_branch_into(swept, entry: int, function_end: int, plan: EntryPlan)
         if lo < target < hi:
             raise UnsafeToPatch(f"a branch lands inside the replaced bytes [{lo:#x}, {hi:#x}): "
                                 f"{at:#x}: {text} goes to {target:#x}")
+
+
+def _check_no_foreign_branch_into(branches_into, plan: EntryPlan) -> None:
+    """Refuse when a branch from anywhere in the object lands strictly inside
+    the replaced bytes (one replaced instruction cannot be entered in its
+    middle by real code, so single-instruction plans skip this)."""
+    lo, hi = plan.address, plan.address + plan.length
+    for source, description, target in branches_into(lo + 1, hi):
+        if not lo <= source < hi:
+            raise UnsafeToPatch(f"a branch lands inside the replaced bytes [{lo:#x}, {hi:#x}): "
+                                f"{description} goes to {target:#x}, so the first "
+                                f"{plan.length} bytes are a shared entry point")

@@ -1,0 +1,1 @@
+"""Examples, installed as ``hotpatch.examples`` so that ``hotpatch demo`` finds them."""

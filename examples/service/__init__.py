@@ -1,0 +1,1 @@
+"""A live service patched under load: ``hotpatch demo`` (see driver.py)."""
