@@ -56,7 +56,7 @@ def _core_entry() -> dict:
             "core_sync": "membarrier SYNC_CORE" if lib.hp_core_sync_ready() else "mprotect IPI",
             "stopper": _stopper_entry(),
             # the patches' sites; the loader's own (r_brk) is under "loader"
-            "sites": len([s for s in sites.installed_sites() if s not in loader.sites()]),
+            "sites": len(sites.installed_sites()),
             "stops": {"count": stops, "retries": retries, "stop_ms": stop_ns / 1e6,
                       "held_ms": hold_ns / 1e6, "longest_hold_ms": hold_max_ns / 1e6}}
 

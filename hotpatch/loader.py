@@ -148,6 +148,8 @@ def _redirect(entries: list[tuple[int, int]]) -> None:
         lib.hp_loader_set_original(which, site.original)
         prepared.append((site, lib.hp_loader_entry(which)))
     _sites.redirect_batch(prepared)
+    for site, _ in prepared:
+        _sites.mark_machinery(site)
     _state["sites"] = [site for site, _ in prepared]
 
 

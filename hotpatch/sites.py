@@ -428,7 +428,21 @@ def forget(sites: Sequence[Site]) -> None:
             site._slot, site._trampoline = None, 0
 
 
-def installed_sites() -> list[Site]:
-    """Sites currently redirected, by entry address."""
+#: Entries hotpatch's own machinery redirected (the loader hook's r_brk, or
+#: its dlopen/dlmopen/dlclose wrappers): not sites of any patch.
+_machinery: set[int] = set()
+
+
+def mark_machinery(site: Site) -> None:
+    """``site`` carries hotpatch's own machinery, not a patch: it is left
+    out of :func:`installed_sites` (and the tree's counts)."""
+    _machinery.add(site.entry)
+
+
+def installed_sites(*, machinery: bool = False) -> list[Site]:
+    """Sites of patches currently redirected, by entry address.  Sites of
+    hotpatch's own machinery (the loader hook) only with ``machinery=True``."""
     with _lock.query():
-        return sorted((s for s in _sites.values() if s.installed), key=lambda s: s.entry)
+        return sorted((s for s in _sites.values()
+                       if s.installed and (machinery or s.entry not in _machinery)),
+                      key=lambda s: s.entry)
