@@ -68,6 +68,11 @@ struct hp_loader_event {
     uintptr_t map;
     char name[...];
 };
+int hp_unblock_park_signal(void);
+/* The loader hook's call into Python (loader.py), compiled into the module:
+ * a cffi callback made at run time needs writable and executable memory,
+ * which a PR_SET_MDWE process refuses. */
+extern "Python" void hp_loader_py_callback(void);
 uintptr_t hp_loader_brk_site(void);
 uintptr_t hp_loader_entry(int which);
 void hp_loader_set_original(int which, uintptr_t original);

@@ -422,6 +422,14 @@ def register(patch: Patch, *, enable: bool = True) -> Patch:
         _pin_new_code(patch)
         _patches.append(patch)
         patch.registered = True
+        if any(obj.name is not None for obj in patch.objects):
+            # The loader hook and its worker thread before any write of the
+            # patch: a thread starting once the patch replaced libc's
+            # syscall() with Python code would deadlock in it (CPython asks
+            # syscall(SYS_gettid) for a new thread's id before the thread
+            # has a thread state).
+            from . import loader
+            loader.watch()
         if enable:
             try:
                 _enable(patch)

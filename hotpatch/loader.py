@@ -156,7 +156,7 @@ def _redirect(entries: list[tuple[int, int]]) -> None:
 def _start_worker() -> None:
     global _worker, _callback
     core.notify = _say
-    _callback = ffi.callback("void(void)", _in_hook)
+    _callback = lib.hp_loader_py_callback     # compiled in: no W+X memory needed (MDWE)
     lib.hp_loader_start(_callback, WAIT_MS)
     _worker = threading.Thread(target=_work, name="hotpatch-loader", daemon=True)
     _worker.start()
@@ -195,6 +195,7 @@ def _flush() -> None:
         core.log.log(level, message, *args)
 
 
+@ffi.def_extern(name="hp_loader_py_callback")
 def _in_hook() -> None:
     """The C hook's callback: this loading thread holds the GIL."""
     try:
@@ -207,6 +208,9 @@ def _in_hook() -> None:
 
 
 def _work() -> None:
+    # It inherited the mask of the thread that registered the first patch,
+    # which may block every signal: the signal stop must still park it.
+    lib.hp_unblock_park_signal()
     while True:
         lib.hp_loader_wait(200)
         try:
@@ -221,7 +225,11 @@ def _drain(in_hook: bool) -> None:
     are left to the worker when this is the hook."""
     if getattr(_draining, "busy", False):
         return      # a load from inside our own handling: the outer loop takes it
-    if not _consume.acquire(timeout=WAIT_MS / 1000):
+    # In the hook this thread holds the dynamic linker's lock and the GIL:
+    # no waiting there (a wait releases the GIL, and a thread that takes it
+    # and calls dlopen with it -- ctypes.CDLL, an import -- never gives it
+    # back): what is busy is left to the worker.
+    if not _consume.acquire(timeout=0 if in_hook else WAIT_MS / 1000):
         return
     _draining.busy = True
     try:
@@ -245,9 +253,9 @@ def _drain(in_hook: bool) -> None:
 def _handle(event, in_hook: bool) -> None:
     kind, seq, base, name = event
     try:
-        with core._mutex.try_operation("handle a load", WAIT_MS / 1000) as held:
+        with core._mutex.try_operation("handle a load", 0 if in_hook else WAIT_MS / 1000) as held:
             if not held:
-                _deferred.append((event, f"hotpatch's lifecycle lock was busy for {WAIT_MS} ms"))
+                _deferred.append((event, "hotpatch's lifecycle lock was busy"))
                 return
             if kind == GOING:
                 _say(logging.INFO, "hotpatch: GOING %s at %#x", name, base)
@@ -319,6 +327,25 @@ def _noted_late(loaded: symbols.LoadedObject, why: str) -> None:
 
 def _loaded_at(base: int, name: str) -> symbols.LoadedObject | None:
     return next((o for o in symbols.loaded_objects() if o.base == base and o.name == name), None)
+
+
+def settle(timeout: float) -> bool:
+    """Wait until every event queued so far, late ones included, has been
+    handled (at most ``timeout`` seconds): whether it was.  For tests and
+    tools that read ``tree()["loader"]`` after loads from other threads."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        if _consume.acquire(timeout=max(0.0, min(0.05, deadline - time.monotonic()))):
+            try:
+                idle = lib.hp_loader_wait(0) == 0 and not _deferred
+            finally:
+                _consume.release()
+            if idle:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import threading
 import time
 
 from . import __version__, control, core, module, symbols
+from ._native import lib
 from .errors import HotpatchError
 
 PROTOCOL = 1
@@ -395,6 +396,8 @@ class _Server:
     # the loop ---------------------------------------------------------------
 
     def _run(self) -> None:
+        # Whatever mask it inherited, the signal stop must be able to park it.
+        lib.hp_unblock_park_signal()
         next_sweep = time.monotonic() + SWEEP_INTERVAL
         while not self._stopping:
             wake = min([next_sweep, *(c.deadline for c in self._connections.values())])

@@ -158,6 +158,7 @@ void hp_ptrace_after_fork(void);
 int hp_signal_stop(uint64_t deadline_ns, const char *why_not_ptrace, char *err);
 void hp_signal_release(void);
 int hp_park_signal(void);
+int hp_unblock_park_signal(void);
 
 /* --- loader.c ------------------------------------------------------- */
 struct hp_loader_event {

@@ -209,6 +209,18 @@ HP_RAW static int refuse(char *err, int tid, const char *name, const char *what,
     return HP_STOP_FAILED;
 }
 
+#define BLOCKED_GRACE_NS 200000000ull
+
+/* The calling thread takes the park signal whatever mask it inherited:
+ * every thread hotpatch starts calls this first, so that none of them makes
+ * the signal stop impossible.  Raw system call: a patch may have replaced
+ * libc's pthread_sigmask. */
+int hp_unblock_park_signal(void)
+{
+    uint64_t set = 1ull << (hp_park_signal() - 1);
+    return (int)hp_sys(SYS_rt_sigprocmask, SIG_UNBLOCK, &set, NULL, sizeof set);
+}
+
 /* Park every other thread.  Every thread must take the park signal: one
  * that blocks it is refused before anything is signalled.  Threads started
  * meanwhile are found by listing again until every listed thread has
@@ -224,13 +236,30 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
         return HP_STOP_FAILED;
     /* A thread held in the last stop may still be on its way out of the
      * handler, every signal blocked: the new signal waits for it there. */
-    int n = list_threads(tids, HP_MAX_THREADS);
-    for (int i = 0; i < n; i++) {
-        char state = tids[i] == self || was_signalled(tids[i]) ? 0
-                     : thread_status(tids[i], &blocked, name, sizeof name);
-        if (state && state != 'Z' && state != 'X' && (blocked >> (park_signal - 1) & 1))
-            return refuse(err, tids[i], name, "blocks the park signal", why_not_ptrace);
+    /* glibc blocks every signal in a thread while it starts (until
+     * start_thread sets its creator's mask) and again on its way out (a
+     * thread just joined or cancelled, faulthandler's watchdog): such a
+     * thread is waited for up to BLOCKED_GRACE_NS before it is refused. */
+    uint64_t grace = hp_now_ns() + BLOCKED_GRACE_NS;
+    if (grace > deadline)
+        grace = deadline;
+    for (;;) {
+        int blocker = 0;
+        int n = list_threads(tids, HP_MAX_THREADS);
+        for (int i = 0; i < n && !blocker; i++) {
+            char state = tids[i] == self || was_signalled(tids[i]) ? 0
+                         : thread_status(tids[i], &blocked, name, sizeof name);
+            if (state && state != 'Z' && state != 'X' && (blocked >> (park_signal - 1) & 1))
+                blocker = tids[i];
+        }
+        if (!blocker)
+            break;
+        if (hp_now_ns() > grace)
+            return refuse(err, blocker, name, "blocks the park signal", why_not_ptrace);
+        struct timespec pause = { 0, 1000000 };
+        hp_sys(SYS_nanosleep, &pause, NULL);
     }
+    int n;
     nsignalled = 0;
     __atomic_store_n(&parked, 0, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(&stop_gen, 1, __ATOMIC_SEQ_CST);
