@@ -27,14 +27,15 @@ void native_dlclose(void *handle)
     pthread_join(t, 0);
 }
 
-/* A native thread that dlopens and dlcloses `path` until told to stop. */
+/* A native thread that dlopens and dlcloses `path` `n` times, or until told
+ * to stop: bounded work, whatever the machine's load. */
 static volatile int running;
-static volatile long cycles;
+static volatile long cycles, wanted;
 static pthread_t hammer;
 
 static void *hammer_loop(void *path)
 {
-    while (running) {
+    while (running && cycles < wanted) {
         void *h = dlopen(path, RTLD_NOW);
         if (h)
             dlclose(h);
@@ -43,6 +44,11 @@ static void *hammer_loop(void *path)
     return 0;
 }
 
-void hammer_start(const char *path) { running = 1; pthread_create(&hammer, 0, hammer_loop, (void *)path); }
-long hammer_stop(void) { running = 0; pthread_join(hammer, 0); return cycles; }
+void hammer_start(const char *path, long n)
+{
+    running = 1;
+    wanted = n;
+    pthread_create(&hammer, 0, hammer_loop, (void *)path);
+}
+long hammer_stop(void) { pthread_join(hammer, 0); running = 0; return cycles; }
 long hammer_cycles(void) { return __atomic_load_n(&cycles, __ATOMIC_RELAXED); }
