@@ -318,7 +318,7 @@ def test_loads_and_unloads_from_every_side_never_hang_or_crash(child, libs):
     timeout backs it), a crash by the child's exit status."""
     r = child(PRELUDE + """
 import faulthandler, importlib, sys, threading, time
-faulthandler.dump_traceback_later(300, exit=True)    # the watchdog: a hang exits non-zero
+faulthandler.dump_traceback_later(150, exit=True)    # the watchdog: a hang exits non-zero
 spawn.hammer_start.argtypes = [ctypes.c_char_p, ctypes.c_long]
 spawn.hammer_cycles.restype = spawn.hammer_stop.restype = ctypes.c_long
 patch = hotpatch.register(coming_patch())
@@ -358,7 +358,7 @@ settled = hotpatch.loader.settle(120)     # late events handled: "late" is compl
 patch.disable()
 report({"cycles": cycles, "errors": errors[:5], "loader": hotpatch.tree()["loader"],
         "seen": sorted(seen_values), "done": sorted(done), "settled": settled})
-""", timeout=420, **libs)[0]
+""", timeout=200, **libs)[0]
     assert r["cycles"] == 100 and r["done"] == ["importer", "importer", "patcher"], r
     assert r["errors"] == [] and r["settled"], r
     # Only the new or the old code ever ran; the old only where the tree
