@@ -225,11 +225,11 @@ def _drain(in_hook: bool) -> None:
     are left to the worker when this is the hook."""
     if getattr(_draining, "busy", False):
         return      # a load from inside our own handling: the outer loop takes it
-    # In the hook this thread holds the dynamic linker's lock and the GIL:
-    # no waiting there (a wait releases the GIL, and a thread that takes it
-    # and calls dlopen with it -- ctypes.CDLL, an import -- never gives it
-    # back): what is busy is left to the worker.
-    if not _consume.acquire(timeout=0 if in_hook else WAIT_MS / 1000):
+    # In the hook this waits up to WAIT_MS, releasing the GIL: a thread that
+    # takes it and calls dlopen with it held deadlocks with this one (open,
+    # see docs/notes.md).  Not waiting (timeout 0) made loads late even in
+    # a single-threaded process.
+    if not _consume.acquire(timeout=WAIT_MS / 1000):
         return
     _draining.busy = True
     try:
@@ -253,9 +253,9 @@ def _drain(in_hook: bool) -> None:
 def _handle(event, in_hook: bool) -> None:
     kind, seq, base, name = event
     try:
-        with core._mutex.try_operation("handle a load", 0 if in_hook else WAIT_MS / 1000) as held:
+        with core._mutex.try_operation("handle a load", WAIT_MS / 1000) as held:
             if not held:
-                _deferred.append((event, "hotpatch's lifecycle lock was busy"))
+                _deferred.append((event, f"hotpatch's lifecycle lock was busy for {WAIT_MS} ms"))
                 return
             if kind == GOING:
                 _say(logging.INFO, "hotpatch: GOING %s at %#x", name, base)
