@@ -26,10 +26,12 @@ _LAZY = {
     "Patch": "core", "Object": "core", "Func": "core", "register": "core",
     "unregister": "core", "enable": "core", "disable": "core", "patches": "core",
     "tainted": "core", "tree": "control", "load": "module", "serve": "server",
+    "State": "state",
 }
 
 __all__ = [
     "Patch",
+    "State",
     "Object",
     "Func",
     "register",
