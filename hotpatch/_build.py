@@ -70,6 +70,7 @@ void *hp_shadow_get_or_alloc(void *obj, unsigned long id, size_t size, hp_shadow
 int hp_shadow_free_each(void *obj, unsigned long id, int all, hp_shadow_dtor_with_t dtor,
                         void *dtor_data);
 unsigned long hp_shadow_live(void);
+unsigned long hp_shadow_bucket(void *obj, unsigned long id);
 uintptr_t hp_api_table(void);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);
 extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);

@@ -99,6 +99,7 @@ int hp_shadow_free_each(void *obj, unsigned long id, int all, hp_shadow_dtor_wit
 void hp_shadow_free(void *obj, unsigned long id, hp_shadow_dtor_t dtor);
 void hp_shadow_free_all(unsigned long id, hp_shadow_dtor_t dtor);
 unsigned long hp_shadow_live(void);
+unsigned long hp_shadow_bucket(void *obj, unsigned long id);
 uintptr_t hp_api_table(void);
 
 /* --- codewrite.c ---------------------------------------------------- */

@@ -18,6 +18,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "hotpatch_core.h"
 
@@ -148,8 +149,14 @@ int hp_shadow_free_each(void *obj, unsigned long id, int all, hp_shadow_dtor_wit
     }
     if (count) {
         unsigned long old = atomic_fetch_add(&epoch, 1);
-        while (atomic_load(&readers[old & 1]))
-            sched_yield();
+        /* A reader preempted inside a lookup holds its slot until it runs
+         * again: after a few yields, sleep, which lets it have this core. */
+        for (int spins = 0; atomic_load(&readers[old & 1]); spins++) {
+            if (spins < 16)
+                sched_yield();
+            else
+                nanosleep(&(struct timespec){ .tv_nsec = 20000 }, NULL);
+        }
     }
     pthread_mutex_unlock(&shadow_lock);
     while (gone) {
@@ -178,6 +185,12 @@ void hp_shadow_free(void *obj, unsigned long id, hp_shadow_dtor_t dtor)
 void hp_shadow_free_all(unsigned long id, hp_shadow_dtor_t dtor)
 {
     hp_shadow_free_each(NULL, id, 1, dtor ? call_dtor : NULL, (void *)dtor);
+}
+
+/* The bucket of (obj, id): the tests put variables in one bucket with it. */
+unsigned long hp_shadow_bucket(void *obj, unsigned long id)
+{
+    return bucket_of(obj, id);
 }
 
 /* Shadow variables in the table, for the tests and the tree. */
