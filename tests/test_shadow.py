@@ -204,3 +204,36 @@ report(out)
     assert r["calls"] == ["ctor", "dtor"] + ["dtor2"] * 11
     assert r["dtor_value"] == ["dtor", 7]
     assert r["hotpatch.shadow"] and "address" in r["type"]
+
+
+V2_MODULE = r"""
+/* A module built against version 2 of hotpatch.h: no hotpatch_api. */
+#include <hotpatch.h>
+static long plus(unsigned long x) { return 1; }
+static struct hp_func funcs[] = { { .old_name = "dummy_check", .new_func = plus }, { } };
+static struct hp_object objs[] = { { .name = "libshadowdummy.so", .funcs = funcs }, { } };
+static struct hp_patch patch = { .name = "v2", .objs = objs };
+__attribute__((visibility("default"))) struct hp_patch *const hotpatch_patch_descriptor = &patch;
+__attribute__((visibility("default"))) const unsigned int hotpatch_abi_version = 2;
+"""
+
+
+def test_version_2_module_without_api_still_loads_and_fork_resets(child, shadow_build, tmp_path):
+    from hotpatch import module
+    source = tmp_path / "v2.c"
+    source.write_text(V2_MODULE)
+    so = module.build(str(source), str(tmp_path / "v2.so"))
+    r = child(PRELUDE + """
+import os
+patch = hotpatch.load(P["so"])
+out = {"patched": lib.dummy_check(lib.dummy_alloc(10), 0)}
+data = shadow.alloc(0x1000, 9, 8)
+pid = os.fork()
+if pid == 0:                       # the child's table is the parent's, and usable
+    ok = shadow.get(0x1000, 9) == data and shadow.free(0x1000, 9) and shadow.get(0x1000, 9) is None
+    os._exit(0 if ok else 1)
+out["child"] = os.waitpid(pid, 0)[1]
+out["parent"] = shadow.get(0x1000, 9) == data
+report(out)
+""", lib=shadow_build["lib"], so=so)[0]
+    assert r == {"patched": 1, "child": 0, "parent": True}

@@ -217,3 +217,21 @@ uintptr_t hp_api_table(void)
 {
     return (uintptr_t)&api;
 }
+
+/* A child of fork has only the forking thread: a lock another thread held
+ * and the reader counts of lookups under way stay behind with the parent's
+ * threads.  Not taken before the fork: a Python constructor runs under the
+ * lock and needs the GIL, which the forking thread holds.  Each change to
+ * the table is one store, so the child's is whole; what another thread had
+ * unlinked or not yet published leaks in the child. */
+static void shadow_after_fork_in_child(void)
+{
+    pthread_mutex_init(&shadow_lock, NULL);
+    atomic_store(&readers[0], 0);
+    atomic_store(&readers[1], 0);
+}
+
+__attribute__((constructor)) static void shadow_init(void)
+{
+    pthread_atfork(NULL, NULL, shadow_after_fork_in_child);
+}
