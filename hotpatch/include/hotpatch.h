@@ -130,7 +130,10 @@ struct hp_patch {
  *
  * Thread safe.  ctor runs under the table's lock (it must not use shadow
  * variables itself); dtor runs once no hp_shadow_get can still return the
- * data, outside the lock.  The data is aligned to 16 bytes.
+ * data, outside the lock.  The data is aligned to 16 bytes.  As in the
+ * kernel, what hp_shadow_get returns stays valid until it is freed: the
+ * caller must know no other thread frees it meanwhile (typically it goes
+ * with its object).
  *
  * They call the core through hotpatch_api, which hotpatch.load() fills
  * after it opened the module and before it registers the patch: callbacks
