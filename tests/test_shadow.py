@@ -177,6 +177,10 @@ except ZeroDivisionError:
     out["ctor_raised"] = shadow.get(obj, 3)
 for other in range(10):
     shadow.alloc(obj + 100 + other, 2, 8)
+try:
+    shadow.alloc(obj, 4, (1 << 64) - 1)
+except hotpatch.HotpatchError as e:
+    out["huge"] = [str(e), shadow.get(obj, 4)]
 out["count"] = shadow.count()
 out["free"] = [shadow.free(obj, 1, lambda o, d: calls.append(("dtor", ctypes.c_int.from_address(d).value))),
                shadow.get(obj, 1), shadow.free(obj, 1)]
@@ -198,6 +202,7 @@ report(out)
     assert [e[1] for e in r["ctor_failed"]] == [None, None]
     assert all("constructor failed" in e[0] for e in r["ctor_failed"])
     assert r["ctor_raised"] is None
+    assert "out of memory" in r["huge"][0] and r["huge"][1] is None
     assert r["count"] == 12
     assert r["free"] == [True, None, False]
     assert r["free_all"] == 11 and r["after"] == [None, 0]

@@ -77,6 +77,8 @@ static void *alloc_locked(void *obj, unsigned long id, size_t size, hp_shadow_ct
     struct shadow_node *n = find(obj, id);
     if (n)
         return existing_ok ? n->data : NULL;
+    if (size > SIZE_MAX - sizeof(*n))
+        return NULL;
     n = calloc(1, sizeof(*n) + size);      /* zeroed before the constructor */
     if (!n)
         return NULL;
