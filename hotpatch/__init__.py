@@ -43,6 +43,7 @@ __all__ = [
     "tree",
     "load",
     "serve",
+    "shadow",      # a submodule (hotpatch.shadow.alloc, ...): __getattr__ imports it
     "HotpatchError",
     "SymbolNotFound",
     "AmbiguousSymbol",

@@ -11,6 +11,7 @@
  *   stop_signal.c the fallback stopper: park every other thread in a signal handler
  *   caller.c      the shared caller of the ftrace-style call path
  *   crash.c       the crash report of a live-patched process
+ *   shadow.c      shadow variables, and the table patch modules call the core through
  *
  * Policy (what to patch, the bytes, the stacks of patches) lives in Python.
  * Everything that runs while threads are stopped uses only raw system calls
@@ -83,6 +84,23 @@ uintptr_t hp_caller_near(uintptr_t near);
 
 /* --- crash.c -------------------------------------------------------- */
 int hp_set_crash_report(const char *text);
+
+/* --- shadow.c ------------------------------------------------------ */
+#define HP_CORE       /* hotpatch.h: its types, not its calls through hotpatch_api */
+#include "../include/hotpatch.h"
+typedef void (*hp_shadow_dtor_with_t)(void *obj, void *shadow_data, void *dtor_data);
+void *hp_shadow_get(void *obj, unsigned long id);
+void *hp_shadow_alloc(void *obj, unsigned long id, size_t size, hp_shadow_ctor_t ctor,
+                      void *ctor_data);
+void *hp_shadow_get_or_alloc(void *obj, unsigned long id, size_t size, hp_shadow_ctor_t ctor,
+                             void *ctor_data);
+int hp_shadow_free_each(void *obj, unsigned long id, int all, hp_shadow_dtor_with_t dtor,
+                        void *dtor_data);
+void hp_shadow_free(void *obj, unsigned long id, hp_shadow_dtor_t dtor);
+void hp_shadow_free_all(unsigned long id, hp_shadow_dtor_t dtor);
+unsigned long hp_shadow_live(void);
+unsigned long hp_shadow_bucket(void *obj, unsigned long id);
+uintptr_t hp_api_table(void);
 
 /* --- codewrite.c ---------------------------------------------------- */
 struct hp_write {
