@@ -118,6 +118,8 @@ int hp_core_sync_ready(void);
 int hp_write_code_locked(uintptr_t addr, const void *src, size_t len);
 /* With the other threads stopped: write every site (undone on failure). */
 int hp_write_stopped(const struct hp_write *w, size_t n, char *err);
+/* Serialize every core running a thread of this process (membarrier). */
+void hp_sync_cores(void);
 
 /* --- check.c -------------------------------------------------------- */
 #define HP_MAX_RESTORERS 8

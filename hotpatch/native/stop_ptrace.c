@@ -30,6 +30,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/membarrier.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -481,6 +482,9 @@ HP_RAW static void write_round(struct stop_area *a, int task_fd, int sigfd, int 
         if (!tid) {
             if (hp_check_old_bytes(&c, a->message) || write_all(mem_fd, c.writes, c.nwrites, a->message))
                 a->result = HP_STOP_FAILED;
+            /* Write, sync, let go: the helper shares the service's memory, so
+             * its membarrier serializes every core running the service. */
+            hp_sys(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0);
             release_threads(a);
             a->hold_ns = hp_now_ns() - stopped;
             return;
