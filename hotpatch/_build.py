@@ -78,7 +78,7 @@ extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _native = os.path.join(_here, "native")
-SOURCES = ["objects.c", "maps.c", "pool.c", "codewrite.c", "stop.c", "check.c", "stop_ptrace.c",
+SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "stop.c", "check.c", "stop_ptrace.c",
            "stop_signal.c", "caller.c", "crash.c", "shadow.c"]
 
 ffibuilder = FFI()

@@ -9,12 +9,11 @@ has faulthandler's watchdog thread blocking every signal; tests of the
 signal stop fallback cancel it so that only the thread under test blocks."""
 import errno
 import os
-import subprocess
 import time
 
 import pytest
 
-from conftest import compile_library
+from conftest import compile_library, symbol_sizes
 
 
 @pytest.fixture(scope="session")
@@ -30,12 +29,7 @@ def stopper_lib(tmp_path_factory):
         })
     # Loaded and unloaded over and over by the dlopen hammer.
     victim = compile_library(os.path.join(out, "libdlvictim.so"), ["targets/patchable.c"])
-    sizes = {}
-    for line in subprocess.run(["nm", "-S", "--defined-only", path], capture_output=True,
-                               text=True, check=True).stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 4:
-            sizes[parts[3]] = int(parts[1], 16)
+    sizes = symbol_sizes(path)
     return {"lib": path, "victim": victim, "sizes": sizes}
 
 

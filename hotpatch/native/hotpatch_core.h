@@ -3,6 +3,7 @@
  *
  *   objects.c     loaded objects (dl_iterate_phdr), for the symbol layer
  *   maps.c        this process's mappings (/proc/thread-self/maps), no malloc
+ *   proc.c        what /proc says of a thread (state, tracer, signal masks)
  *   pool.c        executable memory within +-2 GiB of a target, named "hotpatch"
  *   codewrite.c   writing code while other threads run it: one stop per batch
  *   stop.c        the stop: which stopper holds the threads, retries, counters
@@ -65,6 +66,16 @@ extern struct hp_mapping hp_mappings[HP_MAX_MAPPINGS];
 extern int hp_nmappings;
 int hp_read_mappings(void);
 const struct hp_mapping *hp_mapping_of(uintptr_t address);
+
+/* --- proc.c -------------------------------------------------------- */
+struct hp_thread_status {
+    char state;               /* 0: gone */
+    int tracer;
+    uint64_t pending, blocked;
+    char name[32];
+};
+uintptr_t hp_parse_hex(const char **p);
+void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st);
 
 /* --- pool.c -------------------------------------------------------- */
 uintptr_t hp_alloc_code(uintptr_t near, size_t size);
