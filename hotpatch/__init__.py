@@ -26,10 +26,12 @@ _LAZY = {
     "Patch": "core", "Object": "core", "Func": "core", "register": "core",
     "unregister": "core", "enable": "core", "disable": "core", "patches": "core",
     "tainted": "core", "tree": "control", "load": "module", "serve": "server",
+    "State": "state",
 }
 
 __all__ = [
     "Patch",
+    "State",
     "Object",
     "Func",
     "register",
@@ -41,6 +43,7 @@ __all__ = [
     "tree",
     "load",
     "serve",
+    "shadow",      # a submodule (hotpatch.shadow.alloc, ...): __getattr__ imports it
     "HotpatchError",
     "SymbolNotFound",
     "AmbiguousSymbol",

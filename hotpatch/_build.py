@@ -84,12 +84,26 @@ int hp_loader_take(struct hp_loader_event *out);
 void hp_loader_done(uint64_t seq);
 int hp_loader_write_unreachable(const struct hp_write *w, size_t n, uint64_t seq, char *err);
 void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *dropped);
+typedef int (*hp_shadow_ctor_t)(void *obj, void *shadow_data, void *ctor_data);
+typedef void (*hp_shadow_dtor_with_t)(void *obj, void *shadow_data, void *dtor_data);
+void *hp_shadow_get(void *obj, unsigned long id);
+void *hp_shadow_alloc(void *obj, unsigned long id, size_t size, hp_shadow_ctor_t ctor,
+                      void *ctor_data);
+void *hp_shadow_get_or_alloc(void *obj, unsigned long id, size_t size, hp_shadow_ctor_t ctor,
+                             void *ctor_data);
+int hp_shadow_free_each(void *obj, unsigned long id, int all, hp_shadow_dtor_with_t dtor,
+                        void *dtor_data);
+unsigned long hp_shadow_live(void);
+unsigned long hp_shadow_bucket(void *obj, unsigned long id);
+uintptr_t hp_api_table(void);
+extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);
+extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 """
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _native = os.path.join(_here, "native")
-SOURCES = ["objects.c", "maps.c", "pool.c", "codewrite.c", "stop.c", "check.c", "stop_ptrace.c",
-           "stop_signal.c", "caller.c", "crash.c", "loader.c"]
+SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "stop.c", "check.c",
+           "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

@@ -32,5 +32,5 @@ def exited_main_thread_note() -> str:
     if not main_thread_exited():
         return ""
     return (f" (note: the main thread of this process, thread {os.getpid()}, has exited "
-            f"(pthread_exit) and is a zombie until the process ends: it can no longer be "
-            f"stopped or parked, and /proc/self/ no longer shows this process's memory)")
+            f"(pthread_exit) and is a zombie until the process ends: /proc/self/ no longer "
+            f"shows this process's memory)")

@@ -25,8 +25,12 @@ def _loaded(obj: core.Object) -> bool:
 
 
 def _patch_entry(patch: core.Patch) -> dict:
+    # Attributes are plain values; objects are the dicts.  States: the
+    # kernel has no sysfs file for them, the tree lists "id:version".
     entry = {"enabled": patch.enabled, "transition": patch.transition,
-             "replace": patch.replace, "stack_order": core.stack_order(patch)}
+             "replace": patch.replace, "stack_order": core.stack_order(patch),
+             "consistency": patch.consistency,
+             "states": " ".join(f"{s.id}:{s.version}" for s in patch.states)}
     for obj in patch.objects:
         node = {"patched": obj.patched, "loaded": _loaded(obj), "note": obj.note}
         for func in obj.funcs:
@@ -63,7 +67,8 @@ def _core_entry() -> dict:
 
 def tree() -> dict:
     """``{"livepatch": {<patch>: {"enabled", "transition", "replace",
-    "stack_order", <object>: {"patched", "<func>,<sympos>": {...}}}},
+    "stack_order", "consistency", "states" ("id:version ..."),
+    <object>: {"patched", "<func>,<sympos>": {...}}}},
     "tainted": bool, "core": {...}}``; the main program's object is named
     ``main``.  ``core`` says how code is written in this process (the pool's
     backing, /proc/self/mem or an mprotect window, the core sync, which

@@ -32,6 +32,7 @@ import time
 from typing import Callable, Iterable, Sequence
 
 from . import newcode, patch as stacks, sites, symbols, thunks
+from . import state as state_
 from ._locks import OperationLock
 from ._native import lib
 from .errors import HotpatchError, PatchStateError, UnsafeToPatch
@@ -188,7 +189,7 @@ class Patch:
     """One fix, enabled and disabled as a unit (``struct klp_patch``)."""
 
     def __init__(self, name: str, objects: Iterable[Object], *, replace: bool = False,
-                 consistency: str = "immediate"):
+                 consistency: str = "immediate", states: Iterable[state_.State] = ()):
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"a patch name is a non-empty string without '/': {name!r}")
         if consistency not in CONSISTENCY_MODELS:
@@ -198,6 +199,7 @@ class Patch:
         self.objects = list(objects)
         self.replace = bool(replace)
         self.consistency = consistency
+        self.states = state_.check_states(name, states)
         self.enabled = False
         self.enabled_at: float | None = None     # time.time() of the enable in effect
         self.registered = False
@@ -215,6 +217,17 @@ class Patch:
     def transition(self) -> bool:
         """True while a transition is in progress (never, with the immediate model)."""
         return False
+
+    def state(self, id: int) -> "state_.State | None":
+        """This patch's state ``id`` (``klp_get_state``), or None."""
+        return state_.get_state(self, id)
+
+    def prev_state(self, id: int) -> "state_.State | None":
+        """State ``id`` of the newest patch enabled before this one
+        (``klp_get_prev_state``): what a patch taking over a state finds, in
+        its callbacks, to carry on the older patch's data."""
+        with _mutex.query():
+            return state_.prev_state(self, id, list(_enabled))
 
     def enable(self) -> None:
         enable(self)
@@ -489,6 +502,10 @@ def _enable(patch: Patch) -> None:
     global _tainted
     if patch.enabled:
         raise PatchStateError(f"patch {patch.name!r} is already enabled")
+    reason = state_.incompatibility(patch, [p for p in _enabled if p is not patch])
+    if reason:
+        raise PatchStateError(f"patch {patch.name!r} is not compatible with the enabled "
+                              f"patches: {reason}; nothing was changed")
     notify(logging.INFO, "livepatch: enabling patch '%s'", patch.name)
     present = _loaded_objects(patch)
     prepared: dict[int, sites.Site] = {}

@@ -22,8 +22,10 @@ from . import core, symbols
 from .errors import HotpatchError
 
 INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
-ABI_VERSION = 2
-# Version 1 had no hp_func.original, hp_object.build_id, hp_patch.symbols:
+ABI_VERSION = 3
+# Version 3 added hotpatch_api (a module that calls the core, as hp_shadow_*
+# does, is refused by an older hotpatch instead of calling through NULL);
+# its structures are version 2's.  Version 1 had no hp_func.original, hp_object.build_id, hp_patch.symbols:
 # its arrays have a shorter stride, so its modules are read with its own
 # declarations.
 _V1_DECLARATIONS = """
@@ -53,6 +55,7 @@ _ffi = FFI()
 _ffi.cdef(_header_declarations() + """
 extern struct hp_patch *hotpatch_patch_descriptor;   /* const in the module */
 extern unsigned int hotpatch_abi_version;
+extern void *hotpatch_api;                            /* const struct hp_api * */
 """)
 _ffi_v1 = FFI()
 _ffi_v1.cdef(_V1_DECLARATIONS)
@@ -160,6 +163,19 @@ def _resolve_symbols(path: str, c_patch) -> None:
         address[0] = _ffi.cast("void *", value)
 
 
+def _fill_api(path: str, library) -> None:
+    """Point the module's ``hotpatch_api`` at the core's table of functions
+    (``struct hp_api``), before its patch is registered: its callbacks and
+    new functions call the core through it (not its constructors, which
+    dlopen ran)."""
+    from ._native import lib
+    try:
+        library.hotpatch_api = _ffi.cast("void *", lib.hp_api_table())
+    except (AttributeError, KeyError):
+        raise HotpatchError(f"{path}: built for hotpatch ABI 3 but does not export "
+                            f"hotpatch_api (HP_PATCH(...) defines it)") from None
+
+
 _DESCRIPTOR_SYMBOLS = ("hotpatch_patch_descriptor", "hotpatch_abi_version")
 
 
@@ -192,10 +208,10 @@ def _patch_from_library(path: str) -> core.Patch:
     except (AttributeError, KeyError):
         raise HotpatchError(f"{path}: not a hotpatch patch module (no HP_PATCH(...) "
                             "descriptor)") from None
-    if version not in (1, ABI_VERSION):
+    if version not in (1, 2, ABI_VERSION):
         raise HotpatchError(f"{path}: built for hotpatch ABI {version}, this is {ABI_VERSION}")
-    ffi = _ffi if version == ABI_VERSION else _ffi_v1
-    if version != ABI_VERSION:
+    ffi = _ffi if version >= 2 else _ffi_v1
+    if version == 1:
         c_patch = ffi.cast("struct hp_patch *", int(_ffi.cast("uintptr_t", c_patch)))
     if c_patch == ffi.NULL or c_patch.name == ffi.NULL or c_patch.objs == ffi.NULL:
         raise HotpatchError(f"{path}: the patch descriptor has no name or no objs")
@@ -204,6 +220,8 @@ def _patch_from_library(path: str) -> core.Patch:
     except HotpatchError as e:
         raise HotpatchError(f"{path}: {e}") from None
     _resolve_symbols(path, c_patch)
+    if version >= 3:
+        _fill_api(path, library)
     patch = core.Patch(ffi.string(c_patch.name).decode(), objects,
                        replace=bool(c_patch.replace))
     patch.module = library     # keeps the descriptor's memory reachable

@@ -33,6 +33,17 @@ def compile_library(path, sources, flags=(), per_source_flags=None):
     return str(path)
 
 
+def symbol_sizes(path):
+    """``{symbol: size}`` of the symbols ``path`` defines (``nm -S``)."""
+    sizes = {}
+    for line in subprocess.run(["nm", "-S", "--defined-only", str(path)], capture_output=True,
+                               text=True, check=True).stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 4:
+            sizes[parts[3]] = int(parts[1], 16)
+    return sizes
+
+
 def run_child(code, timeout=120, env=None, **params):
     """Run ``code`` in a fresh Python; ``params`` are visible to it as the
     dict ``P``.  The code reports with ``report(obj)``; returns the list of

@@ -3,11 +3,10 @@ every entry form, on real compiled prologues, under concurrency.
 
 Every test patches inside a child process (see conftest.run_child)."""
 import os
-import subprocess
 
 import pytest
 
-from conftest import compile_library
+from conftest import compile_library, symbol_sizes
 
 SHAPES = {   # function -> (f(5) before, what the shape is)
     "plain_add": (6, "lea+ret, exactly five bytes"),
@@ -35,12 +34,7 @@ def targets(tmp_path_factory):
             "targets/patchable.c": ["-fPIC", "-fpatchable-function-entry=5"],
             "targets/endbr.c": ["-fPIC", "-fcf-protection=full"],
         })
-    sizes = {}
-    for line in subprocess.run(["nm", "-S", "--defined-only", path], capture_output=True,
-                               text=True, check=True).stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 4:
-            sizes[parts[3]] = int(parts[1], 16)
+    sizes = symbol_sizes(path)
     return {"lib": path, "sizes": sizes}
 
 

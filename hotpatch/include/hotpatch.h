@@ -33,12 +33,14 @@
 #define HOTPATCH_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-#define HP_ABI_VERSION 2    /* 2: hp_func.original, hp_object.build_id, hp_patch.symbols */
+#define HP_ABI_VERSION 3    /* 2: hp_func.original, hp_object.build_id, hp_patch.symbols;
+                               3: hotpatch_api (the module uses the core's API) */
 
 /* hp-declarations-begin: hotpatch.load() reads the declarations from here
  * to hp-declarations-end, so this header is their one definition. */
@@ -110,12 +112,91 @@ struct hp_patch {
     { .address = (void **)&(ptr), .object = (object_name),                    \
       .name = (symbol_name), .sympos = (position) }
 
-/* Exported under fixed names that hotpatch.load() looks up. */
+/* Shadow variables (Documentation/livepatch/shadow-vars.rst): data that a
+ * patch attaches to an existing object, by the object's address and an id
+ * the patch chooses.
+ *
+ *   hp_shadow_get(obj, id)         the data, or NULL; lock free
+ *   hp_shadow_alloc(obj, id, size, ctor, ctor_data)
+ *                                  new data, zeroed, then ctor(obj, data,
+ *                                  ctor_data) (non-zero = failure: nothing is
+ *                                  attached); NULL if (obj, id) has data
+ *                                  already or on failure
+ *   hp_shadow_get_or_alloc(obj, id, size, ctor, ctor_data)
+ *                                  the data, allocated as above if none
+ *   hp_shadow_free(obj, id, dtor)  dtor(obj, data) (if not NULL), then
+ *                                  the data is released
+ *   hp_shadow_free_all(id, dtor)   the same for every object's `id`
+ *
+ * Thread safe.  ctor runs under the table's lock (it must not use shadow
+ * variables itself); dtor runs once no hp_shadow_get can still return the
+ * data, outside the lock.  The data is aligned to 16 bytes.  As in the
+ * kernel, what hp_shadow_get returns stays valid until it is freed: the
+ * caller must know no other thread frees it meanwhile (typically it goes
+ * with its object).
+ *
+ * They call the core through hotpatch_api, which hotpatch.load() fills
+ * after it opened the module and before it registers the patch: callbacks
+ * and new functions may use them, the module's constructors (run by
+ * dlopen) may not. */
+typedef int (*hp_shadow_ctor_t)(void *obj, void *shadow_data, void *ctor_data);
+typedef void (*hp_shadow_dtor_t)(void *obj, void *shadow_data);
+
+#define HP_API_VERSION 1
+
+/* The core's functions for patch modules.  Fields are only ever added at
+ * the end (version says how many there are). */
+struct hp_api {
+    unsigned long version;
+    void *(*shadow_get)(void *obj, unsigned long id);
+    void *(*shadow_alloc)(void *obj, unsigned long id, size_t size, hp_shadow_ctor_t ctor,
+                          void *ctor_data);
+    void *(*shadow_get_or_alloc)(void *obj, unsigned long id, size_t size,
+                                 hp_shadow_ctor_t ctor, void *ctor_data);
+    void (*shadow_free)(void *obj, unsigned long id, hp_shadow_dtor_t dtor);
+    void (*shadow_free_all)(unsigned long id, hp_shadow_dtor_t dtor);
+};
+
+#ifndef HP_CORE
+extern const struct hp_api *hotpatch_api;
+
+static inline void *hp_shadow_get(void *obj, unsigned long id)
+{
+    return hotpatch_api->shadow_get(obj, id);
+}
+
+static inline void *hp_shadow_alloc(void *obj, unsigned long id, size_t size,
+                                    hp_shadow_ctor_t ctor, void *ctor_data)
+{
+    return hotpatch_api->shadow_alloc(obj, id, size, ctor, ctor_data);
+}
+
+static inline void *hp_shadow_get_or_alloc(void *obj, unsigned long id, size_t size,
+                                           hp_shadow_ctor_t ctor, void *ctor_data)
+{
+    return hotpatch_api->shadow_get_or_alloc(obj, id, size, ctor, ctor_data);
+}
+
+static inline void hp_shadow_free(void *obj, unsigned long id, hp_shadow_dtor_t dtor)
+{
+    hotpatch_api->shadow_free(obj, id, dtor);
+}
+
+static inline void hp_shadow_free_all(unsigned long id, hp_shadow_dtor_t dtor)
+{
+    hotpatch_api->shadow_free_all(id, dtor);
+}
+
+/* Exported under fixed names that hotpatch.load() looks up; hotpatch_api
+ * is written by it (see above). */
 #define HP_PATCH(patch)                                                         \
     __attribute__((visibility("default"), used))                                \
     struct hp_patch *const hotpatch_patch_descriptor = &(patch);                \
     __attribute__((visibility("default"), used))                                \
-    const unsigned int hotpatch_abi_version = HP_ABI_VERSION
+    const unsigned int hotpatch_abi_version = HP_ABI_VERSION;                   \
+    __attribute__((visibility("default"), used))                                \
+    const struct hp_api *hotpatch_api
+#endif
 
 #ifdef __cplusplus
 }

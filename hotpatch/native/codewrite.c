@@ -82,7 +82,7 @@ HP_RAW static int write_code(uintptr_t addr, const void *src, size_t len)
 }
 
 /* Make every thread's instruction stream see the writes (serialize cores). */
-HP_RAW static void sync_cores(void)
+HP_RAW void hp_sync_cores(void)
 {
     if (sync_core_ready &&
         hp_sys(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0)
@@ -197,7 +197,7 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
         hp_read_mappings();  /* the protections the window gives back */
     uint64_t deadline = hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
     int rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
-    sync_cores();
+    hp_sync_cores();
     hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
     pthread_mutex_unlock(&hp_lock);
     return rc;

@@ -3,6 +3,7 @@
  *
  *   objects.c     loaded objects (dl_iterate_phdr), for the symbol layer
  *   maps.c        this process's mappings (/proc/thread-self/maps), no malloc
+ *   proc.c        what /proc says of a thread (state, tracer, signal masks)
  *   pool.c        executable memory within +-2 GiB of a target, named "hotpatch"
  *   codewrite.c   writing code while other threads run it: one stop per batch
  *   stop.c        the stop: which stopper holds the threads, retries, counters
@@ -12,6 +13,7 @@
  *   caller.c      the shared caller of the ftrace-style call path
  *   crash.c       the crash report of a live-patched process
  *   loader.c      the loader hook: COMING/GOING events from the dynamic linker
+ *   shadow.c      shadow variables, and the table patch modules call the core through
  *
  * Policy (what to patch, the bytes, the stacks of patches) lives in Python.
  * Everything that runs while threads are stopped uses only raw system calls
@@ -66,6 +68,16 @@ extern int hp_nmappings;
 int hp_read_mappings(void);
 const struct hp_mapping *hp_mapping_of(uintptr_t address);
 
+/* --- proc.c -------------------------------------------------------- */
+struct hp_thread_status {
+    char state;               /* 0: gone */
+    int tracer;
+    uint64_t pending, blocked;
+    char name[32];
+};
+uintptr_t hp_parse_hex(const char **p);
+void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st);
+
 /* --- pool.c -------------------------------------------------------- */
 uintptr_t hp_alloc_code(uintptr_t near, size_t size);
 uintptr_t hp_alloc_code_locked(uintptr_t near, size_t size);
@@ -85,6 +97,23 @@ uintptr_t hp_caller_near(uintptr_t near);
 /* --- crash.c -------------------------------------------------------- */
 int hp_set_crash_report(const char *text);
 
+/* --- shadow.c ------------------------------------------------------ */
+#define HP_CORE       /* hotpatch.h: its types, not its calls through hotpatch_api */
+#include "../include/hotpatch.h"
+typedef void (*hp_shadow_dtor_with_t)(void *obj, void *shadow_data, void *dtor_data);
+void *hp_shadow_get(void *obj, unsigned long id);
+void *hp_shadow_alloc(void *obj, unsigned long id, size_t size, hp_shadow_ctor_t ctor,
+                      void *ctor_data);
+void *hp_shadow_get_or_alloc(void *obj, unsigned long id, size_t size, hp_shadow_ctor_t ctor,
+                             void *ctor_data);
+int hp_shadow_free_each(void *obj, unsigned long id, int all, hp_shadow_dtor_with_t dtor,
+                        void *dtor_data);
+void hp_shadow_free(void *obj, unsigned long id, hp_shadow_dtor_t dtor);
+void hp_shadow_free_all(unsigned long id, hp_shadow_dtor_t dtor);
+unsigned long hp_shadow_live(void);
+unsigned long hp_shadow_bucket(void *obj, unsigned long id);
+uintptr_t hp_api_table(void);
+
 /* --- codewrite.c ---------------------------------------------------- */
 struct hp_write {
     uintptr_t address;
@@ -101,6 +130,8 @@ int hp_core_sync_ready(void);
 int hp_write_code_locked(uintptr_t addr, const void *src, size_t len);
 /* With the other threads stopped: write every site (undone on failure). */
 int hp_write_stopped(const struct hp_write *w, size_t n, char *err);
+/* Serialize every core running a thread of this process (membarrier). */
+void hp_sync_cores(void);
 
 /* --- check.c -------------------------------------------------------- */
 #define HP_MAX_RESTORERS 8

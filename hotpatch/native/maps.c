@@ -16,18 +16,6 @@ struct hp_mapping hp_mappings[HP_MAX_MAPPINGS];
 int hp_nmappings;
 static char text[1 << 16];
 
-HP_RAW static uintptr_t parse_hex(const char **p)
-{
-    uintptr_t v = 0;
-    for (;; (*p)++) {
-        char c = **p;
-        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-        if (d < 0)
-            return v;
-        v = v * 16 + (uintptr_t)d;
-    }
-}
-
 /* Read the table again; 0, or -1 when the file cannot be read. */
 HP_RAW int hp_read_mappings(void)
 {
@@ -47,9 +35,9 @@ HP_RAW int hp_read_mappings(void)
             if (text[i] != '\n')
                 continue;
             const char *p = text + start;
-            uintptr_t lo = parse_hex(&p);
+            uintptr_t lo = hp_parse_hex(&p);
             p++;
-            uintptr_t hi = parse_hex(&p);
+            uintptr_t hi = hp_parse_hex(&p);
             p++;
             if (hp_nmappings < HP_MAX_MAPPINGS) {
                 struct hp_mapping *m = &hp_mappings[hp_nmappings++];

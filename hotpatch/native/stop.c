@@ -67,6 +67,7 @@ HP_RAW static int stopped_round(const struct hp_check *c, int kind, uint64_t dea
         if (!tid) {
             rc = hp_check_old_bytes(c, err) ? HP_STOP_FAILED
                  : hp_write_stopped(c->writes, c->nwrites, err) ? HP_STOP_FAILED : HP_STOP_OK;
+            hp_sync_cores();        /* write, sync, let go: in that order */
             release(kind);
             count_hold(hp_now_ns() - stopped);
             return rc;

@@ -30,6 +30,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/membarrier.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -114,77 +115,7 @@ __asm__(
 
 HP_RAW static int is_digit(char c) { return c >= '0' && c <= '9'; }
 
-HP_RAW static uintptr_t hex_at(const char **p)
-{
-    uintptr_t v = 0;
-    for (;; (*p)++) {
-        char c = **p;
-        int d = is_digit(c) ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-        if (d < 0)
-            return v;
-        v = v * 16 + (uintptr_t)d;
-    }
-}
-
-/* What /proc/PID/task/TID/status says of a thread. */
-struct thread_status {
-    char state;               /* 0: gone */
-    int tracer;
-    uint64_t pending, blocked;
-    char name[32];
-};
-
-HP_RAW static uint64_t hex_field(const char *p)
-{
-    while (*p == '\t' || *p == ' ')
-        p++;
-    return hex_at(&p);
-}
-
-HP_RAW static void read_status(int pid, int tid, struct thread_status *st)
-{
-    char path[64], text[2048];
-    char *at = hp_fmt_str(path, path + sizeof path, "/proc/");
-    at = hp_fmt_num(at, path + sizeof path, pid);
-    at = hp_fmt_str(at, path + sizeof path, "/task/");
-    at = hp_fmt_num(at, path + sizeof path, tid);
-    hp_fmt_str(at, path + sizeof path, "/status");
-    st->state = 0;
-    st->tracer = 0;
-    st->pending = st->blocked = 0;
-    st->name[0] = 0;
-    int fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return;
-    long got = hp_sys(SYS_read, fd, text, sizeof text - 1);
-    hp_sys(SYS_close, fd);
-    if (got <= 0)
-        return;
-    text[got] = 0;
-    for (char *line = text; *line;) {
-        if (line[0] == 'N' && line[1] == 'a' && line[4] == ':') {           /* Name: */
-            int k = 0;
-            for (char *c = line + 6; *c && *c != '\n' && k < 31; c++)
-                st->name[k++] = *c;
-            st->name[k] = 0;
-        } else if (line[0] == 'S' && line[1] == 't' && line[5] == ':') {    /* State: */
-            st->state = line[7];
-        } else if (line[0] == 'T' && line[1] == 'r' && line[8] == ':') {    /* TracerPid: */
-            for (char *c = line + 10; is_digit(*c); c++)
-                st->tracer = st->tracer * 10 + (*c - '0');
-        } else if (line[0] == 'S' && line[3] == 'P' && line[6] == ':') {
-            st->pending |= hex_field(line + 7);                              /* SigPnd, ShdPnd */
-        } else if (line[0] == 'S' && line[3] == 'B' && line[6] == ':') {    /* SigBlk: */
-            st->blocked = hex_field(line + 7);
-        }
-        while (*line && *line != '\n')
-            line++;
-        if (*line)
-            line++;
-    }
-}
-
-HP_RAW static void fail(struct stop_area *a, int result, int tid, const struct thread_status *st,
+HP_RAW static void fail(struct stop_area *a, int result, int tid, const struct hp_thread_status *st,
                         const char *what)
 {
     char *end = a->message + HP_ERRLEN;
@@ -227,9 +158,9 @@ HP_RAW static int seize_new_threads(struct stop_area *a, int task_fd)
             long rc = hp_sys(SYS_ptrace, PTRACE_SEIZE, tid, 0, 0);
             if (rc == -ESRCH)
                 continue;                       /* it exited */
-            struct thread_status st;
+            struct hp_thread_status st;
             if (rc < 0) {
-                read_status(a->pid, tid, &st);
+                hp_read_thread_status(a->pid, tid, &st);
                 if (!st.state || st.state == 'Z' || st.state == 'X')
                     continue;                   /* exited, or a main thread gone */
             }
@@ -313,8 +244,8 @@ HP_RAW static int wait_for_stops(struct stop_area *a, int sigfd)
             return 0;
         uint64_t now = hp_now_ns();
         if (now >= a->deadline_ns) {
-            struct thread_status st;
-            read_status(a->pid, late->tid, &st);
+            struct hp_thread_status st;
+            hp_read_thread_status(a->pid, late->tid, &st);
             if (!st.state || st.state == 'Z' || st.state == 'X') {
                 late->state = GONE;
                 continue;
@@ -364,8 +295,8 @@ HP_RAW static void read_registers(struct stop_area *a, struct hp_stopped_thread 
     t->sp = regs.rsp;
     if (t->signal || (long)regs.rax != -EINTR || !restarts_after_stop((long)regs.orig_rax))
         return;
-    struct thread_status st;
-    read_status(a->pid, t->tid, &st);
+    struct hp_thread_status st;
+    hp_read_thread_status(a->pid, t->tid, &st);
     if (st.pending & ~st.blocked)
         return;                     /* a real signal: its EINTR is the thread's */
     unsigned long word;
@@ -481,6 +412,9 @@ HP_RAW static void write_round(struct stop_area *a, int task_fd, int sigfd, int 
         if (!tid) {
             if (hp_check_old_bytes(&c, a->message) || write_all(mem_fd, c.writes, c.nwrites, a->message))
                 a->result = HP_STOP_FAILED;
+            /* Write, sync, let go: the helper shares the service's memory, so
+             * its membarrier serializes every core running the service. */
+            hp_sys(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0);
             release_threads(a);
             a->hold_ns = hp_now_ns() - stopped;
             return;

@@ -131,44 +131,6 @@ HP_RAW static int list_threads(int *tids, int max)
     return n;
 }
 
-/* A thread's state letter and blocked signals, from its status file;
- * state 0 when it is gone. */
-HP_RAW static char thread_status(int tid, uint64_t *blocked, char *name, size_t name_len)
-{
-    char path[64], text[2048];
-    char *at = hp_fmt_str(path, path + sizeof path, "/proc/self/task/");
-    at = hp_fmt_num(at, path + sizeof path, tid);
-    hp_fmt_str(at, path + sizeof path, "/status");
-    int fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    long got = hp_sys(SYS_read, fd, text, sizeof text - 1);
-    hp_sys(SYS_close, fd);
-    if (got <= 0)
-        return 0;
-    text[got] = 0;
-    char state = '?';
-    *blocked = 0;
-    for (char *line = text; *line; ) {
-        if (line[0] == 'N' && line[1] == 'a' && line[4] == ':') {       /* Name:\t */
-            size_t k = 0;
-            for (char *c = line + 6; *c && *c != '\n' && k + 1 < name_len; c++)
-                name[k++] = *c;
-            name[k] = 0;
-        } else if (line[0] == 'S' && line[1] == 't' && line[5] == ':') { /* State:\t */
-            state = line[7];
-        } else if (line[0] == 'S' && line[3] == 'B' && line[6] == ':') { /* SigBlk:\t */
-            for (char *c = line + 8; (*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'f'); c++)
-                *blocked = *blocked * 16 + (uint64_t)(*c <= '9' ? *c - '0' : *c - 'a' + 10);
-        }
-        while (*line && *line != '\n')
-            line++;
-        if (*line)
-            line++;
-    }
-    return state;
-}
-
 static int was_signalled(int tid)
 {
     for (int i = 0; i < nsignalled; i++)
@@ -229,8 +191,7 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
 {
     static int tids[HP_MAX_THREADS];
     int self = hp_gettid(), pid = hp_getpid();
-    char name[32] = "";
-    uint64_t blocked;
+    struct hp_thread_status st;
     hp_nstopped = 0;
     if (ensure_park_handler(err))
         return HP_STOP_FAILED;
@@ -247,15 +208,16 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
         int blocker = 0;
         int n = list_threads(tids, HP_MAX_THREADS);
         for (int i = 0; i < n && !blocker; i++) {
-            char state = tids[i] == self || was_signalled(tids[i]) ? 0
-                         : thread_status(tids[i], &blocked, name, sizeof name);
-            if (state && state != 'Z' && state != 'X' && (blocked >> (park_signal - 1) & 1))
+            if (tids[i] == self || was_signalled(tids[i]))
+                continue;
+            hp_read_thread_status(pid, tids[i], &st);
+            if (st.state && st.state != 'Z' && st.state != 'X' && (st.blocked >> (park_signal - 1) & 1))
                 blocker = tids[i];
         }
         if (!blocker)
             break;
         if (hp_now_ns() > grace)
-            return refuse(err, blocker, name, "blocks the park signal", why_not_ptrace);
+            return refuse(err, blocker, st.name, "blocks the park signal", why_not_ptrace);
         struct timespec pause = { 0, 1000000 };
         hp_sys(SYS_nanosleep, &pause, NULL);
     }
@@ -281,8 +243,8 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
                     continue;   /* it exited */
             }
             if (parked_slot(tid) < 0) {
-                char state = thread_status(tid, &blocked, name, sizeof name);
-                if (state && state != 'Z' && state != 'X') {
+                hp_read_thread_status(pid, tid, &st);
+                if (st.state && st.state != 'Z' && st.state != 'X') {
                     waiting++;
                     late = tid;
                 }
@@ -292,8 +254,8 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
             break;
         if (hp_now_ns() > deadline) {
             hp_signal_release();
-            thread_status(late, &blocked, name, sizeof name);
-            return refuse(err, late, name, (blocked >> (park_signal - 1) & 1)
+            hp_read_thread_status(pid, late, &st);
+            return refuse(err, late, st.name, (st.blocked >> (park_signal - 1) & 1)
                           ? "blocks the park signal" : "did not park in time", why_not_ptrace);
         }
         /* Sleep until the next thread parks: the CPU goes to the threads

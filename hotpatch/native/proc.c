@@ -1,0 +1,73 @@
+/*
+ * What /proc says of a thread, read with raw system calls (the stop path and
+ * the ptrace helper use it; no libc).
+ */
+#include "hotpatch_core.h"
+
+#include <fcntl.h>
+
+HP_RAW static int hp_is_digit(char c) { return c >= '0' && c <= '9'; }
+
+HP_RAW uintptr_t hp_parse_hex(const char **p)
+{
+    uintptr_t v = 0;
+    for (;; (*p)++) {
+        char c = **p;
+        int d = hp_is_digit(c) ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (d < 0)
+            return v;
+        v = v * 16 + (uintptr_t)d;
+    }
+}
+
+
+HP_RAW static uint64_t hex_field(const char *p)
+{
+    while (*p == '\t' || *p == ' ')
+        p++;
+    return hp_parse_hex(&p);
+}
+
+/* What /proc/PID/task/TID/status says of a thread; state 0 when it is gone. */
+HP_RAW void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st)
+{
+    char path[64], text[2048];
+    char *at = hp_fmt_str(path, path + sizeof path, "/proc/");
+    at = hp_fmt_num(at, path + sizeof path, pid);
+    at = hp_fmt_str(at, path + sizeof path, "/task/");
+    at = hp_fmt_num(at, path + sizeof path, tid);
+    hp_fmt_str(at, path + sizeof path, "/status");
+    st->state = 0;
+    st->tracer = 0;
+    st->pending = st->blocked = 0;
+    st->name[0] = 0;
+    int fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    long got = hp_sys(SYS_read, fd, text, sizeof text - 1);
+    hp_sys(SYS_close, fd);
+    if (got <= 0)
+        return;
+    text[got] = 0;
+    for (char *line = text; *line;) {
+        if (line[0] == 'N' && line[1] == 'a' && line[4] == ':') {           /* Name: */
+            int k = 0;
+            for (char *c = line + 6; *c && *c != '\n' && k < 31; c++)
+                st->name[k++] = *c;
+            st->name[k] = 0;
+        } else if (line[0] == 'S' && line[1] == 't' && line[5] == ':') {    /* State: */
+            st->state = line[7];
+        } else if (line[0] == 'T' && line[1] == 'r' && line[8] == ':') {    /* TracerPid: */
+            for (char *c = line + 10; hp_is_digit(*c); c++)
+                st->tracer = st->tracer * 10 + (*c - '0');
+        } else if (line[0] == 'S' && line[3] == 'P' && line[6] == ':') {
+            st->pending |= hex_field(line + 7);                              /* SigPnd, ShdPnd */
+        } else if (line[0] == 'S' && line[3] == 'B' && line[6] == ':') {    /* SigBlk: */
+            st->blocked = hex_field(line + 7);
+        }
+        while (*line && *line != '\n')
+            line++;
+        if (*line)
+            line++;
+    }
+}
