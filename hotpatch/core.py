@@ -445,7 +445,7 @@ def register(patch: Patch, *, enable: bool = True) -> Patch:
             loader.watch()
         if enable:
             try:
-                _enable(patch)
+                _enable_across_unloads(patch)
             except BaseException:
                 _patches.remove(patch)
                 patch.registered = False
@@ -495,7 +495,44 @@ def enable(patch: Patch) -> None:
     with _mutex.operation(f"enable patch {patch.name!r}"):
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
-        _enable(patch)
+        _enable_across_unloads(patch)
+
+
+#: Attempts of an enable or disable whose object another thread unloads.
+_UNLOAD_RETRIES = 3
+
+
+def _gone_behind_our_back(patch: Patch) -> bool:
+    """Objects of ``patch`` another thread unloaded while we held the
+    lifecycle lock: their GOING is queued, but the loader's worker waits for
+    this lock.  An object is gone when it is no longer listed, or when an
+    entry no longer holds what hotpatch wrote (it was unloaded and loaded
+    again, at the same address).  Handle their GOING now (sites dropped
+    unwritten, callbacks run; the queued GOING then finds nothing, and the
+    queued COMING of a new load comes after it) and say whether there was any."""
+    present = {(o.base, o.name) for o in symbols.loaded_objects()}
+    gone = set()
+    for obj in patch.objects:
+        if obj.name is None or obj._loaded is None:
+            continue
+        where = (obj._loaded.base, obj._loaded.name)
+        if where not in present or not all(sites.still_written(f._site) for f in obj.funcs
+                                           if f.patched and f._site is not None):
+            gone.add(where)
+    for base, name in gone:
+        _object_going(base, name)
+    return bool(gone)
+
+
+def _enable_across_unloads(patch: Patch) -> None:
+    """Enable; a failure because an object of the patch was unloaded meanwhile
+    (nothing written: enabling is all or nothing) is retried without it."""
+    for attempt in range(_UNLOAD_RETRIES):
+        try:
+            return _enable(patch)
+        except HotpatchError:
+            if attempt == _UNLOAD_RETRIES - 1 or not _gone_behind_our_back(patch):
+                raise
 
 
 def _enable(patch: Patch) -> None:
@@ -563,13 +600,17 @@ def disable(patch: Patch) -> None:
         if _enabled[-1] is not patch:
             raise PatchStateError(f"patch {patch.name!r} is not the top of the stack: "
                                   f"disable {_enabled[-1].name!r} first")
+        _gone_behind_our_back(patch)
         patched = [obj for obj in patch.objects if obj.patched]
         _run_callbacks(patched, "pre_unpatch")
-        pop = [f for obj in patched for f in obj.funcs if f.patched]
-        try:
-            stacks.patch_funcs(pop=pop)
-        except HotpatchError as e:
-            raise _prefixed(e, f"patch {patch.name!r}") from None
+        for attempt in range(_UNLOAD_RETRIES):
+            pop = [f for obj in patched if obj.patched for f in obj.funcs if f.patched]
+            try:
+                stacks.patch_funcs(pop=pop)
+                break
+            except HotpatchError as e:
+                if attempt == _UNLOAD_RETRIES - 1 or not _gone_behind_our_back(patch):
+                    raise _prefixed(e, f"patch {patch.name!r}") from None
         notify(logging.INFO, "livepatch: '%s': starting unpatching transition", patch.name)
         _mark_disabled(patch)
         _update_crash_report()
@@ -593,6 +634,17 @@ def _matches(obj: Object, loaded: symbols.LoadedObject) -> bool:
     if os.path.isabs(obj.name):
         return obj.name == loaded.name or os.path.realpath(obj.name) == loaded.path
     return obj.name in loaded.names
+
+
+def _tracked_objects() -> set[tuple[int, str]]:
+    """``(base, name)`` of every loaded object some patch's Object is bound to."""
+    return {(obj._loaded.base, obj._loaded.name) for p in _patches for obj in p.objects
+            if obj.name is not None and obj._loaded is not None}
+
+
+def _waits_for(loaded: symbols.LoadedObject) -> bool:
+    """Whether some patch's Object names ``loaded`` but is not bound to it."""
+    return any(obj._loaded is None and _matches(obj, loaded) for p in _patches for obj in p.objects)
 
 
 def _object_coming(loaded: symbols.LoadedObject, unreachable, late: str | None) -> None:
@@ -666,3 +718,4 @@ def _object_going(base: int, name: str) -> None:
                 func.old_addr = func.old_size = None
     if gone is not None:
         symbols.forget(gone)
+        thunks.forget(gone)

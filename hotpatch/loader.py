@@ -45,7 +45,9 @@ import collections
 import ctypes
 import logging
 import os
+import sys
 import threading
+import time
 
 from . import core, symbols
 from . import sites as _sites
@@ -55,6 +57,12 @@ from .x86_64.decode import decode_one
 
 #: How long a loading thread without the GIL waits for the worker.
 WAIT_MS = 1000
+#: How long a Python thread about to call the dynamic linker waits, at most,
+#: for a load that runs hotpatch's Python inside the linker's lock.
+STEP_ASIDE_S = 10.0
+#: Audit events CPython raises right before it calls the dynamic linker with
+#: the GIL held ("import" with a file: an extension module's dlopen).
+_DYNAMIC_LINKER_EVENTS = frozenset({"ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle"})
 
 COMING, GOING = 1, 2
 _RTLD_LAZY, _RTLD_NOLOAD = 0x1, 0x4
@@ -157,6 +165,9 @@ def _start_worker() -> None:
     global _worker, _callback
     core.notify = _say
     _callback = lib.hp_loader_py_callback     # compiled in: no W+X memory needed (MDWE)
+    if not _state.get("audit"):
+        sys.addaudithook(_before_dynamic_linker)    # for the life of the process: hooks stay
+        _state["audit"] = True
     lib.hp_loader_start(_callback, WAIT_MS)
     _worker = threading.Thread(target=_work, name="hotpatch-loader", daemon=True)
     _worker.start()
@@ -174,6 +185,32 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------------
+# Never hold the GIL in a wait for the dynamic linker's lock while a load
+# runs hotpatch's Python under that lock.
+
+
+def _before_dynamic_linker(event: str, args: tuple) -> None:
+    """Audit hook: this thread holds the GIL and is about to call the dynamic
+    linker.  While another thread runs (or waits for) hotpatch's Python inside
+    the linker's lock, step aside with the GIL released: calling in now would
+    wait for that lock with the GIL held, and the thread inside needs the GIL
+    back.  The last check is the last thing before the call: between it and
+    the dynamic linker CPython runs no bytecode, so the GIL cannot change
+    hands there."""
+    if lib.hp_loader_busy and (event in _DYNAMIC_LINKER_EVENTS
+                               or (event == "import" and len(args) > 1 and args[1] is not None)):
+        _step_aside()
+
+
+def _step_aside() -> None:
+    if getattr(_draining, "busy", False) or getattr(_draining, "in_hook", False):
+        return      # this thread is the one the load waits for
+    deadline = time.monotonic() + STEP_ASIDE_S
+    while lib.hp_loader_busy and time.monotonic() < deadline:
+        time.sleep(0.0002)      # releases the GIL
 
 
 # ---------------------------------------------------------------------------
@@ -244,6 +281,8 @@ def _drain(in_hook: bool) -> None:
                 _handle(copy, in_hook)
             lib.hp_loader_done(event.seq)
         if not in_hook:
+            if lib.hp_loader_take_resync():
+                _resync()
             _handle_deferred()
     finally:
         _draining.busy = False
@@ -262,8 +301,11 @@ def _handle(event, in_hook: bool) -> None:
                 core._object_going(base, name)
                 return
             loaded = _loaded_at(base, name)
-            if loaded is None:
-                return      # unloaded again meanwhile: its GOING follows
+            if loaded is None:      # unloaded again meanwhile: its GOING follows
+                if lib.hp_loader_went_on(seq):
+                    _late.append(f"{name}: its loading thread stopped waiting after {WAIT_MS} ms "
+                                 f"and it was unloaded again before it could be patched")
+                return
             _say(logging.INFO, "hotpatch: COMING %s at %#x", name, base)
 
             went_on = []
@@ -297,8 +339,9 @@ def _handle_deferred() -> None:
                 core._object_going(base, name)
                 continue
             handle = symbols._dlopen(os.fsencode(name), _RTLD_LAZY | _RTLD_NOLOAD)
-            if not handle:
-                continue    # gone already
+            if not handle:      # gone already: it may have run unpatched
+                _late.append(f"{name}: {why}; unloaded again before it could be patched")
+                continue
             try:
                 loaded = _loaded_at(base, name)
                 if loaded is not None:
@@ -307,6 +350,23 @@ def _handle_deferred() -> None:
                     core._object_coming(loaded, None, why)
             finally:
                 symbols._dlclose(handle)
+
+
+def _resync() -> None:
+    """Events were dropped on a full queue: compare what the patches track
+    with the loaded list.  A tracked object no longer loaded is GOING; an
+    object asked for and loaded but not tracked is COMING (late: it ran)."""
+    core.log.warning("hotpatch: loader events were dropped (queue full); "
+                     "resynchronising from the loaded objects")
+    loaded = symbols.loaded_objects()
+    present = {(o.base, o.name) for o in loaded}
+    with core._mutex.operation("resynchronise loaded objects"):
+        for base, name in core._tracked_objects():
+            if (base, name) not in present:
+                _deferred.append(((GOING, 0, base, name), "events were dropped"))
+        for o in loaded:
+            if core._waits_for(o):
+                _deferred.append(((COMING, 0, o.base, o.name), "events were dropped (queue full)"))
 
 
 def _late_reason() -> str | None:

@@ -107,6 +107,16 @@ def read_memory(address: int, size: int) -> bytes:
     return ffi.buffer(buffer, size)[:]
 
 
+def still_written(site: Site) -> bool:
+    """Whether the entry still holds what hotpatch wrote there: not when its
+    object was unloaded (unmapped, or another object -- or the same one
+    loaded again -- is mapped there now)."""
+    try:
+        return site.written is None or read_memory(site.address, len(site.written)) == site.written
+    except HotpatchError:
+        return False
+
+
 def executable_ranges() -> list[tuple[int, int]]:
     """Executable mappings of this process, from its maps."""
     ranges = []

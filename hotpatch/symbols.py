@@ -683,8 +683,11 @@ _branch_indexes: dict[LoadedObject, BranchIndex] = {}
 
 
 def forget(obj: LoadedObject) -> None:
-    """Forget what was checked about ``obj``: it was unloaded."""
+    """Forget what was read and checked about ``obj``: it was unloaded (an
+    object loaded at its place later is read afresh)."""
     _objects.pop(obj, None)
+    _branch_indexes.pop(obj, None)
+    _data_tables.pop(obj, None)
 
 
 def cache_clear() -> None:

@@ -52,6 +52,15 @@ def preserved_registers(loaded: symbols.LoadedObject, address: int, size: int | 
     return _preserved[key]
 
 
+def forget(loaded: symbols.LoadedObject) -> None:
+    """Forget what callers in ``loaded`` rely on: it was unloaded.  Its
+    thunks stay (a thread may still run one; they are keyed by addresses
+    and registers, so a later object at the same place may reuse them)."""
+    _memos.pop(loaded, None)
+    for key in [k for k in _preserved if k[0] == loaded]:
+        del _preserved[key]
+
+
 def thunk_for(function: int, near: int, new: int, preserve: frozenset) -> Thunk:
     """The thunk calling ``new`` that preserves ``preserve``, within reach of
     ``near`` (made once per function, new code and register set)."""

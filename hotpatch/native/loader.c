@@ -66,6 +66,7 @@ static struct hp_loader_event queue[QUEUE];
 static uint64_t q_head, q_tail;            /* seq of the next event taken / queued (from 1) */
 static uint64_t done_seq, abandoned_seq;   /* handled up to; given up waiting up to */
 static uint64_t n_calls, n_events, n_abandoned, n_dropped;
+static int resync;                         /* events were dropped since the last take */
 
 static int started, wait_ms = 1000;
 static void (*py_callback)(void);
@@ -148,6 +149,7 @@ static void push(int kind, const struct map_entry *e, const char *name)
 {
     if (q_tail - q_head >= QUEUE) {
         n_dropped++;    /* Python resynchronises from the loaded list (see loader.py) */
+        resync = 1;
         return;
     }
     struct hp_loader_event *ev = &queue[q_tail % QUEUE];
@@ -159,11 +161,37 @@ static void push(int kind, const struct map_entry *e, const char *name)
     n_events++;
 }
 
-static int find(const struct map_entry *list, int n, const struct map_entry *e)
+/* An open-addressing index of `prev` by (map, address), so that a walk is
+ * diffed in time linear in the number of objects: the dynamic linker calls
+ * r_brk twice per dlopen and per dlclose, and a process has hundreds of
+ * objects. */
+#define INDEX_SLOTS 8192                    /* a power of two, > 2 * MAX_MAPS */
+static int16_t prev_index[INDEX_SLOTS];     /* 1 + index in prev; 0 = empty */
+
+static unsigned slot_for(const struct map_entry *e)
 {
-    for (int i = 0; i < n; i++)
-        if (list[i].map == e->map && list[i].addr == e->addr)
-            return i;
+    uint64_t h = ((uintptr_t)e->map ^ (e->addr * 0x9E3779B97F4A7C15ull)) * 0xBF58476D1CE4E5B9ull;
+    return (unsigned)(h >> 40) & (INDEX_SLOTS - 1);
+}
+
+static void index_prev(void)
+{
+    memset(prev_index, 0, sizeof prev_index);
+    for (int i = 0; i < nprev; i++) {
+        unsigned at = slot_for(&prev[i]);
+        while (prev_index[at])
+            at = (at + 1) & (INDEX_SLOTS - 1);
+        prev_index[at] = (int16_t)(i + 1);
+    }
+}
+
+static int find_prev(const struct map_entry *e)
+{
+    for (unsigned at = slot_for(e); prev_index[at]; at = (at + 1) & (INDEX_SLOTS - 1)) {
+        const struct map_entry *p = &prev[prev_index[at] - 1];
+        if (p->map == e->map && p->addr == e->addr)
+            return prev_index[at] - 1;
+    }
     return -1;
 }
 
@@ -182,24 +210,30 @@ static int new_tracked(const char *name)
  * Returns the seq of the last event queued, 0 if none.  q_lock held. */
 static uint64_t diff(void)
 {
+    static unsigned char seen[MAX_MAPS];
     uint64_t before = q_tail;
     int n = walk(cur);
-    for (int i = 0; i < nprev; i++) {
-        int j = find(cur, n, &prev[i]);
-        if (j >= 0) {
+    memset(seen, 0, (size_t)nprev);
+    for (int j = 0; j < n; j++) {
+        int i = find_prev(&cur[j]);
+        if (i >= 0) {
             cur[j].tracked = prev[i].tracked;
-        } else if (prev[i].tracked >= 0) {
+            seen[i] = 1;
+        }
+    }
+    for (int i = 0; i < nprev; i++)
+        if (!seen[i] && prev[i].tracked >= 0) {
             push(EV_GOING, &prev[i], tracked_names[prev[i].tracked]);
             tracked_used[prev[i].tracked] = 0;
         }
-    }
     for (int j = 0; j < n; j++)
-        if (find(prev, nprev, &cur[j]) < 0 && asked_for(cur[j].map)) {
+        if (find_prev(&cur[j]) < 0 && asked_for(cur[j].map)) {
             cur[j].tracked = new_tracked(cur[j].map->l_name);
             push(EV_COMING, &cur[j], cur[j].map->l_name);
         }
     memcpy(prev, cur, (size_t)n * sizeof cur[0]);
     nprev = n;
+    index_prev();
     return q_tail != before ? q_tail : 0;
 }
 
@@ -215,10 +249,18 @@ static void abandon(uint64_t last)
     }
 }
 
+/* Threads inside the dynamic linker's lock that run, or wait for,
+ * hotpatch's Python right now.  Python threads about to call the dynamic
+ * linker with the GIL held read it and wait with the GIL released while it
+ * is non-zero (loader.py), so that the GIL this thread needs back is never
+ * held by a thread waiting for the lock this thread holds. */
+int hp_loader_busy;
+
 /* Have the events up to `last` handled: here when this thread holds the
  * GIL, else by the worker, waited for at most wait_ms. */
 static void deliver(uint64_t last)
 {
+    __atomic_add_fetch(&hp_loader_busy, 1, __ATOMIC_SEQ_CST);
     if (!in_python && py_callback && PyGILState_Check()) {
         in_python = 1;
         py_callback();
@@ -226,6 +268,7 @@ static void deliver(uint64_t last)
         pthread_mutex_lock(&q_lock);
         abandon(last);
         pthread_mutex_unlock(&q_lock);
+        __atomic_sub_fetch(&hp_loader_busy, 1, __ATOMIC_SEQ_CST);
         return;
     }
     pthread_mutex_lock(&q_lock);
@@ -246,6 +289,7 @@ static void deliver(uint64_t last)
     }
     abandon(last);
     pthread_mutex_unlock(&q_lock);
+    __atomic_sub_fetch(&hp_loader_busy, 1, __ATOMIC_SEQ_CST);
 }
 
 /* `late`: the objects' code may run already (the fallback wrappers). */
@@ -355,6 +399,7 @@ void hp_loader_start(void (*callback)(void), int wait)
     pthread_mutex_lock(&q_lock);
     if (!started) {
         nprev = walk(prev);
+        index_prev();
         started = 1;
     }
     for (int i = 0; i < nprev; i++)
@@ -403,6 +448,27 @@ int hp_loader_take(struct hp_loader_event *out)
         *out = queue[q_head++ % QUEUE];
     pthread_mutex_unlock(&q_lock);
     return got;
+}
+
+/* Whether the thread that loaded event `seq` went on without waiting for
+ * it to be handled: the object's code may have run unpatched. */
+int hp_loader_went_on(uint64_t seq)
+{
+    pthread_mutex_lock(&q_lock);
+    int went_on = seq <= abandoned_seq;
+    pthread_mutex_unlock(&q_lock);
+    return went_on;
+}
+
+/* Whether events were dropped on a full queue since the last call: Python
+ * then compares the loaded list with what it tracks. */
+int hp_loader_take_resync(void)
+{
+    pthread_mutex_lock(&q_lock);
+    int was = resync;
+    resync = 0;
+    pthread_mutex_unlock(&q_lock);
+    return was;
 }
 
 /* Events up to `seq` handled: the loading thread waiting for them goes on. */
