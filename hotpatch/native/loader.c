@@ -161,38 +161,9 @@ static void push(int kind, const struct map_entry *e, const char *name)
     n_events++;
 }
 
-/* An open-addressing index of `prev` by (map, address), so that a walk is
- * diffed in time linear in the number of objects: the dynamic linker calls
- * r_brk twice per dlopen and per dlclose, and a process has hundreds of
- * objects. */
-#define INDEX_SLOTS 8192                    /* a power of two, > 2 * MAX_MAPS */
-static int16_t prev_index[INDEX_SLOTS];     /* 1 + index in prev; 0 = empty */
-
-static unsigned slot_for(const struct map_entry *e)
+static int same(const struct map_entry *a, const struct map_entry *b)
 {
-    uint64_t h = ((uintptr_t)e->map ^ (e->addr * 0x9E3779B97F4A7C15ull)) * 0xBF58476D1CE4E5B9ull;
-    return (unsigned)(h >> 40) & (INDEX_SLOTS - 1);
-}
-
-static void index_prev(void)
-{
-    memset(prev_index, 0, sizeof prev_index);
-    for (int i = 0; i < nprev; i++) {
-        unsigned at = slot_for(&prev[i]);
-        while (prev_index[at])
-            at = (at + 1) & (INDEX_SLOTS - 1);
-        prev_index[at] = (int16_t)(i + 1);
-    }
-}
-
-static int find_prev(const struct map_entry *e)
-{
-    for (unsigned at = slot_for(e); prev_index[at]; at = (at + 1) & (INDEX_SLOTS - 1)) {
-        const struct map_entry *p = &prev[prev_index[at] - 1];
-        if (p->map == e->map && p->addr == e->addr)
-            return prev_index[at] - 1;
-    }
-    return -1;
+    return a->map == b->map && a->addr == b->addr;
 }
 
 static int new_tracked(const char *name)
@@ -207,33 +178,46 @@ static int new_tracked(const char *name)
 }
 
 /* Diff the link maps with the last walk; queue GOING then COMING events.
- * Returns the seq of the last event queued, 0 if none.  q_lock held. */
+ * Returns the seq of the last event queued, 0 if none.  q_lock held.
+ *
+ * The dynamic linker appends a new object at the end of its namespace's
+ * list and unlinks an unloaded one without reordering the others, so the
+ * survivors appear in both walks in the same order: one merge pass finds
+ * them, and only an entry that is new costs a scan of the rest of `prev`.
+ * It runs twice per dlopen and per dlclose, in every process, so it must
+ * stay cheap (benchmarks/loader.py). */
 static uint64_t diff(void)
 {
-    static unsigned char seen[MAX_MAPS];
+    static unsigned char gone[MAX_MAPS], fresh[MAX_MAPS];
     uint64_t before = q_tail;
-    int n = walk(cur);
-    memset(seen, 0, (size_t)nprev);
+    int n = walk(cur), i = 0;
+    memset(gone, 0, (size_t)nprev);
     for (int j = 0; j < n; j++) {
-        int i = find_prev(&cur[j]);
-        if (i >= 0) {
-            cur[j].tracked = prev[i].tracked;
-            seen[i] = 1;
-        }
+        int k = i;
+        while (k < nprev && !same(&prev[k], &cur[j]))
+            k++;
+        fresh[j] = k == nprev;
+        if (fresh[j])
+            continue;
+        while (i < k)
+            gone[i++] = 1;
+        cur[j].tracked = prev[k].tracked;
+        i = k + 1;
     }
-    for (int i = 0; i < nprev; i++)
-        if (!seen[i] && prev[i].tracked >= 0) {
+    while (i < nprev)
+        gone[i++] = 1;
+    for (i = 0; i < nprev; i++)
+        if (gone[i] && prev[i].tracked >= 0) {
             push(EV_GOING, &prev[i], tracked_names[prev[i].tracked]);
             tracked_used[prev[i].tracked] = 0;
         }
     for (int j = 0; j < n; j++)
-        if (find_prev(&cur[j]) < 0 && asked_for(cur[j].map)) {
+        if (fresh[j] && asked_for(cur[j].map)) {
             cur[j].tracked = new_tracked(cur[j].map->l_name);
             push(EV_COMING, &cur[j], cur[j].map->l_name);
         }
     memcpy(prev, cur, (size_t)n * sizeof cur[0]);
     nprev = n;
-    index_prev();
     return q_tail != before ? q_tail : 0;
 }
 
@@ -399,7 +383,6 @@ void hp_loader_start(void (*callback)(void), int wait)
     pthread_mutex_lock(&q_lock);
     if (!started) {
         nprev = walk(prev);
-        index_prev();
         started = 1;
     }
     for (int i = 0; i < nprev; i++)
