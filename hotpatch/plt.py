@@ -37,15 +37,19 @@ holds what hotpatch put there is left alone and logged.  The stores are
 ``hp_store_got_slots`` (``native/gotslot.c``): no stop is needed for an
 aligned 8-byte store; see there for why not through ``/proc/self/mem``.
 
-The relocations are read from each object's mapped image, not its file:
-``PT_DYNAMIC`` gives ``DT_JMPREL`` / ``DT_PLTRELSZ``, one read per object,
-kept for the life of the loaded object; each scan is then one read of the
-object's span of slots and a search for the patched entries' values in it
-(no per-slot Python loop, no symbol names needed).  Names are read only to
-log a slot that someone else changed.
+The slots are found in the mapped images, by ``hp_find_jump_slots``: one
+pass of ``dl_iterate_phdr`` over every object's ``DT_JMPREL`` table (the
+relocations the dynamic linker applied), comparing each JUMP_SLOT slot's
+value with the patched entries.  No file is read and nothing is cached: a
+whole process (35 objects, 4300 slots here) takes about 40 us, less than
+reading the slots' names would, and a value match also finds slots bound
+through an alias, a versioned name or an IFUNC.
 
 Objects loaded or unloaded later (COMING / GOING, ``hotpatch/loader.py``):
-:func:`redirect_object` and :func:`forget_object`.
+:func:`redirect_object` and :func:`forget_object`.  glibc announces a new
+object (``RT_CONSISTENT``) before relocating it, so its slots are bound only
+after the COMING notification: :func:`redirect_object` does something only
+once the object is relocated.
 """
 from __future__ import annotations
 
@@ -60,7 +64,6 @@ from ._native import ffi, lib
 from .errors import HotpatchError
 
 _log = logging.getLogger("hotpatch")
-
 
 
 def _refused(what: str) -> HotpatchError:
