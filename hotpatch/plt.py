@@ -219,8 +219,10 @@ def _phdr_address(obj: symbols.LoadedObject) -> int | None:
 
 
 def redirect_object(obj: symbols.LoadedObject) -> None:
-    """COMING: point the slots of ``obj`` (just loaded and relocated) that
-    hold the entry of a patched function at its new code."""
+    """COMING: point the slots of ``obj`` that hold the entry of a patched
+    function at its new code.  Only once ``obj`` is relocated: glibc sends
+    the load's ``RT_CONSISTENT`` notification before it binds the new
+    object's slots, so called from there this finds nothing."""
     with _lock.operation(f"redirect the PLT slots of {obj}"):
         phdr = _phdr_address(obj)
         if phdr is not None:
