@@ -260,6 +260,23 @@ os._exit(0)    # the caller's slot now points at code hotpatch no longer tracks
                  "function forgotten": [[], None]}
 
 
+def test_observed_site_keeps_its_slots_at_the_entry(child, plt_libs):
+    # Observers see every call: PLT calls must keep going through the entry.
+    r = child(PRELUDE + """
+caller = load(P["caller"])
+call_f = function(caller, "call_f")
+slot = slot_of(P["caller"])
+site = sites.prepare(F)
+sites.redirect_batch([(site, NEW)], form="call")
+sites.add_observer(site, libc.dlsym(callee, b"count_observer"))
+p = patch("fix", NEW2)
+hotpatch.register(p)
+observed = ctypes.c_long.in_dll(ctypes.CDLL(P["callee"]), "observed_calls")
+report([site.form, read(slot) == F, call_f(5), observed.value, plt_slots(p)])
+""", **plt_libs)[0]
+    assert r == ["call", True, 2005, 1, 0]
+
+
 def test_python_zlib_module_calls_patched_libz_crc32(child):
     r = child("""
 import zlib

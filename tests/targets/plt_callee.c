@@ -9,3 +9,11 @@ EXPORT long f_new2(long x) { return x + 2000; }
 
 /* This object's own PLT call to f (f is interposable: -fsemantic-interposition). */
 EXPORT long callee_calls_f(long x) { return f(x) + 0 * x; }
+
+/* An observer of the call path (sites.add_observer): counts f's calls. */
+EXPORT long observed_calls;
+EXPORT void count_observer(void *data, unsigned long address, unsigned long *regs)
+{
+    (void)data, (void)address, (void)regs;
+    __atomic_add_fetch(&observed_calls, 1, __ATOMIC_RELAXED);
+}
