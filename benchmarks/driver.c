@@ -67,6 +67,10 @@ __attribute__((patchable_function_entry(5))) TARGET(t_patchable)
 
 /* In libbenchpeer.so: reached through this library's PLT and GOT. */
 extern long peer_fn(long x);
+extern long peer_plt(long x);
+extern long peer_entry(long x);
+extern long peer_frida(long x);
+extern long peer_new(long x);
 
 static inline uint64_t now_ns(void)
 {
@@ -124,6 +128,10 @@ REL32_LOOP(t_frida)
 REL32_LOOP(t_frida_fast)
 REL32_LOOP(t_patchable)
 REL32_LOOP(peer_fn)      /* a call rel32 to peer_fn@plt */
+REL32_LOOP(peer_plt)     /* and the other peer_* through their PLT entries */
+REL32_LOOP(peer_entry)
+REL32_LOOP(peer_frida)
+REL32_LOOP(peer_new)
 
 /* The address of a driver function by name (the targets are hidden). */
 BENCH_API void *driver_function(const char *name)
@@ -133,7 +141,7 @@ BENCH_API void *driver_function(const char *name)
         ENTRY(new_fn) ENTRY(t_plain) ENTRY(t_direct) ENTRY(t_slot) ENTRY(t_call)
         ENTRY(t_stack1) ENTRY(t_stack4) ENTRY(t_stack16) ENTRY(t_retargets)
         ENTRY(t_python) ENTRY(t_frida) ENTRY(t_frida_fast) ENTRY(t_patchable)
-        ENTRY(peer_fn)
+        ENTRY(peer_fn) ENTRY(peer_plt) ENTRY(peer_entry) ENTRY(peer_frida) ENTRY(peer_new)
         ENTRY(new_fn_1) ENTRY(new_fn_2) ENTRY(new_fn_3) ENTRY(new_fn_4) ENTRY(new_fn_5)
         ENTRY(new_fn_6) ENTRY(new_fn_7) ENTRY(new_fn_8) ENTRY(new_fn_9) ENTRY(new_fn_10)
         ENTRY(new_fn_11) ENTRY(new_fn_12) ENTRY(new_fn_13) ENTRY(new_fn_14) ENTRY(new_fn_15)

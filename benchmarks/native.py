@@ -76,11 +76,11 @@ def _disassemble(path: str) -> str:
 
 def check_rel32_loops(driver: str) -> None:
     """Fail unless each ``bench_rel32_<f>`` calls ``<f>`` with a direct call
-    (``peer_fn`` by its PLT entry, which is that variant's point)."""
+    (the ``peer_*`` functions by their PLT entries, which is those variants' point)."""
     listing = _disassemble(driver)
     for match in re.finditer(r"<bench_rel32_(\w+)>:\n(.*?)\n\n", listing, re.S):
         callee, body = match.groups()
-        expected = f"<{callee}@plt>" if callee == "peer_fn" else f"<{callee}>"
+        expected = f"<{callee}@plt>" if callee.startswith("peer_") else f"<{callee}>"
         calls = re.findall(r"\scall\s+([0-9a-f]+ <[^>]+>|\*\S+)", body)
         if not any(c.endswith(expected) for c in calls):
             raise RuntimeError(f"bench_rel32_{callee} does not call {expected} directly: {calls}")

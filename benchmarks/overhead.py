@@ -68,6 +68,15 @@ VARIANTS = (
     Variant("got", "GOT/PLT interposition", "peer_fn", ptr=False),
     Variant("frida_replace", "Frida Interceptor.replace", "t_frida", peer="frida"),
     Variant("frida_fast", "Frida Interceptor.replaceFast", "t_frida_fast", peer="frida"),
+    # Calls through the PLT (a function pointer skips it: rel32 only).
+    Variant("plt_limit", "through a PLT: unpatched, new_fn's body (the PLT reference)", "peer_new",
+            ptr=False),
+    Variant("plt_slot", "through a PLT: hotpatch, slot redirected", "peer_plt",
+            reference="plt_limit", ptr=False),
+    Variant("plt_entry", "through a PLT: hotpatch, slot left at the entry", "peer_entry",
+            reference="plt_limit", ptr=False),
+    Variant("frida_plt", "through a PLT: Frida Interceptor.replaceFast", "peer_frida",
+            reference="plt_limit", ptr=False, peer="frida"),
 )
 BY_KEY = {v.key: v for v in VARIANTS}
 METHODS = ("ptr", "rel32")
@@ -124,12 +133,13 @@ def _frida_install(ready: dict):
     """Redirect the Frida variants' targets inside the child; returns
     ({variant: "ok" | why not}, the open session or None)."""
     if not frida_peer.available():
-        return {"frida_replace": frida_peer.MISSING, "frida_fast": frida_peer.MISSING}, None
+        return {key: frida_peer.MISSING for key in ("frida_replace", "frida_fast", "frida_plt")}, None
     addresses = ready["addresses"]
     peer = frida_peer.Peer(ready["pid"])
     state = {}
     for key, method, target in (("frida_replace", "replace", "t_frida"),
-                                ("frida_fast", "replaceFast", "t_frida_fast")):
+                                ("frida_fast", "replaceFast", "t_frida_fast"),
+                                ("frida_plt", "replaceFast", "peer_frida")):
         try:
             peer.rpc.redirect(method, hex(addresses[target]), hex(addresses["new_fn"]))
             state[key] = "ok"
@@ -146,7 +156,10 @@ def _callgrind_child(driver: str, opts: Options) -> dict:
         return {"skipped": "valgrind is not installed"}
     calls = 20_000 if opts.quick else 100_000
     with tempfile.TemporaryDirectory() as out:
-        prefix = [valgrind, "--tool=callgrind", "--smc-check=all", "--collect-atstart=no",
+        # The signal stop: valgrind cannot run the ptrace helper's start (a
+        # clone with CLONE_VM and no thread flags: "Unsupported clone()").
+        prefix = ["env", "HOTPATCH_STOPPER=signals",
+                  valgrind, "--tool=callgrind", "--smc-check=all", "--collect-atstart=no",
                   f"--callgrind-out-file={out}/cg.out"]
         try:
             messages = run_child("overhead", {"driver": driver, "calls": calls, "rounds": 1,
@@ -301,14 +314,39 @@ def _redirect_to_python(d: Driver, sites, site) -> str:
     return site.form
 
 
+def _jump_slot(d: Driver, name: str) -> int:
+    """The address of the driver's JUMP_SLOT slot of ``name``."""
+    relocs = subprocess.run(["readelf", "-rW", d.path], capture_output=True, text=True,
+                            check=True).stdout
+    match = re.search(rf"^([0-9a-f]+)\s+\S+\s+R_X86_64_JUMP_SLO\w*\s+\S+\s+{name}\b",
+                      relocs, re.M)
+    return load_base(os.path.realpath(d.path)) + int(match.group(1), 16)
+
+
 def _interpose_got(d: Driver) -> None:
     """Point the driver's GOT slot of peer_fn at new_fn: its PLT calls now
     land there (pointers to peer_fn and other objects' calls do not)."""
-    relocs = subprocess.run(["readelf", "-rW", d.path], capture_output=True, text=True,
-                            check=True).stdout
-    match = re.search(r"^([0-9a-f]+)\s+\S+\s+R_X86_64_JUMP_SLO\w*\s+\S+\s+peer_fn", relocs, re.M)
-    slot = load_base(os.path.realpath(d.path)) + int(match.group(1), 16)
-    d.ffi.cast("uintptr_t *", slot)[0] = d.address("new_fn")
+    d.ffi.cast("uintptr_t *", _jump_slot(d, "peer_fn"))[0] = d.address("new_fn")
+
+
+def _patch_plt_variants(d: Driver) -> dict:
+    """Patch peer_plt and peer_entry to new_fn with hotpatch, their driver
+    slots bound first (the driver is linked -z lazy); then put the slot of
+    peer_entry back at the entry: what a PLT call pays without the slot
+    redirect (a slot bound lazily after the patch, or before this feature).
+    Returns what the slots hold."""
+    import hotpatch
+    new = d.address("new_fn")
+    for key in ("plt_slot", "plt_entry"):
+        d.call(key, "rel32", 1)          # the dynamic linker binds the slot now
+    hotpatch.register(hotpatch.Patch("plt-bench", [hotpatch.Object(
+        "libbenchpeer.so", [hotpatch.Func("peer_plt", new), hotpatch.Func("peer_entry", new)])]))
+    slots = {key: _jump_slot(d, f"peer_{name}") for key, name in (("plt_slot", "plt"),
+                                                                   ("plt_entry", "entry"))}
+    d.ffi.cast("uintptr_t *", slots["plt_entry"])[0] = d.address("peer_entry")
+    read = lambda key: int(d.ffi.cast("uintptr_t *", slots[key])[0])
+    return {"slot_is_new_fn": read("plt_slot") == new,
+            "entry_slot_is_entry": read("plt_entry") == d.address("peer_entry")}
 
 
 def _calibrate(d: Driver, pairs, calls: int) -> dict:
@@ -357,7 +395,9 @@ def child() -> None:
             d.pointers[v.key] = d.address(v.callee)
     setup = _redirect_hotpatch_variants(d, params["retargets"])
     _interpose_got(d)
-    addresses = {name: d.address(name) for name in ("new_fn", "t_frida", "t_frida_fast")}
+    setup["plt"] = _patch_plt_variants(d)
+    addresses = {name: d.address(name) for name in ("new_fn", "t_frida", "t_frida_fast",
+                                                    "peer_frida")}
     if params.get("callgrind"):
         _callgrind_measure(d, params["calls"])
         return

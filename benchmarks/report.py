@@ -18,8 +18,8 @@ from .overhead import BY_KEY, METHODS, VARIANTS
 from .stop import pause_key
 
 HOTPATCH_KEYS = ("direct", "slot", "call", "stack1", "stack4", "stack16", "retargets", "python",
-                 "original", "original_nop")
-PEER_KEYS = ("got", "frida_fast", "frida_replace")
+                 "original", "original_nop", "plt_slot", "plt_entry")
+PEER_KEYS = ("got", "frida_fast", "frida_replace", "frida_plt")
 
 
 # ---------------------------------------------------------------------------
@@ -65,14 +65,19 @@ def _overhead_form(key: str, timing: dict) -> str:
     return {"limit": "call new_fn itself", "unpatched": "no redirection",
             "original": f"{setup.get('original_kind', '')} entry: relocated prologue + jmp back",
             "original_nop": f"{setup.get('original_nop_kind', '')} entry: the body after the NOP",
-            "got": "PLT → rewritten GOT slot", "frida_fast": "Frida 17", "frida_replace": "Frida 17"
-            }.get(key, "")
+            "got": "PLT → rewritten GOT slot", "frida_fast": "Frida 17", "frida_replace": "Frida 17",
+            "plt_limit": "PLT → GOT slot → peer_new (no redirection)",
+            "plt_slot": "PLT → GOT slot pointed at new_fn by hotpatch",
+            "plt_entry": "PLT → GOT slot → entry `jmp` → new_fn",
+            "frida_plt": "PLT → GOT slot → Frida 17 replaceFast"}.get(key, "")
 
 
 def _peer_verdict(key: str, method: str, deltas: dict) -> str:
     """Whether hotpatch's variant is behind the best peer on this figure."""
     mine = deltas.get(f"{key}/{method}")
-    peers = [(p, deltas[f"{p}/{method}"]) for p in PEER_KEYS if f"{p}/{method}" in deltas]
+    # Only peers measured against the same reference: a PLT row's Δ excludes the PLT.
+    peers = [(p, deltas[f"{p}/{method}"]) for p in PEER_KEYS
+             if f"{p}/{method}" in deltas and BY_KEY[p].reference == BY_KEY[key].reference]
     if mine is None or not peers:
         return ""
     name, best = min(peers, key=lambda p: p[1]["median"])
@@ -123,7 +128,8 @@ def overhead_section(r: dict, images: str) -> str:
     notes = [
         f"Median [quartiles] of {r['rounds']} alternating rounds; Δ is taken per round against the "
         "reference in the same round (the direct call to `new_fn`; for the two *original* rows the "
-        "unpatched old function, which runs the same body).",
+        "unpatched old function, which runs the same body; for the *through a PLT* rows the "
+        "unpatched PLT call to `peer_new`, whose body is `new_fn`'s).",
         f"{r['calls']:,} calls per measurement; slower variants run fewer so that a measurement "
         "takes about as long: " + ", ".join(f"{k} {n:,}" for k, n in expensive.items()) + ".",
         "Every measurement's checksum is checked: the redirection really was in effect.",
@@ -138,6 +144,16 @@ def overhead_section(r: dict, images: str) -> str:
         "*GOT/PLT interposition*: the driver calls `peer_fn` of a second library through its PLT; "
         "the GOT slot is rewritten. A function pointer to `peer_fn` skips the GOT, so the pointer "
         "column does not apply (the redirection does not reach it).",
+        "*Through a PLT*: the driver calls functions of that library through its PLT (rel32 only: "
+        "a pointer skips the PLT). `peer_plt` and `peer_entry` are patched by hotpatch to `new_fn` "
+        "(`hotpatch.register`): the driver's JUMP_SLOT slot of `peer_plt` is pointed at `new_fn` "
+        "(hotpatch/plt.py); the one of `peer_entry` is put back at the entry by hand, as a slot "
+        "that the dynamic linker binds lazily after the patch is, so its calls take the entry's "
+        "`jmp`. Slots as measured: "
+        + ("`peer_plt` → `new_fn`, " if setup.get("plt", {}).get("slot_is_new_fn") else
+           "`peer_plt` NOT redirected, ")
+        + ("`peer_entry` → its entry." if setup.get("plt", {}).get("entry_slot_is_entry") else
+           "`peer_entry` NOT at its entry."),
     ]
     if "skipped" in counts:
         notes.append(f"Instruction counts: not measured ({counts['skipped']}).")
@@ -549,6 +565,12 @@ def targets_section(series: dict) -> str:
         rows.append(_target("slot path < 0.3 ns over the direct call",
                             ", ".join(f"{m}: {signed(sn[m], ' ns')}" for m in METHODS),
                             all(v < 0.3 for v in sn.values())))
+        if "plt_slot/rel32" in cg and "plt_limit/rel32" in cg:
+            pi = cg["plt_slot/rel32"] - cg["plt_limit/rel32"]
+            pn = d["plt_slot/rel32"]["median"]
+            rows.append(_target("a patched function called through a PLT costs the same instructions "
+                                "as an unpatched one",
+                                f"{signed(pi)} instr., {signed(pn, ' ns')}", round(pi, 2) == 0))
         flat = {m: d[f"stack16/{m}"]["median"] - d[f"stack1/{m}"]["median"] for m in METHODS}
         rows.append(_target("stacks of 1, 4, 16 patches flat",
                             ", ".join(f"{m}: 16 vs 1 {signed(flat[m], ' ns')}" for m in METHODS),

@@ -53,6 +53,26 @@ struct hp_write {
     uint32_t len;
 };
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
+#define HP_GOT_STORED ...
+#define HP_GOT_CHANGED ...
+#define HP_GOT_GONE ...
+struct hp_got_store {
+    uintptr_t slot;
+    uintptr_t phdr_address;
+    uint64_t expected, value;
+    uint64_t found;
+    int result;
+};
+int hp_store_got_slots(struct hp_got_store *s, size_t n);
+struct hp_jump_slot {
+    uintptr_t slot;
+    uintptr_t phdr_address;
+    uintptr_t base;
+    uint64_t value;
+    char name[64];
+};
+int hp_find_jump_slots(const uint64_t *values, size_t nvalues, uintptr_t only,
+                       struct hp_jump_slot *out, int capacity);
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
                    uint64_t *hold_max_ns);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
@@ -105,7 +125,7 @@ extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _native = os.path.join(_here, "native")
-SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "stop.c", "check.c",
+SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "gotslot.c", "stop.c", "check.c",
            "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c"]
 
 ffibuilder = FFI()

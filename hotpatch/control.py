@@ -1,7 +1,7 @@
 """Introspection (the kernel's /sys/kernel/livepatch tree, as data)."""
 from __future__ import annotations
 
-from . import core, loader, sites
+from . import core, loader, patch as stacks, plt, sites
 from ._native import ffi, lib
 from .errors import HotpatchError
 
@@ -14,7 +14,16 @@ def _func_entry(func: core.Func) -> dict:
             "last_error": repr(func.last_error) if func.last_error is not None else None,
             # calls go through a thunk that keeps registers the callers rely on
             "thunk": ({"address": func.thunk.address, "preserves": list(func.thunk.preserves)}
-                      if func.thunk is not None else None)}
+                      if func.thunk is not None else None),
+            # PLT slots of loaded objects pointed straight at this func's code
+            "plt_slots": _plt_slots(func)}
+
+
+def _plt_slots(func: core.Func) -> int:
+    stack = stacks.stack_of(func.old_addr) if func.patched else None
+    if stack is None or stack.top is not func:
+        return 0
+    return sum(1 for _obj, _slot, value in plt.redirected(func.old_addr) if value == func.new_addr)
 
 
 def _loaded(obj: core.Object) -> bool:

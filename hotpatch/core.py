@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Callable, Iterable, Sequence
 
-from . import newcode, patch as stacks, sites, symbols, thunks
+from . import newcode, patch as stacks, plt, sites, symbols, thunks
 from . import state as state_
 from ._locks import OperationLock
 from ._native import lib
@@ -719,3 +719,4 @@ def _object_going(base: int, name: str) -> None:
     if gone is not None:
         symbols.forget(gone)
         thunks.forget(gone)
+        plt.forget_object(gone)

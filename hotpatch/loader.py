@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 
-from . import core, symbols
+from . import core, plt, symbols
 from . import sites as _sites
 from ._native import ffi, lib
 from .errors import HotpatchError
@@ -74,6 +74,7 @@ _consume = threading.Lock()          # events are handled in order, by one threa
 _deferred: collections.deque = collections.deque()   # (event, why late), for the worker
 _records: collections.deque = collections.deque()    # log records queued inside the hook
 _late: list[str] = []                # objects patched late, and why (for the tree)
+_plt_due: collections.deque = collections.deque()    # objects patched at COMING, PLT slots to follow
 _worker: threading.Thread | None = None
 _callback = None
 
@@ -253,6 +254,7 @@ def _work() -> None:
         try:
             _drain(in_hook=False)
             _flush()
+            _redirect_new_plt_slots()
         except Exception as e:       # the worker must outlive any one event
             core.log.error("hotpatch: loader worker: %r", e)
 
@@ -322,6 +324,7 @@ def _handle(event, in_hook: bool) -> None:
             except symbols.NotBoundYet as e:
                 _deferred.append((event, str(e)))
                 return
+            _plt_due.append((base, name))
             if any(went_on):
                 _noted_late(loaded, f"its loading thread stopped waiting after {WAIT_MS} ms "
                                     f"(the GIL was busy): written through a stop")
@@ -348,8 +351,25 @@ def _handle_deferred() -> None:
                     core.log.warning("hotpatch: %s patched late: %s", name, why)
                     _late.append(f"{name}: {why}")
                     core._object_coming(loaded, None, why)
+                    _plt_due.append((base, name))
             finally:
                 symbols._dlclose(handle)
+
+
+def _redirect_new_plt_slots() -> None:
+    """PLT slots of objects that came since the worker last ran, pointed at
+    patched functions' new code.  Not at COMING itself: at RT_CONSISTENT the
+    new object is not relocated yet, its slots are still empty.  Until then
+    (and for slots bound lazily later, until the next enable or disable)
+    its calls go through the patched entry: right, one jmp more."""
+    while _plt_due:
+        base, name = _plt_due.popleft()
+        loaded = _loaded_at(base, name)
+        if loaded is not None:
+            try:
+                plt.redirect_object(loaded)
+            except HotpatchError as e:
+                core.log.warning("hotpatch: PLT slots of %s not redirected: %s", name, e)
 
 
 def _resync() -> None:

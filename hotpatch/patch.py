@@ -6,14 +6,15 @@ funcs of a patch pushed, popped, or an atomic replace that does both -- is
 computed on copies and then written as one batch of code writes: the first
 push installs a site, the last pop restores it, anything else rewrites at
 most the one instruction (or slot) at the entry.  If the batch fails nothing
-changes, here or in memory.
+changes, here or in memory.  Around the batch, the PLT slots bound to the
+functions follow their tops (:mod:`hotpatch.plt`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
-from . import sites
+from . import plt, sites
 
 if TYPE_CHECKING:
     from .core import Func
@@ -37,6 +38,15 @@ _stacks: dict[int, FuncStack] = {}   # by the function's address
 def entry_target(func: "Func") -> int:
     """Where calls go while ``func`` is on top: its thunk, if it has one."""
     return func.thunk.address if func.thunk is not None else func.new_addr
+
+
+def plt_target(site: sites.Site | None, funcs: list) -> int | None:
+    """Where the PLT slots bound to the function go: the top's new code
+    (PLT callers assume only the ABI, so never its thunk); None -- they keep
+    the entry -- when nothing is patched or observers must see the calls."""
+    if not funcs or site.form == "call":
+        return None
+    return funcs[-1].new_addr
 
 
 def stack_of(address: int) -> FuncStack | None:
@@ -77,19 +87,25 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
         func._original = (stack.site if stack else prepared[func.old_addr]).original
         if func._publish_original is not None:
             func._publish_original(func._original)
-    redirects, restores = [], []
+    redirects, restores, moved = [], [], []
     for address, funcs in changed.items():
         stack = _stacks.get(address)
         site = stack.site if stack else prepared[address]
         if funcs and (stack is None or stack.top is not funcs[-1]):
             redirects.append((site, entry_target(funcs[-1])))
+            moved.append(address)
         elif not funcs and stack is not None:
             restores.append(site)
+            moved.append(address)
     try:
+        # PLT slots go back to the entries first (right whatever the entries
+        # do), and follow the new tops once the entries are written.
+        plt.park(moved)
         sites.update_batch(redirects, restores, unreachable=unreachable)
     except BaseException:
         for func, original in before:
             func._original = original
+        plt.settle()
         raise
     for address, funcs in changed.items():
         if funcs:
@@ -102,6 +118,8 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
         func._site = None
     for func in push:
         func._site = _stacks[func.old_addr].site
+    plt.settle({address: plt_target(_stacks[address].site if funcs else None, funcs)
+                for address, funcs in changed.items()})
 
 
 

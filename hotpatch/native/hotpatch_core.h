@@ -6,6 +6,7 @@
  *   proc.c        what /proc says of a thread (state, tracer, signal masks)
  *   pool.c        executable memory within +-2 GiB of a target, named "hotpatch"
  *   codewrite.c   writing code while other threads run it: one stop per batch
+ *   gotslot.c     storing into GOT slots (PLT calls of patched functions), no stop
  *   stop.c        the stop: which stopper holds the threads, retries, counters
  *   check.c       what a stopped thread may not be doing (pc, signal frames)
  *   stop_ptrace.c the ptrace stopper: a helper process seizes every other thread
@@ -132,6 +133,28 @@ int hp_write_code_locked(uintptr_t addr, const void *src, size_t len);
 int hp_write_stopped(const struct hp_write *w, size_t n, char *err);
 /* Serialize every core running a thread of this process (membarrier). */
 void hp_sync_cores(void);
+
+/* --- gotslot.c ----------------------------------------------------- */
+#define HP_GOT_STORED 0
+#define HP_GOT_CHANGED 1   /* the slot held something else: `found` */
+#define HP_GOT_GONE 2      /* its object is no longer loaded */
+struct hp_got_store {
+    uintptr_t slot;          /* 8-byte aligned */
+    uintptr_t phdr_address;  /* the object holding it, as dl_iterate_phdr lists it */
+    uint64_t expected, value;
+    uint64_t found;          /* out: what the slot held */
+    int result;              /* out: HP_GOT_* or -errno */
+};
+int hp_store_got_slots(struct hp_got_store *s, size_t n);
+struct hp_jump_slot {
+    uintptr_t slot;
+    uintptr_t phdr_address;  /* its object, as dl_iterate_phdr lists it */
+    uintptr_t base;          /* its object's load bias */
+    uint64_t value;          /* what it holds */
+    char name[64];           /* the symbol it is relocated against */
+};
+int hp_find_jump_slots(const uint64_t *values, size_t nvalues, uintptr_t only,
+                       struct hp_jump_slot *out, int capacity);
 
 /* --- check.c -------------------------------------------------------- */
 #define HP_MAX_RESTORERS 8
