@@ -1,0 +1,73 @@
+"""The object-wide branch index (native/xrefs.c) against a reference sweep.
+
+The reference is the linear sweep the index replaced, written here with
+capstone's Python binding: every (source, text, target) must be the same,
+on libc, libpython and a test target with padding and undecodable bytes.
+"""
+import ctypes
+import os
+import sysconfig
+
+import capstone
+import pytest
+
+from conftest import compile_library
+from hotpatch import objects, symbols
+from hotpatch.x86_64.xrefs import index_branches
+
+_RELATIVE = {"jmp", "call", "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns",
+             "jp", "jnp", "jl", "jge", "jle", "jg", "jrcxz", "jecxz", "loop", "loope",
+             "loopne", "xbegin"}
+
+
+def reference_branches(exec_ranges):
+    """Linear sweep, one byte past anything undecodable, without details:
+    a relative branch's operand text is its absolute target."""
+    cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    found = []
+    for lo, hi in exec_ranges:
+        code = objects.read_memory(lo, hi - lo)
+        position = 0
+        while position < len(code):
+            end = position
+            for at, size, mnemonic, op_str in cs.disasm_lite(code[position:], lo + position):
+                end = at + size - lo
+                if mnemonic.rsplit(" ", 1)[-1] in _RELATIVE and op_str.startswith("0x"):
+                    found.append((at, f"{mnemonic} {op_str}", int(op_str, 16)))
+            position = end + 1
+    return sorted(found, key=lambda b: (b[2], b[0]))
+
+
+def indexed(obj):
+    return index_branches(objects.read_memory, obj.exec_ranges).into(0, (1 << 64) - 1)
+
+
+def _libpython():
+    return sysconfig.get_config_var("INSTSONAME") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+
+
+@pytest.mark.parametrize("name", ["libc.so.6", "libpython"])
+def test_index_matches_reference_sweep_on_system_objects(name):
+    if name == "libpython":
+        name = _libpython()
+        if name is None or symbols.find_object(name) is None:
+            pytest.skip("python is not linked against a shared libpython")
+    obj = symbols.find_object(name)
+    assert indexed(obj) == reference_branches(obj.exec_ranges)
+
+
+def test_index_matches_reference_sweep_with_data_in_code(tmp_path):
+    # Bytes that do not decode between functions make both sweeps resync.
+    source = tmp_path / "junk.c"
+    source.write_text(
+        "__asm__(\".text\\n.globl junk\\n.type junk,@function\\njunk: .Ljunk: jmp 1f\\n"
+        ".byte 0x0f,0x0b,0xff,0xff,0x06\\n1: call .Ljunk+2\\n jne .Ljunk+1\\n ret\\n"
+        ".byte 0xd6, 0x62\\n loop .Ljunk\\n ret\\n\");\n"
+        "int after(int x) { return x ? after(x - 1) + 1 : 0; }\n")
+    path = compile_library(tmp_path / "libjunk.so", [str(source)])
+    ctypes.CDLL(path)
+    obj = symbols.find_object(os.path.basename(path))
+    expected = reference_branches(obj.exec_ranges)
+    assert indexed(obj) == expected
+    junk = symbols.resolve(obj, "junk").address
+    assert [(s - junk, t - junk) for s, _, t in symbols.branches_into(obj, junk + 1, junk + 3)]
