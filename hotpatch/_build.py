@@ -75,8 +75,10 @@ uintptr_t hp_api_table(void);
 
 struct hp_branch_index;
 int hp_capstone_load(const char *path, char *err);
-struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n, char *err);
-long hp_branch_index_into(const struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
+struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
+                                              const uintptr_t *starts, size_t nstarts,
+                                              char *err);
+long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
                           uint64_t *sources, uint64_t *targets, long capacity);
 void hp_branch_index_free(struct hp_branch_index *ix);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);

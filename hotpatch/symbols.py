@@ -65,7 +65,7 @@ RTLD_LAZY, RTLD_NOLOAD = 0x1, 0x4
 _ENDBR64 = b"\xf3\x0f\x1e\xfa"
 _JMP_RIP = re.compile(rb"\xff\x25")  # jmp *disp32(%rip): a PLT entry
 
-# The direct branches of each loaded object, swept once (see x86_64.xrefs).
+# The direct branches of each loaded object, found on demand (see x86_64.xrefs).
 _branch_indexes: dict[LoadedObject, BranchIndex] = {}
 
 
@@ -345,11 +345,15 @@ def describe_address(obj: LoadedObject, address: int) -> str:
 
 def branches_into(obj: LoadedObject, lo: int, hi: int) -> list[tuple[int, str, int]]:
     """``(source, description, target)`` of every direct branch of ``obj``
-    landing in [lo, hi).  The object's code is swept once (about a second
-    for libc) and the index kept for its life."""
+    landing in [lo, hi).  The object's code is copied and prefiltered once
+    (about a millisecond a megabyte), each function decoded when a query
+    first needs it, and the index kept for the object's life."""
     index = _branch_indexes.get(obj)
     if index is None:
-        index = _branch_indexes[obj] = index_branches(objects.read_memory, obj.exec_ranges)
+        starts = {obj.base + entry.value
+                  for entry in elf.table_of(obj, f"branches into {lo:#x}").funcs}
+        index = _branch_indexes[obj] = index_branches(objects.read_memory, obj.exec_ranges,
+                                                      sorted(starts))
     return [(source, f"{describe_address(obj, source)}: {text}", target)
             for source, text, target in index.into(lo, hi)]
 

@@ -1,9 +1,12 @@
-"""The object-wide branch index (native/xrefs.c) against a reference sweep.
+"""The branch index (native/xrefs.c) against a reference sweep.
 
-The reference is the linear sweep the index replaced, written here with
-capstone's Python binding: every (source, text, target) must be the same,
-on libc, libpython and a test target with padding and undecodable bytes.
+The reference is the whole-object linear sweep the index replaced, written
+here with capstone's Python binding.  The index prefilters raw bytes and
+decodes from function starts on demand; its answers must be the same: every
+(source, text, target) of libc and of a target with bytes that do not
+decode, and the branches into the entries of libpython's functions.
 """
+import bisect
 import ctypes
 import os
 import sysconfig
@@ -12,7 +15,7 @@ import capstone
 import pytest
 
 from conftest import compile_library
-from hotpatch import objects, symbols
+from hotpatch import elf, objects, symbols
 from hotpatch.x86_64.xrefs import index_branches
 
 _RELATIVE = {"jmp", "call", "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns",
@@ -38,22 +41,37 @@ def reference_branches(exec_ranges):
     return sorted(found, key=lambda b: (b[2], b[0]))
 
 
+def index_of(obj):
+    starts = sorted({obj.base + f.value for f in elf.table_of(obj, "the test").funcs})
+    return index_branches(objects.read_memory, obj.exec_ranges, starts)
+
+
 def indexed(obj):
-    return index_branches(objects.read_memory, obj.exec_ranges).into(0, (1 << 64) - 1)
+    return index_of(obj).into(0, (1 << 64) - 1)
 
 
 def _libpython():
     return sysconfig.get_config_var("INSTSONAME") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
 
 
-@pytest.mark.parametrize("name", ["libc.so.6", "libpython"])
-def test_index_matches_reference_sweep_on_system_objects(name):
-    if name == "libpython":
-        name = _libpython()
-        if name is None or symbols.find_object(name) is None:
-            pytest.skip("python is not linked against a shared libpython")
-    obj = symbols.find_object(name)
+def test_index_matches_reference_sweep_on_libc():
+    obj = symbols.find_object("libc.so.6")
     assert indexed(obj) == reference_branches(obj.exec_ranges)
+
+
+def test_branches_into_entries_match_reference_sweep_on_libpython():
+    name = _libpython()
+    if name is None or symbols.find_object(name) is None:
+        pytest.skip("python is not linked against a shared libpython")
+    obj = symbols.find_object(name)
+    reference = reference_branches(obj.exec_ranges)
+    index = index_of(obj)
+    targets = [b[2] for b in reference]
+    entries = sorted({s.address for s in symbols.functions(obj)})[::20]
+    for entry in entries:
+        for lo, hi in ((entry, entry + 1), (entry + 1, entry + 5)):
+            expected = reference[bisect.bisect_left(targets, lo):bisect.bisect_left(targets, hi)]
+            assert index.into(lo, hi) == expected
 
 
 def test_index_matches_reference_sweep_with_data_in_code(tmp_path):

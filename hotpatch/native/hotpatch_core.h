@@ -12,7 +12,7 @@
  *   stop_signal.c the fallback stopper: park every other thread in a signal handler
  *   caller.c      the shared caller of the ftrace-style call path
  *   crash.c       the crash report of a live-patched process
- *   xrefs.c       every direct branch of an object, by target (capstone's C library)
+ *   xrefs.c       the direct branches landing in a range (capstone's C library)
  *   shadow.c      shadow variables, and the table patch modules call the core through
  *
  * Policy (what to patch, the bytes, the stacks of patches) lives in Python.
@@ -60,8 +60,10 @@ long hp_read_memory(uintptr_t address, void *out, size_t len);
 /* --- xrefs.c ------------------------------------------------------- */
 struct hp_branch_index;
 int hp_capstone_load(const char *path, char *err);
-struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n, char *err);
-long hp_branch_index_into(const struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
+struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
+                                              const uintptr_t *starts, size_t nstarts,
+                                              char *err);
+long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
                           uint64_t *sources, uint64_t *targets, long capacity);
 void hp_branch_index_free(struct hp_branch_index *ix);
 

@@ -5,19 +5,22 @@ anywhere in the object that lands strictly inside those bytes (``mempcpy``
 ending with a jump to ``memmove``'s entry + 3, a ``.cold`` part jumping back
 into its function's prologue, a loop of a function without ``.size``) would
 run half of the new ``jmp``.  Scanning only the patched function misses
-those, so the executable segments of the object are swept once and every
-relative branch is indexed by its target.
+those, so the question is asked of the whole object's code.
 
-The sweep is linear and resumes one byte after any undecodable byte.
-Compilers pad between functions with NOPs and int3, which decode, so the
-sweep stays in step with the real instructions; a desynchronised stretch can
-only add a branch that is not there (a refusal too many), or, rarely, hide
-one.  Indirect branches (jump tables, function pointers) are not seen: they
-target function entries, not their middle.
+The C core (``native/xrefs.c``) answers it with capstone's C library, the one
+the capstone wheel ships, without the GIL: the raw bytes are prefiltered for
+anything that could encode a relative branch into the range asked about, and
+each candidate is confirmed by decoding from the function symbol before it
+(linear sweep, one byte past anything undecodable), once per function.
+Compilers pad between functions with NOPs and int3, which decode, so a sweep
+from a function's start is in step with its real instructions; a
+desynchronised stretch can only add a branch that is not there (a refusal
+too many), or, rarely, hide one.  Indirect branches (jump tables, function
+pointers) are not seen: they target function entries, not their middle.
 
-The sweep runs in the C core (``native/xrefs.c``) with capstone's C library,
-the one the capstone wheel ships: from Python it took a second for libc,
-holding the GIL; in C it takes tens of milliseconds, with the GIL released.
+A whole-object sweep from Python took a second for libc with the GIL held,
+and a quarter of a second from C (capstone decodes about two instructions a
+microsecond here): the first patch of a process must cost milliseconds.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ _load_capstone()
 
 
 class BranchIndex:
-    """Every relative branch of an object, sorted by target (held in C)."""
+    """The relative branches of an object, found by target (held in C)."""
 
     def __init__(self, handle, read: Callable[[int, int], bytes],
                  exec_ranges: Sequence[tuple[int, int]]) -> None:
@@ -64,6 +67,8 @@ class BranchIndex:
             sources = ffi.new("uint64_t[]", capacity)
             targets = ffi.new("uint64_t[]", capacity)
             count = lib.hp_branch_index_into(self._handle, lo, hi, sources, targets, capacity)
+            if count < 0:
+                raise MemoryError("indexing branches")
             if count <= capacity:
                 break
             capacity = count
@@ -79,13 +84,17 @@ class BranchIndex:
 
 
 def index_branches(read: Callable[[int, int], bytes],
-                   exec_ranges: Sequence[tuple[int, int]]) -> BranchIndex:
-    """Sweep every [lo, hi) of ``exec_ranges`` of this process's memory and
-    index its relative branches (``read(addr, n)`` reads the text of a
-    branch found)."""
+                   exec_ranges: Sequence[tuple[int, int]],
+                   function_starts: Sequence[int] = ()) -> BranchIndex:
+    """Index the relative branches of the code in ``exec_ranges`` of this
+    process's memory.  The code is copied and prefiltered now; the stretch
+    from each of ``function_starts`` (absolute) to the next is decoded when
+    a query first needs it.  ``read(addr, n)`` reads the text of a branch
+    found."""
     flat = ffi.new("uintptr_t[]", [a for lo_hi in exec_ranges for a in lo_hi] or [0])
+    starts = ffi.new("uintptr_t[]", list(function_starts) or [0])
     err = ffi.new("char[]", 256)
-    handle = lib.hp_branch_index_build(flat, len(exec_ranges), err)
+    handle = lib.hp_branch_index_build(flat, len(exec_ranges), starts, len(function_starts), err)
     if handle == ffi.NULL:
         raise HotpatchError(f"indexing branches: {ffi.string(err).decode(errors='replace')}")
     return BranchIndex(ffi.gc(handle, lib.hp_branch_index_free), read, exec_ranges)
