@@ -1,7 +1,7 @@
 """ELF symbol tables of files: what the file a loaded object came from says
 about its functions.
 
-lief reads ``.symtab`` and ``.dynsym`` once per file (cache keyed by path,
+:mod:`hotpatch.elffile` reads ``.symtab`` and ``.dynsym`` once per file (cache keyed by path,
 inode and mtime), relocations only where they matter (IRELATIVE slots of
 IFUNCs, the GOT slots of ftrace hooks), the PLT and entry-site sections, and
 finds a separate debug file by build-id or ``.gnu_debuglink`` when the file is
@@ -23,22 +23,19 @@ import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import lief
-
-from hotpatch import _procfs, objects
+from hotpatch import _procfs, elffile, objects
 from hotpatch.errors import HotpatchError, UnsafeToPatch
 from hotpatch.objects import LoadedObject
 
 VERSYM_HIDDEN = 0x8000
 
-_FUNC = lief.ELF.Symbol.TYPE.FUNC
-_IFUNC = lief.ELF.Symbol.TYPE.GNU_IFUNC
-_EXPORTED_BINDINGS = {lief.ELF.Symbol.BINDING.GLOBAL, lief.ELF.Symbol.BINDING.WEAK,
-                      lief.ELF.Symbol.BINDING.GNU_UNIQUE}
-_EXPORTED_VISIBILITIES = {lief.ELF.Symbol.VISIBILITY.DEFAULT,
-                          lief.ELF.Symbol.VISIBILITY.PROTECTED}
-_R = lief.ELF.Relocation.TYPE
-_SLOT_RELOCATIONS = {_R.X86_64_GLOB_DAT, _R.X86_64_JUMP_SLOT, _R.X86_64_64}
+_FUNC = elffile.STT_FUNC
+_IFUNC = elffile.STT_GNU_IFUNC
+_FUNCTION_TYPES = frozenset({_FUNC, _IFUNC})
+_DATA_TYPES = frozenset({elffile.STT_OBJECT})
+_EXPORTED_BINDINGS = {elffile.STB_GLOBAL, elffile.STB_WEAK, elffile.STB_GNU_UNIQUE}
+_EXPORTED_VISIBILITIES = {elffile.STV_DEFAULT, elffile.STV_PROTECTED}
+_SLOT_RELOCATIONS = {elffile.R_X86_64_GLOB_DAT, elffile.R_X86_64_JUMP_SLOT, elffile.R_X86_64_64}
 
 #: The ftrace hooks a ``-pg`` build calls at function entry.
 FENTRY_NAMES = ("__fentry__", "mcount", "_mcount")
@@ -161,32 +158,9 @@ class SymbolTable:
         return self._at_start[self._all_starts[i]] if i >= 0 else None
 
 
-def parse_elf(path: str, config: lief.ELF.ParserConfig | None = None):
-    """lief's parse of ``path``, or None if it is not a readable ELF file."""
-    with lief.logging.level_scope(lief.logging.LEVEL.OFF):
-        if not lief.is_elf(path):
-            return None
-        return lief.ELF.parse(path, config) if config else lief.ELF.parse(path)
-
-
-def _debug_parser_config() -> lief.ELF.ParserConfig:
-    # A debug file only contributes .symtab and its build-id.
-    config = lief.ELF.ParserConfig()
-    config.parse_dyn_symbols = False
-    config.parse_relocations = False
-    config.parse_symbol_versions = False
-    config.parse_overlay = False
-    return config
-
-
-DEBUG_CONFIG = _debug_parser_config()
-
-
-def _file_build_id(binary) -> bytes | None:
-    for note in binary.notes:
-        if note.type == lief.ELF.Note.TYPE.GNU_BUILD_ID:
-            return bytes(note.description)
-    return None
+def parse_elf(path: str) -> elffile.ElfFile | None:
+    """The ELF file ``path``, or None if it is not a readable ELF file."""
+    return elffile.open_elf(path)
 
 
 def parse_file(path: str) -> SymbolTable | None:
@@ -194,8 +168,8 @@ def parse_file(path: str) -> SymbolTable | None:
     binary = parse_elf(path)
     if binary is None:
         return None
-    build_id = _file_build_id(binary)
-    funcs = _function_entries(binary.symtab_symbols, versioned=False)
+    build_id = binary.build_id()
+    funcs = _function_entries(binary.symtab_symbols(_FUNCTION_TYPES))
     source = ".symtab"
     if not funcs:
         debug = _debug_file(path, binary, build_id)
@@ -203,7 +177,7 @@ def parse_file(path: str) -> SymbolTable | None:
             source, funcs = debug
         else:
             source = ".dynsym"
-            funcs = _function_entries(binary.dynamic_symbols, versioned=True)
+            funcs = _function_entries(binary.dynamic_symbols(_FUNCTION_TYPES))
     irelative, fentry_slots = _relocation_facts(binary, funcs)
     return SymbolTable(
         build_id=build_id,
@@ -216,7 +190,7 @@ def parse_file(path: str) -> SymbolTable | None:
     )
 
 
-def _function_entries(symbols, versioned: bool) -> list[FuncSym]:
+def _function_entries(symbols) -> list[FuncSym]:
     """Defined function symbols in table order, each with its sympos."""
     seen: dict[str, int] = {}
     entries = []
@@ -229,22 +203,12 @@ def _function_entries(symbols, versioned: bool) -> list[FuncSym]:
         ifunc = kind == _IFUNC
         entries.append(FuncSym(
             name, sympos, sym.value, sym.size or None, ifunc,
-            _version_of(sym) if versioned else None,
+            sym.version,
             ifunc and sym.binding in _EXPORTED_BINDINGS
             and sym.visibility in _EXPORTED_VISIBILITIES,
             sym.binding not in _EXPORTED_BINDINGS
             or sym.visibility not in _EXPORTED_VISIBILITIES))
     return entries
-
-
-def _version_of(sym) -> str | None:
-    if not sym.has_version:
-        return None
-    version = sym.symbol_version
-    if not version.has_auxiliary_version:
-        return None
-    marker = "@" if version.value & VERSYM_HIDDEN else "@@"
-    return marker + version.symbol_version_auxiliary.name
 
 
 def _relocation_facts(binary, funcs) -> tuple[dict[int, int], tuple[int, ...]]:
@@ -259,20 +223,18 @@ def _relocation_facts(binary, funcs) -> tuple[dict[int, int], tuple[int, ...]]:
     slots = []
     if not (wants_irelative or wants_fentry):
         return irelative, ()
-    for relocations in (binary.dynamic_relocations, binary.pltgot_relocations):
-        for rel in relocations:
-            kind = rel.type
-            if kind == _R.X86_64_IRELATIVE:
-                irelative[rel.addend] = rel.address
-            elif (wants_fentry and kind in _SLOT_RELOCATIONS and rel.has_symbol
-                  and rel.symbol.name in FENTRY_NAMES):
-                slots.append(rel.address)
+    for rel in binary.dynamic_relocations():
+        kind = rel.type
+        if kind == elffile.R_X86_64_IRELATIVE:
+            irelative[rel.addend] = rel.address
+        elif wants_fentry and kind in _SLOT_RELOCATIONS and rel.symbol in FENTRY_NAMES:
+            slots.append(rel.address)
     return irelative, tuple(slots)
 
 
 def _section_ranges(binary, names) -> tuple[tuple[int, int], ...]:
-    return tuple((s.virtual_address, s.size) for s in binary.sections
-                 if s.name in names and s.has(lief.ELF.Section.FLAGS.ALLOC))
+    return tuple((s.addr, s.size) for s in binary.sections
+                 if s.name in names and s.flags & elffile.SHF_ALLOC)
 
 
 # --------------------------------------------------------------------------
@@ -290,15 +252,15 @@ def _debug_file(path: str, binary, build_id: bytes | None):
     for candidate, crc in _debug_candidates(path, binary, build_id):
         if not os.path.isfile(candidate) or os.path.realpath(candidate) == path:
             continue
-        debug = parse_elf(candidate, DEBUG_CONFIG)
+        debug = parse_elf(candidate)
         if debug is None:
             continue
         if build_id is not None:
-            if _file_build_id(debug) != build_id:
+            if debug.build_id() != build_id:
                 continue
         elif crc is None or _crc32(candidate) != crc:
             continue
-        funcs = _function_entries(debug.symtab_symbols, versioned=False)
+        funcs = _function_entries(debug.symtab_symbols(_FUNCTION_TYPES))
         if funcs:
             return candidate, funcs
     return None
@@ -323,10 +285,9 @@ def _debug_candidates(path: str, binary, build_id: bytes | None):
 
 def _debuglink(binary) -> tuple[str, int] | None:
     """The file name and CRC-32 recorded in ``.gnu_debuglink``."""
-    section = binary.get_section(".gnu_debuglink")
-    if section is None:
+    content = binary.section_content(".gnu_debuglink")
+    if content is None:
         return None
-    content = bytes(section.content)
     end = content.find(b"\0")
     crc_at = (end + 4) & ~3  # the name, its NUL, padding to 4 bytes
     if end <= 0 or crc_at + 4 > len(content):
@@ -417,14 +378,14 @@ def data_symbols(obj: LoadedObject) -> dict[str, list[tuple[int, int]]]:
     if data is None:
         table = table_of(obj, "its data symbols")
         if table.source == ".symtab":
-            symbols = parse_elf(obj.path).symtab_symbols
+            symbols = parse_elf(obj.path).symtab_symbols(_DATA_TYPES)
         elif table.source == ".dynsym":
-            symbols = parse_elf(obj.path).dynamic_symbols
+            symbols = parse_elf(obj.path).dynamic_symbols(_DATA_TYPES)
         else:
-            symbols = parse_elf(table.source, DEBUG_CONFIG).symtab_symbols
+            symbols = parse_elf(table.source).symtab_symbols(_DATA_TYPES)
         data = {}
         for sym in symbols:
-            if sym.type == lief.ELF.Symbol.TYPE.OBJECT and sym.shndx != 0:
+            if sym.type == elffile.STT_OBJECT and sym.shndx != 0:
                 data.setdefault(sym.name, []).append((sym.value, sym.size))
         _data_tables[obj] = data
     return data

@@ -188,7 +188,7 @@ def _check_descriptor(path: str) -> None:
         raise HotpatchError(f"{path}: not a patch module: not an ELF file (a C patch module "
                             f"is a shared object built with `hotpatch build`, a Python one "
                             f"ends in .py)")
-    defined = {sym.name for sym in binary.dynamic_symbols if sym.shndx != 0}
+    defined = {sym.name for sym in binary.dynamic_symbols() if sym.shndx != 0}
     missing = [name for name in _DESCRIPTOR_SYMBOLS if name not in defined]
     if missing:
         raise HotpatchError(f"{path}: not a hotpatch patch module: it does not export "
