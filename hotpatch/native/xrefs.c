@@ -450,3 +450,45 @@ out:
     free(wanted);
     return rc;
 }
+
+/* ---- one function -------------------------------------------------- */
+
+/* Linear sweep of `code` (placed at `address`) that stops at the first byte
+ * that does not start an instruction, or at the first instruction starting
+ * at or after `stop`: the entry analysis's view of one function.  The end
+ * of the last instruction decoded goes to `*decoded_end`; the relative
+ * branches (source, target) to `sources`/`targets` (the first `capacity`);
+ * returns how many there are, or -1 where capstone cannot be used. */
+long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
+                          uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
+                          long capacity)
+{
+    csh handle;
+    cs_insn *insn;
+    long found = 0;
+
+    *decoded_end = address;
+    if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
+        return -1;
+    if (!(insn = cs.malloc(handle))) {
+        cs.close(&handle);
+        return -1;
+    }
+    while (len && address < stop) {
+        uint64_t at = address, target;
+        if (!cs.disasm_iter(handle, &code, &len, &address, insn))
+            break;
+        *decoded_end = address;
+        if (relative_target(insn, &target)) {
+            if (found < capacity) {
+                sources[found] = at;
+                targets[found] = target;
+            }
+            found++;
+        }
+    }
+    cs.free(insn, 1);
+    cs.close(&handle);
+    return found;
+}
+

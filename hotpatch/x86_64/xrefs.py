@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import capstone
-
 from hotpatch._native import ffi, lib
 from hotpatch.errors import HotpatchError
 
@@ -37,17 +35,6 @@ from .decode import sweep
 __all__ = ["BranchIndex", "index_branches"]
 
 _MAX_INSTRUCTION = 15
-
-
-def _load_capstone() -> None:
-    # The very file capstone's binding loaded: one copy of the library in
-    # the process, and the version the binding was built for.
-    err = ffi.new("char[]", 256)
-    if lib.hp_capstone_load(capstone._cs._name.encode(), err) != 0:
-        raise HotpatchError(ffi.string(err).decode(errors="replace"))
-
-
-_load_capstone()
 
 
 class BranchIndex:
