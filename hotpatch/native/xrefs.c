@@ -463,16 +463,20 @@ long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uin
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
                           long capacity)
 {
-    csh handle;
-    cs_insn *insn;
+    /* One handle per patching thread, kept: opening one costs more than
+     * decoding a small function. */
+    static __thread csh handle;
+    static __thread cs_insn *insn;
     long found = 0;
 
     *decoded_end = address;
-    if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
-        return -1;
-    if (!(insn = cs.malloc(handle))) {
-        cs.close(&handle);
-        return -1;
+    if (!insn) {
+        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
+            return -1;
+        if (!(insn = cs.malloc(handle))) {
+            cs.close(&handle);
+            return -1;
+        }
     }
     while (len && address < stop) {
         uint64_t at = address, target;
@@ -487,8 +491,6 @@ long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uin
             found++;
         }
     }
-    cs.free(insn, 1);
-    cs.close(&handle);
     return found;
 }
 
