@@ -17,7 +17,7 @@ Python tick gap, the sleeper's worst lateness and the busy threads' longest
 gap overlapping it:
 
 1. ``import hotpatch``, then the first use of ``hotpatch.register``, which
-   imports the core (lief and capstone with it);
+   imports the core (capstone and cffi with it);
 2. the first ``register()`` of the process: one libz function (``crc32``,
    redirected to libz's own ``adler32``, same signature): loaded objects
    listed, libz's symbol table read, its branch index built, the ptrace
@@ -58,7 +58,7 @@ STEPS = ("import", "import_core", "first_register", "disable_1", "enable_1", "re
          "disable_1000", "enable_1000", "load_module")
 STEP_TITLES = {
     "import": "import hotpatch",
-    "import_core": "first use of hotpatch.register (imports the core: lief, capstone)",
+    "import_core": "first use of hotpatch.register (imports the core: capstone, cffi)",
     "first_register": "first register(): 1 libz function (symbols, index, helper)",
     "disable_1": "disable 1 function",
     "enable_1": "enable 1 function",
@@ -224,7 +224,7 @@ def child() -> None:
     results["import"] = _measure(ticker, threads, lambda: __import__("hotpatch"))
     import hotpatch
     # The public names are imported on first use (hotpatch/__init__.py):
-    # this is where lief and capstone are loaded.
+    # this is where capstone and the C core are loaded.
     results["import_core"] = _measure(ticker, threads, lambda: hotpatch.register)
     from hotpatch import Func, Object, Patch
 

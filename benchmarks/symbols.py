@@ -3,7 +3,7 @@
 ``run()`` returns machine-readable results (medians of repeats):
 
 * ``parse_ms``: reading the symbol tables of each loaded object's file
-  (lief parse, function symbols, debug file if one is used);
+  (the ELF parse, function symbols, debug file if one is used);
 * ``lookups``: resolving 1,000 names in the largest loaded object (by file
   size), ``first`` from a cold cache (the parse included) and ``cached``.
 
