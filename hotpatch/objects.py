@@ -13,6 +13,7 @@ import ctypes
 import os
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from hotpatch import _procfs
 from hotpatch._locks import OperationLock
@@ -149,10 +150,27 @@ def _describe_loaded() -> list[LoadedObject]:
     return objects
 
 
+class _Phdr(NamedTuple):
+    p_type: int
+    p_flags: int
+    p_offset: int
+    p_vaddr: int
+    p_paddr: int
+    p_filesz: int
+    p_memsz: int
+    p_align: int
+
+
+_PHDR = struct.Struct("<IIQQQQQQ")
+
+
 def _describe(entry) -> LoadedObject:
     name = os.fsdecode(ffi.string(entry.name)) or None
     base = int(entry.base)
-    phdrs = [entry.phdr[i] for i in range(entry.phnum)]
+    # Copied out of cffi once: each field read through cdata costs as much
+    # as unpacking the whole header.
+    phdrs = [_Phdr._make(fields) for fields in
+             _PHDR.iter_unpack(ffi.buffer(entry.phdr)[:entry.phnum * _PHDR.size])]
     loads = [(base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz)
              for ph in phdrs if ph.p_type == PT_LOAD]
     path = _realpath(name) if name else _main_program_path()
