@@ -515,7 +515,7 @@ def _service_verdicts(r: dict) -> list[tuple[str, str, str, float, float, bool]]
     out = []
     stall = r["targets_ms"]["stall"]
     for load in r["loads"]:
-        res = r["results"][load["label"]]
+        res = r["results"].get(load["label"], {})
         for step in SERVICE_SINGLE_STEPS:
             for key in ("tick_gap_ms", "sleeper_late_ms"):
                 s = res.get(step, {}).get(key)
@@ -550,8 +550,15 @@ def service_section(r: dict, images: str) -> str:
            "names.", ""]
     columns = ["step", "wall ms", "Python tick gap ms", "control", "native sleeper late ms",
                "control", "busy gap ms", "control"]
+    for failure in r.get("failures", []):
+        out.append(f"- **A child failed** ({failure['load']}), left out of the figures: "
+                   f"{failure['error']}")
+    if r.get("failures"):
+        out.append("")
     for load in r["loads"]:
-        res = r["results"][load["label"]]
+        res = r["results"].get(load["label"])
+        if res is None:
+            continue
         rows = []
         for step in r["steps"]:
             s = res.get(step)
@@ -672,7 +679,7 @@ def targets_section(series: dict) -> str:
                     f"{num(worst[3], ' ms')} ({sv['step_titles'][worst[1]]}; control "
                     f"{num(control['median'], ' ms') if control else '—'})",
                     all(v[5] for v in mine)))
-            first = sv["results"][load["label"]].get("first_register", {}).get("wall_ms")
+            first = sv["results"].get(load["label"], {}).get("first_register", {}).get("wall_ms")
             if first and load["busy"] in (0, 8):
                 rows.append(_target(f"first patch < {num(sv['targets_ms']['first_patch'])} ms "
                                     f"including symbol resolution, {load['label']}",
@@ -851,7 +858,7 @@ def _plot_service(r: dict, path: str) -> None:
     steps = r["steps"]
     fig, axes = plt.subplots(1, len(r["loads"]), figsize=(5 * len(r["loads"]), 6), sharey=True)
     for ax, load in zip(axes, r["loads"]):
-        res = r["results"][load["label"]]
+        res = r["results"].get(load["label"], {})
         for i, (key, name, color) in enumerate((("tick_gap_ms", "Python tick gap", "C0"),
                                                 ("control_tick_gap_ms", "its control", "C9"),
                                                 ("sleeper_late_ms", "native sleeper late", "C3"),

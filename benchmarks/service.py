@@ -43,7 +43,7 @@ import threading
 import time
 
 from . import native
-from .common import Options, child_params, emit, run_child, summary
+from .common import ChildFailed, Options, child_params, emit, run_child, summary
 
 #: (label, busy native threads)
 LOADS = (("idle", 0), ("2 busy", 2), ("8 busy", 8))
@@ -115,17 +115,23 @@ def run(opts: Options) -> dict:
     params = {"library": native.build_generated(BIG), "threads": native.build_stop_threads(),
               "module": _build_module()}
     raw = {label: [] for label, _ in LOADS}
+    failures = []       # a child that failed is a result too
     load_before = os.getloadavg()
     # Loads interleaved child by child: the machine's load drifts.
     for _ in range(_children(opts)):
         for label, busy in LOADS:
-            raw[label].append(run_child("service", {**params, "busy": busy}, timeout=300)[-1])
+            try:
+                raw[label].append(run_child("service", {**params, "busy": busy}, timeout=300)[-1])
+            except ChildFailed as e:
+                lines = [line for line in str(e).splitlines() if line.strip()]
+                failures.append({"load": label, "error": lines[-1] if lines else str(e)})
     return {"title": "What the service feels", "big": BIG, "children": _children(opts),
             "loads": [{"label": label, "busy": busy} for label, busy in LOADS],
             "steps": list(STEPS), "step_titles": STEP_TITLES,
             "targets_ms": {"stall": STALL_MS, "first_patch": FIRST_PATCH_MS},
             "loadavg": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-            "results": {label: _summarize(runs) for label, runs in raw.items()}}
+            "failures": failures,
+            "results": {label: _summarize(runs) for label, runs in raw.items() if runs}}
 
 
 def _summarize(runs: list[dict]) -> dict:
