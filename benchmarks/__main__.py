@@ -27,7 +27,7 @@ from .common import Options
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 #: Our series, in the order they run and are reported.
-SERIES = ("overhead", "apply", "reach", "stop")
+SERIES = ("overhead", "apply", "reach", "stop", "service")
 #: Series owned by other modules: symbols resolution (benchmarks/symbols.py),
 #: and the loader hook's cost on dlopen (benchmarks/loader.py, once the loader exists).
 EXTERNAL = ("symbols", "loader")

@@ -3,7 +3,7 @@
 ``run()`` returns machine-readable results (medians of repeats):
 
 * ``parse_ms``: reading the symbol tables of each loaded object's file
-  (lief parse, function symbols, debug file if one is used);
+  (the ELF parse, function symbols, debug file if one is used);
 * ``lookups``: resolving 1,000 names in the largest loaded object (by file
   size), ``first`` from a cold cache (the parse included) and ``cached``.
 
@@ -19,7 +19,7 @@ import statistics
 import time
 from contextlib import contextmanager
 
-from hotpatch import symbols
+from hotpatch import elf, symbols
 
 CACHED_TARGET_NS = 5_000
 LIBPYTHON_PARSE_TARGET_MS = 200
@@ -40,13 +40,13 @@ def _cold_cache():
 
     Reaches into the module's two cache dicts: a benchmark may, callers may not.
     """
-    saved_files, saved_objects = symbols._files.copy(), symbols._objects.copy()
+    saved_files, saved_objects = elf._files.copy(), elf._objects.copy()
     symbols.cache_clear()
     try:
         yield
     finally:
-        symbols._files.update(saved_files)
-        symbols._objects.update(saved_objects)
+        elf._files.update(saved_files)
+        elf._objects.update(saved_objects)
 
 
 def _names_to_resolve(obj: symbols.LoadedObject, count: int) -> list[str]:
@@ -70,7 +70,7 @@ def run(repeats: int = 5, names: int = 1000) -> dict:
     """Time first parses and lookups; return the medians as a dict."""
     objects = symbols.loaded_objects()
     parse_ms = {
-        o.basename: 1e3 * _median_seconds(lambda: symbols._parse_file(o.path), repeats)
+        o.basename: 1e3 * _median_seconds(lambda: elf.parse_file(o.path), repeats)
         for o in objects
     }
     largest = max(objects, key=lambda o: os.path.getsize(o.path))

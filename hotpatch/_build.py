@@ -119,6 +119,18 @@ int hp_shadow_free_each(void *obj, unsigned long id, int all, hp_shadow_dtor_wit
 unsigned long hp_shadow_live(void);
 unsigned long hp_shadow_bucket(void *obj, unsigned long id);
 uintptr_t hp_api_table(void);
+
+struct hp_branch_index;
+int hp_capstone_load(const char *path, char *err);
+struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
+                                              const uintptr_t *starts, size_t nstarts,
+                                              char *err);
+long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
+                          uint64_t *sources, uint64_t *targets, long capacity);
+void hp_branch_index_free(struct hp_branch_index *ix);
+long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
+                          uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
+                          long capacity);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);
 extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 """
@@ -126,7 +138,15 @@ extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 _here = os.path.dirname(os.path.abspath(__file__))
 _native = os.path.join(_here, "native")
 SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "gotslot.c", "stop.c", "check.c",
-           "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c"]
+           "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c", "xrefs.c"]
+
+
+def _capstone_include() -> str:
+    """capstone.h from the capstone wheel (a build requirement): xrefs.c
+    calls the C library that wheel ships, loaded at run time by path."""
+    import capstone
+    return os.path.join(os.path.dirname(capstone.__file__), "include")
+
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -135,7 +155,7 @@ ffibuilder.set_source(
     '#include "hotpatch_core.h"\n',
     # Relative to the project root, where setuptools builds.
     sources=[os.path.relpath(os.path.join(_native, name)) for name in SOURCES],
-    include_dirs=[_native],
+    include_dirs=[_native, _capstone_include()],
     # Hidden: nothing but the module's init is exported, and calls between
     # the core's files are direct -- the ptrace helper, which unmaps all but
     # the core's code, never goes through a PLT.

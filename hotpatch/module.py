@@ -18,7 +18,7 @@ import traceback
 
 from cffi import FFI
 
-from . import core, symbols
+from . import core, elf, symbols
 from .errors import HotpatchError
 
 INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
@@ -183,12 +183,12 @@ def _check_descriptor(path: str) -> None:
     """Refuse a file that does not export the descriptor, read from its
     dynamic symbols before it is opened: dlopen runs its constructors, and
     RTLD_NODELETE would keep it mapped for life."""
-    binary = symbols._parse_elf(path)
+    binary = elf.parse_elf(path)
     if binary is None:
         raise HotpatchError(f"{path}: not a patch module: not an ELF file (a C patch module "
                             f"is a shared object built with `hotpatch build`, a Python one "
                             f"ends in .py)")
-    defined = {sym.name for sym in binary.dynamic_symbols if sym.shndx != 0}
+    defined = {sym.name for sym in binary.dynamic_symbols() if sym.shndx != 0}
     missing = [name for name in _DESCRIPTOR_SYMBOLS if name not in defined]
     if missing:
         raise HotpatchError(f"{path}: not a hotpatch patch module: it does not export "

@@ -16,6 +16,7 @@ reused by every later ``register()``: cffi callbacks are never freed.
 from __future__ import annotations
 
 import ctypes
+import functools
 import inspect
 import logging
 import threading
@@ -23,12 +24,22 @@ import threading
 import _cffi_backend
 import cffi
 
-from . import sites
+from . import objects, sites
 from ._native import ffi
 from .errors import HotpatchError, UnsafeToPatch
 
 _log = logging.getLogger("hotpatch")
-_callback_ffi = cffi.FFI()   # parses the signatures of Python callables
+
+
+@functools.cache
+def _callback_ffi() -> cffi.FFI:
+    """The FFI that parses the signatures of Python callables, made on first
+    need: cffi.FFI() imports pycparser, 0.1 s of import (part of it with the
+    GIL held in one piece) that a patch without Python callables never
+    needs."""
+    return cffi.FFI()
+
+
 # (callable's id, signature, target) -> _Callback; holds them for the process's life
 _callbacks: dict[tuple, "_Callback"] = {}
 # The arguments of the Python replacement running in this thread, for
@@ -44,7 +55,7 @@ def function_type(where: str, signature: str):
     try:
         # A function type ("long(long)") read as a pointer to it, as
         # ffi.callback() reads its first argument.
-        ftype = _callback_ffi._typeof(signature, consider_function_as_funcptr=True)
+        ftype = _callback_ffi()._typeof(signature, consider_function_as_funcptr=True)
     except (cffi.CDefError, cffi.FFIError, TypeError, ValueError, KeyError) as e:
         reason = " ".join(str(e).split())
         raise HotpatchError(f"{where}: bad signature {signature!r}: {reason}") from None
@@ -82,8 +93,8 @@ class _Callback:
         self.new = new           # keeps id(new) in the cache key unique
         self.func = None
         self.void = ftype.result.kind == "void"
-        self.cdata = _callback_ffi.callback(ftype, self._call, onerror=self._unconvertible)
-        self.address = int(_callback_ffi.cast("uintptr_t", self.cdata))
+        self.cdata = _callback_ffi().callback(ftype, self._call, onerror=self._unconvertible)
+        self.address = int(_callback_ffi().cast("uintptr_t", self.cdata))
 
     def _call(self, *args):
         try:
@@ -158,7 +169,7 @@ def original_caller(func):
     else:
         raise HotpatchError(f"{func.old_name}: call_original needs the func's C signature "
                             f"(Func(..., signature=\"long(long)\"))")
-    return _callback_ffi.cast(ftype.cname, func.original)
+    return _callback_ffi().cast(ftype.cname, func.original)
 
 
 def _cdata_address(new) -> int:
@@ -194,6 +205,12 @@ def code_address(func) -> tuple[int, object]:
 def _check_executable(func, address: int) -> None:
     """Refuse new code outside executable memory (a data buffer, a stale
     address): the first call through the redirect would crash."""
+    # Code of a loaded object is the common case, answered from the cached
+    # list of objects; reading the maps costs about a millisecond a call,
+    # a second for a patch of 1,000 functions.
+    for obj in objects.loaded_objects():
+        if objects.inside(obj.exec_ranges, address):
+            return
     for lo, hi in sites.executable_ranges():
         if lo <= address < hi:
             return

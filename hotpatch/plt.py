@@ -58,7 +58,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from . import symbols
+from . import objects, symbols
 from ._locks import OperationLock
 from ._native import ffi, lib
 from .errors import HotpatchError
@@ -234,12 +234,12 @@ def forget_object(obj: symbols.LoadedObject) -> None:
     writing nothing (its memory may be gone)."""
     with _lock.operation(f"forget the PLT slots of {obj}"):
         for entry in list(_records):
-            inside = symbols._inside(obj.exec_ranges, entry)
+            inside = objects.inside(obj.exec_ranges, entry)
             for slot in list(_records[entry]):
                 if inside or slot.base == obj.base:
                     _forget(entry, slot)
         for entry in list(_targets):
-            if symbols._inside(obj.exec_ranges, entry):
+            if objects.inside(obj.exec_ranges, entry):
                 del _targets[entry]
 
 

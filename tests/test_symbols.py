@@ -19,7 +19,7 @@ import _json
 import pytest
 
 from conftest import compile_library
-from hotpatch import symbols
+from hotpatch import elf, symbols
 from hotpatch.errors import AmbiguousSymbol, HotpatchError, SymbolNotFound, UnsafeToPatch
 
 
@@ -256,8 +256,8 @@ def test_second_lookup_reads_no_file(build, monkeypatch):
     path = cc(build / "libcached.so", "dup_a.c")
     obj = load(path)
     parsed = []
-    parse = symbols._parse_file
-    monkeypatch.setattr(symbols, "_parse_file", lambda p: parsed.append(p) or parse(p))
+    parse = elf.parse_file
+    monkeypatch.setattr(elf, "parse_file", lambda p: parsed.append(p) or parse(p))
     first = symbols.resolve(obj, "dup_a")
     assert symbols.resolve(obj, "dup_a") == first
     assert symbols.resolve(obj, "helper") != first

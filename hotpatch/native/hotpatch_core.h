@@ -14,6 +14,7 @@
  *   caller.c      the shared caller of the ftrace-style call path
  *   crash.c       the crash report of a live-patched process
  *   loader.c      the loader hook: COMING/GOING events from the dynamic linker
+ *   xrefs.c       the direct branches landing in a range (capstone's C library)
  *   shadow.c      shadow variables, and the table patch modules call the core through
  *
  * Policy (what to patch, the bytes, the stacks of patches) lives in Python.
@@ -57,6 +58,19 @@ struct hp_loaded_object {
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
 long hp_read_memory(uintptr_t address, void *out, size_t len);
+
+/* --- xrefs.c ------------------------------------------------------- */
+struct hp_branch_index;
+int hp_capstone_load(const char *path, char *err);
+struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
+                                              const uintptr_t *starts, size_t nstarts,
+                                              char *err);
+long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
+                          uint64_t *sources, uint64_t *targets, long capacity);
+void hp_branch_index_free(struct hp_branch_index *ix);
+long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
+                          uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
+                          long capacity);
 
 /* --- maps.c -------------------------------------------------------- */
 #define HP_MAX_MAPPINGS 65536

@@ -2,10 +2,11 @@
 
 ``decode`` (capstone) turns machine code into :class:`Instruction` records,
 ``encode`` is the writer, ``relocate`` the relocator and ``entry`` the
-analysis of a function's entry.  Nothing here writes to memory.
+analysis of a function's entry.  Nothing here writes to memory.  Where Python was the cost (scanning a whole
+function), capstone's C library is driven from the C core (``native/xrefs.c``).
 """
 
-from .decode import (Instruction, decode, decode_one, described, iter_decode, relative_branches,
+from .decode import (Instruction, decode, decode_one, described, function_branches, iter_decode,
                      sweep)
 from .encode import (JMP_REL32_SIZE, JMP_RIP_INDIRECT_SIZE, call_abs, call_rel32,
                      in_reach, jcc_rel32, jmp_abs, jmp_rel32, jmp_rip_indirect, nops)
@@ -13,7 +14,7 @@ from .entry import EntryPlan, analyze_entry, build_original, original_stub_size_
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
 __all__ = [
-    "Instruction", "decode", "decode_one", "described", "iter_decode", "relative_branches",
+    "Instruction", "decode", "decode_one", "described", "function_branches", "iter_decode",
     "sweep",
     "JMP_REL32_SIZE", "JMP_RIP_INDIRECT_SIZE", "call_abs", "call_rel32",
     "in_reach", "jcc_rel32", "jmp_abs", "jmp_rel32", "jmp_rip_indirect", "nops",

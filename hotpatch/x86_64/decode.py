@@ -9,16 +9,28 @@ its text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import capstone
 from capstone import x86_const as X
 
+from hotpatch._native import ffi, lib
 from hotpatch.errors import UnsafeToPatch
 
-__all__ = ["Instruction", "boundary_before", "decode", "decode_one"]
+__all__ = ["Instruction", "boundary_before", "decode", "decode_one", "function_branches"]
 
 _MASK64 = (1 << 64) - 1
+
+def _load_capstone() -> None:
+    # The C core drives capstone's C library where Python is the cost: the
+    # very file capstone's binding loaded (one copy of the library in the
+    # process, the version the binding was built for).
+    err = ffi.new("char[]", 256)
+    if lib.hp_capstone_load(capstone._cs._name.encode(), err) != 0:
+        raise ImportError(ffi.string(err).decode(errors="replace"))
+
+
+_load_capstone()
 
 # One instance for the process: creating a Cs handle costs far more than
 # decoding a function.
@@ -31,11 +43,6 @@ _CS_LITE = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 # returns, and prefixed forms of them ("bnd jmp", "notrack call").
 _DETAILED_PREFIXES = ("j", "call", "ret", "iret", "loop", "lcall", "ljmp", "xbegin", "bnd",
                       "notrack")
-_RELATIVE_BRANCH_MNEMONICS = frozenset({
-    "jmp", "call", "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns",
-    "jp", "jnp", "jl", "jge", "jle", "jg", "jrcxz", "jecxz", "loop", "loope",
-    "loopne", "xbegin",
-})
 
 _JCC = frozenset({
     X.X86_INS_JO, X.X86_INS_JNO, X.X86_INS_JB, X.X86_INS_JAE,
@@ -134,16 +141,26 @@ def decode(code: bytes, address: int) -> list[Instruction]:
     return list(iter_decode(code, address))
 
 
-def relative_branches(swept: Iterable[tuple[int, int, str, str]]) -> list[tuple[int, str, int]]:
-    """``(address, text, absolute target)`` of every relative branch of a
-    :func:`sweep`: without details, a relative branch's operand text is its
-    target."""
-    branches = []
-    for at, _, mnemonic, op_str in swept:
-        # Prefixed forms ("bnd jmp") keep the branch as their last word.
-        if mnemonic.rsplit(" ", 1)[-1] in _RELATIVE_BRANCH_MNEMONICS and op_str.startswith("0x"):
-            branches.append((at, f"{mnemonic} {op_str}", int(op_str, 16)))
-    return branches
+def function_branches(code: bytes, address: int, stop: int) -> tuple[int, list[tuple[int, int]]]:
+    """Linear sweep of ``code`` placed at ``address`` up to the first
+    instruction at or after ``stop`` (or the first undecodable byte), in the
+    C core with capstone's C library: ``(end of the last instruction
+    decoded, [(source, target) of each relative branch]``).  A function of
+    thousands of instructions took milliseconds through the Python
+    binding."""
+    code = bytes(code)
+    end = ffi.new("uint64_t *")
+    capacity = 64
+    while True:
+        sources = ffi.new("uint64_t[]", capacity)
+        targets = ffi.new("uint64_t[]", capacity)
+        count = lib.hp_function_branches(code, len(code), address, stop, end,
+                                         sources, targets, capacity)
+        if count < 0:
+            raise UnsafeToPatch(f"{address:#x}: capstone's C library cannot be used")
+        if count <= capacity:
+            return end[0], [(sources[i], targets[i]) for i in range(count)]
+        capacity = count
 
 
 def boundary_before(code: bytes, start: int, address: int) -> int | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from hotpatch.errors import UnsafeToPatch
 
-from .decode import Instruction, described, iter_decode, relative_branches, sweep
+from .decode import Instruction, described, function_branches, iter_decode, sweep
 from .encode import JMP_REL32_SIZE
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
@@ -82,14 +82,14 @@ def analyze_entry(read: Callable[[int, int], bytes], entry: int, *,
     endbr = code.startswith(ENDBR64)
     address = entry + len(ENDBR64) if endbr else entry
     _check_inside_segment(entry, max(function_end or 0, address + JMP_REL32_SIZE), segment_end)
-    # One sweep serves the entry's head and the scan of the whole function.
-    swept = sweep(code, entry)
-    head = _head(swept, code, entry, address)
+    # The head lies within the first _READ_AHEAD bytes; the whole function
+    # is scanned in C (_check_no_branch_into).
+    head = _head(sweep(code[:_READ_AHEAD], entry), code, entry, address)
     plan = (_skippable_plan(head, code, entry, address, function_end, endbr, fentry_targets)
             or _generic_plan(head, code, entry, address, function_end, endbr))
     _check_inside_segment(entry, plan.address + plan.length, segment_end)
     if function_end is not None:
-        _check_no_branch_into(swept, entry, function_end, plan)
+        _check_no_branch_into(code, entry, function_end, plan)
     if branches_into is not None and not plan.single_instruction:
         _check_no_foreign_branch_into(branches_into, plan)
     return plan
@@ -278,22 +278,22 @@ def _check_replaceable(taken: list[Instruction], address: int, length: int) -> N
     check_relocatable(taken, (address, end))
 
 
-def _check_no_branch_into(swept, entry: int, function_end: int, plan: EntryPlan) -> None:
+def _check_no_branch_into(code: bytes, entry: int, function_end: int, plan: EntryPlan) -> None:
     """Refuse when a branch of the function lands strictly inside the replaced bytes."""
-    inside = [item for item in swept if item[0] < function_end]
-    decoded = inside[-1][0] + inside[-1][1] if inside else entry
+    decoded, branches = function_branches(code, entry, function_end)
     if decoded != function_end:
         raise UnsafeToPatch(f"cannot decode the function at {entry:#x} up to its end "
                             f"{function_end:#x} (undecodable bytes at {decoded:#x}), so "
                             f"branches into its first bytes cannot be ruled out")
     lo, hi = plan.address, plan.address + plan.length
-    for at, text, target in relative_branches(inside):
+    for at, target in branches:
         # Branches among the replaced instructions move with them.
         if lo <= at < hi:
             continue
         if lo < target < hi:
+            _, _, mnemonic, op_str = sweep(code[at - entry:at - entry + 15], at)[0]
             raise UnsafeToPatch(f"a branch lands inside the replaced bytes [{lo:#x}, {hi:#x}): "
-                                f"{at:#x}: {text} goes to {target:#x}")
+                                f"{at:#x}: {mnemonic} {op_str} goes to {target:#x}")
 
 
 def _check_no_foreign_branch_into(branches_into, plan: EntryPlan) -> None:

@@ -1,0 +1,496 @@
+/*
+ * xrefs.c -- the direct branches of a loaded object that land in a range.
+ *
+ * The policy (which branches make a redirect unsafe) is in Python
+ * (x86_64/xrefs.py, x86_64/entry.py).  This file answers "which relative
+ * branches of the object land in [lo, hi)" without sweeping the whole object
+ * first: capstone -- the C library the capstone wheel ships, which its
+ * Python binding has already loaded -- decodes about 2 instructions a
+ * microsecond here, so a sweep of libc costs a quarter of a second, and the
+ * first patch of a process must cost a few milliseconds.
+ *
+ *  1. Prefilter on raw bytes.  At index time every byte position whose bytes
+ *     could encode a rel32 branch (E8, E9, 0F 8x, C7 F8) aimed inside the
+ *     object is bucketed by target; rel8 forms (7x, EB, E0-E3) reach only
+ *     +-128 bytes, so a query looks for them in the bytes around [lo, hi).
+ *     Every real branch is among these candidates; most candidates that are
+ *     not branches aim outside the object or outside [lo, hi).
+ *  2. Confirm by decoding.  A candidate is decoded with capstone as part of
+ *     its *region*: from the function symbol start (or executable segment
+ *     start) before it, by linear sweep, one byte past anything undecodable
+ *     -- the real instruction boundaries, which a sweep of the whole object
+ *     also finds once it is in step at a function's start.  A region is
+ *     decoded once and its branches kept.
+ *
+ * cffi releases the GIL around every call into this module, so the
+ * service's Python threads keep running while regions are decoded.
+ */
+#include <capstone/capstone.h>
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "hotpatch_core.h"
+
+#define BUCKET_SHIFT 6          /* candidates bucketed by 64-byte target blocks */
+#define REL8_REACH 130          /* a rel8 branch ends within 127 bytes before, 128 after */
+
+struct branch {
+    uint64_t target;
+    uint64_t source;
+};
+
+struct segment {                /* one executable range, copied */
+    uintptr_t lo, hi;
+    uint8_t *code;
+    uint32_t *bucket_start;     /* (hi - lo) >> BUCKET_SHIFT buckets + 1 */
+    uint32_t *candidates;       /* offsets of rel32 opcodes, by target bucket */
+};
+
+struct region {                 /* [start, next region's start) */
+    uintptr_t start;
+    int decoded;
+    uint32_t n;
+    struct branch *branches;
+};
+
+struct hp_branch_index {
+    pthread_mutex_t lock;       /* regions are decoded on demand */
+    csh handle;
+    cs_insn *insn;
+    int nsegments;
+    struct segment *segments;
+    size_t nregions;
+    struct region *regions;     /* sorted by start */
+};
+
+/* The few entry points of libcapstone used here, looked up once. */
+static struct {
+    cs_err (*open)(cs_arch, cs_mode, csh *);
+    cs_err (*close)(csh *);
+    cs_insn *(*malloc)(csh);
+    bool (*disasm_iter)(csh, const uint8_t **, size_t *, uint64_t *, cs_insn *);
+    void (*free)(cs_insn *, size_t);
+} cs;
+static pthread_mutex_t cs_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Load libcapstone from `path` (the file capstone's binding loaded): 0, or
+ * -1 with the reason in `err`.  Idempotent. */
+int hp_capstone_load(const char *path, char *err)
+{
+    int rc = 0;
+    pthread_mutex_lock(&cs_lock);
+    if (!cs.disasm_iter) {
+        void *lib = dlopen(path, RTLD_NOW);
+        if (!lib) {
+            snprintf(err, HP_ERRLEN, "cannot load %s: %s", path, dlerror());
+            rc = -1;
+        } else {
+            cs.open = dlsym(lib, "cs_open");
+            cs.close = dlsym(lib, "cs_close");
+            cs.malloc = dlsym(lib, "cs_malloc");
+            cs.free = dlsym(lib, "cs_free");
+            cs.disasm_iter = dlsym(lib, "cs_disasm_iter");
+            if (!cs.open || !cs.close || !cs.malloc || !cs.free || !cs.disasm_iter) {
+                snprintf(err, HP_ERRLEN, "%s lacks the cs_disasm_iter API", path);
+                memset(&cs, 0, sizeof cs);
+                rc = -1;
+            }
+        }
+    }
+    pthread_mutex_unlock(&cs_lock);
+    return rc;
+}
+
+/* ---- 1. the prefilter ------------------------------------------------ */
+
+static int32_t rel32_at(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* Where the rel32 branch whose opcode is at code[i] would end (its target
+ * is that end + the displacement), or 0 if these bytes cannot be one. */
+static size_t rel32_end(const uint8_t *code, size_t len, size_t i)
+{
+    if ((code[i] == 0xE8 || code[i] == 0xE9) && i + 5 <= len)
+        return i + 5;
+    if (i + 6 <= len && ((code[i] == 0x0F && (code[i + 1] & 0xF0) == 0x80)
+                         || (code[i] == 0xC7 && code[i + 1] == 0xF8)))
+        return i + 6;
+    return 0;
+}
+
+/* The target of the rel8 branch whose opcode is at code[i], if these bytes
+ * can be one (Jcc, JMP, LOOPcc/LOOP/JrCXZ). */
+static int rel8_target(const struct segment *s, size_t i, uintptr_t *target)
+{
+    size_t len = s->hi - s->lo;
+    uint8_t op = s->code[i];
+    if (i + 2 > len || !((op >= 0x70 && op <= 0x7F) || op == 0xEB || (op >= 0xE0 && op <= 0xE3)))
+        return 0;
+    *target = s->lo + i + 2 + (int8_t)s->code[i + 1];
+    return 1;
+}
+
+/* A 0x66 prefix may shrink a rel32 to rel16 as capstone decodes it. */
+static int rel16_target(const struct segment *s, size_t i, uintptr_t *target)
+{
+    size_t len = s->hi - s->lo, end;
+    int16_t d;
+    if (i == 0 || s->code[i - 1] != 0x66)
+        return 0;
+    end = i + ((s->code[i] == 0xE8 || s->code[i] == 0xE9) ? 3 : 4);
+    if (!rel32_end(s->code, len, i) || end > len)
+        return 0;
+    memcpy(&d, s->code + end - 2, 2);
+    *target = s->lo + end + d;
+    return 1;
+}
+
+static const struct segment *segment_of(const struct hp_branch_index *ix, uintptr_t a)
+{
+    for (int i = 0; i < ix->nsegments; i++)
+        if (ix->segments[i].lo <= a && a < ix->segments[i].hi)
+            return &ix->segments[i];
+    return NULL;
+}
+
+/* Bucket every rel32 candidate of `s` aimed inside `s` by its target: one
+ * pass over the bytes, then a counting sort by bucket.  A branch from one
+ * executable segment into another is not a candidate: the objects of a
+ * toolchain have one executable PT_LOAD (text, PLT and init together). */
+static int bucket_candidates(struct segment *s)
+{
+    size_t len = s->hi - s->lo, nbuckets = (len >> BUCKET_SHIFT) + 1, n = 0, room = 4096;
+    uint32_t (*found)[2] = malloc(room * sizeof *found), *fill = NULL;
+    int rc = -1;
+
+    if (!found)
+        return -1;
+    for (size_t i = 0; i + 5 <= len; i++) {
+        uint8_t op = s->code[i];
+        size_t end;
+        int64_t target;
+        if (op != 0xE8 && op != 0xE9 && op != 0x0F && op != 0xC7)
+            continue;
+        if (!(end = rel32_end(s->code, len, i)))
+            continue;
+        target = (int64_t)end + rel32_at(s->code + end - 4);
+        if (target < 0 || (size_t)target >= len)
+            continue;
+        if (n == room) {
+            uint32_t (*more)[2] = realloc(found, (room *= 2) * sizeof *found);
+            if (!more)
+                goto out;
+            found = more;
+        }
+        found[n][0] = (uint32_t)((size_t)target >> BUCKET_SHIFT);
+        found[n++][1] = (uint32_t)i;
+    }
+    s->bucket_start = calloc(nbuckets + 1, sizeof *s->bucket_start);
+    s->candidates = malloc((n + 1) * sizeof *s->candidates);
+    fill = malloc(nbuckets * sizeof *fill);
+    if (!s->bucket_start || !s->candidates || !fill)
+        goto out;
+    for (size_t k = 0; k < n; k++)
+        s->bucket_start[found[k][0] + 1]++;
+    for (size_t b = 0; b < nbuckets; b++)
+        s->bucket_start[b + 1] += s->bucket_start[b];
+    memcpy(fill, s->bucket_start, nbuckets * sizeof *fill);
+    for (size_t k = 0; k < n; k++)
+        s->candidates[fill[found[k][0]]++] = found[k][1];
+    rc = 0;
+out:
+    free(fill);
+    free(found);
+    return rc;
+}
+
+/* ---- 2. confirming by decoding a region ------------------------------ */
+
+static size_t region_of(const struct hp_branch_index *ix, uintptr_t a)
+{
+    size_t first = 0, last = ix->nregions;   /* the last region starting <= a */
+    while (last - first > 1) {
+        size_t mid = first + (last - first) / 2;
+        if (ix->regions[mid].start <= a)
+            first = mid;
+        else
+            last = mid;
+    }
+    return first;
+}
+
+/* Without operand details capstone still prints a relative branch's
+ * operand as its absolute target ("0x1234"): the kind comes from the last
+ * word of the mnemonic ("bnd jmp", "notrack call"), the target from the
+ * text, exactly as capstone reports them. */
+static const char *const relative_mnemonics[] = {
+    "jmp", "call", "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns",
+    "jp", "jnp", "jl", "jge", "jle", "jg", "jrcxz", "jecxz", "loop", "loope",
+    "loopne", "xbegin",
+};
+
+static int relative_target(const cs_insn *insn, uint64_t *target)
+{
+    const char *word = strrchr(insn->mnemonic, ' ');
+    size_t n = sizeof relative_mnemonics / sizeof *relative_mnemonics, i;
+    char *end;
+
+    word = word ? word + 1 : insn->mnemonic;
+    for (i = 0; i < n && strcmp(word, relative_mnemonics[i]); i++)
+        ;
+    if (i == n || strncmp(insn->op_str, "0x", 2))
+        return 0;
+    *target = strtoull(insn->op_str, &end, 16);
+    return *end == 0;
+}
+
+/* Decode region `r` once: linear sweep from its start to the next region's,
+ * stepping one byte past anything undecodable, keeping its branches. */
+static int decode_region(struct hp_branch_index *ix, size_t r)
+{
+    struct region *region = &ix->regions[r];
+    const struct segment *s = segment_of(ix, region->start);
+    uintptr_t stop = r + 1 < ix->nregions ? ix->regions[r + 1].start : s->hi;
+    const uint8_t *code = s->code + (region->start - s->lo);
+    size_t len = s->hi - region->start, capacity = 0;
+    uint64_t address = region->start;
+
+    if (stop > s->hi)
+        stop = s->hi;
+    while (len && address < stop) {
+        uint64_t at = address, target;
+        if (!cs.disasm_iter(ix->handle, &code, &len, &address, ix->insn)) {
+            code++, len--, address++;
+            continue;
+        }
+        if (!relative_target(ix->insn, &target))
+            continue;
+        if (region->n == capacity) {
+            size_t grown = capacity ? 2 * capacity : 8;
+            struct branch *more = realloc(region->branches, grown * sizeof *more);
+            if (!more)
+                return -1;
+            region->branches = more;
+            capacity = grown;
+        }
+        region->branches[region->n++] = (struct branch){ target, at };
+    }
+    region->decoded = 1;
+    return 0;
+}
+
+/* ---- the index ------------------------------------------------------- */
+
+void hp_branch_index_free(struct hp_branch_index *ix)
+{
+    if (!ix)
+        return;
+    for (int i = 0; i < ix->nsegments; i++) {
+        free(ix->segments[i].code);
+        free(ix->segments[i].bucket_start);
+        free(ix->segments[i].candidates);
+    }
+    for (size_t r = 0; r < ix->nregions; r++)
+        free(ix->regions[r].branches);
+    free(ix->segments);
+    free(ix->regions);
+    if (ix->insn)
+        cs.free(ix->insn, 1);
+    if (ix->handle)
+        cs.close(&ix->handle);
+    pthread_mutex_destroy(&ix->lock);
+    free(ix);
+}
+
+static int by_start(const void *a, const void *b)
+{
+    const struct region *x = a, *y = b;
+    return (x->start > y->start) - (x->start < y->start);
+}
+
+/* Copy the `n` ranges [ranges[2i], ranges[2i+1]) of this process's memory
+ * and prefilter them; `starts` (the object's function symbols) begin the
+ * regions decoded on demand.  NULL with the reason in `err`. */
+struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
+                                              const uintptr_t *starts, size_t nstarts,
+                                              char *err)
+{
+    struct hp_branch_index *ix = calloc(1, sizeof *ix);
+
+    if (!cs.disasm_iter) {
+        snprintf(err, HP_ERRLEN, "capstone is not loaded (hp_capstone_load)");
+        free(ix);
+        return NULL;
+    }
+    if (!ix)
+        goto oom;
+    pthread_mutex_init(&ix->lock, NULL);
+    if (cs.open(CS_ARCH_X86, CS_MODE_64, &ix->handle) != CS_ERR_OK
+        || !(ix->insn = cs.malloc(ix->handle))) {
+        snprintf(err, HP_ERRLEN, "cannot open a capstone handle");
+        hp_branch_index_free(ix);
+        return NULL;
+    }
+    ix->segments = calloc(n ? n : 1, sizeof *ix->segments);
+    ix->regions = calloc(nstarts + n + 1, sizeof *ix->regions);
+    if (!ix->segments || !ix->regions)
+        goto oom;
+    for (int i = 0; i < n; i++) {
+        struct segment *s = &ix->segments[ix->nsegments++];
+        size_t len = ranges[2 * i + 1] - ranges[2 * i];
+        s->lo = ranges[2 * i];
+        s->hi = ranges[2 * i + 1];
+        if (!(s->code = malloc(len ? len : 1)))
+            goto oom;
+        /* Copied, never read in place: another thread may unload the
+         * object meanwhile. */
+        if (hp_read_memory(s->lo, s->code, len) != (long)len) {
+            snprintf(err, HP_ERRLEN, "cannot read the code at %#lx (%zu bytes): "
+                     "unmapped meanwhile?", (unsigned long)s->lo, len);
+            hp_branch_index_free(ix);
+            return NULL;
+        }
+        if (bucket_candidates(s))
+            goto oom;
+        ix->regions[ix->nregions++].start = s->lo;
+    }
+    for (size_t i = 0; i < nstarts; i++)
+        if (segment_of(ix, starts[i]))
+            ix->regions[ix->nregions++].start = starts[i];
+    qsort(ix->regions, ix->nregions, sizeof *ix->regions, by_start);
+    return ix;
+oom:
+    snprintf(err, HP_ERRLEN, "out of memory indexing branches");
+    hp_branch_index_free(ix);
+    return NULL;
+}
+
+/* Decode (once) the region holding the candidate opcode at `opcode`, and
+ * mark it for collection; and the region before where the instruction's
+ * prefixes may begin there (an instruction across a symbol's start). */
+static int want_region(struct hp_branch_index *ix, uintptr_t opcode, uint8_t *wanted)
+{
+    size_t last = region_of(ix, opcode), first = region_of(ix, opcode - 14);
+    for (size_t r = first <= last ? first : last; r <= last; r++) {
+        if (!ix->regions[r].decoded && decode_region(ix, r))
+            return -1;
+        wanted[r / 8] |= 1 << (r % 8);
+    }
+    return 0;
+}
+
+static int by_target(const void *a, const void *b)
+{
+    const struct branch *x = a, *y = b;
+    if (x->target != y->target)
+        return x->target < y->target ? -1 : 1;
+    return (x->source > y->source) - (x->source < y->source);
+}
+
+/* The relative branches landing in [lo, hi), by target then source: the
+ * first `capacity` go to `sources` and `targets`; returns how many there
+ * are, or -1 out of memory. */
+long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
+                          uint64_t *sources, uint64_t *targets, long capacity)
+{
+    uint8_t *wanted = calloc(ix->nregions / 8 + 1, 1);
+    struct branch *found = NULL;
+    size_t nfound = 0, room = 0;
+    long rc = -1;
+
+    if (!wanted)
+        return -1;
+    pthread_mutex_lock(&ix->lock);
+    for (int i = 0; i < ix->nsegments; i++) {
+        const struct segment *s = &ix->segments[i];
+        uintptr_t a = lo > s->lo ? lo : s->lo, b = hi < s->hi ? hi : s->hi, t;
+        if (a >= b)
+            continue;
+        /* rel32 candidates aimed at [a, b) */
+        for (size_t bucket = (a - s->lo) >> BUCKET_SHIFT;
+             bucket <= (b - 1 - s->lo) >> BUCKET_SHIFT; bucket++)
+            for (uint32_t k = s->bucket_start[bucket]; k < s->bucket_start[bucket + 1]; k++)
+                if (want_region(ix, s->lo + s->candidates[k], wanted))
+                    goto out;
+        /* rel8 and rel16 candidates: only within reach of [a, b) */
+        size_t from = a - s->lo > REL8_REACH ? a - s->lo - REL8_REACH : 0;
+        size_t to = b - s->lo + REL8_REACH < s->hi - s->lo ? b - s->lo + REL8_REACH : s->hi - s->lo;
+        for (size_t k = from; k < to; k++)
+            if (((rel8_target(s, k, &t) && a <= t && t < b)
+                 || (rel16_target(s, k, &t) && a <= t && t < b))
+                && want_region(ix, s->lo + k, wanted))
+                goto out;
+    }
+    for (size_t r = 0; r < ix->nregions; r++) {
+        if (!(wanted[r / 8] & (1 << (r % 8))))
+            continue;
+        for (uint32_t k = 0; k < ix->regions[r].n; k++) {
+            struct branch br = ix->regions[r].branches[k];
+            if (br.target < lo || br.target >= hi)
+                continue;
+            if (nfound == room) {
+                struct branch *more = realloc(found, (room = room ? 2 * room : 16) * sizeof *more);
+                if (!more)
+                    goto out;
+                found = more;
+            }
+            found[nfound++] = br;
+        }
+    }
+    qsort(found, nfound, sizeof *found, by_target);
+    for (size_t k = 0; k < nfound && (long)k < capacity; k++) {
+        sources[k] = found[k].source;
+        targets[k] = found[k].target;
+    }
+    rc = (long)nfound;
+out:
+    pthread_mutex_unlock(&ix->lock);
+    free(found);
+    free(wanted);
+    return rc;
+}
+
+/* ---- one function -------------------------------------------------- */
+
+/* Linear sweep of `code` (placed at `address`) that stops at the first byte
+ * that does not start an instruction, or at the first instruction starting
+ * at or after `stop`: the entry analysis's view of one function.  The end
+ * of the last instruction decoded goes to `*decoded_end`; the relative
+ * branches (source, target) to `sources`/`targets` (the first `capacity`);
+ * returns how many there are, or -1 where capstone cannot be used. */
+long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
+                          uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
+                          long capacity)
+{
+    /* One handle per patching thread, kept: opening one costs more than
+     * decoding a small function. */
+    static __thread csh handle;
+    static __thread cs_insn *insn;
+    long found = 0;
+
+    *decoded_end = address;
+    if (!insn) {
+        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
+            return -1;
+        if (!(insn = cs.malloc(handle))) {
+            cs.close(&handle);
+            return -1;
+        }
+    }
+    while (len && address < stop) {
+        uint64_t at = address, target;
+        if (!cs.disasm_iter(handle, &code, &len, &address, insn))
+            break;
+        *decoded_end = address;
+        if (relative_target(insn, &target)) {
+            if (found < capacity) {
+                sources[found] = at;
+                targets[found] = target;
+            }
+            found++;
+        }
+    }
+    return found;
+}
+

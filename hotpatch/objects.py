@@ -1,0 +1,310 @@
+"""Loaded objects: the ELF images the dynamic linker has mapped in this process.
+
+A *loaded object* is what ``dl_iterate_phdr`` reports: the main program
+(object ``None``) and every shared object, described from its mapped image
+(load base, executable segments, DT_SONAME, build-id), never from its file:
+the file may have been replaced since.  Memory is read without faulting,
+because another thread may unload the object meanwhile.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from hotpatch import _procfs
+from hotpatch._locks import OperationLock
+from hotpatch._native import ffi, lib
+from hotpatch.errors import HotpatchError
+
+__all__ = ["LoadedObject", "MemoryGone", "loaded_objects", "find_object",
+           "read_memory", "inside", "libc_function", "mapped_file_identity"]
+
+PT_LOAD, PT_DYNAMIC, PT_NOTE = 1, 2, 4
+PF_X = 1
+DT_NULL, DT_STRTAB, DT_SONAME = 0, 5, 14
+NT_GNU_BUILD_ID = 3
+AT_SYSINFO_EHDR = 33
+
+
+# --------------------------------------------------------------------------
+# Loaded objects, described from their mapped images
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadedObject:
+    """One ELF object mapped in this process, as the dynamic linker lists it."""
+
+    #: None for the main program, else the path as the dynamic linker has it
+    name: str | None
+    #: the file (realpath); /proc/thread-self/exe resolved for the main program
+    path: str
+    basename: str
+    soname: str | None
+    #: load bias (l_addr): file virtual address + base = address in memory
+    base: int
+    #: absolute [lo, hi) of the PT_LOAD segments with PF_X
+    exec_ranges: tuple[tuple[int, int], ...]
+    #: NT_GNU_BUILD_ID read from the mapped image
+    build_id: bytes | None
+    #: what a relative Object.name may say: the basenames and the soname
+    names: frozenset = frozenset()
+
+    def __str__(self) -> str:
+        if self.name is None:
+            return f"main program {self.basename}"
+        return self.basename
+
+
+class MemoryGone(HotpatchError):
+    """Memory of a loaded object was unmapped while it was read: another
+    thread unloaded the object."""
+
+
+def read_memory(address: int, size: int) -> bytes:
+    """Bytes of this process's memory, read without faulting: another thread
+    may unload the object meanwhile."""
+    buffer = ffi.new("char[]", size)
+    got = lib.hp_read_memory(address, buffer, size)
+    if got != size:
+        raise MemoryGone(f"the memory at {address:#x} is no longer mapped "
+                         "(its object was unloaded meanwhile?)")
+    return ffi.buffer(buffer, size)[:]
+
+
+def inside(ranges, address: int, size: int = 1) -> bool:
+    # A plain loop: this is on the cached-lookup path, where any() over a
+    # generator costs a third of the time.
+    for lo, hi in ranges:
+        if lo <= address and address + size <= hi:
+            return True
+    return False
+
+
+_LIBC = ctypes.CDLL(None)
+
+
+def libc_function(name: str, restype, *argtypes):
+    function = getattr(_LIBC, name)
+    function.restype = restype
+    function.argtypes = argtypes
+    return function
+
+
+_VDSO = libc_function("getauxval", ctypes.c_ulong, ctypes.c_ulong)(AT_SYSINFO_EHDR)
+
+
+_described: tuple[tuple[int, int] | None, tuple[LoadedObject, ...]] = (None, ())
+# Only ever taken as a query: the list is a cache, and a thread that cannot
+# wait for it (a signal handler that interrupted the describing) describes
+# the objects again without it.
+_described_lock = OperationLock(
+    2, lambda what: HotpatchError(f"{what}: already listing loaded objects in this thread"))
+
+
+def _generation() -> tuple[int, int]:
+    adds, subs = ffi.new("unsigned long long *"), ffi.new("unsigned long long *")
+    lib.hp_loaded_generation(adds, subs)
+    return adds[0], subs[0]
+
+
+def loaded_objects() -> list[LoadedObject]:
+    """Every object mapped in the process, in the dynamic linker's order.
+
+    The vdso is left out: it has no file, hence no symbol table to read.
+    Describing every object costs about a millisecond, so the list is kept
+    until the dynamic linker's load or unload count changes.
+    """
+    global _described
+    # Read before listing: a load in between makes the next call list again.
+    generation = _generation()
+    with _described_lock.query() as held:
+        if not held:
+            return _describe_loaded()
+        if _described[0] != generation:
+            _described = (generation, tuple(_describe_loaded()))
+        return list(_described[1])
+
+
+def _describe_loaded() -> list[LoadedObject]:
+    capacity = 64
+    while True:
+        array = ffi.new("struct hp_loaded_object[]", capacity)
+        count = lib.hp_loaded_objects(array, capacity)
+        if count <= capacity:
+            break
+        capacity = count + 16
+    objects = []
+    for i in range(count):
+        entry = array[i]
+        # The vdso's program headers follow its ELF header, in its one page.
+        if 0 <= entry.phdr_address - _VDSO < 4096:
+            continue
+        try:
+            objects.append(_describe(entry))
+        except MemoryGone:
+            continue    # unloaded while described: it is gone
+    return objects
+
+
+class _Phdr(NamedTuple):
+    p_type: int
+    p_flags: int
+    p_offset: int
+    p_vaddr: int
+    p_paddr: int
+    p_filesz: int
+    p_memsz: int
+    p_align: int
+
+
+_PHDR = struct.Struct("<IIQQQQQQ")
+
+
+def _describe(entry) -> LoadedObject:
+    name = os.fsdecode(ffi.string(entry.name)) or None
+    base = int(entry.base)
+    # Copied out of cffi once: each field read through cdata costs as much
+    # as unpacking the whole header.
+    phdrs = [_Phdr._make(fields) for fields in
+             _PHDR.iter_unpack(ffi.buffer(entry.phdr)[:entry.phnum * _PHDR.size])]
+    loads = [(base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz)
+             for ph in phdrs if ph.p_type == PT_LOAD]
+    path = _realpath(name) if name else _main_program_path()
+    basename = os.path.basename(name or path)
+    soname = _mapped_soname(base, phdrs, loads)
+    return LoadedObject(
+        name=name,
+        path=path,
+        basename=basename,
+        soname=soname,
+        base=base,
+        exec_ranges=tuple(
+            (base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz)
+            for ph in phdrs if ph.p_type == PT_LOAD and ph.p_flags & PF_X),
+        build_id=_mapped_build_id(base, phdrs, loads),
+        names=frozenset(n for n in (basename, os.path.basename(path), soname) if n),
+    )
+
+
+_c_realpath = libc_function("realpath", ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+_c_free = libc_function("free", None, ctypes.c_void_p)
+
+
+def _realpath(name: str) -> str:
+    """``os.path.realpath``, by libc: the Python one costs 0.1 ms a path
+    (a lstat and a string per component), a few ms for every object."""
+    resolved = _c_realpath(os.fsencode(name), None)
+    if not resolved:
+        return os.path.realpath(name)   # gone meanwhile: resolve what is left
+    try:
+        return os.fsdecode(ctypes.string_at(resolved))
+    finally:
+        _c_free(resolved)
+
+
+def _main_program_path() -> str:
+    """The main program's file.  Read through the calling thread: the main
+    thread may have exited, and /proc/self/exe with it."""
+    exe = f"{_procfs.SELF}/exe"
+    try:
+        return os.path.realpath(os.readlink(exe))
+    except OSError:
+        # Describing every other object goes on; resolving in the main
+        # program then fails on this path, with the reason.
+        return exe
+
+
+def _mapped_build_id(base: int, phdrs, loads) -> bytes | None:
+    for ph in phdrs:
+        address = base + ph.p_vaddr
+        if ph.p_type == PT_NOTE and inside(loads, address, ph.p_memsz):
+            build_id = _build_id_in_notes(read_memory(address, ph.p_memsz),
+                                          8 if ph.p_align == 8 else 4)
+            if build_id is not None:
+                return build_id
+    return None
+
+
+def _build_id_in_notes(notes: bytes, align: int) -> bytes | None:
+    def aligned(n: int) -> int:
+        return (n + align - 1) & -align
+
+    position = 0
+    while position + 12 <= len(notes):
+        namesz, descsz, kind = struct.unpack_from("<III", notes, position)
+        name_at = position + 12
+        desc_at = name_at + aligned(namesz)
+        if kind == NT_GNU_BUILD_ID and notes[name_at:name_at + namesz] == b"GNU\0":
+            return notes[desc_at:desc_at + descsz]
+        position = desc_at + aligned(descsz)
+    return None
+
+
+def _mapped_soname(base: int, phdrs, loads) -> str | None:
+    dynamic = next((ph for ph in phdrs if ph.p_type == PT_DYNAMIC), None)
+    if dynamic is None or not inside(loads, base + dynamic.p_vaddr, dynamic.p_memsz):
+        return None
+    strtab = soname = None
+    for tag, value in struct.iter_unpack("<qQ", read_memory(base + dynamic.p_vaddr,
+                                                      dynamic.p_memsz & ~15)):
+        if tag == DT_NULL:
+            break
+        if tag == DT_STRTAB:
+            strtab = value
+        elif tag == DT_SONAME:
+            soname = value
+    if strtab is None or soname is None:
+        return None
+    # glibc relocates d_ptr in place where PT_DYNAMIC is writable, not in a
+    # read-only one: accept both forms.
+    if not inside(loads, strtab):
+        strtab += base
+    if not inside(loads, strtab + soname):
+        return None
+    name = b""
+    for lo, hi in loads:
+        if lo <= strtab + soname < hi:
+            name = read_memory(strtab + soname, min(256, hi - strtab - soname))
+    return os.fsdecode(name.split(b"\0", 1)[0])
+
+
+def find_object(name: str | None) -> LoadedObject | None:
+    """The loaded object an ``Object.name`` means, or None if it is not loaded.
+
+    ``None`` is the main program; otherwise the exact basename (as the
+    dynamic linker has it, or of the real file), the DT_SONAME, or an
+    absolute path.  Two objects matching one name is a HotpatchError.
+    """
+    objects = loaded_objects()
+    if name is None:
+        return next((o for o in objects if o.name is None), None)
+    if os.path.isabs(name):
+        real = os.path.realpath(name)
+        matches = [o for o in objects if name == o.name or real == o.path]
+    else:
+        matches = [o for o in objects if name in o.names]
+    if len(matches) > 1:
+        listed = "; ".join(f"{o.path} at {o.base:#x}" for o in matches)
+        raise HotpatchError(
+            f"{name}: {len(matches)} loaded objects match this name: {listed}; "
+            f"name the object by its absolute path")
+    return matches[0] if matches else None
+
+
+def mapped_file_identity(obj: LoadedObject) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file mapped at ``obj``'s code, from the maps."""
+    if not obj.exec_ranges:
+        return None
+    address = obj.exec_ranges[0][0]
+    with open(f"{_procfs.SELF}/maps") as maps:    # /proc/self/maps: see _procfs
+        for line in maps:
+            span, _perms, _offset, device, inode = line.split(maxsplit=5)[:5]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                major, minor = (int(x, 16) for x in device.split(":"))
+                return os.makedev(major, minor), int(inode)
+    return None
