@@ -53,6 +53,27 @@ struct hp_write {
     uint32_t len;
 };
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
+struct hp_store {
+    uint64_t *slot;
+    uint64_t value;
+};
+struct hp_code_range {
+    uintptr_t lo, hi;
+};
+struct hp_stack_hit {
+    int32_t tid;
+    int32_t frame;
+    uint64_t pc;
+    int32_t range;
+    int32_t unreliable;
+    int32_t inside;
+    int32_t reserved;
+};
+int hp_write_batch_stack(struct hp_write *w, size_t n, const struct hp_store *stores, size_t nstores,
+                         const struct hp_code_range *ranges, size_t nranges, int force,
+                         int timeout_ms, struct hp_stack_hit *hit, char *err);
+unsigned long hp_unwind_put_calls(void);
+uint64_t *hp_call_site_target_slot(struct hp_call_site *s);
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
                    uint64_t *hold_max_ns);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
@@ -78,7 +99,7 @@ extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _native = os.path.join(_here, "native")
-SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "stop.c", "check.c", "stop_ptrace.c",
+SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "stop.c", "check.c", "unwind.c", "stop_ptrace.c",
            "stop_signal.c", "caller.c", "crash.c", "shadow.c"]
 
 ffibuilder = FFI()

@@ -62,10 +62,11 @@ def _new_stacks(push: Iterable["Func"], pop: Iterable["Func"]) -> dict[int, list
 
 
 def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
-                prepared: dict[int, sites.Site] | None = None) -> None:
+                prepared: dict[int, sites.Site] | None = None, transition=None) -> None:
     """Pop the funcs of ``pop`` from their stacks and push those of ``push``
     (their sites prepared in ``prepared``, by address, for functions not yet
-    patched), in one batch of code writes.  All or nothing."""
+    patched), in one batch of code writes.  All or nothing.  ``transition``
+    (the stack model) decides when the batch may be written."""
     push, pop = list(push), list(pop)
     changed = _new_stacks(push, pop)
     before = [(func, func._original) for func in push]
@@ -85,7 +86,7 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
         elif not funcs and stack is not None:
             restores.append(site)
     try:
-        sites.update_batch(redirects, restores)
+        sites.update_batch(redirects, restores, transition=transition)
     except BaseException:
         for func, original in before:
             func._original = original

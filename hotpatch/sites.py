@@ -232,19 +232,25 @@ class _Change:
     write: tuple | None = None     # (old bytes, new bytes)
 
 
-def _write(changes: list[_Change]) -> None:
+def _batch(changes: list[_Change]):
+    """The ``struct hp_write[]`` of the changes that write code, and its length."""
     writes = [c for c in changes if c.write is not None]
-    if not writes:
-        return
-    batch = ffi.new("struct hp_write[]", len(writes))
+    batch = ffi.new("struct hp_write[]", max(len(writes), 1))
     for w, change in zip(batch, writes):
         old, new = change.write
         w.address = change.site.address
         w.old[0:len(old)] = old
         w.bytes[0:len(new)] = new
         w.len = len(new)
+    return batch, len(writes)
+
+
+def _write(changes: list[_Change]) -> None:
+    batch, count = _batch(changes)
+    if not count:
+        return
     err = ffi.new("char[256]")
-    if lib.hp_write_batch(batch, len(writes), STOP_TIMEOUT_MS, err):
+    if lib.hp_write_batch(batch, count, STOP_TIMEOUT_MS, err):
         raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
 
 
@@ -273,14 +279,31 @@ def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
     return change
 
 
-def _commit(changes: list[_Change]) -> None:
+def _target_stores(changes: list[_Change]) -> list[tuple[object, int]]:
+    """``(uint64_t *, value)`` of the retargets, for a stop to make."""
+    stores = []
+    for change in changes:
+        if change.form == "slot":
+            stores.append((change.site._slot, change.target))
+        elif change.form == "call":
+            stores.append((lib.hp_call_site_target_slot(change.site._call_site), change.target))
+    return stores
+
+
+def _commit(changes: list[_Change], transition=None) -> None:
     # A slot or call target is set before an entry starts to point at it;
     # where the entry already does, the store is the whole retarget, and it
-    # waits until every write of the batch has succeeded.
+    # waits until every write of the batch has succeeded.  Under the stack
+    # model those retargets are made in the stop itself: no thread may run
+    # the code they take away when they switch.
     rewritten = [c for c in changes if c.write is not None]
+    retargets = [c for c in changes if c.write is None]
     _store_targets(rewritten)
-    _write(changes)
-    _store_targets([c for c in changes if c.write is None])
+    if transition is None:
+        _write(changes)
+        _store_targets(retargets)
+    else:
+        transition.write(*_batch(changes), _target_stores(retargets))
     for change in changes:
         change.site.form, change.site.target = change.form, change.target
         if change.write is not None:
@@ -304,20 +327,22 @@ def _plan_restore(site: Site) -> _Change:
 
 
 def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[Site] = (),
-                 form: str | None = None) -> None:
+                 form: str | None = None, transition=None) -> None:
     """One batch of code writes: send every ``(site, target)`` of
     ``redirects`` to its target (installing or retargeting) and put the
     original bytes back at every site of ``restores``.  All or nothing.
 
     ``form``: ``None`` keeps a site's slot or call form and otherwise picks
     ``"direct"`` where the target is in reach, else ``"slot"``; ``"auto"``
-    always picks that way; a form name forces it."""
+    always picks that way; a form name forces it.  ``transition``: a
+    :class:`hotpatch.transition.StackTransition` that makes the writes and
+    retargets when no thread's stack holds its code (None: at once)."""
     with _lock.operation("update a batch of sites"):
-        _update_batch(redirects, restores, form)
+        _update_batch(redirects, restores, form, transition)
 
 
 def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site],
-                  form: str | None) -> None:
+                  form: str | None, transition=None) -> None:
     _unique([site for site, _ in redirects] + list(restores))
     changes = [_plan_redirect(site, int(target), form) for site, target in redirects]
     changes += [_plan_restore(site) for site in restores]
@@ -326,7 +351,7 @@ def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
         if site.form == "call":
             lib.hp_call_site_set_target(site._call_site, site.original)
     try:
-        _commit(changes)
+        _commit(changes, transition)
     except BaseException:
         for site in restores:
             if site.form == "call":

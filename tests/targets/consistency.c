@@ -1,0 +1,85 @@
+/* Functions a stack-model transition must wait for: one that sleeps in
+ * read() from inside (work after the call keeps it from being a tail
+ * call), its replacement that does the same, a spinning function that a
+ * blocking signal handler can interrupt, and a replacement for libc's
+ * sleep().  Built with -O2. */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+static long finish(long n, char c, long base)
+{
+    return n * 1000 + c + base;
+}
+
+/* The old function: blocks in read(), then computes with what it read. */
+EXPORT long cs_read_byte(int fd)
+{
+    char c = 0;
+    long n = read(fd, &c, 1);
+    __asm__ volatile("" ::: "memory");
+    return finish(n, c, 1);
+}
+
+/* Its replacement: the same, told apart by the result. */
+EXPORT long cs_read_byte_v2(int fd)
+{
+    char c = 0;
+    long n = read(fd, &c, 1);
+    __asm__ volatile("" ::: "memory");
+    return finish(n, c, 2);
+}
+
+/* Spins until cs_spin_stop is set; the signal handler below interrupts it. */
+static volatile int spin_stop, spinning;
+EXPORT long cs_spin(long x)
+{
+    long i = 0;
+    spinning = 1;
+    while (!spin_stop)
+        i++;
+    return x + (i & 1) * 0 + 1;
+}
+
+EXPORT long cs_spin_v2(long x)
+{
+    return x + 2;
+}
+
+EXPORT int cs_spinning(void) { return spinning; }
+EXPORT void cs_spin_stop(void) { spin_stop = 1; }
+
+/* A handler that blocks in read() until a byte comes: while it waits, the
+ * function it interrupted is on the stack only through the signal frame. */
+static int handler_fd = -1;
+static volatile int in_handler;
+static void blocking_handler(int sig)
+{
+    char c;
+    in_handler = 1;
+    ssize_t n = read(handler_fd, &c, 1);
+    (void)n;
+    in_handler = 2;
+}
+
+EXPORT int cs_install_blocking_handler(int sig, int fd)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = blocking_handler;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    handler_fd = fd;
+    return sigaction(sig, &sa, 0);
+}
+
+EXPORT int cs_in_handler(void) { return in_handler; }
+
+/* A replacement for libc's sleep(): does not sleep. */
+EXPORT unsigned int cs_sleep(unsigned int seconds)
+{
+    return 4242;
+}
