@@ -159,6 +159,37 @@ report({"error": error, "tid": spinner.native_id, "after": lib.cs_spin(5)})
     assert r["after"] == 7, "once the thread left, the patch went through"
 
 
+def test_a_stack_that_cannot_be_unwound_holds_the_transition(child, consistency_lib):
+    # A thread asleep under code with no unwind table (as a JIT's): its
+    # stack is unreliable, which counts as busy (the kernel's rule), and
+    # the error says where the walk stopped.  It ends cleanly once the
+    # thread leaves that code.
+    r = child(PRELUDE + """
+lib.cs_call_from_anonymous_code.restype = ctypes.c_long
+lib.cs_call_from_anonymous_code.argtypes = [ctypes.c_void_p, ctypes.c_int]
+r, w = os.pipe()
+results = []
+t = threading.Thread(target=lambda: results.append(
+    lib.cs_call_from_anonymous_code(addr("cs_wait"), r)), daemon=True)
+t.start()
+time.sleep(0.2)
+p = stack_patch(timeout=0.3)
+try:
+    hotpatch.register(p)
+    error = None
+except hotpatch.TransitionError as e:
+    error = str(e)
+os.write(w, b"A")
+t.join()
+hotpatch.register(p)
+report({"error": error, "tid": t.native_id, "results": results})
+""", **consistency_lib)[0]
+    error = r["error"]
+    assert error and f"the stack of thread {r['tid']} " in error, r
+    assert "could not be unwound reliably" in error and "frame #2" in error, error
+    assert r["results"] == [1000 + ord("A") + 3]
+
+
 def test_force_goes_past_a_busy_stack_and_says_so(child, consistency_lib):
     r = child(PRELUDE + """
 records = []

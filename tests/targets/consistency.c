@@ -2,10 +2,12 @@
  * read() from inside (work after the call keeps it from being a tail
  * call), its replacement that does the same, a spinning function that a
  * blocking signal handler can interrupt, and a replacement for libc's
- * sleep().  Built with -O2. */
+ * sleep(), and code without unwind tables (as a JIT's) calling a reader.
+ * Built with -O2. */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
@@ -82,4 +84,31 @@ EXPORT int cs_in_handler(void) { return in_handler; }
 EXPORT unsigned int cs_sleep(unsigned int seconds)
 {
     return 4242;
+}
+
+/* A reader that no patch here replaces. */
+EXPORT long cs_wait(int fd)
+{
+    char c = 0;
+    long n = read(fd, &c, 1);
+    __asm__ volatile("" ::: "memory");
+    return finish(n, c, 3);
+}
+
+/* Call fn(fd) from code in an anonymous mapping, which has no unwind
+ * table: sub $8,%rsp; mov %rdi,%rax; mov %esi,%edi; call *%rax;
+ * add $8,%rsp; ret. */
+EXPORT long cs_call_from_anonymous_code(long (*fn)(int), int fd)
+{
+    static const unsigned char code[] = {
+        0x48, 0x83, 0xec, 0x08, 0x48, 0x89, 0xf8, 0x89, 0xf7, 0xff, 0xd0,
+        0x48, 0x83, 0xc4, 0x08, 0xc3,
+    };
+    void *page = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (page == MAP_FAILED)
+        return -1;
+    memcpy(page, code, sizeof code);
+    if (mprotect(page, 4096, PROT_READ | PROT_EXEC))
+        return -1;
+    return ((long (*)(long (*)(int), int))page)(fn, fd);
 }
