@@ -73,6 +73,7 @@ int hp_write_batch_stack(struct hp_write *w, size_t n, const struct hp_store *st
                          const struct hp_code_range *ranges, size_t nranges, int force,
                          int timeout_ms, struct hp_stack_hit *hit, char *err);
 unsigned long hp_unwind_put_calls(void);
+void hp_unwind_add_thunk(uintptr_t return_point, unsigned pushed);
 uint64_t *hp_call_site_target_slot(struct hp_call_site *s);
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
                    uint64_t *hold_max_ns);

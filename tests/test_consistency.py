@@ -190,6 +190,48 @@ report({"error": error, "tid": t.native_id, "results": results})
     assert r["results"] == [1000 + ord("A") + 3]
 
 
+def test_stacks_are_unwound_through_hotpatchs_own_thunks(child, consistency_lib):
+    # A hidden leaf function's patch goes through a preserving thunk (in the
+    # pool, which has no unwind tables).  A thread asleep in the new code
+    # called through it: the walk steps over the thunk's known frame, so an
+    # unrelated patch goes through, the thunk's caller is still found
+    # above it, and the disable names the new code.
+    r = child(PRELUDE + """
+lib.cs_call_hidden.restype = ctypes.c_long
+leaf = hotpatch.register(Patch("leaf", [Object(OBJ, [Func("cs_hidden_leaf", addr("cs_hidden_leaf_reads"))])],
+                               consistency="stack", transition_timeout=0.3))
+thunk = leaf.objects[0].funcs[0].thunk
+r, w = os.pipe()
+results = []
+t = threading.Thread(target=lambda: results.append(lib.cs_call_hidden(r)), daemon=True)
+t.start()
+time.sleep(0.2)
+out = {"thunk": thunk is not None, "tid": t.native_id}
+other = stack_patch("other", timeout=0.3)
+hotpatch.register(other)        # nothing of it on any stack
+out["other_enabled"] = other.enabled
+hotpatch.disable(other)
+for name, patch in [("caller", stack_patch("caller", old="cs_call_hidden", new="cs_spin_v2", timeout=0.3)),
+                    ("disable", None)]:
+    try:
+        hotpatch.register(patch) if patch else hotpatch.disable(leaf)
+        out[name] = None
+    except hotpatch.TransitionError as e:
+        out[name] = str(e)
+os.write(w, b"A")
+t.join()
+hotpatch.disable(leaf)
+out.update(results=results, after=lib.cs_call_hidden(4))
+report(out)
+""", **consistency_lib)[0]
+    assert r["thunk"], "the test needs a patch through a thunk"
+    assert r["other_enabled"], "a stack through a thunk was not unwound"
+    assert r["caller"] and "cs_call_hidden (the old function) on its stack" in r["caller"], r
+    assert r["disable"] and "the new code of patch 'leaf' on its stack" in r["disable"], r
+    assert "cs_hidden_leaf_reads+0x" in r["disable"], r["disable"]
+    assert r["results"] == [1000 + ord("A") + 3 + 10000 + 100] and r["after"] == 113, r
+
+
 def test_force_goes_past_a_busy_stack_and_says_so(child, consistency_lib):
     r = child(PRELUDE + """
 records = []

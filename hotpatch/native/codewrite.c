@@ -255,8 +255,17 @@ int hp_write_batch_stack(struct hp_write *w, size_t n, const struct hp_store *st
  * site).  The child has a new mm: the inherited /proc/self/mem descriptor
  * still names the parent's memory, membarrier registration is per mm, and
  * the parent's stopper is not the child's. */
-static void before_fork(void) { pthread_mutex_lock(&hp_lock); }
-static void after_fork_in_parent(void) { pthread_mutex_unlock(&hp_lock); }
+static void before_fork(void)
+{
+    pthread_mutex_lock(&hp_unwind_lock);   /* taken before hp_lock, as a stack batch does */
+    pthread_mutex_lock(&hp_lock);
+}
+
+static void after_fork_in_parent(void)
+{
+    pthread_mutex_unlock(&hp_lock);
+    pthread_mutex_unlock(&hp_unwind_lock);
+}
 
 static void after_fork_in_child(void)
 {
@@ -266,6 +275,7 @@ static void after_fork_in_child(void)
     sync_core_ready = 0;
     hp_stop_after_fork();
     pthread_mutex_init(&hp_lock, NULL);
+    pthread_mutex_init(&hp_unwind_lock, NULL);
 }
 
 __attribute__((constructor)) static void hp_init(void)

@@ -43,6 +43,20 @@ static char unavailable[HP_ERRLEN];     /* why libunwind cannot be used, once tr
 static int opened;
 pthread_mutex_t hp_unwind_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* hotpatch's thunks (x86_64/thunk.py) live in the pool, which has no
+ * unwind tables; their frame is known: at the return point of their call
+ * of the new code, rbp is the thunk's frame pointer, and above the saved
+ * rbp lie `pushed` saved registers, then the return address to the old
+ * function's caller.  Registered when a thunk is made; never removed
+ * (thunks are never freed). */
+#define MAX_THUNKS 4096
+struct thunk_frame {
+    uintptr_t ret;
+    uint64_t pushed;
+};
+static struct thunk_frame thunks[MAX_THUNKS];
+static int nthunks;
+
 /* What the accessors read for one walk. */
 struct target {
     const struct user_regs_struct *regs;
@@ -257,6 +271,69 @@ int hp_unwind_prepare(char *err)
     return 0;
 }
 
+/* --- thunk frames ------------------------------------------------------- */
+
+void hp_unwind_add_thunk(uintptr_t return_point, unsigned pushed)
+{
+    pthread_mutex_lock(&hp_unwind_lock);
+    if (nthunks < MAX_THUNKS) {     /* beyond: their frames are unreliable */
+        int at = nthunks++;
+        while (at > 0 && thunks[at - 1].ret > return_point) {
+            thunks[at] = thunks[at - 1];
+            at--;
+        }
+        thunks[at] = (struct thunk_frame){ return_point, pushed };
+    }
+    pthread_mutex_unlock(&hp_unwind_lock);
+}
+
+HP_RAW static const struct thunk_frame *thunk_at(uintptr_t pc)
+{
+    int lo = 0, hi = nthunks;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (pc < thunks[mid].ret)
+            hi = mid;
+        else if (pc > thunks[mid].ret)
+            lo = mid + 1;
+        else
+            return &thunks[mid];
+    }
+    return 0;
+}
+
+/* Step over a thunk's frame (see struct thunk_frame) and start a new
+ * cursor at its caller: the callee-saved registers but rbp pass through
+ * the thunk unchanged.  `regs` must outlive the cursor (libunwind reads
+ * registers when it needs them).  0, or -1 where memory cannot be read. */
+HP_RAW static int step_over_thunk(struct target *t, hp_unw_cursor *cursor,
+                                  const struct thunk_frame *f, struct user_regs_struct *regs)
+{
+    static const int kept[] = { HP_UNW_RBX, HP_UNW_R12, HP_UNW_R13, HP_UNW_R14, HP_UNW_R15 };
+    hp_unw_word rbp, value[5], saved_rbp, ret;
+    if (unw.get_reg(cursor, HP_UNW_RBP, &rbp) < 0)
+        return -1;
+    for (int i = 0; i < 5; i++)
+        if (unw.get_reg(cursor, kept[i], &value[i]) < 0)
+            return -1;
+    if (hp_read_own(t->pid, &saved_rbp, rbp, 8) != 8 ||
+        hp_read_own(t->pid, &ret, rbp + 8 + 8 * f->pushed, 8) != 8)
+        return -1;
+    volatile uint64_t *words = (uint64_t *)regs;
+    for (size_t i = 0; i < sizeof *regs / 8; i++)
+        words[i] = 0;
+    regs->rip = ret;
+    regs->rsp = rbp + 16 + 8 * f->pushed;
+    regs->rbp = saved_rbp;
+    regs->rbx = value[0];
+    regs->r12 = value[1];
+    regs->r13 = value[2];
+    regs->r14 = value[3];
+    regs->r15 = value[4];
+    t->regs = regs;
+    return unw.init_remote(cursor, space, t) < 0 ? -1 : 0;
+}
+
 /* --- the walk ----------------------------------------------------------- */
 
 HP_RAW static int range_of(const struct hp_code_range *r, size_t n, uintptr_t pc)
@@ -285,9 +362,10 @@ HP_RAW static int walk(struct target *t, const struct hp_code_range *ranges, siz
                        struct hp_stack_hit *hit)
 {
     hp_unw_cursor cursor;
+    struct user_regs_struct past_thunk[2];     /* alternately: a cursor's registers */
     if (unw.init_remote(&cursor, space, t) < 0)
         return unreliable(hit, 0, t->regs->rip);
-    int exact = 1;
+    int exact = 1, thunks_passed = 0;
     for (int frame = 0; frame < MAX_FRAMES; frame++) {
         hp_unw_word pc;
         if (unw.get_reg(&cursor, HP_UNW_RIP, &pc) < 0)
@@ -299,6 +377,13 @@ HP_RAW static int walk(struct target *t, const struct hp_code_range *ranges, siz
             hit->range = r;
             hit->unreliable = 0;
             return 1;
+        }
+        const struct thunk_frame *f = thunk_at(pc);
+        if (f) {
+            if (step_over_thunk(t, &cursor, f, &past_thunk[thunks_passed++ & 1]))
+                return unreliable(hit, frame, pc);
+            exact = 0;
+            continue;
         }
         exact = unw.is_signal_frame(&cursor) > 0;
         t->noinfo = 0;

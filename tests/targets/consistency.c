@@ -112,3 +112,27 @@ EXPORT long cs_call_from_anonymous_code(long (*fn)(int), int fd)
         return -1;
     return ((long (*)(long (*)(int), int))page)(fn, fd);
 }
+
+/* A hidden leaf function: its callers may rely on the registers it never
+ * writes (IPA-RA), so a patch of it goes through a preserving thunk. */
+__attribute__((noinline, visibility("hidden"))) long cs_hidden_leaf(long x)
+{
+    return x * 3 + 1;
+}
+
+/* Its caller, exported: the frame above the thunk's. */
+EXPORT long cs_call_hidden(long x)
+{
+    long r = cs_hidden_leaf(x);
+    __asm__ volatile("" ::: "memory");
+    return r + 100;
+}
+
+/* A replacement for it that sleeps in read() on fd x (not a tail call:
+ * it stays on the stack). */
+EXPORT long cs_hidden_leaf_reads(long x)
+{
+    long r = cs_wait((int)x);
+    __asm__ volatile("" ::: "memory");
+    return r + 10000;
+}
