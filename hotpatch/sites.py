@@ -290,24 +290,33 @@ def _target_stores(changes: list[_Change]) -> list[tuple[object, int]]:
     return stores
 
 
-def _commit(changes: list[_Change], transition=None) -> None:
-    # A slot or call target is set before an entry starts to point at it;
-    # where the entry already does, the store is the whole retarget, and it
-    # waits until every write of the batch has succeeded.  Under the stack
-    # model those retargets are made in the stop itself: no thread may run
-    # the code they take away when they switch.
-    rewritten = [c for c in changes if c.write is not None]
-    retargets = [c for c in changes if c.write is None]
-    _store_targets(rewritten)
-    if transition is None:
-        _write(changes)
-        _store_targets(retargets)
-    else:
-        transition.write(*_batch(changes), _target_stores(retargets))
+def _record(changes: list[_Change]) -> None:
+    """The sites as the batch left them."""
     for change in changes:
         change.site.form, change.site.target = change.form, change.target
         if change.write is not None:
             change.site.written = change.write[1] if change.form else None
+
+
+def _commit(changes: list[_Change]) -> None:
+    # A slot or call target is set before an entry starts to point at it;
+    # where the entry already does, the store is the whole retarget, and it
+    # waits until every write of the batch has succeeded.
+    rewritten = [c for c in changes if c.write is not None]
+    _store_targets(rewritten)
+    _write(changes)
+    _store_targets([c for c in changes if c.write is None])
+    _record(changes)
+
+
+def _commit_in_transition(changes: list[_Change], transition) -> None:
+    # As _commit, but the retargets that need no code write are made in the
+    # transition's stop itself: they take code away from running threads as
+    # a write does.
+    rewritten = [c for c in changes if c.write is not None]
+    _store_targets(rewritten)
+    transition.write(*_batch(changes), _target_stores([c for c in changes if c.write is None]))
+    _record(changes)
 
 
 def _unique(sites: Sequence[Site]) -> None:
@@ -351,7 +360,10 @@ def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
         if site.form == "call":
             lib.hp_call_site_set_target(site._call_site, site.original)
     try:
-        _commit(changes, transition)
+        if transition is None:
+            _commit(changes)
+        else:
+            _commit_in_transition(changes, transition)
     except BaseException:
         for site in restores:
             if site.form == "call":

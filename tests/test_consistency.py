@@ -298,6 +298,41 @@ report({"error": error, "still_enabled": still, "elapsed": elapsed, "in_new": re
     assert r["after"] == 1000 + ord("B") + 1 and r["enabled"] is False
 
 
+def test_a_retarget_without_a_code_write_waits_too(child, consistency_lib):
+    # Replacements out of reach of a direct jmp: the site takes the slot
+    # form, and a second patch on top is one store to the slot, no code
+    # write.  Under the stack model that store waits like a write.
+    r = child(PRELUDE + """
+lib.cs_far_code.restype = ctypes.c_void_p
+first = hotpatch.register(Patch("first", [Object(OBJ, [Func("cs_read_byte", lib.cs_far_code(7),
+                                                         signature="long(int)")])]))
+r, w = os.pipe()
+results = []
+# asleep inside the old function, through the first patch's original
+t = threading.Thread(target=lambda: results.append(first.objects[0].funcs[0].call_original(r)),
+                     daemon=True)
+t.start()
+time.sleep(0.2)
+form = [s.form for s in sites.installed_sites()]
+second = Patch("second", [Object(OBJ, [Func("cs_read_byte", lib.cs_far_code(8))])],
+               consistency="stack", transition_timeout=0.3)
+try:
+    hotpatch.register(second)
+    error = None
+except hotpatch.TransitionError as e:
+    error = str(e)
+held = lib.cs_read_byte(r)
+os.write(w, b"A")
+t.join()
+hotpatch.register(second)
+report({"form": form, "error": error, "held": held, "after": lib.cs_read_byte(r), "results": results})
+""", **consistency_lib)[0]
+    assert r["form"] == ["slot"], r
+    assert r["error"] and "cs_read_byte (the old function) on its stack" in r["error"], r
+    assert r["held"] == 7, "the slot was stored while a thread ran the old function"
+    assert r["after"] == 8 and r["results"] == [1000 + ord("A") + 1]
+
+
 def test_the_immediate_model_does_not_wait(child, consistency_lib):
     r = child(PRELUDE + """
 r, w = os.pipe()

@@ -136,3 +136,27 @@ EXPORT long cs_hidden_leaf_reads(long x)
     __asm__ volatile("" ::: "memory");
     return r + 10000;
 }
+
+/* Code far from every library (16 TiB up), out of reach of a rel32 jmp:
+ * a patch to it takes the slot form.  Each call adds a function
+ * `mov $value, %rax; ret` and returns its address. */
+EXPORT void *cs_far_code(int value)
+{
+    static unsigned char *page;
+    static int used;
+    if (!page) {
+        void *p = mmap((void *)0x100000000000ul, 4096, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        if (p == MAP_FAILED)
+            return 0;
+        page = p;
+    }
+    if (used + 8 > 4096 || mprotect(page, 4096, PROT_READ | PROT_WRITE))
+        return 0;
+    unsigned char *f = page + used;
+    unsigned char code[8] = { 0x48, 0xc7, 0xc0, 0, 0, 0, 0, 0xc3 };
+    memcpy(code + 3, &value, 4);
+    memcpy(f, code, sizeof code);
+    used += 8;
+    return mprotect(page, 4096, PROT_READ | PROT_EXEC) ? 0 : f;
+}
