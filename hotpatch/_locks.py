@@ -143,8 +143,10 @@ def open_to_queries() -> Iterator[None]:
     """While the calling thread, inside an operation, waits for a
     transition (the stack model retrying until no thread runs the patch's
     code), let other threads' queries read the state without waiting for
-    it, as the kernel's sysfs shows a transition in progress.  Nothing the
-    queries read changes until the wait ends.  Operations still wait."""
+    it, as the kernel's sysfs shows a transition in progress.  The state
+    does not change during the wait; a query still reading when it ends
+    may see the operation's first changes (it reads as things are, as a
+    query from inside an operation does).  Operations still wait."""
     held = [lock for lock in _locks if lock.held_here()]
     for lock in held:
         lock._open = True

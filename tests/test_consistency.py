@@ -435,3 +435,34 @@ report({"error": error, "unchanged": sites.read_memory(addr("cs_read_byte"), 16)
 """, env={"HOTPATCH_STOPPER": "signals"}, **consistency_lib)[0]
     assert r["error"] and 'consistency="stack" needs the ptrace stopper' in r["error"], r
     assert "HOTPATCH_STOPPER=signals" in r["error"] and r["unchanged"]
+
+
+def test_the_command_shows_the_transition_and_forces(child, consistency_lib):
+    # `hotpatch enable PID p` over the control socket: the process's server
+    # thread waits on the stacks and fails naming the thread; `--force`
+    # goes through; `ls` shows the model and the forced flag.
+    r = child(PRELUDE + """
+import subprocess, sys
+hotpatch.serve()
+r, w = os.pipe()
+t = reader(r, [])
+time.sleep(0.2)
+p = hotpatch.register(stack_patch(timeout=0.3), enable=False)
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "hotpatch", *args], capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr
+out = {"refused": cli("enable", str(os.getpid()), "p"), "enabled_after_refusal": p.enabled}
+out["forced"] = cli("enable", str(os.getpid()), "p", "--force")
+out["ls"] = cli("ls", str(os.getpid()))
+out.update(enabled=p.enabled, is_forced=p.forced, tid=t.native_id)
+os.write(w, b"A")
+t.join()
+report(out)
+""", timeout=180, **consistency_lib)[0]
+    code, text = r["refused"]
+    assert code == 1 and f"thread {r['tid']} " in text, text
+    assert "cs_read_byte (the old function) on its stack" in text and not r["enabled_after_refusal"]
+    assert r["forced"][0] == 0 and "patch 'p' enabled" in r["forced"][1], r["forced"]
+    assert r["enabled"] and r["is_forced"]
+    ls = r["ls"][1]
+    assert "consistency  stack" in ls and "forced       1" in ls and "transition   0" in ls, ls
