@@ -179,6 +179,7 @@ int hp_unwind_check(const struct user_regs_struct *regs, int pid,
 int hp_unwind_check_self(const struct hp_code_range *ranges, size_t n, struct hp_stack_hit *hit);
 unsigned long hp_unwind_put_calls(void);
 void hp_unwind_add_thunk(uintptr_t return_point, unsigned pushed);
+void hp_unwind_forget_memory(void);
 
 /* --- stop.c --------------------------------------------------------- */
 /* A stopped thread: where it is.  Filled by whichever stopper ran; only

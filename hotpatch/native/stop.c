@@ -137,6 +137,7 @@ HP_RAW static int stacks_busy(const struct hp_check *c, const struct hp_code_ran
             return 1;
         }
     }
+    hp_unwind_forget_memory();      /* what was read before this stop may have changed */
     for (int t = 0; t < hp_nstopped; t++) {
         const struct hp_stopped_thread *th = &hp_stopped[t];
         struct hp_stack_hit found = { .tid = th->tid };

@@ -64,6 +64,57 @@ struct target {
     int noinfo;         /* a lookup found no unwind table since it was cleared */
 };
 
+/* --- memory ------------------------------------------------------------ */
+
+/* libunwind reads a word at a time, mostly next to the last one (the
+ * search table, FDEs and CIEs parsed byte by byte, stack slots): one
+ * process_vm_readv per word cost about 5 ms per thread with Python's deep
+ * stacks.  Whole pages are read instead and kept for one check.  Nothing
+ * can change them meanwhile: every other thread is stopped, and the cache
+ * is emptied before each check (this thread's own stack moves between
+ * checks) and never outlives the stop. */
+#define PAGE 4096u
+#define CACHED_PAGES 64
+struct cached_page {
+    uintptr_t page;         /* 0: empty */
+    int pid;                /* read through */
+    long valid;             /* bytes read from the page's start (0: unmapped) */
+    uint8_t bytes[PAGE];
+};
+static struct cached_page cache[CACHED_PAGES];
+
+HP_RAW void hp_unwind_forget_memory(void)
+{
+    for (int i = 0; i < CACHED_PAGES; i++)
+        cache[i].page = 0;
+}
+
+HP_RAW static const struct cached_page *page_of(int pid, uintptr_t page)
+{
+    struct cached_page *c = &cache[(page / PAGE) % CACHED_PAGES];
+    if (c->page != page || c->pid != pid || !page) {
+        long got = hp_read_own(pid, c->bytes, page, PAGE);
+        c->page = page;
+        c->pid = pid;
+        c->valid = got > 0 ? got : 0;
+    }
+    return c;
+}
+
+/* Read a word without faulting; 0, or -1 where it is not all mapped. */
+HP_RAW static int read_word(int pid, uintptr_t addr, hp_unw_word *value)
+{
+    uint8_t *out = (uint8_t *)value;
+    for (unsigned i = 0; i < sizeof *value; i++) {
+        uintptr_t at = addr + i, page = at & ~(uintptr_t)(PAGE - 1);
+        const struct cached_page *c = page_of(pid, page);
+        if ((long)(at - page) >= c->valid)
+            return -1;
+        out[i] = c->bytes[at - page];
+    }
+    return 0;
+}
+
 /* --- the accessors --------------------------------------------------- */
 
 HP_RAW static const struct code_table *code_of(uintptr_t ip)
@@ -118,7 +169,7 @@ HP_RAW static int access_mem(hp_unw_as as, hp_unw_word addr, hp_unw_word *value,
                              void *arg)
 {
     struct target *t = arg;
-    if (write || hp_read_own(t->pid, value, addr, sizeof *value) != (long)sizeof *value)
+    if (write || read_word(t->pid, addr, value))
         return -HP_UNW_EINVAL;
     return 0;
 }
@@ -316,8 +367,7 @@ HP_RAW static int step_over_thunk(struct target *t, hp_unw_cursor *cursor,
     for (int i = 0; i < 5; i++)
         if (unw.get_reg(cursor, kept[i], &value[i]) < 0)
             return -1;
-    if (hp_read_own(t->pid, &saved_rbp, rbp, 8) != 8 ||
-        hp_read_own(t->pid, &ret, rbp + 8 + 8 * f->pushed, 8) != 8)
+    if (read_word(t->pid, rbp, &saved_rbp) || read_word(t->pid, rbp + 8 + 8 * f->pushed, &ret))
         return -1;
     volatile uint64_t *words = (uint64_t *)regs;
     for (size_t i = 0; i < sizeof *regs / 8; i++)
@@ -432,7 +482,10 @@ __attribute__((noinline)) int hp_unwind_check_self(const struct hp_code_range *r
                      :
                      : "rax", "memory");
     struct target t = { &regs, hp_gettid(), 0 };
-    if (!walk(&t, ranges, n, hit))
+    hp_unwind_forget_memory();
+    int found = walk(&t, ranges, n, hit);
+    hp_unwind_forget_memory();      /* this stack moves on */
+    if (!found)
         return 0;
     hit->tid = t.pid;
     return 1;
