@@ -571,6 +571,9 @@ def disable(patch: Patch, *, force: bool = False) -> None:
         try:
             stacks.patch_funcs(pop=pop, transition=transition)
         except HotpatchError as e:
+            # The disable is taken back: as the kernel completes a reversed
+            # unpatch transition, post_patch answers the pre_unpatch that ran.
+            _run_callbacks(patched, "post_patch")
             raise _prefixed(e, f"patch {patch.name!r}") from None
         _note_forced(patch, transition, "disable")
         _mark_disabled(patch)

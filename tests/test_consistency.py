@@ -333,6 +333,37 @@ report({"form": form, "error": error, "held": held, "after": lib.cs_read_byte(r)
     assert r["after"] == 8 and r["results"] == [1000 + ord("A") + 1]
 
 
+def test_a_failed_disable_is_taken_back_with_post_patch(child, consistency_lib):
+    # The kernel completes a reversed unpatch transition with post_patch:
+    # the pre_unpatch that ran is answered, and the patch stays enabled.
+    r = child(PRELUDE + """
+log = []
+def cb(name):
+    return lambda obj: log.append(name) or 0
+p = Patch("p", [Object(OBJ, [Func("cs_read_byte", addr("cs_read_byte_v2"))],
+                       **{k: cb(k) for k in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")})],
+          consistency="stack", transition_timeout=0.3)
+hotpatch.register(p)
+r, w = os.pipe()
+t = reader(r, [])               # asleep in the new code
+time.sleep(0.2)
+try:
+    hotpatch.disable(p)
+    error = None
+except hotpatch.TransitionError as e:
+    error = str(e)
+out = {"error": error, "log": list(log), "enabled": p.enabled}
+os.write(w, b"A")
+t.join()
+hotpatch.disable(p)
+out["log_after"] = log
+report(out)
+""", **consistency_lib)[0]
+    assert r["error"] and r["enabled"], r
+    assert r["log"] == ["pre_patch", "post_patch", "pre_unpatch", "post_patch"], r
+    assert r["log_after"][-2:] == ["pre_unpatch", "post_unpatch"]
+
+
 def test_the_immediate_model_does_not_wait(child, consistency_lib):
     r = child(PRELUDE + """
 r, w = os.pipe()
@@ -435,6 +466,17 @@ report({"error": error, "unchanged": sites.read_memory(addr("cs_read_byte"), 16)
 """, env={"HOTPATCH_STOPPER": "signals"}, **consistency_lib)[0]
     assert r["error"] and 'consistency="stack" needs the ptrace stopper' in r["error"], r
     assert "HOTPATCH_STOPPER=signals" in r["error"] and r["unchanged"]
+
+
+def test_models_and_timeouts_are_checked():
+    import hotpatch
+    with pytest.raises(ValueError, match="immediate, stack"):
+        hotpatch.Patch("p", [], consistency="hybrid")
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="transition_timeout"):
+            hotpatch.Patch("p", [], consistency="stack", transition_timeout=bad)
+    p = hotpatch.Patch("p", [], consistency="stack", transition_timeout=0.5)
+    assert (p.consistency, p.transition_timeout, p.transition, p.forced) == ("stack", 0.5, False, False)
 
 
 def test_the_command_shows_the_transition_and_forces(child, consistency_lib):
