@@ -143,9 +143,7 @@ HP_RAW static int stacks_busy(const struct hp_check *c, const struct hp_code_ran
         struct hp_stack_hit found = { .tid = th->tid };
         if (!hp_unwind_check(&th->regs, c->pid, ranges, nranges, &found))
             continue;
-        if (!force)
-            hp_copy_words(hit, &found, sizeof found);
-        else if (!hit->tid)
+        if (!force || !hit->tid)        /* forced: the first one is reported */
             hp_copy_words(hit, &found, sizeof found);
         if (!force)
             return 1;
