@@ -5,14 +5,16 @@
  * The unwinder is libunwind's remote API, driven the way perf drives it for
  * sampled stacks: an address space with accessors of our own.  Registers come
  * from what the ptrace helper captured (PTRACE_GETREGS); memory is read with
- * process_vm_readv, so a bad pointer is an error and never a fault; the
+ * process_vm_readv, a page at a time, so a bad pointer is an error and never
+ * a fault; the
  * unwind tables are the .eh_frame_hdr of every loaded object, listed before
  * the stop so that nothing takes the dynamic linker's lock while threads are
  * stopped.  libunwind is opened with dlopen on first need (no development
  * headers are needed: unwind_abi.h declares what we call).  With caching
  * off, libunwind's remote path keeps what it allocates in its own mmap'ed
- * pools and calls no malloc (checked with a breakpoint on malloc during a
- * stack check), so it is safe while other threads are stopped.
+ * pools and calls no malloc (checked with gdb breakpoints on the allocator
+ * during walks of the patching thread's own stack, which take the same
+ * path; see docs/notes.md), so it is safe while other threads are stopped.
  *
  * Like the kernel's reliable stack traces, a frame that cannot be unwound
  * (no unwind table for its pc, an unreadable stack) makes the whole stack
