@@ -73,6 +73,28 @@ struct hp_jump_slot {
 };
 int hp_find_jump_slots(const uint64_t *values, size_t nvalues, uintptr_t only,
                        struct hp_jump_slot *out, int capacity);
+struct hp_store {
+    uint64_t *slot;
+    uint64_t value;
+};
+struct hp_code_range {
+    uintptr_t lo, hi;
+};
+struct hp_stack_hit {
+    int32_t tid;
+    int32_t frame;
+    uint64_t pc;
+    int32_t range;
+    int32_t unreliable;
+    int32_t inside;
+    int32_t reserved;
+};
+int hp_write_batch_stack(struct hp_write *w, size_t n, const struct hp_store *stores, size_t nstores,
+                         const struct hp_code_range *ranges, size_t nranges, int force,
+                         int timeout_ms, struct hp_stack_hit *hit, char *err);
+unsigned long hp_unwind_put_calls(void);
+void hp_unwind_add_thunk(uintptr_t return_point, unsigned pushed);
+uint64_t *hp_call_site_target_slot(struct hp_call_site *s);
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
                    uint64_t *hold_max_ns);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
@@ -137,7 +159,7 @@ extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _native = os.path.join(_here, "native")
-SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "gotslot.c", "stop.c", "check.c",
+SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "gotslot.c", "stop.c", "check.c", "unwind.c",
            "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c", "xrefs.c"]
 
 

@@ -45,6 +45,7 @@ class OperationLock:
         self._refusal = refusal
         self._lock = threading.RLock()
         self._held_before_fork = False
+        self._open = False      # the holder waits on a transition: queries need not
         _locks.append(self)
         _locks.sort(key=lambda lock: lock.rank)
 
@@ -85,12 +86,25 @@ class OperationLock:
     @contextlib.contextmanager
     def query(self) -> Iterator[bool]:
         """Hold the lock to read state, unless this thread is inside an
-        operation: then read as things are.  Yields whether it holds it."""
-        if self._blocked_here():
+        operation, or the operation holding it waits on a transition (see
+        :func:`open_to_queries`): then read as things are.  Yields whether
+        it holds it."""
+        if self._blocked_here() or not self._acquire_unless_open():
             yield False
             return
-        with self._lock:
+        try:
             yield True
+        finally:
+            self._lock.release()
+
+    def _acquire_unless_open(self) -> bool:
+        """Take the lock for a query; False, without it, once the holder
+        opens it to queries (a query that was already waiting must see that
+        too, not wait for the whole transition)."""
+        while not self._open:
+            if self._lock.acquire(timeout=0.02):
+                return True
+        return False
 
     # fork ------------------------------------------------------------------
 
@@ -134,3 +148,22 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def open_to_queries() -> Iterator[None]:
+    """While the calling thread, inside an operation, waits for a
+    transition (the stack model retrying until no thread runs the patch's
+    code), let other threads' queries read the state without waiting for
+    it, as the kernel's sysfs shows a transition in progress.  The state
+    does not change during the wait; a query still reading when it ends
+    may see the operation's first changes (it reads as things are, as a
+    query from inside an operation does).  Operations still wait."""
+    held = [lock for lock in _locks if lock.held_here()]
+    for lock in held:
+        lock._open = True
+    try:
+        yield
+    finally:
+        for lock in held:
+            lock._open = False

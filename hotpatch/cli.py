@@ -150,13 +150,17 @@ def cmd_ls(args) -> tuple[object, str]:
 # enable, disable, load, unload: one process, or every process of a service
 
 
+def _forced(args) -> dict:
+    return {"force": True} if getattr(args, "force", False) else {}
+
+
 def _enable(args, pid):
-    _request(args, pid, "enable", patch=args.patch)
+    _request(args, pid, "enable", patch=args.patch, **_forced(args))
     return f"patch {args.patch!r} enabled"
 
 
 def _disable(args, pid):
-    _request(args, pid, "disable", patch=args.patch)
+    _request(args, pid, "disable", patch=args.patch, **_forced(args))
     return f"patch {args.patch!r} disabled"
 
 
@@ -323,6 +327,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--all", metavar="NAME",
                          help="every process of a service (a process name, program or script, "
                               "or the master's PID and its children), all or nothing")
+        if name in ("enable", "disable"):
+            sub.add_argument("--force", action="store_true",
+                             help='consistency="stack": switch even though a thread has code of '
+                                  "the patch on its stack (the patch is marked forced)")
     symbols = command("symbols", "the functions of a loaded object")
     symbols.add_argument("object", metavar="OBJECT", help='file name, soname or path; "main" '
                                                             "for the main program")

@@ -38,7 +38,8 @@ def _patch_entry(patch: core.Patch) -> dict:
     # kernel has no sysfs file for them, the tree lists "id:version".
     entry = {"enabled": patch.enabled, "transition": patch.transition,
              "replace": patch.replace, "stack_order": core.stack_order(patch),
-             "consistency": patch.consistency,
+             "consistency": patch.consistency, "forced": patch.forced,
+             "transition_timeout": patch.transition_timeout,
              "states": " ".join(f"{s.id}:{s.version}" for s in patch.states)}
     for obj in patch.objects:
         node = {"patched": obj.patched, "loaded": _loaded(obj), "note": obj.note}
@@ -76,7 +77,9 @@ def _core_entry() -> dict:
 
 def tree() -> dict:
     """``{"livepatch": {<patch>: {"enabled", "transition", "replace",
-    "stack_order", "consistency", "states" ("id:version ..."),
+    "stack_order", "consistency" ("immediate" | "stack"), "forced" (a
+    stack-model transition was forced past a busy stack), "transition_timeout"
+    (seconds), "states" ("id:version ..."),
     <object>: {"patched", "<func>,<sympos>": {...}}}},
     "tainted": bool, "core": {...}}``; the main program's object is named
     ``main``.  ``core`` says how code is written in this process (the pool's

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 
 from . import newcode, patch as stacks, plt, sites, symbols, thunks
 from . import state as state_
+from . import transition as transition_
 from ._locks import OperationLock
 from ._native import lib
 from .errors import HotpatchError, PatchStateError, UnsafeToPatch
@@ -59,7 +60,8 @@ _enabled: list["Patch"] = []          # enabled, in the order they were enabled
 _pinned: dict[int, object] = {}       # new code kept alive for the process's life, by id
 _tainted = False
 
-CONSISTENCY_MODELS = ("immediate",)
+CONSISTENCY_MODELS = ("immediate", "stack")
+log = logging.getLogger("hotpatch")
 
 
 class Func:
@@ -186,10 +188,17 @@ class Object:
 
 
 class Patch:
-    """One fix, enabled and disabled as a unit (``struct klp_patch``)."""
+    """One fix, enabled and disabled as a unit (``struct klp_patch``).
+
+    ``consistency``: ``"immediate"`` (a thread switches at its next call)
+    or ``"stack"`` (kpatch's model: the code is written only when no thread
+    has code of the patch on its stack, tried again until
+    ``transition_timeout`` seconds have passed; see
+    :mod:`hotpatch.transition`)."""
 
     def __init__(self, name: str, objects: Iterable[Object], *, replace: bool = False,
-                 consistency: str = "immediate", states: Iterable[state_.State] = ()):
+                 consistency: str = "immediate", states: Iterable[state_.State] = (),
+                 transition_timeout: float = transition_.DEFAULT_TIMEOUT):
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"a patch name is a non-empty string without '/': {name!r}")
         if consistency not in CONSISTENCY_MODELS:
@@ -199,7 +208,13 @@ class Patch:
         self.objects = list(objects)
         self.replace = bool(replace)
         self.consistency = consistency
+        if not transition_timeout >= 0:
+            raise ValueError(f"patch {name!r}: transition_timeout must be a number of "
+                             f"seconds >= 0, not {transition_timeout!r}")
+        self.transition_timeout = float(transition_timeout)
         self.states = state_.check_states(name, states)
+        self.forced = False          # a transition went past a stack holding its code
+        self._transition = False
         self.enabled = False
         self.enabled_at: float | None = None     # time.time() of the enable in effect
         self.registered = False
@@ -215,8 +230,10 @@ class Patch:
 
     @property
     def transition(self) -> bool:
-        """True while a transition is in progress (never, with the immediate model)."""
-        return False
+        """True while a transition is in progress: under the stack model,
+        while the stacks are checked (and checked again) before the switch;
+        never with the immediate model."""
+        return self._transition
 
     def state(self, id: int) -> "state_.State | None":
         """This patch's state ``id`` (``klp_get_state``), or None."""
@@ -229,11 +246,11 @@ class Patch:
         with _mutex.query():
             return state_.prev_state(self, id, list(_enabled))
 
-    def enable(self) -> None:
-        enable(self)
+    def enable(self, *, force: bool = False) -> None:
+        enable(self, force=force)
 
-    def disable(self) -> None:
-        disable(self)
+    def disable(self, *, force: bool = False) -> None:
+        disable(self, force=force)
 
     def _check_unique(self) -> None:
         names, funcs = set(), set()
@@ -421,8 +438,9 @@ def _pin_new_code(patch: Patch) -> None:
                 _pinned.setdefault(id(keep), keep)    # pinned once, however often registered
 
 
-def register(patch: Patch, *, enable: bool = True) -> Patch:
+def register(patch: Patch, *, enable: bool = True, force: bool = False) -> Patch:
     """Register ``patch`` and (by default) enable it (``klp_enable_patch``).
+    ``force``: as for :func:`enable`.
 
     A patch whose enabling fails is not left registered."""
     if not isinstance(patch, Patch):
@@ -445,7 +463,7 @@ def register(patch: Patch, *, enable: bool = True) -> Patch:
             loader.watch()
         if enable:
             try:
-                _enable_across_unloads(patch)
+                _enable_across_unloads(patch, force)
             except BaseException:
                 _patches.remove(patch)
                 patch.registered = False
@@ -489,13 +507,17 @@ def unregister(patch: Patch) -> None:
         loader.update_names()
 
 
-def enable(patch: Patch) -> None:
+def enable(patch: Patch, *, force: bool = False) -> None:
     """Enable a registered, disabled patch: every function of every loaded
-    object of the patch, or nothing."""
+    object of the patch, or nothing.
+
+    ``force`` (the stack model only; the kernel's ``force``): switch even
+    though a thread has code of the patch on its stack.  The patch is then
+    marked ``forced`` and a WARNING names what was overridden."""
     with _mutex.operation(f"enable patch {patch.name!r}"):
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
-        _enable_across_unloads(patch)
+        _enable_across_unloads(patch, force)
 
 
 #: Attempts of an enable or disable whose object another thread unloads.
@@ -524,18 +546,39 @@ def _gone_behind_our_back(patch: Patch) -> bool:
     return bool(gone)
 
 
-def _enable_across_unloads(patch: Patch) -> None:
+def _enable_across_unloads(patch: Patch, force: bool = False) -> None:
     """Enable; a failure because an object of the patch was unloaded meanwhile
     (nothing written: enabling is all or nothing) is retried without it."""
     for attempt in range(_UNLOAD_RETRIES):
         try:
-            return _enable(patch)
+            return _enable(patch, force)
         except HotpatchError:
             if attempt == _UNLOAD_RETRIES - 1 or not _gone_behind_our_back(patch):
                 raise
 
 
-def _enable(patch: Patch) -> None:
+def _transition_for(patch: Patch, push: Sequence[Func], pop: Sequence[Func],
+                    force: bool) -> "transition_.StackTransition | None":
+    """How the switch is made: under the stack model, a transition that
+    waits for the stacks to be free of what ``push`` replaces and ``pop``
+    removes; None for the immediate model."""
+    if patch.consistency != "stack":
+        return None
+    try:
+        return transition_.StackTransition(patch, transition_.code_ranges(push, pop), force)
+    except HotpatchError as e:
+        raise _prefixed(e, f"patch {patch.name!r}") from None
+
+
+def _note_forced(patch: Patch, transition: "transition_.StackTransition | None",
+                 what: str) -> None:
+    if transition is not None and transition.overridden:
+        patch.forced = True
+        log.warning("patch %r: %s forced: %s; the patch is marked forced", patch.name, what,
+                    transition.overridden)
+
+
+def _enable(patch: Patch, force: bool = False) -> None:
     global _tainted
     if patch.enabled:
         raise PatchStateError(f"patch {patch.name!r} is already enabled")
@@ -564,10 +607,12 @@ def _enable(patch: Patch) -> None:
     replaced = [p for p in _enabled if p is not patch] if patch.replace else []
     pop = [f for p in replaced for obj in p.objects for f in obj.funcs if f.patched]
     try:
-        stacks.patch_funcs(push=funcs, pop=pop, prepared=prepared)
+        transition = _transition_for(patch, funcs, pop, force)
+        stacks.patch_funcs(push=funcs, pop=pop, prepared=prepared, transition=transition)
     except HotpatchError as e:
         _run_callbacks(present, "post_unpatch")
         raise _prefixed(e, f"patch {patch.name!r}") from None
+    _note_forced(patch, transition, "enable")
 
     for old in replaced:
         _mark_disabled(old)
@@ -590,8 +635,10 @@ def _mark_disabled(patch: Patch) -> None:
         obj.patched = False
 
 
-def disable(patch: Patch) -> None:
-    """Disable the most recently enabled patch still enabled."""
+def disable(patch: Patch, *, force: bool = False) -> None:
+    """Disable the most recently enabled patch still enabled.  ``force``:
+    as for :func:`enable` (under the stack model, the new code being
+    removed is what a stack may hold)."""
     with _mutex.operation(f"disable patch {patch.name!r}"):
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
@@ -605,12 +652,18 @@ def disable(patch: Patch) -> None:
         _run_callbacks(patched, "pre_unpatch")
         for attempt in range(_UNLOAD_RETRIES):
             pop = [f for obj in patched if obj.patched for f in obj.funcs if f.patched]
+            transition = _transition_for(patch, (), pop, force)
             try:
-                stacks.patch_funcs(pop=pop)
+                stacks.patch_funcs(pop=pop, transition=transition)
                 break
             except HotpatchError as e:
-                if attempt == _UNLOAD_RETRIES - 1 or not _gone_behind_our_back(patch):
-                    raise _prefixed(e, f"patch {patch.name!r}") from None
+                if attempt < _UNLOAD_RETRIES - 1 and _gone_behind_our_back(patch):
+                    continue
+                # The disable is taken back: as the kernel completes a reversed
+                # unpatch transition, post_patch answers the pre_unpatch that ran.
+                _run_callbacks([obj for obj in patched if obj.patched], "post_patch")
+                raise _prefixed(e, f"patch {patch.name!r}") from None
+        _note_forced(patch, transition, "disable")
         notify(logging.INFO, "livepatch: '%s': starting unpatching transition", patch.name)
         _mark_disabled(patch)
         _update_crash_report()

@@ -72,11 +72,13 @@ def _new_stacks(push: Iterable["Func"], pop: Iterable["Func"]) -> dict[int, list
 
 
 def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
-                prepared: dict[int, sites.Site] | None = None, unreachable=None) -> None:
+                prepared: dict[int, sites.Site] | None = None, unreachable=None,
+                transition=None) -> None:
     """Pop the funcs of ``pop`` from their stacks and push those of ``push``
     (their sites prepared in ``prepared``, by address, for functions not yet
     patched), in one batch of code writes.  All or nothing.  ``unreachable``
-    writes into an object still being loaded (see :func:`sites.update_batch`)."""
+    writes into an object still being loaded (see :func:`sites.update_batch`);
+    ``transition`` (the stack model) decides when the batch may be written."""
     push, pop = list(push), list(pop)
     changed = _new_stacks(push, pop)
     before = [(func, func._original) for func in push]
@@ -101,7 +103,7 @@ def patch_funcs(push: Iterable["Func"] = (), pop: Iterable["Func"] = (),
         # PLT slots go back to the entries first (right whatever the entries
         # do), and follow the new tops once the entries are written.
         plt.park(moved)
-        sites.update_batch(redirects, restores, unreachable=unreachable)
+        sites.update_batch(redirects, restores, unreachable=unreachable, transition=transition)
     except BaseException:
         for func, original in before:
             func._original = original

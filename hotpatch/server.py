@@ -196,6 +196,7 @@ def _registered(name) -> core.Patch:
 def _patch_status(patch: core.Patch) -> dict:
     return {"name": patch.name, "enabled": patch.enabled, "enabled_at": patch.enabled_at,
             "replace": patch.replace, "stack_order": core.stack_order(patch),
+            "consistency": patch.consistency, "forced": patch.forced,
             "module": patch.module_path}
 
 
@@ -250,15 +251,23 @@ def op_tree(request: dict) -> dict:
     return {"tree": tree, "names": names}
 
 
+def _force(request: dict) -> bool:
+    """``"force": true`` (optional): the stack model's force."""
+    force = request.get("force", False)
+    if not isinstance(force, bool):
+        raise ValueError('"force" must be true or false')
+    return force
+
+
 def op_enable(request: dict) -> dict:
     patch = _registered(request.get("patch"))
-    core.enable(patch)
+    core.enable(patch, force=_force(request))
     return _patch_status(patch)
 
 
 def op_disable(request: dict) -> dict:
     patch = _registered(request.get("patch"))
-    core.disable(patch)
+    core.disable(patch, force=_force(request))
     return _patch_status(patch)
 
 

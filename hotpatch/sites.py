@@ -262,24 +262,30 @@ class _Change:
     write: tuple | None = None     # (old bytes, new bytes)
 
 
-def _write(changes: list[_Change], unreachable=None) -> None:
+def _batch(changes: list[_Change]):
+    """The ``struct hp_write[]`` of the changes that write code, and its length."""
     writes = [c for c in changes if c.write is not None]
-    if not writes:
-        return
-    batch = ffi.new("struct hp_write[]", len(writes))
+    batch = ffi.new("struct hp_write[]", max(len(writes), 1))
     for w, change in zip(batch, writes):
         old, new = change.write
         w.address = change.site.address
         w.old[0:len(old)] = old
         w.bytes[0:len(new)] = new
         w.len = len(new)
+    return batch, len(writes)
+
+
+def _write(changes: list[_Change], unreachable=None) -> None:
+    batch, count = _batch(changes)
+    if not count:
+        return
     err = ffi.new("char[256]")
     # unreachable(batch, n, err): writes without a stop where no thread can
     # run the code yet (an object being loaded); 1 = it can run now after all.
-    rc = unreachable(batch, len(writes), err) if unreachable is not None else 1
+    rc = unreachable(batch, count, err) if unreachable is not None else 1
     if rc < 0:
         raise TransitionError(ffi.string(err).decode())
-    if rc and lib.hp_write_batch(batch, len(writes), STOP_TIMEOUT_MS, err):
+    if rc and lib.hp_write_batch(batch, count, STOP_TIMEOUT_MS, err):
         raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
 
 
@@ -313,6 +319,25 @@ def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
 _unreachable = None
 
 
+def _target_stores(changes: list[_Change]) -> list[tuple[object, int]]:
+    """``(uint64_t *, value)`` of the retargets, for a stop to make."""
+    stores = []
+    for change in changes:
+        if change.form == "slot":
+            stores.append((change.site._slot, change.target))
+        elif change.form == "call":
+            stores.append((lib.hp_call_site_target_slot(change.site._call_site), change.target))
+    return stores
+
+
+def _record(changes: list[_Change]) -> None:
+    """The sites as the batch left them."""
+    for change in changes:
+        change.site.form, change.site.target = change.form, change.target
+        if change.write is not None:
+            change.site.written = change.write[1] if change.form else None
+
+
 def _commit(changes: list[_Change]) -> None:
     # A slot or call target is set before an entry starts to point at it;
     # where the entry already does, the store is the whole retarget, and it
@@ -321,10 +346,17 @@ def _commit(changes: list[_Change]) -> None:
     _store_targets(rewritten)
     _write(changes, _unreachable)
     _store_targets([c for c in changes if c.write is None])
-    for change in changes:
-        change.site.form, change.site.target = change.form, change.target
-        if change.write is not None:
-            change.site.written = change.write[1] if change.form else None
+    _record(changes)
+
+
+def _commit_in_transition(changes: list[_Change], transition) -> None:
+    # As _commit, but the retargets that need no code write are made in the
+    # transition's stop itself: they take code away from running threads as
+    # a write does.
+    rewritten = [c for c in changes if c.write is not None]
+    _store_targets(rewritten)
+    transition.write(*_batch(changes), _target_stores([c for c in changes if c.write is None]))
+    _record(changes)
 
 
 def _unique(sites: Sequence[Site]) -> None:
@@ -344,7 +376,7 @@ def _plan_restore(site: Site) -> _Change:
 
 
 def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[Site] = (),
-                 form: str | None = None, *, unreachable=None) -> None:
+                 form: str | None = None, *, unreachable=None, transition=None) -> None:
     """One batch of code writes: send every ``(site, target)`` of
     ``redirects`` to its target (installing or retargeting) and put the
     original bytes back at every site of ``restores``.  All or nothing.
@@ -352,13 +384,16 @@ def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[
     ``form``: ``None`` keeps a site's slot or call form and otherwise picks
     ``"direct"`` where the target is in reach, else ``"slot"``; ``"auto"``
     always picks that way; a form name forces it.  ``unreachable``: see
-    :mod:`hotpatch.loader` (writes into an object still being loaded)."""
+    :mod:`hotpatch.loader` (writes into an object still being loaded, which
+    no thread can be running: no transition needed).  ``transition``: a
+    :class:`hotpatch.transition.StackTransition` that makes the writes and
+    retargets when no thread's stack holds its code (None: at once)."""
     with _lock.operation("update a batch of sites"):
-        _update_batch(redirects, restores, form, unreachable)
+        _update_batch(redirects, restores, form, unreachable, transition)
 
 
 def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site],
-                  form: str | None, unreachable=None) -> None:
+                  form: str | None, unreachable=None, transition=None) -> None:
     _unique([site for site, _ in redirects] + list(restores))
     changes = [_plan_redirect(site, int(target), form) for site, target in redirects]
     changes += [_plan_restore(site) for site in restores]
@@ -369,7 +404,10 @@ def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
     global _unreachable
     _unreachable = unreachable
     try:
-        _commit(changes)
+        if transition is None or unreachable is not None:
+            _commit(changes)
+        else:
+            _commit_in_transition(changes, transition)
     except BaseException:
         for site in restores:
             if site.form == "call":

@@ -18,7 +18,7 @@ from . import sites, symbols
 from ._native import lib
 from .errors import UnsafeToPatch
 from .x86_64.clobbers import CALL_CLOBBERED, never_written
-from .x86_64.thunk import THUNK_SIZE_BOUND, thunk_code
+from .x86_64.thunk import THUNK_SIZE_BOUND, thunk_code, thunk_return_offset
 
 
 @dataclass(frozen=True)
@@ -75,4 +75,9 @@ def thunk_for(function: int, near: int, new: int, preserve: frozenset) -> Thunk:
         if lib.hp_write_code(at, code, len(code)):
             raise UnsafeToPatch(f"{function:#x}: cannot write the thunk at {at:#x}")
         thunk = _thunks[key] = Thunk(at, tuple(r for r in CALL_CLOBBERED if r in preserve))
+        # Its frame, for the stack model's unwinder (the pool has no
+        # unwind tables): the pushed general-purpose registers lie between
+        # its saved rbp and the return address.
+        pushed = sum(1 for r in thunk.preserves if not r.startswith("xmm"))
+        lib.hp_unwind_add_thunk(at + thunk_return_offset(at, new, preserve), pushed)
     return thunk

@@ -103,6 +103,13 @@ void hp_call_site_set_target(struct hp_call_site *s, uintptr_t target)
     __atomic_store_n(&s->target, target, __ATOMIC_RELEASE);
 }
 
+/* Where a site's target is kept, for a store made while threads are
+ * stopped (the stack model's retargets). */
+uint64_t *hp_call_site_target_slot(struct hp_call_site *s)
+{
+    return (uint64_t *)&s->target;
+}
+
 /* Add an observer; returns its index, or -1 when the site has no room. */
 int hp_call_site_observe(struct hp_call_site *s, hp_observer_fn fn, void *data)
 {

@@ -164,15 +164,10 @@ static int by_address(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* Write a batch of sites safely while other threads run: one stop.
- * Returns 0, or -1 with `err` filled and no byte changed.  This thread's
- * signals are blocked meanwhile: a handler running here could otherwise
- * run the code being written. */
-int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
+/* A batch is sorted by address, its writes 1 to 16 bytes long and not
+ * overlapping.  0, or -1 with `err`. */
+static int check_batch(struct hp_write *w, size_t n, char *err)
 {
-    err[0] = 0;
-    if (n == 0)
-        return 0;
     for (size_t i = 0; i < n; i++)
         if (w[i].len < 1 || w[i].len > sizeof w[i].bytes) {
             char *at = hp_fmt_str(err, err + HP_ERRLEN, "bad write length at ");
@@ -189,6 +184,20 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
             hp_fmt_str(at, err + HP_ERRLEN, " overlap");
             return -1;
         }
+    return 0;
+}
+
+/* Write a batch of sites safely while other threads run: one stop.
+ * Returns 0, or -1 with `err` filled and no byte changed.  This thread's
+ * signals are blocked meanwhile: a handler running here could otherwise
+ * run the code being written. */
+int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
+{
+    err[0] = 0;
+    if (n == 0)
+        return 0;
+    if (check_batch(w, n, err))
+        return -1;
     uint64_t all = ~0ull, mask;
     pthread_mutex_lock(&hp_lock);
     hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, &mask, 8);
@@ -203,14 +212,60 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
     return rc;
 }
 
+/* One try of a batch under the stack model: the writes, then the stores
+ * (retargets that need no code write), made only if no thread -- this one
+ * included -- has code of `ranges` on its stack.  `timeout_ms` bounds the
+ * stop itself; the caller retries, letting the threads run in between.
+ * 0: written (with `force`, `hit` names a stack that was overridden, if
+ * any); 1 (HP_STOP_BUSY): `hit` says which thread, nothing written; -1:
+ * failed, -2: the model cannot run here (ptrace refused), `err` says why. */
+int hp_write_batch_stack(struct hp_write *w, size_t n, const struct hp_store *stores, size_t nstores,
+                         const struct hp_code_range *ranges, size_t nranges, int force,
+                         int timeout_ms, struct hp_stack_hit *hit, char *err)
+{
+    err[0] = 0;
+    memset(hit, 0, sizeof *hit);
+    hit->range = -1;
+    if (check_batch(w, n, err))
+        return -1;
+    pthread_mutex_lock(&hp_unwind_lock);
+    int rc = hp_unwind_prepare(err) ? HP_STOP_REFUSED : HP_STOP_OK;
+    if (rc == HP_STOP_OK && hp_unwind_check_self(ranges, nranges, hit) && !force)
+        rc = HP_STOP_BUSY;
+    if (rc == HP_STOP_OK) {
+        uint64_t all = ~0ull, mask;
+        pthread_mutex_lock(&hp_lock);
+        hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, &mask, 8);
+        open_mem_fd();
+        if (mem_fd < 0)
+            hp_read_mappings();
+        uint64_t deadline = hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+        rc = hp_stop_stack_round(w, n, stores, nstores, ranges, nranges, force, deadline, hit, err);
+        hp_sync_cores();
+        hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
+        pthread_mutex_unlock(&hp_lock);
+    }
+    pthread_mutex_unlock(&hp_unwind_lock);
+    return rc;
+}
+
 /* --- fork ------------------------------------------------------------ */
 
 /* A fork waits for a batch in progress (no child inherits a half-written
  * site).  The child has a new mm: the inherited /proc/self/mem descriptor
  * still names the parent's memory, membarrier registration is per mm, and
  * the parent's stopper is not the child's. */
-static void before_fork(void) { pthread_mutex_lock(&hp_lock); }
-static void after_fork_in_parent(void) { pthread_mutex_unlock(&hp_lock); }
+static void before_fork(void)
+{
+    pthread_mutex_lock(&hp_unwind_lock);   /* taken before hp_lock, as a stack batch does */
+    pthread_mutex_lock(&hp_lock);
+}
+
+static void after_fork_in_parent(void)
+{
+    pthread_mutex_unlock(&hp_lock);
+    pthread_mutex_unlock(&hp_unwind_lock);
+}
 
 static void after_fork_in_child(void)
 {
@@ -220,6 +275,7 @@ static void after_fork_in_child(void)
     sync_core_ready = 0;
     hp_stop_after_fork();
     pthread_mutex_init(&hp_lock, NULL);
+    pthread_mutex_init(&hp_unwind_lock, NULL);
 }
 
 __attribute__((constructor)) static void hp_init(void)

@@ -9,6 +9,7 @@
  *   gotslot.c     storing into GOT slots (PLT calls of patched functions), no stop
  *   stop.c        the stop: which stopper holds the threads, retries, counters
  *   check.c       what a stopped thread may not be doing (pc, signal frames)
+ *   unwind.c      stopped threads' stacks unwound (libunwind), for the stack model
  *   stop_ptrace.c the ptrace stopper: a helper process seizes every other thread
  *   stop_signal.c the fallback stopper: park every other thread in a signal handler
  *   caller.c      the shared caller of the ftrace-style call path
@@ -31,6 +32,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/user.h>
 
 #include "sys.h"
 
@@ -105,6 +107,7 @@ typedef void (*hp_observer_fn)(void *data, uintptr_t address, uint64_t *regs);
 struct hp_call_site;
 struct hp_call_site *hp_call_site(uintptr_t address);
 void hp_call_site_set_target(struct hp_call_site *s, uintptr_t target);
+uint64_t *hp_call_site_target_slot(struct hp_call_site *s);
 int hp_call_site_observe(struct hp_call_site *s, hp_observer_fn fn, void *data);
 void hp_call_site_unobserve(struct hp_call_site *s, int slot);
 uintptr_t hp_caller_near(uintptr_t near);
@@ -139,6 +142,12 @@ struct hp_write {
 int hp_write_code(uintptr_t addr, const void *src, size_t len);
 void hp_store_slot(uint64_t *slot, uint64_t value);
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
+struct hp_store;
+struct hp_code_range;
+struct hp_stack_hit;
+int hp_write_batch_stack(struct hp_write *w, size_t n, const struct hp_store *stores, size_t nstores,
+                         const struct hp_code_range *ranges, size_t nranges, int force,
+                         int timeout_ms, struct hp_stack_hit *hit, char *err);
 int hp_code_writes_use_proc_mem(void);
 int hp_core_sync_ready(void);
 /* Write code no thread runs (fresh pool memory), hp_lock held. */
@@ -186,14 +195,46 @@ int hp_collect_restorers(uintptr_t *out, int max);
 int hp_check_thread(const struct hp_check *c, uintptr_t pc, uintptr_t sp, uintptr_t *found);
 int hp_check_old_bytes(const struct hp_check *c, char *err);
 
+/* --- unwind.c ------------------------------------------------------- */
+/* Code of a patch that no thread may be running for a transition. */
+struct hp_code_range {
+    uintptr_t lo, hi;
+};
+/* Why a stack-checked write did not happen (or, forced, what it overrode). */
+struct hp_stack_hit {
+    int32_t tid;          /* 0: none */
+    int32_t frame;        /* 0 = where the thread is */
+    uint64_t pc;          /* that frame's pc (0: unknown) */
+    int32_t range;        /* index of the range found, -1 if none */
+    int32_t unreliable;   /* the walk stopped at this frame: no unwind table, bad stack */
+    int32_t inside;       /* the pc is inside the bytes being replaced */
+    int32_t reserved;
+};
+extern pthread_mutex_t hp_unwind_lock;
+int hp_unwind_prepare(char *err);
+int hp_unwind_check(const struct user_regs_struct *regs, int pid,
+                    const struct hp_code_range *ranges, size_t n, struct hp_stack_hit *hit);
+int hp_unwind_check_self(const struct hp_code_range *ranges, size_t n, struct hp_stack_hit *hit);
+unsigned long hp_unwind_put_calls(void);
+void hp_unwind_add_thunk(uintptr_t return_point, unsigned pushed);
+void hp_unwind_forget_memory(void);
+
 /* --- stop.c --------------------------------------------------------- */
-/* A stopped thread: where it is.  Filled by whichever stopper ran. */
+/* A stopped thread: where it is.  Filled by whichever stopper ran; only
+ * ptrace fills `regs` (the stack model's unwinding needs them). */
 struct hp_stopped_thread {
     int32_t tid;
     int32_t signal;     /* ptrace: signal to hand back when it is let go */
     int32_t state;      /* stopper's bookkeeping */
     int32_t reserved;
     uint64_t pc, sp;
+    struct user_regs_struct regs;
+};
+/* A pointer-sized target (a slot, a call site's) set while threads are
+ * stopped: a retarget that must not happen while a thread runs the code. */
+struct hp_store {
+    uint64_t *slot;
+    uint64_t value;
 };
 extern struct hp_stopped_thread hp_stopped[HP_MAX_THREADS];
 extern int hp_nstopped;
@@ -202,6 +243,7 @@ extern int hp_nstopped;
 #define HP_STOP_FAILED (-1)       /* a thread could not be stopped or stayed inside: err says */
 #define HP_STOP_REFUSED (-2)      /* this stopper cannot run here: err says why */
 #define HP_STOP_CANNOT_WRITE (-3) /* the helper cannot write this process's code */
+#define HP_STOP_BUSY 1            /* stack model: a thread runs code of the patch; nothing written */
 
 /* Counters of the stops, for the tree and the benchmarks. */
 struct hp_stop_stats {
@@ -210,6 +252,9 @@ struct hp_stop_stats {
 extern struct hp_stop_stats hp_stats;
 
 int hp_stop_write(struct hp_write *w, size_t n, uint64_t deadline_ns, int helper_may_write, char *err);
+int hp_stop_stack_round(struct hp_write *w, size_t n, const struct hp_store *stores, size_t nstores,
+                        const struct hp_code_range *ranges, size_t nranges, int force,
+                        uint64_t deadline_ns, struct hp_stack_hit *hit, char *err);
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
                    uint64_t *hold_max_ns);
 void hp_stop_after_fork(void);
@@ -252,6 +297,16 @@ extern int hp_loader_busy;
 int hp_loader_write_unreachable(const struct hp_write *w, size_t n, uint64_t seq, char *err);
 void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *dropped);
 void hp_loader_brk(void);
+
+/* Copy whole words without libc: a struct copy may become a call to
+ * memcpy, which a patch may have replaced (the stop path, the helper). */
+HP_RAW static inline void hp_copy_words(void *to, const void *from, size_t bytes)
+{
+    volatile uint64_t *t = to;
+    const volatile uint64_t *f = from;
+    for (size_t i = 0; i < bytes / 8; i++)
+        t[i] = f[i];
+}
 
 /* Small formatting without libc, for the stop path and the helper. */
 HP_RAW static inline char *hp_fmt_str(char *at, char *end, const char *s)

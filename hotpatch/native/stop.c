@@ -121,6 +121,97 @@ HP_RAW int hp_stop_write(struct hp_write *w, size_t n, uint64_t deadline, int he
     return rc == HP_STOP_OK ? 0 : -1;
 }
 
+/* --- the stack consistency model --------------------------------------- */
+
+/* Does any stopped thread run code of the patch (or sit inside the bytes
+ * being replaced)?  1 with `hit` filled if so.  With `force`, only the
+ * bytes count: the first stack found is reported in `hit`, not obeyed. */
+HP_RAW static int stacks_busy(const struct hp_check *c, const struct hp_code_range *ranges,
+                              size_t nranges, int force, struct hp_stack_hit *hit)
+{
+    for (int t = 0; t < hp_nstopped; t++) {
+        const struct hp_stopped_thread *th = &hp_stopped[t];
+        uintptr_t pc;
+        if (hp_check_thread(c, th->pc, th->sp, &pc)) {
+            *hit = (struct hp_stack_hit){ .tid = th->tid, .pc = pc, .range = -1, .inside = 1 };
+            return 1;
+        }
+    }
+    hp_unwind_forget_memory();      /* what was read before this stop may have changed */
+    for (int t = 0; t < hp_nstopped; t++) {
+        const struct hp_stopped_thread *th = &hp_stopped[t];
+        struct hp_stack_hit found = { .tid = th->tid };
+        if (!hp_unwind_check(&th->regs, c->pid, ranges, nranges, &found))
+            continue;
+        if (!force || !hit->tid)        /* forced: the first one is reported */
+            hp_copy_words(hit, &found, sizeof found);
+        if (!force)
+            return 1;
+    }
+    return 0;
+}
+
+HP_RAW static void store_targets(const struct hp_store *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        __atomic_store_n(s[i].slot, s[i].value, __ATOMIC_RELEASE);
+}
+
+/* One try of the stack model (kpatch's): every other thread stopped with
+ * ptrace and its stack unwound; if none runs code of the patch, write,
+ * make the retargets, sync and let go.  HP_STOP_OK (with `force`, `hit`
+ * names a stack that was overridden), HP_STOP_BUSY (`hit` says who;
+ * nothing written, the threads let go: the caller retries), or
+ * HP_STOP_FAILED / HP_STOP_REFUSED with `err`.  Only ptrace gives every
+ * thread's registers without its cooperation: under the signal stop the
+ * model is refused.  hp_lock and hp_unwind_lock held. */
+HP_RAW int hp_stop_stack_round(struct hp_write *w, size_t n, const struct hp_store *stores,
+                               size_t nstores, const struct hp_code_range *ranges, size_t nranges,
+                               int force, uint64_t deadline, struct hp_stack_hit *hit, char *err)
+{
+    struct hp_check c = {
+        .pid = hp_gettid(), .writes = w, .nwrites = n,   /* tid: see hp_read_memory */
+        .scratch = stack_words, .scratch_bytes = sizeof stack_words,
+    };
+    uintptr_t restorers[HP_MAX_RESTORERS];
+    c.restorers = restorers;
+    c.nrestorers = hp_collect_restorers(restorers, HP_MAX_RESTORERS);
+    uint64_t start = hp_now_ns();
+    int rc = signals_forced() ? HP_STOP_REFUSED : hp_ptrace_stop(deadline, err);
+    if (rc == HP_STOP_REFUSED) {
+        const char *why = signals_forced() ? "HOTPATCH_STOPPER=signals" : err;
+        char reason[HP_ERRLEN];
+        hp_fmt_str(reason, reason + HP_ERRLEN, why);
+        hp_fmt_str(why_not_ptrace, why_not_ptrace + HP_ERRLEN, reason);
+        char *at = hp_fmt_str(err, err + HP_ERRLEN, "consistency=\"stack\" needs the ptrace "
+                              "stopper to read every thread's registers, and ptrace cannot be "
+                              "used here: ");
+        hp_fmt_str(at, err + HP_ERRLEN, reason);
+        return HP_STOP_REFUSED;
+    }
+    if (rc != HP_STOP_OK)
+        return rc;
+    method = METHOD_PTRACE;
+    why_not_ptrace[0] = 0;
+    hp_stats.stops++;
+    uint64_t stopped = hp_now_ns();
+    if (stacks_busy(&c, ranges, nranges, force, hit)) {
+        release(METHOD_PTRACE);
+        hp_stats.retries++;
+        count_hold(hp_now_ns() - stopped);
+        hp_stats.stop_ns += hp_now_ns() - start;
+        return HP_STOP_BUSY;
+    }
+    rc = hp_check_old_bytes(&c, err) || hp_write_stopped(w, n, err) ? HP_STOP_FAILED : HP_STOP_OK;
+    if (rc == HP_STOP_OK)
+        store_targets(stores, nstores);
+    hp_sync_cores();        /* write, sync, let go: in that order */
+    release(METHOD_PTRACE);
+    count_hold(hp_now_ns() - stopped);
+    hp_stats.stop_ns += hp_now_ns() - start;
+    return rc;
+}
+
 /* Stop counters since the process started (or forked): stops, stops
  * retried because a thread was inside the bytes, the time from asking for
  * a stop to letting the threads go, and how long threads were held while

@@ -293,6 +293,7 @@ HP_RAW static void read_registers(struct stop_area *a, struct hp_stopped_thread 
     }
     t->pc = regs.rip;
     t->sp = regs.rsp;
+    hp_copy_words(&t->regs, &regs, sizeof regs);    /* for the stack model's unwinding */
     if (t->signal || (long)regs.rax != -EINTR || !restarts_after_stop((long)regs.orig_rax))
         return;
     struct hp_thread_status st;
@@ -620,7 +621,7 @@ HP_RAW int hp_ptrace_stop(uint64_t deadline_ns, char *err)
     hp_nstopped = 0;
     for (int i = 0; i < area->count; i++)
         if (area->threads[i].state == STOPPED)
-            hp_stopped[hp_nstopped++] = area->threads[i];
+            hp_copy_words(&hp_stopped[hp_nstopped++], &area->threads[i], sizeof *hp_stopped);
     return HP_STOP_OK;
 }
 

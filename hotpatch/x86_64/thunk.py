@@ -32,7 +32,7 @@ import struct
 from .clobbers import CALL_CLOBBERED
 from .encode import call_abs, call_rel32, in_reach
 
-__all__ = ["thunk_code", "THUNK_SIZE_BOUND", "STACK_ARGS"]
+__all__ = ["thunk_code", "thunk_return_offset", "THUNK_SIZE_BOUND", "STACK_ARGS"]
 
 #: Qwords of stack arguments copied for the new code.
 STACK_ARGS = 8
@@ -89,9 +89,8 @@ def _mov_r11_to(disp: int) -> bytes:
     return _rsp_mem(b"", b"\x89", 11, disp, wide=True)
 
 
-def thunk_code(at: int, new: int, preserve) -> bytes:
-    """The thunk placed at ``at`` calling ``new`` and preserving the registers
-    ``preserve`` (names from :data:`CALL_CLOBBERED`)."""
+def _thunk_parts(at: int, new: int, preserve) -> tuple[bytes, bytes]:
+    """The thunk's code up to and including its call of ``new``, and the rest."""
     gprs = [r for r in CALL_CLOBBERED if r in preserve and not r.startswith("xmm")]
     xmms = [int(r[3:]) for r in CALL_CLOBBERED if r in preserve and r.startswith("xmm")]
     args = 8 * STACK_ARGS
@@ -103,6 +102,19 @@ def thunk_code(at: int, new: int, preserve) -> bytes:
     code += b"".join(_movdqu_store(x, args + 16 * j) for j, x in enumerate(xmms))
     call_at = at + len(code)
     code += call_rel32(call_at, new) if in_reach(call_at, new) else call_abs(new)
-    code += b"".join(_movdqu_load(x, args + 16 * j) for j, x in enumerate(xmms))
-    code += _EPILOGUE + b"".join(_pop(r) for r in reversed(gprs)) + b"\xc3"
-    return code
+    rest = b"".join(_movdqu_load(x, args + 16 * j) for j, x in enumerate(xmms))
+    rest += _EPILOGUE + b"".join(_pop(r) for r in reversed(gprs)) + b"\xc3"
+    return code, rest
+
+
+def thunk_code(at: int, new: int, preserve) -> bytes:
+    """The thunk placed at ``at`` calling ``new`` and preserving the registers
+    ``preserve`` (names from :data:`CALL_CLOBBERED`)."""
+    return b"".join(_thunk_parts(at, new, preserve))
+
+
+def thunk_return_offset(at: int, new: int, preserve) -> int:
+    """Where the new code returns to in that thunk, from ``at``: a stack
+    unwinder finds its frame there (``rbp`` set up, above it the saved
+    registers, then the return address to the old function's caller)."""
+    return len(_thunk_parts(at, new, preserve)[0])
