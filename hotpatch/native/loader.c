@@ -54,10 +54,14 @@ static pthread_mutex_t q_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t q_more = PTHREAD_COND_INITIALIZER;   /* an event was queued */
 static pthread_cond_t q_done = PTHREAD_COND_INITIALIZER;   /* events were handled */
 
-static struct map_entry prev[MAX_MAPS], cur[MAX_MAPS];
+/* The last walk (`prev`, `nprev` entries) and the one being made: two
+ * buffers swapped after each diff. */
+static struct map_entry lists[2][MAX_MAPS];
+static struct map_entry *prev = lists[0], *cur = lists[1];
 static int nprev;
 static char tracked_names[MAX_TRACKED][HP_NAME_MAX];
 static int tracked_used[MAX_TRACKED];
+static int ntracked;                       /* entries of tracked_used set */
 
 static char wanted[WANTED_BYTES];          /* NUL-separated names */
 static size_t wanted_len;
@@ -171,52 +175,73 @@ static int new_tracked(const char *name)
     for (int i = 0; i < MAX_TRACKED; i++)
         if (!tracked_used[i]) {
             tracked_used[i] = 1;
+            ntracked++;
             hp_fmt_str(tracked_names[i], tracked_names[i] + HP_NAME_MAX, name);
             return i;
         }
     return -1;
 }
 
-/* Diff the link maps with the last walk; queue GOING then COMING events.
- * Returns the seq of the last event queued, 0 if none.  q_lock held.
+/* GOING for the tracked objects among prev[lo..hi): they were unloaded. */
+static void went(int lo, int hi)
+{
+    for (int i = lo; i < hi; i++)
+        if (prev[i].tracked >= 0) {
+            push(EV_GOING, &prev[i], tracked_names[prev[i].tracked]);
+            tracked_used[prev[i].tracked] = 0;
+            ntracked--;
+        }
+}
+
+/* Walk the link maps and diff them with the last walk in the same pass;
+ * queue GOING then COMING events.  Returns the seq of the last event
+ * queued, 0 if none.  q_lock held.
  *
  * The dynamic linker appends a new object at the end of its namespace's
  * list and unlinks an unloaded one without reordering the others, so the
- * survivors appear in both walks in the same order: one merge pass finds
- * them, and only an entry that is new costs a scan of the rest of `prev`.
- * It runs twice per dlopen and per dlclose, in every process, so it must
- * stay cheap (benchmarks/loader.py). */
+ * survivors appear in both walks in the same order: each entry is
+ * normally the next one of the last walk, and only an entry that is not
+ * costs a scan of the rest of it.  This runs twice per dlopen and per
+ * dlclose in every process with a patch waiting for an object, so it is
+ * kept to one pass with no copy (benchmarks/loader.py). */
 static uint64_t diff(void)
 {
-    static unsigned char gone[MAX_MAPS], fresh[MAX_MAPS];
+    static int fresh[MAX_MAPS];
+    int nfresh = 0, i = 0, n = 0;
     uint64_t before = q_tail;
-    int n = walk(cur), i = 0;
-    memset(gone, 0, (size_t)nprev);
-    for (int j = 0; j < n; j++) {
-        int k = i;
-        while (k < nprev && !same(&prev[k], &cur[j]))
-            k++;
-        fresh[j] = k == nprev;
-        if (fresh[j])
-            continue;
-        while (i < k)
-            gone[i++] = 1;
-        cur[j].tracked = prev[k].tracked;
-        i = k + 1;
+    struct r_debug_extended *ns = (struct r_debug_extended *)&_r_debug;
+    for (; ns; ns = ns->base.r_version >= 2 ? ns->r_next : NULL)
+        for (const struct link_map *m = ns->base.r_map; m && n < MAX_MAPS; m = m->l_next, n++) {
+            struct map_entry *e = &cur[n];
+            e->map = m;
+            e->addr = m->l_addr;
+            e->tracked = -1;
+            if (i < nprev && same(&prev[i], e)) {
+                e->tracked = prev[i++].tracked;
+                continue;
+            }
+            int k = i + 1;
+            while (k < nprev && !same(&prev[k], e))
+                k++;
+            if (k >= nprev) {
+                fresh[nfresh++] = n;
+                continue;
+            }
+            went(i, k);
+            e->tracked = prev[k].tracked;
+            i = k + 1;
+        }
+    went(i, nprev);
+    for (int f = 0; f < nfresh; f++) {
+        struct map_entry *e = &cur[fresh[f]];
+        if (asked_for(e->map)) {
+            e->tracked = new_tracked(e->map->l_name);
+            push(EV_COMING, e, e->map->l_name);
+        }
     }
-    while (i < nprev)
-        gone[i++] = 1;
-    for (i = 0; i < nprev; i++)
-        if (gone[i] && prev[i].tracked >= 0) {
-            push(EV_GOING, &prev[i], tracked_names[prev[i].tracked]);
-            tracked_used[prev[i].tracked] = 0;
-        }
-    for (int j = 0; j < n; j++)
-        if (fresh[j] && asked_for(cur[j].map)) {
-            cur[j].tracked = new_tracked(cur[j].map->l_name);
-            push(EV_COMING, &cur[j], cur[j].map->l_name);
-        }
-    memcpy(prev, cur, (size_t)n * sizeof cur[0]);
+    struct map_entry *swap = prev;
+    prev = cur;
+    cur = swap;
     nprev = n;
     return q_tail != before ? q_tail : 0;
 }
@@ -277,11 +302,71 @@ static void deliver(uint64_t last)
 }
 
 /* `late`: the objects' code may run already (the fallback wrappers). */
+/* The dynamic linker's load and unload counters (dl_iterate_phdr's
+ * dlpi_adds and dlpi_subs), read from its first object only. */
+struct counters { unsigned long long adds, subs; };
+
+static int read_counters(struct dl_phdr_info *info, size_t size, void *data)
+{
+    struct counters *c = data;
+    if (size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs) {
+        c->adds = info->dlpi_adds;
+        c->subs = info->dlpi_subs;
+    }
+    return 1;
+}
+
+static struct counters seen;     /* at the last walk */
+
+/* Objects appended after the last walk's tail: what a dlopen in the base
+ * namespace adds.  Valid only when nothing was unloaded since (the tail is
+ * then still linked).  q_lock held. */
+static uint64_t appended(void)
+{
+    uint64_t before = q_tail;
+    for (const struct link_map *m = prev[nprev - 1].map->l_next; m && nprev < MAX_MAPS; m = m->l_next) {
+        struct map_entry *e = &prev[nprev++];
+        e->map = m;
+        e->addr = m->l_addr;
+        e->tracked = -1;
+        if (asked_for(m)) {
+            e->tracked = new_tracked(m->l_name);
+            push(EV_COMING, e, m->l_name);
+        }
+    }
+    return q_tail != before ? q_tail : 0;
+}
+
+/* What changed since the last walk, as events.  The full diff walks every
+ * object; the common cases take less (this runs twice per dlopen and per
+ * dlclose): with one namespace and no object of interest loaded, a dlopen
+ * only appends after the last tail, and a dlclose can only have removed
+ * objects nobody asked for (so the list is taken again, no events).  The
+ * counters tell the cases apart.  q_lock held. */
+static uint64_t changes(void)
+{
+    struct counters now = seen;
+    dl_iterate_phdr(read_counters, &now);
+    struct r_debug_extended *base = (struct r_debug_extended *)&_r_debug;
+    int one_namespace = base->base.r_version < 2 || base->r_next == NULL;
+    uint64_t last;
+    if (one_namespace && ntracked == 0 && nprev > 0 && now.subs == seen.subs) {
+        last = appended();
+    } else if (one_namespace && ntracked == 0 && now.adds == seen.adds) {
+        nprev = walk(prev);
+        last = 0;
+    } else {
+        last = diff();
+    }
+    seen = now;
+    return last;
+}
+
 static void rescan(int late)
 {
     pthread_mutex_lock(&q_lock);
     n_calls++;
-    uint64_t last = started ? diff() : 0;
+    uint64_t last = started ? changes() : 0;
     if (late && last)
         abandon(last);
     pthread_mutex_unlock(&q_lock);
@@ -383,6 +468,7 @@ void hp_loader_start(void (*callback)(void), int wait)
     pthread_mutex_lock(&q_lock);
     if (!started) {
         nprev = walk(prev);
+        dl_iterate_phdr(read_counters, &seen);
         started = 1;
     }
     for (int i = 0; i < nprev; i++)
