@@ -302,21 +302,13 @@ static void deliver(uint64_t last)
 }
 
 /* `late`: the objects' code may run already (the fallback wrappers). */
-/* The dynamic linker's load and unload counters (dl_iterate_phdr's
- * dlpi_adds and dlpi_subs), read from its first object only. */
-struct counters { unsigned long long adds, subs; };
-
-static int read_counters(struct dl_phdr_info *info, size_t size, void *data)
-{
-    struct counters *c = data;
-    if (size >= offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs) {
-        c->adds = info->dlpi_adds;
-        c->subs = info->dlpi_subs;
-    }
-    return 1;
-}
-
-static struct counters seen;     /* at the last walk */
+/* Set when the dynamic linker announced an unload (RT_DELETE) since the
+ * last walk: objects may have been unlinked, the last walk's tail with
+ * them.  Only r_brk calls touch it, and the dynamic linker's lock
+ * serialises those. */
+static int unloading;
+/* Set when it announced a load (RT_ADD) since the last walk. */
+static int loading;
 
 /* Objects appended after the last walk's tail: what a dlopen in the base
  * namespace adds.  Valid only when nothing was unloaded since (the tail is
@@ -337,28 +329,29 @@ static uint64_t appended(void)
     return q_tail != before ? q_tail : 0;
 }
 
-/* What changed since the last walk, as events.  The full diff walks every
- * object; the common cases take less (this runs twice per dlopen and per
- * dlclose): with one namespace and no object of interest loaded, a dlopen
- * only appends after the last tail, and a dlclose can only have removed
- * objects nobody asked for (so the list is taken again, no events).  The
- * counters tell the cases apart.  q_lock held. */
-static uint64_t changes(void)
+/* What changed since the last walk, as events.  The full diff walks and
+ * compares every object; the common cases take less (this runs twice per
+ * dlopen and per dlclose, in every process with a patch waiting for an
+ * object).  With one namespace and no object of interest loaded:
+ *  - only a load announced (RT_ADD) since the last walk: objects were only
+ *    appended after the last tail;
+ *  - only an unload announced (RT_DELETE): objects nobody asked for were
+ *    only removed, so the list is taken again with no events.
+ * The fallback wrappers (`late`) see neither announcement: they always
+ * diff.  q_lock held. */
+static uint64_t changes(int late)
 {
-    struct counters now = seen;
-    dl_iterate_phdr(read_counters, &now);
     struct r_debug_extended *base = (struct r_debug_extended *)&_r_debug;
-    int one_namespace = base->base.r_version < 2 || base->r_next == NULL;
-    uint64_t last;
-    if (one_namespace && ntracked == 0 && nprev > 0 && now.subs == seen.subs) {
+    int simple = base->base.r_version < 2 || base->r_next == NULL;
+    simple = simple && ntracked == 0 && nprev > 0 && !late;
+    uint64_t last = 0;
+    if (simple && !unloading)
         last = appended();
-    } else if (one_namespace && ntracked == 0 && now.adds == seen.adds) {
+    else if (simple && !loading)
         nprev = walk(prev);
-        last = 0;
-    } else {
+    else
         last = diff();
-    }
-    seen = now;
+    unloading = loading = 0;
     return last;
 }
 
@@ -366,7 +359,7 @@ static void rescan(int late)
 {
     pthread_mutex_lock(&q_lock);
     n_calls++;
-    uint64_t last = started ? changes() : 0;
+    uint64_t last = started ? changes(late) : 0;
     if (late && last)
         abandon(last);
     pthread_mutex_unlock(&q_lock);
@@ -378,7 +371,11 @@ static void rescan(int late)
 void hp_loader_brk(void)
 {
     int saved = errno;
-    if (consistent())
+    if (_r_debug.r_state == RT_DELETE)
+        unloading = 1;
+    else if (_r_debug.r_state == RT_ADD)
+        loading = 1;
+    else if (consistent())
         rescan(0);
     errno = saved;
     if (brk_original)
@@ -468,7 +465,6 @@ void hp_loader_start(void (*callback)(void), int wait)
     pthread_mutex_lock(&q_lock);
     if (!started) {
         nprev = walk(prev);
-        dl_iterate_phdr(read_counters, &seen);
         started = 1;
     }
     for (int i = 0; i < nprev; i++)
