@@ -74,6 +74,30 @@ STEP_TITLES = {
     "load_module": "load a C patch module (1 function)",
 }
 
+#: What a step of a single-function patch does with the GIL or the threads,
+#: and what would bring it under STALL_MS: the verdicts of the report.
+STEP_CAUSES = {
+    "import": "`import hotpatch` runs Python only (the errors, the lazy names, a finder); "
+              "a longer gap is the machine delaying the thread",
+    "import_core": "the core's imports: Python module bodies (hotpatch's, capstone's binding, "
+                   "typing, logging, inspect, ...), between which hotpatch gives the GIL up, and "
+                   "extension modules initialised with the GIL held (cffi's backend, `_native`, "
+                   "capstone's library through ctypes.CDLL: 1-2 ms each); would close it: "
+                   "capstone's library mapped off the GIL, fewer modules, or "
+                   "`import hotpatch.core` at the service's start-up",
+    "first_register": "Python run once (the loaded objects listed, libz's tables read, the "
+                      "helper started), which gives the GIL up only at the switch interval; "
+                      "would close it: that work in C, or hotpatch's Python giving the GIL up "
+                      "more often",
+    "disable_1": "the stop (ptrace helper) and its Python bookkeeping; would close it: a "
+                 "shorter stop (section 2c)",
+    "enable_1": "the stop (ptrace helper) and its Python bookkeeping; would close it: a "
+                "shorter stop (section 2c)",
+    "load_module": "hashlib's OpenSSL initialisation at the first load (about 2 ms with the "
+                   "GIL), the module's symbols read, its registration (a stop); would close it: "
+                   "hashlib imported at start-up",
+}
+
 _MODULE_SOURCE = r"""
 #include <hotpatch.h>
 
