@@ -77,25 +77,28 @@ STEP_TITLES = {
 #: What a step of a single-function patch does with the GIL or the threads,
 #: and what would bring it under STALL_MS: the verdicts of the report.
 STEP_CAUSES = {
-    "import": "`import hotpatch` runs Python only (the errors, the lazy names, a finder); "
-              "a longer gap is the machine delaying the thread",
-    "import_core": "the core's imports: Python module bodies (hotpatch's, capstone's binding, "
-                   "typing, logging, inspect, ...), between which hotpatch gives the GIL up, and "
-                   "extension modules initialised with the GIL held (cffi's backend, `_native`, "
-                   "capstone's library through ctypes.CDLL: 1-2 ms each); would close it: "
-                   "capstone's library mapped off the GIL, fewer modules, or "
+    "import": "`import hotpatch` runs Python only (the errors, the lazy names); a longer gap "
+              "is the machine delaying the thread",
+    "import_core": "about 100 modules imported (hotpatch's, cffi's, capstone's binding, "
+                   "typing, logging, inspect, ...): hotpatch gives the GIL up between them, "
+                   "but each body and each extension's initialisation (cffi's backend, "
+                   "`_native`, capstone's library through ctypes.CDLL: 1-2 ms) holds it, and "
+                   "the step keeps a core busy for 100-300 ms; would close it: fewer and "
+                   "smaller modules on the path (capstone's binding is the biggest), or "
                    "`import hotpatch.core` at the service's start-up",
-    "first_register": "Python run once (the loaded objects listed, libz's tables read, the "
-                      "helper started), which gives the GIL up only at the switch interval; "
-                      "would close it: that work in C, or hotpatch's Python giving the GIL up "
-                      "more often",
-    "disable_1": "the stop (ptrace helper) and its Python bookkeeping; would close it: a "
-                 "shorter stop (section 2c)",
-    "enable_1": "the stop (ptrace helper) and its Python bookkeeping; would close it: a "
-                "shorter stop (section 2c)",
-    "load_module": "hashlib's OpenSSL initialisation at the first load (about 2 ms with the "
-                   "GIL), the module's symbols read, its registration (a stop); would close it: "
-                   "hashlib imported at start-up",
+    "first_register": "Python run once (the loaded objects described, libz's tables read, "
+                      "the helper started, the site analysed), which gives the GIL up at "
+                      "blocking calls and at the switch interval, and keeps a core busy for "
+                      "25-60 ms; would close it: that per-object work in C (objects.py, "
+                      "elf.py), or done ahead by the service (a first patch at start-up)",
+    "disable_1": "the stop (the ptrace helper and the thread it stops compete with the busy "
+                 "threads for the 2 cores); would close it: a shorter stop (section 2c)",
+    "enable_1": "the stop (the ptrace helper and the thread it stops compete with the busy "
+                "threads for the 2 cores); would close it: a shorter stop (section 2c)",
+    "load_module": "the module's ELF symbols read, hashlib's OpenSSL initialisation at the "
+                   "first load (about 2 ms with the GIL), the module's registration (the "
+                   "loaded objects described again: the module is new; a stop); would close "
+                   "it: hashlib imported at start-up, the loaded objects' description in C",
 }
 
 _MODULE_SOURCE = r"""
