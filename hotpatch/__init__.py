@@ -88,13 +88,18 @@ class _GivingUp:
 
     def import_module(self, name: str):
         """``importlib.import_module(name)``, giving the GIL up as it goes
-        (when no other thread is already importing through this)."""
+        (when no other thread is already importing through this).  Before
+        the core, the shared objects its import would map with the GIL held
+        are mapped with it released (``_ahead``)."""
         if not self.lock.acquire(False):
             return importlib.import_module(name, __name__)
         try:
             if self not in sys.meta_path:
                 sys.meta_path.insert(0, self)
             self.thread, self.since = _thread.get_ident(), time.monotonic()
+            if name in _NEEDS_THE_CORE and f"{__name__}.core" not in sys.modules:
+                from ._ahead import map_core_objects
+                map_core_objects()
             return importlib.import_module(name, __name__)
         finally:
             self.thread = None
@@ -102,6 +107,9 @@ class _GivingUp:
 
 
 _giving_up = _GivingUp()
+# The lazy modules whose import imports the core (and capstone with it).
+_NEEDS_THE_CORE = {".core", ".module", ".server", ".control", ".loader", ".sites", ".symbols",
+                   ".transition", ".thunks", ".plt", ".patch"}
 
 
 def __getattr__(name):

@@ -27,11 +27,17 @@ register = hotpatch.register
 t.join()
 time.sleep = sleep
 finder = hotpatch._giving_up
-report(["hotpatch.core" in sys.modules, "hotpatch.core" in before, len(yields),
+import capstone
+with open("/proc/self/maps") as maps:
+    mapped = {line.split()[-1] for line in maps if "capstone" in line and ".so" in line}
+report([sorted(mapped), capstone._cs._name, "hotpatch.core" in sys.modules, "hotpatch.core" in before, len(yields),
         sys.meta_path[0] is finder, finder.thread, str(other[0]),
         register is sys.modules["hotpatch.core"].register])
 """)[0]
-    core, core_before, yields, first, thread, other, same = r
+    mapped, loaded, core, core_before, yields, first, thread, other, same = r
+    # Mapped ahead with the GIL released (hotpatch/_ahead.py): the very file
+    # the binding then opened, once.
+    assert mapped == [loaded], r
     assert core and not core_before and same
     # ~100 modules imported over tens of milliseconds: several 2 ms slices.
     assert yields >= 3, r
