@@ -633,7 +633,10 @@ def service_section(r: dict, images: str) -> str:
            "`adler32` (loaded objects listed, libz's symbol table read, its branch index built, "
            "the ptrace helper started, the site written). *import the core* is the first use of "
            "`hotpatch.register`: `import hotpatch` itself imports only the errors and the lazy "
-           "names.", ""]
+           "names.",
+           "- hotpatch runs from compiled bytecode, as an installed package does (the series "
+           "compiles its `__pycache__` first): compiling a module at import holds the GIL "
+           "for all of it.", ""]
     columns = ["step", "wall ms", "Python tick gap ms", "control", "native sleeper late ms",
                "control", "busy gap ms", "control"]
     for failure in r.get("failures", []):
@@ -1082,18 +1085,20 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   column; with busy threads, waiting for CPUs): Frida writes without
   stopping anything.
 - **What the service feels (section 2d).**  Enabling or disabling one
-  function stalls nothing measurable.  What remains above 5 ms: importing the
-  core at the first use of `hotpatch.register` (C extension modules --
-  cffi's backend, capstone's library through ctypes -- load with the GIL
-  held, 10-90 ms on this loaded machine; a service can take it at start-up
-  with `import hotpatch.core`), loading a C patch module (its symbols read,
-  `dlopen`, its registration: not broken down yet), any 1,000-function step (Python work;
-  the interpreter switches threads every 5 ms, so the ticker sees about
-  6 ms), and every step with busy threads beyond the 2 cores, where the
-  control shows the same gaps with nothing happening.  The first patch of the
-  process takes 15-20 ms here, most of it Python run once (listing the
-  loaded objects, reading libz's tables, the first pool chunk) on a machine
-  running 3-7 other busy processes on 2 cores.
+  function stalls nothing measurable idle.  Importing the core at the first
+  use of `hotpatch.register` and loading a C patch module now keep idle
+  Python threads waiting under 5 ms: hotpatch runs from bytecode (the series
+  had compiled every module at import, with the GIL held), its lazy imports
+  give the GIL up between modules, the core's shared objects and the patch
+  module are opened with the GIL released, and a patch module's structures
+  are compiled into the core instead of parsed with pycparser.  What remains
+  above 5 ms: the first `register()` of the process, by a hair idle (Python
+  run once: the loaded objects described, libz's tables read, the helper
+  started), and with busy threads every step that keeps a core busy (the
+  ticker and the sleeper then wait for a CPU too: the import of the core is
+  100-300 ms of Python, most of it capstone's binding and what it imports),
+  plus, with 8 busy threads on 2 cores, the quiet window's own 15-40 ms.
+  The verdict table of section 2d says, per step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more
   with more busy threads than cores.** Every code write happens in a stop
   (section 2c): the ptrace helper or the signal stop holds every other thread
