@@ -1085,16 +1085,18 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   column; with busy threads, waiting for CPUs): Frida writes without
   stopping anything.
 - **What the service feels (section 2d).**  Enabling or disabling one
-  function stalls nothing measurable idle.  Importing the core at the first
-  use of `hotpatch.register` and loading a C patch module now keep idle
-  Python threads waiting under 5 ms: hotpatch runs from bytecode (the series
-  had compiled every module at import, with the GIL held), its lazy imports
-  give the GIL up between modules, the core's shared objects and the patch
-  module are opened with the GIL released, and a patch module's structures
-  are compiled into the core instead of parsed with pycparser.  What remains
-  above 5 ms: the first `register()` of the process, by a hair idle (Python
-  run once: the loaded objects described, libz's tables read, the helper
-  started), and with busy threads every step that keeps a core busy (the
+  function stalls nothing measurable idle.  Loading a C patch module keeps
+  idle Python threads waiting under 5 ms (3-4 ms, from 6-10), importing the
+  core at the first use of `hotpatch.register` about 5 ms (4.7-6.2 ms over
+  runs on this shared machine, from 11-26): hotpatch runs from bytecode
+  (the series had compiled every module at import, with the GIL held), its
+  lazy imports give the GIL up between modules, the core's shared objects
+  and the patch module are opened with the GIL released, and a patch
+  module's structures are compiled into the core instead of parsed with
+  pycparser.  What remains above 5 ms: the first `register()` of the
+  process idle (5.5-7.5 ms: Python run once, the loaded objects described,
+  libz's tables read, the helper started), the import of the core when
+  the machine is busy, and with busy threads every step that keeps a core busy (the
   ticker and the sleeper then wait for a CPU too: the import of the core is
   100-300 ms of Python, most of it capstone's binding and what it imports),
   plus, with 8 busy threads on 2 cores, the quiet window's own 15-40 ms.
