@@ -548,8 +548,8 @@ report([fn("xr_plain")(5), end - start, len(during), "pycparser" in sys.modules,
     assert result == 20 and took >= 0.3, r
     # Through cffi's ffi.dlopen, which keeps the GIL, the ticker ran 16-20
     # times (around the open); with the GIL released it runs most of its
-    # 300 1-ms ticks, even on a loaded machine.
-    assert ticks_during >= 100, r
+    # 300 1-ms ticks (about 300 at load average 8 here; 60 leaves room).
+    assert ticks_during >= 60, r
     assert not pycparser and not cparser, r
 
 
