@@ -16,6 +16,7 @@ import statistics
 from .apply import growth
 from .overhead import BY_KEY, METHODS, VARIANTS
 from .service import SINGLE_STEPS as SERVICE_SINGLE_STEPS
+from .service import STEP_CAUSES as SERVICE_STEP_CAUSES
 from .stop import pause_key
 
 HOTPATCH_KEYS = ("direct", "slot", "call", "stack1", "stack4", "stack16", "retargets", "python",
@@ -540,6 +541,75 @@ def _service_verdicts(r: dict) -> list[tuple[str, str, str, float, float, bool]]
     return out
 
 
+def _service_verdict(r: dict, res: dict, step: str) -> str:
+    """Met, or for each figure that missed whether the quiet window misses
+    too and the step adds no more than the target to it (the machine's) or
+    not (hotpatch's), and then what would close it (``service.STEP_CAUSES``)."""
+    stall = r["targets_ms"]["stall"]
+    missed, ours = [], False
+    for key, name in (("tick_gap_ms", "Python"), ("sleeper_late_ms", "native")):
+        figure, control = res.get(key), res.get(f"control_{key}")
+        if not figure or figure["median"] <= stall:
+            continue
+        quiet = control["median"] if control else 0.0
+        if quiet > stall and figure["median"] - quiet <= stall:
+            missed.append(f"{name}: the quiet window's {num(quiet, ' ms')} too, the machine's")
+        else:
+            missed.append(f"{name}: hotpatch's, {num(figure['median'] - quiet, ' ms')} over the "
+                          f"quiet window")
+            ours = True
+    if not missed:
+        return "met"
+    verdict = "**not met** (" + "; ".join(missed) + ")"
+    if ours:
+        return verdict + ": " + SERVICE_STEP_CAUSES.get(step, "")
+    return (verdict + ": threads beyond the cores wait for a CPU, the interpreter switches every "
+            f"{num(r.get('switch_interval_ms', 5.0))} ms; no patcher closes it")
+
+
+def _service_verdict_tables(r: dict) -> list[str]:
+    """Per load, each step of a single-function patch: its worst Python gap
+    and native pause beside the quiet window's, and the verdict."""
+    stall = r["targets_ms"]["stall"]
+    out = [f"**Verdicts.** Target: no step of a single-function patch (the first one "
+           f"included) stalls the service's Python threads (the ticker's gap) or pauses its "
+           f"native threads (the sleeper's lateness) more than {num(stall)} ms (medians). "
+           f"The ticker's gap includes its own 1 ms sleep; a step that runs Python longer than "
+           f"the switch interval ({num(r.get('switch_interval_ms', 5.0))} ms) keeps the other "
+           f"threads waiting that long, whatever the code. With busy threads, a step that keeps "
+           f"a core busy also makes the ticker and the sleeper wait for a CPU, which the quiet "
+           f"window (nothing running) does not show. *hotpatch adds*: the step's median minus "
+           f"the quiet window's.", ""]
+    columns = ["step", "Python gap: step / quiet", "adds", "native pause: step / quiet", "adds",
+               "verdict"]
+    for load in r["loads"]:
+        res = r["results"].get(load["label"])
+        if res is None:
+            continue
+        rows = []
+        for step in SERVICE_SINGLE_STEPS:
+            s = res.get(step)
+            if not s:
+                continue
+            cells = [r["step_titles"][step]]
+            for key in ("tick_gap_ms", "sleeper_late_ms"):
+                figure, control = s.get(key), s.get(f"control_{key}")
+                cells.append(f"{num(figure['median']) if figure else '—'} / "
+                             f"{num(control['median']) if control else '—'}")
+                cells.append(num(figure["median"] - control["median"])
+                             if figure and control else "—")
+            cells.append(_service_verdict(r, s, step))
+            rows.append(cells)
+        out += [f"*{load['label']}*:", "", table(columns, rows), ""]
+    first = [(load["label"], r["results"].get(load["label"], {}).get("first_register", {})
+              .get("wall_ms")) for load in r["loads"]]
+    out += ["First register() (wall) under " + num(r["targets_ms"]["first_patch"]) + " ms: "
+            + ", ".join(f"{label} {num(w['median'], ' ms')} "
+                        f"({'met' if w['median'] < r['targets_ms']['first_patch'] else 'not met'})"
+                        for label, w in first if w) + ".", ""]
+    return out
+
+
 def service_section(r: dict, images: str) -> str:
     head = "## 2d. What the service feels: stalls while it is patched\n\n"
     if "failed" in r:
@@ -563,7 +633,10 @@ def service_section(r: dict, images: str) -> str:
            "`adler32` (loaded objects listed, libz's symbol table read, its branch index built, "
            "the ptrace helper started, the site written). *import the core* is the first use of "
            "`hotpatch.register`: `import hotpatch` itself imports only the errors and the lazy "
-           "names.", ""]
+           "names.",
+           "- hotpatch runs from compiled bytecode, as an installed package does (the series "
+           "compiles its `__pycache__` first): compiling a module at import holds the GIL "
+           "for all of it.", ""]
     columns = ["step", "wall ms", "Python tick gap ms", "control", "native sleeper late ms",
                "control", "busy gap ms", "control"]
     for failure in r.get("failures", []):
@@ -585,13 +658,7 @@ def service_section(r: dict, images: str) -> str:
                          _ms(s.get("control_sleeper_late_ms")), _ms(s.get("busy_gap_ms")),
                          _ms(s.get("control_busy_gap_ms"))])
         out += [f"**{load['label']}** ({load['busy']} busy native threads):", "", table(columns, rows), ""]
-    missed = [v for v in _service_verdicts(r) if not v[5]]
-    out += [f"Target: no step of a single-function patch stalls the Python ticker or delays the "
-            f"native sleeper more than {num(r['targets_ms']['stall'])} ms (median); the first "
-            f"register() under {num(r['targets_ms']['first_patch'])} ms. Missed: "
-            + (", ".join(f"{load} / {r['step_titles'][step]} / "
-                         f"{'tick gap' if key == 'tick_gap_ms' else 'sleeper'} {num(m)} ms"
-                         for load, step, key, m, _, _ in missed) or "none") + ".", ""]
+    out += _service_verdict_tables(r)
     out.append(f"![service]({images}service.png)\n")
     return "\n".join(out)
 
@@ -1018,18 +1085,22 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   column; with busy threads, waiting for CPUs): Frida writes without
   stopping anything.
 - **What the service feels (section 2d).**  Enabling or disabling one
-  function stalls nothing measurable.  What remains above 5 ms: importing the
-  core at the first use of `hotpatch.register` (C extension modules --
-  cffi's backend, capstone's library through ctypes -- load with the GIL
-  held, 10-90 ms on this loaded machine; a service can take it at start-up
-  with `import hotpatch.core`), loading a C patch module (its symbols read,
-  `dlopen`, its registration: not broken down yet), any 1,000-function step (Python work;
-  the interpreter switches threads every 5 ms, so the ticker sees about
-  6 ms), and every step with busy threads beyond the 2 cores, where the
-  control shows the same gaps with nothing happening.  The first patch of the
-  process takes 15-20 ms here, most of it Python run once (listing the
-  loaded objects, reading libz's tables, the first pool chunk) on a machine
-  running 3-7 other busy processes on 2 cores.
+  function stalls nothing measurable idle.  Loading a C patch module keeps
+  idle Python threads waiting under 5 ms (3-4 ms, from 6-10), importing the
+  core at the first use of `hotpatch.register` about 5 ms (4.7-6.2 ms over
+  runs on this shared machine, from 11-26): hotpatch runs from bytecode
+  (the series had compiled every module at import, with the GIL held), its
+  lazy imports give the GIL up between modules, the core's shared objects
+  and the patch module are opened with the GIL released, and a patch
+  module's structures are compiled into the core instead of parsed with
+  pycparser.  What remains above 5 ms: the first `register()` of the
+  process idle (5.5-7.5 ms: Python run once, the loaded objects described,
+  libz's tables read, the helper started), the import of the core when
+  the machine is busy, and with busy threads every step that keeps a core busy (the
+  ticker and the sleeper then wait for a CPU too: the import of the core is
+  100-300 ms of Python, most of it capstone's binding and what it imports),
+  plus, with 8 busy threads on 2 cores, the quiet window's own 15-40 ms.
+  The verdict table of section 2d says, per step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more
   with more busy threads than cores.** Every code write happens in a stop
   (section 2c): the ptrace helper or the signal stop holds every other thread

@@ -32,6 +32,12 @@ figures over that quiet window: the *control*, what the machine does to the
 threads with nothing happening (2 shared cores: busy threads beyond the cores
 wait for a CPU whatever hotpatch does).
 
+hotpatch runs from compiled bytecode, as an installed package does (pip
+compiles it): the parent compiles the package's ``__pycache__`` first.
+Without it (``PYTHONDONTWRITEBYTECODE``, a read-only tree) every module is
+compiled at import, and ``compile()`` holds the GIL for a whole module
+(15-45 ms for ``core.py`` on this machine).
+
 ``python -m benchmarks.service PARAMS`` is the child.
 """
 from __future__ import annotations
@@ -66,6 +72,33 @@ STEP_TITLES = {
     "disable_1000": "disable 1,000 functions",
     "enable_1000": "enable 1,000 functions",
     "load_module": "load a C patch module (1 function)",
+}
+
+#: What a step of a single-function patch does with the GIL or the threads,
+#: and what would bring it under STALL_MS: the verdicts of the report.
+STEP_CAUSES = {
+    "import": "`import hotpatch` runs Python only (the errors, the lazy names); a longer gap "
+              "is the machine delaying the thread",
+    "import_core": "about 100 modules imported (hotpatch's, cffi's, capstone's binding, "
+                   "typing, logging, inspect, ...): hotpatch gives the GIL up between them, "
+                   "but each body and each extension's initialisation (cffi's backend, "
+                   "`_native`, capstone's library through ctypes.CDLL: 1-2 ms) holds it, and "
+                   "the step keeps a core busy for 100-300 ms; would close it: fewer and "
+                   "smaller modules on the path (capstone's binding is the biggest), or "
+                   "`import hotpatch.core` at the service's start-up",
+    "first_register": "Python run once (the loaded objects described, libz's tables read, "
+                      "the helper started, the site analysed), which gives the GIL up at "
+                      "blocking calls and at the switch interval, and keeps a core busy for "
+                      "25-60 ms; would close it: that per-object work in C (objects.py, "
+                      "elf.py), or done ahead by the service (a first patch at start-up)",
+    "disable_1": "the stop (the ptrace helper and the thread it stops compete with the busy "
+                 "threads for the 2 cores); would close it: a shorter stop (section 2c)",
+    "enable_1": "the stop (the ptrace helper and the thread it stops compete with the busy "
+                "threads for the 2 cores); would close it: a shorter stop (section 2c)",
+    "load_module": "the module's ELF symbols read, hashlib's OpenSSL initialisation at the "
+                   "first load (about 2 ms with the GIL), the module's registration (the "
+                   "loaded objects described again: the module is new; a stop); would close "
+                   "it: hashlib imported at start-up, the loaded objects' description in C",
 }
 
 _MODULE_SOURCE = r"""
@@ -111,7 +144,16 @@ def _children(opts: Options) -> int:
     return 2 if opts.quick else 5
 
 
+def _compile_bytecode() -> None:
+    """hotpatch's ``.pyc`` files, written even under ``PYTHONDONTWRITEBYTECODE``
+    (the children read them; only writing is switched off)."""
+    import compileall
+    import hotpatch
+    compileall.compile_dir(os.path.dirname(hotpatch.__file__), quiet=1)
+
+
 def run(opts: Options) -> dict:
+    _compile_bytecode()
     params = {"library": native.build_generated(BIG), "threads": native.build_stop_threads(),
               "module": _build_module()}
     raw = {label: [] for label, _ in LOADS}
@@ -129,6 +171,7 @@ def run(opts: Options) -> dict:
             "loads": [{"label": label, "busy": busy} for label, busy in LOADS],
             "steps": list(STEPS), "step_titles": STEP_TITLES,
             "targets_ms": {"stall": STALL_MS, "first_patch": FIRST_PATCH_MS},
+            "switch_interval_ms": sys.getswitchinterval() * 1e3,
             "loadavg": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "failures": failures,
             "results": {label: _summarize(runs) for label, runs in raw.items() if runs}}

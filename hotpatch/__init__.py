@@ -6,11 +6,15 @@ See DESIGN.md in the source tree for the architecture.
 
 The public names are imported on first use: the ``hotpatch`` command talks
 to other processes and never needs the C core or the ELF reader here
-(importing them costs seconds on a busy machine).  ``HOTPATCH_CONTROL=1``
+(importing them costs seconds on a busy machine).  While that import runs,
+the importing thread gives the GIL up between modules (``_GivingUp``).  ``HOTPATCH_CONTROL=1``
 in the environment opens the control socket at import (``serve()``).
 """
+import _thread
 import importlib
 import os
+import sys
+import time
 
 from .errors import (
     AmbiguousSymbol,
@@ -54,15 +58,69 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+class _GivingUp:
+    """A ``sys.meta_path`` finder that finds nothing.  While a thread imports
+    hotpatch's modules on first use (the core: about 100 modules, capstone's
+    and cffi's, the standard library's), it is asked first about each module
+    that thread imports, nested ones too, and gives the GIL up
+    (``time.sleep(0)``, which hands it to a thread waiting for it) when the
+    importing thread has run ``SLICE_S`` since it last did.  Without it the
+    service's other Python threads wait for the interpreter's switch interval
+    (5 ms) at each turn; with it, mostly for one module body.
+
+    Once inserted it stays, asking the clock nothing unless an import of
+    hotpatch's is under way: removing an entry of ``sys.meta_path`` while
+    another thread walks the list would make that thread skip a finder."""
+
+    SLICE_S = 0.002
+
+    def __init__(self) -> None:
+        self.lock = _thread.allocate_lock()
+        self.thread = None          # the thread importing for hotpatch, if any
+        self.since = 0.0
+
+    def find_spec(self, name, path=None, target=None):
+        if self.thread is not None and self.thread == _thread.get_ident():
+            if time.monotonic() - self.since >= self.SLICE_S:
+                time.sleep(0)
+                self.since = time.monotonic()
+        return None
+
+    def import_module(self, name: str):
+        """``importlib.import_module(name)``, giving the GIL up as it goes
+        (when no other thread is already importing through this).  Before
+        the core, the shared objects its import would map with the GIL held
+        are mapped with it released (``_ahead``)."""
+        if not self.lock.acquire(False):
+            return importlib.import_module(name, __name__)
+        try:
+            if self not in sys.meta_path:
+                sys.meta_path.insert(0, self)
+            self.thread, self.since = _thread.get_ident(), time.monotonic()
+            if name in _NEEDS_THE_CORE and f"{__name__}.core" not in sys.modules:
+                from ._ahead import map_core_objects
+                map_core_objects()
+            return importlib.import_module(name, __name__)
+        finally:
+            self.thread = None
+            self.lock.release()
+
+
+_giving_up = _GivingUp()
+# The lazy modules whose import imports the core (and capstone with it).
+_NEEDS_THE_CORE = {".core", ".module", ".server", ".control", ".loader", ".sites", ".symbols",
+                   ".transition", ".thunks", ".plt", ".patch"}
+
+
 def __getattr__(name):
     if name.startswith("__"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(_giving_up.import_module(f".{_LAZY[name]}"), name)
     else:
         # `hotpatch.sites` and the like, as when every submodule was imported here.
         try:
-            value = importlib.import_module(f".{name}", __name__)
+            value = _giving_up.import_module(f".{name}")
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{name}":
                 raise

@@ -155,12 +155,45 @@ long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uin
                           long capacity);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);
 extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
+
+void *hp_dlopen(const char *path, int flags, char *err);
+uintptr_t hp_dlsym(void *handle, const char *name);
+#define RTLD_NOW ...
+#define RTLD_NODELETE ...
+struct hp_v1_object;
+struct hp_v1_callbacks {
+    int (*pre_patch)(struct hp_v1_object *obj);
+    void (*post_patch)(struct hp_v1_object *obj);
+    void (*pre_unpatch)(struct hp_v1_object *obj);
+    void (*post_unpatch)(struct hp_v1_object *obj);
+};
+struct hp_v1_func { const char *old_name; void *new_func; unsigned long old_sympos; };
+struct hp_v1_object {
+    const char *name; struct hp_v1_func *funcs; struct hp_v1_callbacks callbacks;
+};
+struct hp_v1_patch { const char *name; struct hp_v1_object *objs; bool replace; };
 """
 
 _here = os.path.dirname(os.path.abspath(__file__))
+
+
+def _patch_module_declarations() -> str:
+    """The structures of a C patch module, from hotpatch.h's
+    hp-declarations section (their one definition): compiled into
+    ``_native`` so that ``hotpatch.load()`` reads a module through it,
+    without parsing declarations at run time (pycparser, with the GIL held)."""
+    with open(os.path.join(_here, "include", "hotpatch.h")) as header:
+        text = header.read()
+    begin = text.index("*/", text.index("hp-declarations-begin")) + 2
+    return text[begin:text.index("/* hp-declarations-end */")]
+
+
+CDEF += _patch_module_declarations()
+
 _native = os.path.join(_here, "native")
 SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "gotslot.c", "stop.c", "check.c", "unwind.c",
-           "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c", "xrefs.c"]
+           "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c", "xrefs.c",
+           "modload.c"]
 
 
 def _capstone_include() -> str:
@@ -174,7 +207,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "hotpatch._native",
-    '#include "hotpatch_core.h"\n',
+    '#include <dlfcn.h>\n#include "hotpatch_core.h"\n',
     # Relative to the project root, where setuptools builds.
     sources=[os.path.relpath(os.path.join(_native, name)) for name in SOURCES],
     include_dirs=[_native, _capstone_include()],

@@ -10,55 +10,26 @@ file that defines ``patch``.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import runpy
 import subprocess
+import sys
 import traceback
 
-from cffi import FFI
-
 from . import core, elf, symbols
+from ._native import ffi as _ffi, lib as _lib
 from .errors import HotpatchError
 
 INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
 ABI_VERSION = 3
 # Version 3 added hotpatch_api (a module that calls the core, as hp_shadow_*
 # does, is refused by an older hotpatch instead of calling through NULL);
-# its structures are version 2's.  Version 1 had no hp_func.original, hp_object.build_id, hp_patch.symbols:
-# its arrays have a shorter stride, so its modules are read with its own
-# declarations.
-_V1_DECLARATIONS = """
-struct hp_object;
-struct hp_callbacks {
-    int (*pre_patch)(struct hp_object *obj);
-    void (*post_patch)(struct hp_object *obj);
-    void (*pre_unpatch)(struct hp_object *obj);
-    void (*post_unpatch)(struct hp_object *obj);
-};
-struct hp_func { const char *old_name; void *new_func; unsigned long old_sympos; };
-struct hp_object { const char *name; struct hp_func *funcs; struct hp_callbacks callbacks; };
-struct hp_patch { const char *name; struct hp_object *objs; bool replace; };
-"""
-
-
-def _header_declarations() -> str:
-    """The structures of hotpatch.h, read from the header itself."""
-    with open(os.path.join(INCLUDE_DIR, "hotpatch.h")) as header:
-        text = header.read()
-    begin = text.index("hp-declarations-begin")
-    begin = text.index("*/", begin) + 2
-    return text[begin:text.index("/* hp-declarations-end */")]
-
-
-_ffi = FFI()
-_ffi.cdef(_header_declarations() + """
-extern struct hp_patch *hotpatch_patch_descriptor;   /* const in the module */
-extern unsigned int hotpatch_abi_version;
-extern void *hotpatch_api;                            /* const struct hp_api * */
-""")
-_ffi_v1 = FFI()
-_ffi_v1.cdef(_V1_DECLARATIONS)
+# its structures are version 2's.  Version 1 had no hp_func.original,
+# hp_object.build_id, hp_patch.symbols: its arrays have a shorter stride, so
+# its modules are read as struct hp_v1_patch.  Both sets of structures are
+# compiled into the core (hotpatch/_build.py reads hotpatch.h's): nothing is
+# parsed here, where cffi's cdef held the GIL for milliseconds.
+_PATCH_TYPE = {1: "struct hp_v1_patch *", 2: "struct hp_patch *", ABI_VERSION: "struct hp_patch *"}
 
 
 def _field(cdata, name: str):
@@ -163,17 +134,16 @@ def _resolve_symbols(path: str, c_patch) -> None:
         address[0] = _ffi.cast("void *", value)
 
 
-def _fill_api(path: str, library) -> None:
+def _fill_api(path: str, handle) -> None:
     """Point the module's ``hotpatch_api`` at the core's table of functions
     (``struct hp_api``), before its patch is registered: its callbacks and
     new functions call the core through it (not its constructors, which
     dlopen ran)."""
-    from ._native import lib
-    try:
-        library.hotpatch_api = _ffi.cast("void *", lib.hp_api_table())
-    except (AttributeError, KeyError):
+    address = _lib.hp_dlsym(handle, b"hotpatch_api")
+    if not address:
         raise HotpatchError(f"{path}: built for hotpatch ABI 3 but does not export "
-                            f"hotpatch_api (HP_PATCH(...) defines it)") from None
+                            f"hotpatch_api (HP_PATCH(...) defines it)")
+    _ffi.cast("uintptr_t *", address)[0] = _lib.hp_api_table()
 
 
 _DESCRIPTOR_SYMBOLS = ("hotpatch_patch_descriptor", "hotpatch_abi_version")
@@ -196,35 +166,43 @@ def _check_descriptor(path: str) -> None:
                             f"not opened")
 
 
+def _open(path: str):
+    """dlopen the module (``RTLD_NOW | RTLD_NODELETE``) from the core, with
+    the GIL released: mapping, relocating and running its constructors
+    stalls no Python thread (cffi's ``ffi.dlopen`` and ``ctypes.CDLL``
+    keep the GIL)."""
+    err = _ffi.new("char[]", 256)
+    handle = _lib.hp_dlopen(os.fsencode(path), _lib.RTLD_NOW | _lib.RTLD_NODELETE, err)
+    if handle == _ffi.NULL:
+        raise HotpatchError(f"{path}: cannot load the patch module: "
+                            f"{_ffi.string(err).decode(errors='replace')}")
+    return handle
+
+
 def _patch_from_library(path: str) -> core.Patch:
     _check_descriptor(path)
-    try:
-        library = _ffi.dlopen(path, _ffi.RTLD_NOW | _ffi.RTLD_NODELETE)
-    except OSError as e:
-        raise HotpatchError(f"{path}: cannot load the patch module: {e}") from None
-    try:
-        version = library.hotpatch_abi_version
-        c_patch = library.hotpatch_patch_descriptor
-    except (AttributeError, KeyError):
+    handle = _open(path)
+    version_at = _lib.hp_dlsym(handle, b"hotpatch_abi_version")
+    descriptor_at = _lib.hp_dlsym(handle, b"hotpatch_patch_descriptor")
+    if not version_at or not descriptor_at:
         raise HotpatchError(f"{path}: not a hotpatch patch module (no HP_PATCH(...) "
-                            "descriptor)") from None
-    if version not in (1, 2, ABI_VERSION):
+                            "descriptor)")
+    version = _ffi.cast("unsigned int *", version_at)[0]
+    if version not in _PATCH_TYPE:
         raise HotpatchError(f"{path}: built for hotpatch ABI {version}, this is {ABI_VERSION}")
-    ffi = _ffi if version >= 2 else _ffi_v1
-    if version == 1:
-        c_patch = ffi.cast("struct hp_patch *", int(_ffi.cast("uintptr_t", c_patch)))
-    if c_patch == ffi.NULL or c_patch.name == ffi.NULL or c_patch.objs == ffi.NULL:
+    c_patch = _ffi.cast(_PATCH_TYPE[version] + "*", descriptor_at)[0]
+    if c_patch == _ffi.NULL or c_patch.name == _ffi.NULL or c_patch.objs == _ffi.NULL:
         raise HotpatchError(f"{path}: the patch descriptor has no name or no objs")
     try:
-        objects = _c_objects(ffi, c_patch)
+        objects = _c_objects(_ffi, c_patch)
     except HotpatchError as e:
         raise HotpatchError(f"{path}: {e}") from None
     _resolve_symbols(path, c_patch)
     if version >= 3:
-        _fill_api(path, library)
-    patch = core.Patch(ffi.string(c_patch.name).decode(), objects,
+        _fill_api(path, handle)
+    patch = core.Patch(_ffi.string(c_patch.name).decode(), objects,
                        replace=bool(c_patch.replace))
-    patch.module = library     # keeps the descriptor's memory reachable
+    patch.module = handle      # the module's dlopen handle (RTLD_NODELETE: mapped for life)
     return patch
 
 
@@ -252,11 +230,27 @@ def _patch_from_python(path: str) -> core.Patch:
     return patch
 
 
+def _hashlib():
+    """``hashlib``, imported with its OpenSSL extension's file (and
+    libcrypto) mapped first by the core with the GIL released: the import's
+    own dlopen, made with the GIL held, then finds it mapped.  Only the
+    extension's initialisation still runs with the GIL (about 2 ms here)."""
+    if "hashlib" not in sys.modules:
+        import importlib.util
+        spec = importlib.util.find_spec("_hashlib")
+        if spec is not None and spec.origin and os.path.isabs(spec.origin):
+            # A failure here is the import's to report.
+            _lib.hp_dlopen(os.fsencode(spec.origin), sys.getdlopenflags(),
+                           _ffi.new("char[]", 256))
+    import hashlib
+    return hashlib
+
+
 def digest(path: str) -> str:
     """SHA-256 of a patch module's file: what tells that the same module is
     loaded again."""
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return _hashlib().sha256(f.read()).hexdigest()
 
 
 def load(path: str, *, enable: bool = True) -> core.Patch:

@@ -500,3 +500,85 @@ patch = hotpatch.load(P["so"])
 report([fn("xr_plain")(5), fn("st_use_scale")(5), [f.old_name for f in patch.objects[0].funcs]])
 """, lib=contract_lib, so=so)[0]
     assert r == [16, 17, ["xr_plain", "st_use_scale"]]
+
+
+SLOW_CONSTRUCTOR_MODULE = r"""
+/* A module whose constructor takes 300 ms: dlopen runs it. */
+#include <hotpatch.h>
+#include <unistd.h>
+static long times_four(long x) { return 4 * x; }
+__attribute__((constructor)) static void slow(void) { usleep(300000); }
+static struct hp_func funcs[] = { { .old_name = "xr_plain", .new_func = times_four }, { } };
+static struct hp_object objs[] = { { .name = "libcontract.so", .funcs = funcs }, { } };
+static struct hp_patch patch = { .name = "slow-ctor", .objs = objs };
+HP_PATCH(patch);
+"""
+
+
+def test_loading_a_module_holds_no_gil_and_parses_no_declarations(child, contract_lib, tmp_path):
+    """The module is opened (its constructors run) with the GIL released, and
+    its structures are read through the compiled core: no pycparser."""
+    from hotpatch import module
+    source = tmp_path / "slow.c"
+    source.write_text(SLOW_CONSTRUCTOR_MODULE)
+    so = module.build(str(source), str(tmp_path / "slow.so"))
+    r = child(PRELUDE + """
+import sys, threading, time
+hotpatch.register, hotpatch.load      # the core and hotpatch.module imported
+import hashlib                         # (its first import is not what is measured)
+ticks = []
+running = True
+def ticker():
+    while running:
+        time.sleep(0.001)
+        ticks.append(time.monotonic())
+t = threading.Thread(target=ticker)
+t.start()
+time.sleep(0.02)
+start = time.monotonic()
+patch = hotpatch.load(P["so"])
+end = time.monotonic()
+running = False
+t.join()
+during = [x for x in ticks if start < x < end - 0.001]
+report([fn("xr_plain")(5), end - start, len(during), "pycparser" in sys.modules,
+        "cffi.cparser" in sys.modules])
+""", lib=contract_lib, so=so)[0]
+    result, took, ticks_during, pycparser, cparser = r
+    assert result == 20 and took >= 0.3, r
+    # Through cffi's ffi.dlopen, which keeps the GIL, the ticker ran 16-20
+    # times (around the open); with the GIL released it runs most of its
+    # 300 1-ms ticks (about 300 at load average 8 here; 60 leaves room).
+    assert ticks_during >= 60, r
+    assert not pycparser and not cparser, r
+
+
+def test_module_refusals_at_open(child, contract_lib, tmp_path):
+    from hotpatch import module
+    bad_version = tmp_path / "v9.c"
+    bad_version.write_text(V1_MODULE.replace("hotpatch_abi_version = 1", "hotpatch_abi_version = 9"))
+    no_api = tmp_path / "noapi.c"
+    no_api.write_text(SLOW_CONSTRUCTOR_MODULE.replace("usleep(300000)", "").replace(
+        "HP_PATCH(patch);",
+        "__attribute__((visibility(\"default\"))) struct hp_patch *const "
+        "hotpatch_patch_descriptor = &patch;\n"
+        "__attribute__((visibility(\"default\"))) const unsigned int hotpatch_abi_version = 3;"))
+    unresolved = tmp_path / "unresolved.c"
+    unresolved.write_text(V1_MODULE + "extern long hp_test_nowhere(long);\n"
+                          "long hp_test_call(long x) { return hp_test_nowhere(x); }\n")
+    sos = [module.build(str(src), str(src) + ".so") for src in (bad_version, no_api, unresolved)]
+    r = child(PRELUDE + """
+out = []
+for so in P["sos"]:
+    try:
+        hotpatch.load(so)
+        out.append("loaded")
+    except hotpatch.HotpatchError as e:
+        out.append(str(e))
+out.append(hotpatch.patches())
+report(out)
+""", lib=contract_lib, sos=sos)[0]
+    assert "built for hotpatch ABI 9, this is 3" in r[0], r
+    assert "does not export hotpatch_api" in r[1], r
+    assert "cannot load the patch module" in r[2] and "hp_test_nowhere" in r[2], r
+    assert r[3] == [], r

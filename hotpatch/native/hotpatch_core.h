@@ -132,6 +132,25 @@ unsigned long hp_shadow_live(void);
 unsigned long hp_shadow_bucket(void *obj, unsigned long id);
 uintptr_t hp_api_table(void);
 
+/* --- modload.c ------------------------------------------------------ */
+void *hp_dlopen(const char *path, int flags, char *err);
+uintptr_t hp_dlsym(void *handle, const char *name);
+/* The structures of ABI version 1 modules (hotpatch.h's before version 2
+ * added hp_func.original, hp_object.build_id and hp_patch.symbols): their
+ * arrays have a shorter stride, so hotpatch.load() reads them as these. */
+struct hp_v1_object;
+struct hp_v1_callbacks {
+    int (*pre_patch)(struct hp_v1_object *obj);
+    void (*post_patch)(struct hp_v1_object *obj);
+    void (*pre_unpatch)(struct hp_v1_object *obj);
+    void (*post_unpatch)(struct hp_v1_object *obj);
+};
+struct hp_v1_func { const char *old_name; void *new_func; unsigned long old_sympos; };
+struct hp_v1_object {
+    const char *name; struct hp_v1_func *funcs; struct hp_v1_callbacks callbacks;
+};
+struct hp_v1_patch { const char *name; struct hp_v1_object *objs; bool replace; };
+
 /* --- codewrite.c ---------------------------------------------------- */
 struct hp_write {
     uintptr_t address;

@@ -1,0 +1,59 @@
+"""Shared objects that importing the core maps, mapped ahead with the GIL
+released.
+
+An import maps an extension module, and ``ctypes.CDLL`` a library, with the
+GIL held (CPython 3.11): every Python thread of the service waits while the
+dynamic linker reads, maps and relocates it.  Opened first by a ctypes call
+of libc's ``dlopen`` (a foreign call releases the GIL), the object is
+already mapped when the import or ``ctypes.CDLL`` opens it again, and that
+second ``dlopen`` only counts a reference.  The reference taken here is
+never dropped: these objects stay mapped for the life of the process anyway.
+Only the modules' initialisation then runs with the GIL.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+
+
+def _capstone_library() -> str | None:
+    """The ``libcapstone.so`` capstone's binding loads first, found without
+    importing the binding: ``$LIBCAPSTONE_PATH``, else the package's ``lib``
+    directory (its own search order; None when the file is not there, and
+    the binding then searches on as it does)."""
+    directory = os.environ.get("LIBCAPSTONE_PATH")
+    if directory is None:
+        spec = importlib.util.find_spec("capstone")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        directory = os.path.join(list(spec.submodule_search_locations)[0], "lib")
+    path = os.path.join(directory, "libcapstone.so")
+    return path if os.path.isfile(path) else None
+
+
+def _extension(name: str) -> str | None:
+    """The file of extension module ``name`` (None if imported already, or
+    not a file)."""
+    if name in sys.modules:
+        return None
+    spec = importlib.util.find_spec(name)
+    origin = spec.origin if spec is not None else None
+    return origin if origin and origin.endswith(".so") and os.path.isfile(origin) else None
+
+
+def map_core_objects() -> None:
+    """Map cffi's backend, the C core and capstone's C library (1-3 ms of
+    dynamic linking each here) before the core's import opens them."""
+    paths = [_extension("_cffi_backend"), _extension("hotpatch._native"),
+             None if "capstone" in sys.modules else _capstone_library()]
+    paths = [path for path in paths if path]
+    if not paths:
+        return
+    dlopen = ctypes.CDLL(None).dlopen
+    dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+    for path in paths:
+        # RTLD_NOW | RTLD_LOCAL, as imports (sys.getdlopenflags()) and
+        # ctypes.CDLL open them.  A failure is the import's to report.
+        dlopen(os.fsencode(path), os.RTLD_NOW)
