@@ -132,8 +132,6 @@ def run(quick: bool = False) -> dict:
             "A load or unload of an object a patch names is a COMING or GOING handled in "
             "Python (listing the loaded objects, resolving, callbacks): milliseconds, paid "
             "only by those loads.",
-            "callgrind cannot count this: valgrind does not see code written through "
-            "/proc/self/mem, so under it the r_brk redirect never runs.",
         ],
     }]}
 

@@ -112,10 +112,9 @@ def _ls_lines(tree: dict, names: dict) -> list[str]:
     lines = ["livepatch/"]
     for patch_name, patch in tree["livepatch"].items():
         lines.append(f"  {patch_name}/")
-        attributes = [(k, v) for k, v in patch.items() if not isinstance(v, dict)]
-        width = max((len(k) for k, _ in attributes), default=0)
-        for key, value in attributes:
-            lines.append(f"    {key:<{width}} {_sysfs_value(value)}")
+        for key, value in patch.items():
+            if not isinstance(value, dict):
+                lines.append(f"    {key:<12} {_sysfs_value(value)}")
         for obj_name, obj in patch.items():
             if not isinstance(obj, dict):
                 continue
@@ -125,13 +124,12 @@ def _ls_lines(tree: dict, names: dict) -> list[str]:
                 if not isinstance(func, dict):
                     continue
                 lines.append(f"      {func_name}/")
-                width = max(map(len, func), default=0)
                 for key, value in func.items():
                     if key in _ADDRESSES and isinstance(value, int):
                         text = f"{value:#x}  {names.get(hex(value), '?')}"
                     else:
                         text = _sysfs_value(value) if value is not None else "-"
-                    lines.append(f"        {key:<{width}} {text}")
+                    lines.append(f"        {key:<10} {text}")
     core = tree.get("core", {})
     stopper = core.get("stopper", {})
     lines.append(f"tainted      {_sysfs_value(tree.get('tainted', False))}")
