@@ -32,7 +32,8 @@ from ._locks import OperationLock
 from ._native import ffi, lib
 from .errors import HotpatchError, TransitionError, UnsafeToPatch
 from .x86_64 import encode
-from .x86_64.entry import EntryPlan, analyze_entry, build_original, original_stub_size_bound
+from .x86_64.entry import (EntryPlan, analyze_entries, analyze_entry, build_original,
+                           original_stub_size_bound)
 
 FORMS = ("direct", "slot", "call")
 
@@ -176,13 +177,21 @@ def prepare(entry: int, *, size: int | None = None,
                         branches_into=branches_into)
 
 
-def _prepare(entry: int, *, size: int | None = None,
-             exec_ranges: Sequence[tuple[int, int]] | None = None,
-             fentry_targets=(), branches_into=None) -> Site:
+def _reusable(entry: int) -> Site | None:
+    """The site kept for ``entry``, if its bytes are still the ones it saved."""
     site = _sites.get(entry)
     if site is not None:
         if site.installed or read_memory(site.address, site.plan.length) == site.plan.original_bytes:
             return site
+    return None
+
+
+def _prepare(entry: int, *, size: int | None = None,
+             exec_ranges: Sequence[tuple[int, int]] | None = None,
+             fentry_targets=(), branches_into=None) -> Site:
+    site = _reusable(entry)
+    if site is not None:
+        return site
     if exec_ranges is None:
         exec_ranges = executable_ranges()
     plan = analyze_entry(read_memory, entry, size=size, exec_ranges=exec_ranges,
@@ -190,6 +199,38 @@ def _prepare(entry: int, *, size: int | None = None,
     site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
     _sites[entry] = site
     return site
+
+
+def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
+                  exec_ranges: Sequence[tuple[int, int]] | None = None,
+                  fentry_targets=(), branches_into=None) -> list[Site | HotpatchError]:
+    """:func:`prepare` for each ``(entry, size)``, the bytes of the whole
+    batch read and decoded in one call of the C core (per function that was
+    most of the cost).  For each, its site or the error refusing it: the
+    caller decides whether one refusal fails the batch."""
+    with _lock.operation(f"prepare a batch of {len(functions)} sites"):
+        if exec_ranges is None:
+            exec_ranges = executable_ranges()
+        results: list = [None] * len(functions)
+        todo: dict[int, list[int]] = {}        # entry -> indexes asking for it
+        for i, (entry, _) in enumerate(functions):
+            results[i] = _reusable(entry)
+            if results[i] is None:
+                todo.setdefault(entry, []).append(i)
+        wanted = [functions[indexes[0]] for indexes in todo.values()]
+        plans = analyze_entries(wanted, exec_ranges=exec_ranges, fentry_targets=fentry_targets,
+                                branches_into=branches_into)
+        for (entry, _), plan, indexes in zip(wanted, plans, todo.values()):
+            result = plan
+            if not isinstance(plan, HotpatchError):
+                try:
+                    result = _sites[entry] = Site(entry=entry, plan=plan,
+                                                  original=_new_original_stub(plan))
+                except HotpatchError as e:
+                    result = e
+            for i in indexes:
+                results[i] = result
+        return results
 
 
 # ---------------------------------------------------------------------------

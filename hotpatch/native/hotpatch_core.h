@@ -74,6 +74,33 @@ long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uin
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
                           long capacity);
 
+/* One function of a batch for the entry analysis (see hp_scan_entries). */
+#define HP_SCAN_AHEAD 24        /* endbr64 + 5 + 15: all a plan can replace */
+#define HP_SCAN_COVER 5         /* the jmp rel32 written at the site */
+#define HP_SCAN_HEAD 8
+#define HP_SCAN_BRANCHES 16
+#define HP_SCAN_UNMAPPED (-1)
+struct hp_scanned_insn {
+    uint64_t address;
+    uint32_t size;
+    char mnemonic[32];          /* as capstone's cs_insn has them */
+    char op_str[160];
+};
+struct hp_scanned_branch {
+    uint64_t source, target;
+};
+struct hp_entry_scan {
+    uint64_t entry, stop;       /* in: the function, its end (0: unknown) */
+    uint64_t offset, len;       /* in: its bytes in the batch's buffer */
+    int32_t status;             /* out: 0 or HP_SCAN_UNMAPPED */
+    int32_t nhead, nbranches;   /* nbranches may exceed HP_SCAN_BRANCHES */
+    uint64_t address;           /* where the site goes: past an endbr64 */
+    uint64_t decoded_end;       /* end of the last instruction swept before stop */
+    struct hp_scanned_insn head[HP_SCAN_HEAD];
+    struct hp_scanned_branch branches[HP_SCAN_BRANCHES];
+};
+long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read);
+
 /* --- maps.c -------------------------------------------------------- */
 #define HP_MAX_MAPPINGS 65536
 struct hp_mapping {
