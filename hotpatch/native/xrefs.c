@@ -517,47 +517,42 @@ long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uin
  */
 static const uint8_t endbr64[4] = { 0xF3, 0x0F, 0x1E, 0xFA };
 
-/* The head: the instructions from `s->address` up to the first reaching
- * HP_SCAN_COVER bytes, swept from the entry over the first HP_SCAN_AHEAD
- * bytes exactly as entry.py's _head does. */
-static void scan_head(csh handle, cs_insn *insn, const uint8_t *code, struct hp_entry_scan *s)
-{
-    size_t len = s->len < HP_SCAN_AHEAD ? s->len : HP_SCAN_AHEAD;
-    uint64_t address = s->entry, next = s->address;
-
-    while (len && s->nhead < HP_SCAN_HEAD) {
-        uint64_t at = address;
-        if (!cs.disasm_iter(handle, &code, &len, &address, insn))
-            break;
-        if (at < s->address)
-            continue;                   /* the endbr64 before the site */
-        if (at != next)
-            break;
-        struct hp_scanned_insn *h = &s->head[s->nhead++];
-        h->address = at;
-        h->size = insn->size;
-        memcpy(h->mnemonic, insn->mnemonic, sizeof h->mnemonic);
-        memcpy(h->op_str, insn->op_str, sizeof h->op_str);
-        next = address;
-        if (address - s->address >= HP_SCAN_COVER)
-            break;
-    }
-}
-
-/* The function's own relative branches landing in (address, address +
- * HP_SCAN_AHEAD): the only ones that can land inside the replaced bytes. */
-static void scan_branches(csh handle, cs_insn *insn, const uint8_t *code, struct hp_entry_scan *s)
+/* One linear sweep from the entry serves both questions:
+ *  - the head: the instructions from `s->address` up to the first reaching
+ *    HP_SCAN_COVER bytes, as entry.py's _head took them from a sweep of the
+ *    first HP_SCAN_AHEAD bytes (a head instruction starts by entry + 8 and,
+ *    at most 15 bytes long, ends by entry + 23: the longer sweep decodes it
+ *    the same);
+ *  - the function's own relative branches landing in (address, address +
+ *    HP_SCAN_AHEAD), the only ones that can land inside the replaced bytes,
+ *    when its end `stop` is known.
+ * Decoding each instruction once halves capstone's part of a small function. */
+static void scan_function(csh handle, cs_insn *insn, const uint8_t *code, struct hp_entry_scan *s)
 {
     size_t len = s->len;
-    uint64_t address = s->entry;
+    uint64_t address = s->entry, next = s->address;
+    int head_open = 1;
 
-    s->decoded_end = address;
-    while (len && address < s->stop) {
+    while (len && ((head_open && address < s->entry + HP_SCAN_AHEAD) || address < s->stop)) {
         uint64_t at = address, target;
         if (!cs.disasm_iter(handle, &code, &len, &address, insn))
             break;
-        s->decoded_end = address;
-        if (relative_target(insn, &target) && target > s->address
+        if (at < s->stop)
+            s->decoded_end = address;
+        if (head_open && at >= s->address) {
+            if (at != next || address > s->entry + HP_SCAN_AHEAD || s->nhead == HP_SCAN_HEAD) {
+                head_open = 0;
+            } else {
+                struct hp_scanned_insn *h = &s->head[s->nhead++];
+                h->address = at;
+                h->size = insn->size;
+                memcpy(h->mnemonic, insn->mnemonic, sizeof h->mnemonic);
+                memcpy(h->op_str, insn->op_str, sizeof h->op_str);
+                next = address;
+                head_open = address - s->address < HP_SCAN_COVER;
+            }
+        }
+        if (at < s->stop && relative_target(insn, &target) && target > s->address
                 && target < s->address + HP_SCAN_AHEAD) {
             if (s->nbranches < HP_SCAN_BRANCHES)
                 s->branches[s->nbranches] = (struct hp_scanned_branch){ at, target };
@@ -590,9 +585,7 @@ long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read
         s->status = 0;
         s->address = s->len >= sizeof endbr64 && !memcmp(code, endbr64, sizeof endbr64)
                      ? s->entry + sizeof endbr64 : s->entry;
-        scan_head(handle, insn, code, s);
-        if (s->stop)
-            scan_branches(handle, insn, code, s);
+        scan_function(handle, insn, code, s);
     }
     return 0;
 }
