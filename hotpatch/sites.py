@@ -151,18 +151,65 @@ def _alloc_slot(near: int):
     return lib.hp_alloc_slot(near)
 
 
+def _no_stub_memory(plan: EntryPlan) -> UnsafeToPatch:
+    return UnsafeToPatch(f"{plan.entry:#x}: no free memory within +-2 GiB for the original "
+                         f"stub{_procfs.exited_main_thread_note()}")
+
+
 def _new_original_stub(plan: EntryPlan) -> int:
     if plan.body is not None:
         return plan.body    # the old body is intact after the patchable NOP
     size = original_stub_size_bound(plan)
     stub = _alloc_code(plan.address, size)
     if not stub:
-        raise UnsafeToPatch(f"{plan.entry:#x}: no free memory within +-2 GiB for the original "
-                            f"stub{_procfs.exited_main_thread_note()}")
+        raise _no_stub_memory(plan)
     code = build_original(plan, stub)
     if lib.hp_write_code(stub, code, len(code)):
         raise HotpatchError(f"{plan.entry:#x}: cannot write the original stub at {stub:#x}")
     return stub
+
+
+def _new_original_stubs(plans: Sequence[EntryPlan]) -> list[int | HotpatchError]:
+    """:func:`_new_original_stub` of each plan of a batch, or the error.  The
+    pool hands out consecutive blocks, so the stubs are written by runs of
+    adjacent blocks, each padded with int3 to its block's end: one write
+    for most of a batch instead of one per stub."""
+    stubs: list = []
+    runs: list[tuple[int, bytearray, list[int]]] = []     # (start, bytes, indexes in stubs)
+    for plan in plans:
+        if plan.body is not None:
+            stubs.append(plan.body)    # the old body is intact after the patchable NOP
+            continue
+        size = original_stub_size_bound(plan)
+        stub = _alloc_code(plan.address, size)
+        try:
+            if not stub:
+                raise _no_stub_memory(plan)
+            code = build_original(plan, stub)
+        except HotpatchError as e:
+            stubs.append(e)
+            continue
+        block = code + b"\xcc" * (_block_size(size) - len(code))
+        if not runs or runs[-1][0] + len(runs[-1][1]) != stub:
+            runs.append((stub, bytearray(), []))
+        runs[-1][1].extend(block)
+        runs[-1][2].append(len(stubs))
+        stubs.append(stub)
+    for start, code, indexes in runs:
+        if lib.hp_write_code(start, bytes(code), len(code)):
+            for i in indexes:
+                stubs[i] = HotpatchError(f"{plans[i].entry:#x}: cannot write the original stub "
+                                         f"at {stubs[i]:#x}")
+    return stubs
+
+
+#: pool.c rounds every code block up to this.
+_POOL_ALIGN = 16
+
+
+def _block_size(size: int) -> int:
+    """The bytes pool.c gives for a request of ``size``."""
+    return (size + _POOL_ALIGN - 1) & ~(_POOL_ALIGN - 1)
 
 
 def prepare(entry: int, *, size: int | None = None,
@@ -220,14 +267,14 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
         wanted = [functions[indexes[0]] for indexes in todo.values()]
         plans = analyze_entries(wanted, exec_ranges=exec_ranges, fentry_targets=fentry_targets,
                                 branches_into=branches_into)
+        good = [p for p in plans if not isinstance(p, HotpatchError)]
+        stubs = dict(zip(map(id, good), _new_original_stubs(good)))
         for (entry, _), plan, indexes in zip(wanted, plans, todo.values()):
             result = plan
             if not isinstance(plan, HotpatchError):
-                try:
-                    result = _sites[entry] = Site(entry=entry, plan=plan,
-                                                  original=_new_original_stub(plan))
-                except HotpatchError as e:
-                    result = e
+                result = stubs[id(plan)]
+                if not isinstance(result, HotpatchError):
+                    result = _sites[entry] = Site(entry=entry, plan=plan, original=result)
             for i in indexes:
                 results[i] = result
         return results
