@@ -20,7 +20,7 @@ told apart from the next function.  Branches from outside the function (a
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hotpatch.errors import HotpatchError, UnsafeToPatch
 
@@ -38,9 +38,10 @@ MAX_INSTRUCTION_SIZE = 15
 _READ_AHEAD = len(ENDBR64) + JMP_REL32_SIZE + MAX_INSTRUCTION_SIZE   # HP_SCAN_AHEAD in C
 
 
-@dataclass(frozen=True)
-class EntryPlan:
-    """Where the redirecting instruction goes and what it replaces."""
+class EntryPlan(NamedTuple):
+    """Where the redirecting instruction goes and what it replaces
+    (immutable; a named tuple for the cost of creating one, see
+    :class:`~hotpatch.x86_64.decode.Instruction`)."""
 
     entry: int              #: the function's address
     address: int            #: where the redirection is written (entry, or entry+4 after endbr64)
