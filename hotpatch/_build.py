@@ -26,6 +26,10 @@ struct hp_loaded_object {
     uintptr_t phdr_address;
     int phnum;
     Elf64_Phdr phdr[...];
+    int soname_len;
+    char soname[...];
+    int build_id_len;
+    uint8_t build_id[...];
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);

@@ -56,6 +56,11 @@ struct hp_loaded_object {
     uintptr_t phdr_address;  /* where the program headers are mapped */
     int phnum;               /* headers copied below (at most HP_MAX_PHDRS) */
     ElfW(Phdr) phdr[HP_MAX_PHDRS];
+    /* Read from the mapped image while the linker's lock holds it: */
+    int soname_len;          /* DT_SONAME's bytes below; -1: none */
+    char soname[256];
+    int build_id_len;        /* NT_GNU_BUILD_ID's bytes below; -1: none, -2: longer */
+    uint8_t build_id[64];
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
