@@ -1,5 +1,6 @@
 /*
- * xrefs.c -- the direct branches of a loaded object that land in a range.
+ * xrefs.c -- the direct branches of a loaded object that land in a range,
+ * and what a batch of functions looks like at their entries (hp_scan_entries).
  *
  * The policy (which branches make a redirect unsafe) is in Python
  * (x86_64/xrefs.py, x86_64/entry.py).  This file answers "which relative
