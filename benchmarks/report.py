@@ -1005,18 +1005,19 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   while a site has observers. Two things would close the rest: a per-site
   thunk in place of the shared table lookup, and saving only what an observer
   needs.
-- **Apply is level with Frida's `replace` per function, not 10x ahead.**
-  The whole-object branch index and the scan of the patched function's own
-  branches now run in C (capstone's C library, without the GIL), but the
-  per-function path is still Python: the head decoded through capstone's
-  binding, the plan and the relocated stub built as Python objects, each stub
-  written with its own call, the site bookkeeping.  That is tens of µs a
-  function on an idle machine, where 10x Frida needs about 6 µs.  Closing it
-  means the analysis and the stub of a whole batch in one C call (capstone
-  from C, the policy's refusals returned as codes), with Python only choosing
-  what to patch.  A single site is further dominated by the stop (the write
-  column; with busy threads, waiting for CPUs): Frida writes without
-  stopping anything.
+- **Apply is 1.7-4.7x Frida's `replace` per function from 100 to 10,000
+  functions (3-4.4x with no busy thread), not 10x.**  The entry analysis of a batch is one call of the C
+  core (`hp_scan_entries`: every function read and swept once by
+  capstone's C library), the original stubs are written by runs of adjacent
+  pool blocks, and the records are named tuples; what remains per function
+  is Python building the plan, the stub, the site and the change (50-80 µs
+  a function in this run, with the machine's load average at 8 on 2 cores;
+  37-41 µs in quieter moments).  10x Frida needs about
+  a tenth of Frida's 230 µs here.  Closing it means the plan and the stub
+  of the common prologue built in C as well, with Python keeping the rare
+  shapes and the wording of refusals.  A single site is dominated by fixed
+  costs and the stop (the write column; with busy threads, waiting for
+  CPUs): Frida writes without stopping anything.
 - **What the service feels (section 2d).**  Enabling or disabling one
   function stalls nothing measurable.  What remains above 5 ms: importing the
   core at the first use of `hotpatch.register` (C extension modules --
@@ -1027,9 +1028,13 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   the interpreter switches threads every 5 ms, so the ticker sees about
   6 ms), and every step with busy threads beyond the 2 cores, where the
   control shows the same gaps with nothing happening.  The first patch of the
-  process takes 15-20 ms here, most of it Python run once (listing the
-  loaded objects, reading libz's tables, the first pool chunk) on a machine
-  running 3-7 other busy processes on 2 cores.
+  process took 26 ms in this run (load average 8 on 2 cores; run alone
+  against main's code on the same machine, 10 ms where main took 16 ms):
+  importing `hotpatch.loader` (compiled each time where
+  `PYTHONDONTWRITEBYTECODE` is set, as here), starting the loader's worker
+  thread (`Thread.start` waits for it to be scheduled), two stops (the
+  loader hook's and the patch's), libz's tables and branch index, and
+  describing the loaded objects.
 - **A stop of the world costs the other threads hundreds of µs, and more
   with more busy threads than cores.** Every code write happens in a stop
   (section 2c): the ptrace helper or the signal stop holds every other thread
