@@ -1005,15 +1005,15 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   while a site has observers. Two things would close the rest: a per-site
   thunk in place of the shared table lookup, and saving only what an observer
   needs.
-- **Apply is 1.7-4.7x Frida's `replace` per function from 100 to 10,000
-  functions (3-4.4x with no busy thread), not 10x.**  The entry analysis of a batch is one call of the C
+- **Apply is 2-4.4x Frida's `replace` per function from 100 to 10,000
+  functions, not 10x.**  The entry analysis of a batch is one call of the C
   core (`hp_scan_entries`: every function read and swept once by
   capstone's C library), the original stubs are written by runs of adjacent
   pool blocks, and the records are named tuples; what remains per function
-  is Python building the plan, the stub, the site and the change (50-80 µs
-  a function in this run, with the machine's load average at 8 on 2 cores;
-  37-41 µs in quieter moments).  10x Frida needs about
-  a tenth of Frida's 230 µs here.  Closing it means the plan and the stub
+  is Python building the plan, the stub, the site and the change (67-74 µs
+  a function with no busy thread in this run, the machine's load average at
+  8-10 on 2 cores; 37-41 µs in quieter moments).  10x Frida needs about a
+  tenth of Frida's 210-240 µs here.  Closing it means the plan and the stub
   of the common prologue built in C as well, with Python keeping the rare
   shapes and the wording of refusals.  A single site is dominated by fixed
   costs and the stop (the write column; with busy threads, waiting for
@@ -1028,7 +1028,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   the interpreter switches threads every 5 ms, so the ticker sees about
   6 ms), and every step with busy threads beyond the 2 cores, where the
   control shows the same gaps with nothing happening.  The first patch of the
-  process took 26 ms in this run (load average 8 on 2 cores; run alone
+  process took 29 ms in this run (load average 8-10 on 2 cores; run alone
   against main's code on the same machine, 10 ms where main took 16 ms):
   importing `hotpatch.loader` (compiled each time where
   `PYTHONDONTWRITEBYTECODE` is set, as here), starting the loader's worker
