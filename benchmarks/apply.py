@@ -237,9 +237,12 @@ def _patch_once(sites, library: str, chosen, g: int, g2: int, ffi) -> dict:
     from hotpatch import symbols
     clock = time.perf_counter
     t0 = clock()
-    # As the livepatch model does: the object's executable segments.
+    # The object's executable segments, as the livepatch model passes them.
     ranges = symbols.find_object(library).exec_ranges
-    prepared = [sites.prepare(entry, size=size, exec_ranges=ranges) for entry, size in chosen]
+    # As the livepatch model does: the entries of a batch analysed in one call.
+    prepared = sites.prepare_batch(chosen, exec_ranges=ranges)
+    if not all(isinstance(site, sites.Site) for site in prepared):
+        raise next(site for site in prepared if not isinstance(site, sites.Site))
     t1 = clock()
     sites.redirect_batch([(s, g) for s in prepared])
     t2 = clock()

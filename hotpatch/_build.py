@@ -26,6 +26,10 @@ struct hp_loaded_object {
     uintptr_t phdr_address;
     int phnum;
     Elf64_Phdr phdr[...];
+    int soname_len;
+    char soname[...];
+    int build_id_len;
+    uint8_t build_id[...];
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
@@ -153,6 +157,30 @@ void hp_branch_index_free(struct hp_branch_index *ix);
 long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
                           long capacity);
+#define HP_SCAN_AHEAD 24
+#define HP_SCAN_HEAD 8
+#define HP_SCAN_BRANCHES 16
+#define HP_SCAN_UNMAPPED -1
+struct hp_scanned_insn {
+    uint64_t address;
+    uint32_t size;
+    char mnemonic[32];
+    char op_str[160];
+};
+struct hp_scanned_branch {
+    uint64_t source, target;
+};
+struct hp_entry_scan {
+    uint64_t entry, stop;
+    uint64_t offset, len;
+    int32_t status;
+    int32_t nhead, nbranches;
+    uint64_t address;
+    uint64_t decoded_end;
+    struct hp_scanned_insn head[8];
+    struct hp_scanned_branch branches[16];
+};
+long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);
 extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 

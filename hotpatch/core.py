@@ -305,23 +305,38 @@ def _resolve_func(loaded: symbols.LoadedObject, func: Func) -> None:
 
 
 def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) -> None:
-    """Resolve the funcs of a loaded object and prepare their sites."""
+    """Resolve the funcs of a loaded object and prepare their sites: the
+    entries of all of them analysed in one batch (per function, the C core
+    reads and decodes in one call what used to take several); a failure is
+    reported for the first func, in the object's order, that has one."""
     loaded = obj._loaded
     fentry_targets = symbols.fentry_targets(loaded)
+    failed: dict[int, HotpatchError] = {}     # by id(func)
     for func in obj.funcs:
-        where = f"patch {patch.name!r}: object {obj.label}: {func.old_name}"
         try:
             _resolve_func(loaded, func)
+        except HotpatchError as e:
+            failed[id(func)] = e
+    new = [func for func in obj.funcs if id(func) not in failed
+           and stacks.stack_of(func.old_addr) is None and func.old_addr not in prepared]
+    made = sites.prepare_batch(
+        [(func.old_addr, func.old_size) for func in new], exec_ranges=loaded.exec_ranges,
+        fentry_targets=fentry_targets,
+        branches_into=lambda lo, hi: symbols.branches_into(loaded, lo, hi)) if new else []
+    for func, site in zip(new, made):
+        if isinstance(site, HotpatchError):
+            failed[id(func)] = site
+        else:
+            prepared.setdefault(func.old_addr, site)
+    for func in obj.funcs:
+        try:
+            if id(func) in failed:
+                raise failed[id(func)]
             stack = stacks.stack_of(func.old_addr)
-            if stack is None and func.old_addr not in prepared:
-                prepared[func.old_addr] = sites.prepare(
-                    func.old_addr, size=func.old_size, exec_ranges=loaded.exec_ranges,
-                    fentry_targets=fentry_targets,
-                    branches_into=lambda lo, hi: symbols.branches_into(loaded, lo, hi))
             site = stack.site if stack is not None else prepared[func.old_addr]
             _prepare_thunk(loaded, func, site)
         except HotpatchError as e:
-            raise _prefixed(e, where) from None
+            raise _prefixed(e, f"patch {patch.name!r}: object {obj.label}: {func.old_name}") from None
 
 
 def _prepare_thunk(loaded: symbols.LoadedObject, func: Func, site: sites.Site) -> None:

@@ -168,17 +168,18 @@ def parse_file(path: str) -> SymbolTable | None:
     binary = parse_elf(path)
     if binary is None:
         return None
-    build_id = binary.build_id()
-    funcs = _function_entries(binary.symtab_symbols(_FUNCTION_TYPES))
-    source = ".symtab"
-    if not funcs:
-        debug = _debug_file(path, binary, build_id)
-        if debug is not None:
-            source, funcs = debug
-        else:
-            source = ".dynsym"
-            funcs = _function_entries(binary.dynamic_symbols(_FUNCTION_TYPES))
-    irelative, fentry_slots = _relocation_facts(binary, funcs)
+    with binary.held_open():
+        build_id = binary.build_id()
+        funcs = _function_entries(binary.symtab_symbols(_FUNCTION_TYPES))
+        source = ".symtab"
+        if not funcs:
+            debug = _debug_file(path, binary, build_id)
+            if debug is not None:
+                source, funcs = debug
+            else:
+                source = ".dynsym"
+                funcs = _function_entries(binary.dynamic_symbols(_FUNCTION_TYPES))
+        irelative, fentry_slots = _relocation_facts(binary, funcs)
     return SymbolTable(
         build_id=build_id,
         source=source,

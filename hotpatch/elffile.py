@@ -12,6 +12,7 @@ microseconds a symbol, in Python code the interpreter can switch away from.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from typing import Iterator, NamedTuple
@@ -95,9 +96,9 @@ def open_elf(path: str) -> ElfFile | None:
 class ElfFile:
     """One ELF file; tables are read when asked for.
 
-    Read with ``pread``, each read opening the file again: nothing stays
-    open or mapped (a patch module refused before ``dlopen`` must not
-    appear in the process's maps)."""
+    Read with ``pread``, each read opening the file again (or inside
+    :meth:`held_open`): nothing stays open or mapped (a patch module refused
+    before ``dlopen`` must not appear in the process's maps)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -105,6 +106,7 @@ class ElfFile:
         self.sections: list[Section] = []
         self.phoff = self.phnum = 0
         self._read_tables: dict[tuple, list[ElfSymbol]] = {}
+        self._fd: int | None = None      # while held_open
 
     def read_headers(self, header: bytes) -> None:
         (_, _, _, _, _, self.phoff, shoff, _, _, _, self.phnum, _, shnum,
@@ -125,7 +127,24 @@ class ElfFile:
         return [Section(_string(names, h[0]), h[1], h[2], h[3], h[4], h[5], h[6], h[8])
                 for h in raw]
 
+    @contextlib.contextmanager
+    def held_open(self) -> Iterator[None]:
+        """Reads inside share one descriptor, closed on leaving: reading a
+        file's tables is some twenty reads, each an open and a close
+        otherwise."""
+        if self._fd is not None:
+            yield
+            return
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield
+        finally:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
     def _bytes(self, offset: int, size: int) -> bytes:
+        if self._fd is not None:
+            return os.pread(self._fd, max(0, min(size, self.size - offset)), offset)
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             return os.pread(fd, max(0, min(size, self.size - offset)), offset)
@@ -241,6 +260,15 @@ class ElfFile:
             at += following
 
     def has_dynamic_symbol(self, name: str) -> bool:
+        # A symbol of that name needs the name in the dynamic string table:
+        # where it is not, the table is not decoded (asked of every file
+        # read, for the ftrace hooks that almost none has).
+        dynsym = next((s for s in self.sections if s.type == SHT_DYNSYM), None)
+        if dynsym is None:
+            return False
+        if dynsym.link < len(self.sections) and \
+                name.encode() + b"\0" not in self._content(self.sections[dynsym.link]):
+            return False
         return any(s.name == name for s in self.dynamic_symbols())
 
     # -- relocations and notes --------------------------------------------

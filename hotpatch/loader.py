@@ -105,34 +105,40 @@ def _object_at(address: int) -> symbols.LoadedObject | None:
                  if any(lo <= address < hi for lo, hi in o.exec_ranges)), None)
 
 
-def _brk_refusal(brk: int) -> str | None:
-    """Why ``r_brk`` cannot carry the hook, or None: it must be ``ret``,
-    after an ``endbr64`` on CET builds."""
+def _brk_shape(brk: int) -> tuple[str | None, int]:
+    """Why ``r_brk`` cannot carry the hook (None if it can: it must be
+    ``ret``, after an ``endbr64`` on CET builds), and the size of the
+    function it starts: a function whose entry returns has no other
+    reachable byte, so that size is its ``[endbr64;] ret`` -- read here
+    instead of from the dynamic linker's symbol tables (a file read, and a
+    search for its debug file, in the first patch of a process)."""
     code = _sites.read_memory(brk, 16)
     first = decode_one(code, brk)
+    size = 0
     if first is not None and first.mnemonic == "endbr64":
+        size = first.size
         first = decode_one(code[first.size:], first.end)
     if first is None or first.branch != "ret":
         what = f"{first.mnemonic} {first.op_str}".strip() if first else f"undecodable {code[:4].hex()}"
         hint = " (a debugger's breakpoint?)" if first is not None and first.mnemonic == "int3" else ""
-        return f"r_brk ({brk:#x}) starts with {what}{hint}, not [endbr64;] ret"
-    return None
+        return f"r_brk ({brk:#x}) starts with {what}{hint}, not [endbr64;] ret", 0
+    return None, size + first.size
 
 
 def _install() -> None:
     """Redirect r_brk to the hook, or fall back to interposing dlopen."""
     brk = lib.hp_loader_brk_site()
-    reason = _brk_refusal(brk) if brk else "the dynamic linker has no r_brk"
+    reason, size = _brk_shape(brk) if brk else ("the dynamic linker has no r_brk", 0)
     if reason is None:
         try:
-            _redirect([(brk, 0)])
+            _redirect([(brk, 0, size)])
             _state["notifier"] = "r_brk"
             return
         except HotpatchError as e:
             reason = f"r_brk ({brk:#x}) cannot be patched: {e}"
     try:
         libc = ctypes.CDLL(None)
-        entries = [(ctypes.cast(getattr(libc, name), ctypes.c_void_p).value, which)
+        entries = [(ctypes.cast(getattr(libc, name), ctypes.c_void_p).value, which, None)
                    for which, name in ((1, "dlopen"), (2, "dlmopen"), (3, "dlclose"))]
         _redirect(entries)
         _state.update(notifier="dlopen interposition", reason=reason)
@@ -144,15 +150,17 @@ def _install() -> None:
         core.log.warning("hotpatch: no loader notifier: %s", _state["reason"])
 
 
-def _redirect(entries: list[tuple[int, int]]) -> None:
-    """Redirect each ``(address, which)`` to the C core's entry ``which``."""
+def _redirect(entries: list[tuple[int, int, int | None]]) -> None:
+    """Redirect each ``(address, which, size)`` to the C core's entry
+    ``which``; a size of None is the symbol's."""
     prepared = []
-    for address, which in entries:
+    for address, which, size in entries:
         obj = _object_at(address)
         if obj is None:
             raise HotpatchError(f"{address:#x} lies in no loaded object")
-        # The symbol's size tells its padding from the next function.
-        size = symbols.resolve_offset(obj, address - obj.base).size
+        if size is None:
+            # The symbol's size tells its padding from the next function.
+            size = symbols.resolve_offset(obj, address - obj.base).size
         site = _sites.prepare(address, size=size, exec_ranges=obj.exec_ranges)
         lib.hp_loader_set_original(which, site.original)
         prepared.append((site, lib.hp_loader_entry(which)))

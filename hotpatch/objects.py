@@ -23,9 +23,8 @@ from hotpatch.errors import HotpatchError
 __all__ = ["LoadedObject", "MemoryGone", "loaded_objects", "find_object",
            "read_memory", "inside", "libc_function", "mapped_file_identity"]
 
-PT_LOAD, PT_DYNAMIC, PT_NOTE = 1, 2, 4
+PT_LOAD, PT_NOTE = 1, 4
 PF_X = 1
-DT_NULL, DT_STRTAB, DT_SONAME = 0, 5, 14
 NT_GNU_BUILD_ID = 3
 AT_SYSINFO_EHDR = 33
 
@@ -121,6 +120,13 @@ def loaded_objects() -> list[LoadedObject]:
     global _described
     # Read before listing: a load in between makes the next call list again.
     generation = _generation()
+    # The common case without the lock (a query costs more than the rest of
+    # this call; a patch of 1,000 functions asks once per function): the
+    # pair is replaced as one tuple, so a snapshot for this generation is
+    # the list for it.
+    described = _described
+    if described[0] == generation:
+        return list(described[1])
     with _described_lock.query() as held:
         if not held:
             return _describe_loaded()
@@ -168,24 +174,34 @@ def _describe(entry) -> LoadedObject:
     name = os.fsdecode(ffi.string(entry.name)) or None
     base = int(entry.base)
     # Copied out of cffi once: each field read through cdata costs as much
-    # as unpacking the whole header.
-    phdrs = [_Phdr._make(fields) for fields in
-             _PHDR.iter_unpack(ffi.buffer(entry.phdr)[:entry.phnum * _PHDR.size])]
-    loads = [(base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz)
-             for ph in phdrs if ph.p_type == PT_LOAD]
+    # as unpacking the whole header.  Plain tuples (p_type, p_flags, p_offset,
+    # p_vaddr, p_paddr, p_filesz, p_memsz, p_align): only the rare fallback
+    # below names the fields.
+    phdrs = list(_PHDR.iter_unpack(ffi.buffer(entry.phdr)[:entry.phnum * _PHDR.size]))
     path = _realpath(name) if name else _main_program_path()
     basename = os.path.basename(name or path)
-    soname = _mapped_soname(base, phdrs, loads)
+    # The C core read both from the image under the dynamic linker's lock
+    # (a tenth of the cost of reading them from here, object by object).
+    soname = (os.fsdecode(ffi.buffer(entry.soname, entry.soname_len)[:])
+              if entry.soname_len >= 0 else None)
+    if entry.build_id_len >= 0:
+        build_id = ffi.buffer(entry.build_id, entry.build_id_len)[:]
+    elif entry.build_id_len == -2:      # too long for the C core's buffer
+        named = [_Phdr._make(ph) for ph in phdrs]
+        build_id = _mapped_build_id(base, named, [(base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz)
+                                                  for ph in named if ph.p_type == PT_LOAD])
+    else:
+        build_id = None
     return LoadedObject(
         name=name,
         path=path,
         basename=basename,
         soname=soname,
         base=base,
-        exec_ranges=tuple(
-            (base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz)
-            for ph in phdrs if ph.p_type == PT_LOAD and ph.p_flags & PF_X),
-        build_id=_mapped_build_id(base, phdrs, loads),
+        exec_ranges=tuple((base + vaddr, base + vaddr + memsz)
+                          for kind, flags, _, vaddr, _, _, memsz, _ in phdrs
+                          if kind == PT_LOAD and flags & PF_X),
+        build_id=build_id,
         names=frozenset(n for n in (basename, os.path.basename(path), soname) if n),
     )
 
@@ -242,34 +258,6 @@ def _build_id_in_notes(notes: bytes, align: int) -> bytes | None:
             return notes[desc_at:desc_at + descsz]
         position = desc_at + aligned(descsz)
     return None
-
-
-def _mapped_soname(base: int, phdrs, loads) -> str | None:
-    dynamic = next((ph for ph in phdrs if ph.p_type == PT_DYNAMIC), None)
-    if dynamic is None or not inside(loads, base + dynamic.p_vaddr, dynamic.p_memsz):
-        return None
-    strtab = soname = None
-    for tag, value in struct.iter_unpack("<qQ", read_memory(base + dynamic.p_vaddr,
-                                                      dynamic.p_memsz & ~15)):
-        if tag == DT_NULL:
-            break
-        if tag == DT_STRTAB:
-            strtab = value
-        elif tag == DT_SONAME:
-            soname = value
-    if strtab is None or soname is None:
-        return None
-    # glibc relocates d_ptr in place where PT_DYNAMIC is writable, not in a
-    # read-only one: accept both forms.
-    if not inside(loads, strtab):
-        strtab += base
-    if not inside(loads, strtab + soname):
-        return None
-    name = b""
-    for lo, hi in loads:
-        if lo <= strtab + soname < hi:
-            name = read_memory(strtab + soname, min(256, hi - strtab - soname))
-    return os.fsdecode(name.split(b"\0", 1)[0])
 
 
 def find_object(name: str | None) -> LoadedObject | None:

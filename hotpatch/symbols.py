@@ -360,7 +360,9 @@ def branched_to(obj: LoadedObject, address: int) -> bool:
     """Whether any direct branch (a call, a tail jump) of ``obj`` goes to
     ``address``: callers objects.inside the object, which the compiler may have
     bound to this very code (no PLT), so may rely on more than the ABI."""
-    return bool(branches_into(obj, address, address + 1))
+    # Only whether: the branches found are not decoded again for their text
+    # (capstone through Python, ~15 us each, per function of a big patch).
+    return _branch_index(obj, address).any_into(address, address + 1)
 
 
 def describe_address(obj: LoadedObject, address: int) -> str:
@@ -383,14 +385,18 @@ def branches_into(obj: LoadedObject, lo: int, hi: int) -> list[tuple[int, str, i
     landing in [lo, hi).  The object's code is copied and prefiltered once
     (about a millisecond a megabyte), each function decoded when a query
     first needs it, and the index kept for the object's life."""
+    return [(source, f"{describe_address(obj, source)}: {text}", target)
+            for source, text, target in _branch_index(obj, lo).into(lo, hi)]
+
+
+def _branch_index(obj: LoadedObject, lo: int):
     index = _branch_indexes.get(obj)
     if index is None:
         starts = {obj.base + entry.value
                   for entry in elf.table_of(obj, f"branches into {lo:#x}").funcs}
         index = _branch_indexes[obj] = index_branches(objects.read_memory, obj.exec_ranges,
                                                       sorted(starts))
-    return [(source, f"{describe_address(obj, source)}: {text}", target)
-            for source, text, target in index.into(lo, hi)]
+    return index
 
 
 # --------------------------------------------------------------------------

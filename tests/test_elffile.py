@@ -54,3 +54,23 @@ def test_not_elf(tmp_path):
     path.write_text("not an ELF file")
     assert elffile.open_elf(str(path)) is None
     assert elffile.open_elf(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("path", [p for p in _LIBS if os.path.isfile(p)])
+def test_has_dynamic_symbol_and_one_descriptor(path):
+    """has_dynamic_symbol answers as a search of the decoded table does
+    (it looks at the string table first); inside held_open every read
+    shares one descriptor, closed on leaving."""
+    ours = elffile.open_elf(path)
+    names = {s.name for s in ours.dynamic_symbols()}
+    asked = sorted(names)[:20] + ["__fentry__", "mcount", "no_such_symbol_here", "malloc"]
+    fresh = elffile.open_elf(path)
+    assert {n: fresh.has_dynamic_symbol(n) for n in asked} == {n: n in names for n in asked}
+    again = elffile.open_elf(path)
+    with again.held_open():
+        fd = again._fd
+        assert again.dynamic_symbols() == ours.dynamic_symbols()
+        assert again._fd == fd and os.fstat(fd)
+    assert again._fd is None
+    with pytest.raises(OSError):
+        os.fstat(fd)

@@ -371,3 +371,20 @@ report({"cycles": cycles, "errors": errors[:5], "loader": hotpatch.tree()["loade
     # queue, which the tree counts).
     assert set(r["seen"]) <= {1001, 2}, r
     assert r["seen"] == [1001] or r["loader"]["late"] or r["loader"]["dropped"], r
+
+
+def test_the_hook_on_r_brk_reads_no_symbol_table_of_the_dynamic_linker(child, libs):
+    """r_brk's size comes from its verified [endbr64;] ret: installing the
+    hook reads neither the dynamic linker's file nor a debug file for it
+    (that was most of the first patch of a process)."""
+    r = child(PRELUDE + """
+from hotpatch import elf, loader
+hotpatch.register(coming_patch())
+brk = loader._state["sites"][0]
+report({"notifier": hotpatch.tree()["loader"]["notifier"],
+        "files": sorted(path for path, _, _ in elf._files),
+        "replaced": brk.plan.length, "kind": brk.kind})
+""", **libs)[0]
+    assert r["notifier"] == "r_brk", r
+    assert not any("ld-linux" in path or "/ld-" in path for path in r["files"]), r
+    assert r["kind"] == "generic" and r["replaced"] == 5

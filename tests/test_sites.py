@@ -97,6 +97,30 @@ report({name: [prepare(name).kind, prepare(name).address - addr(name),
     assert kinds["plain_add"][0] == "generic"
 
 
+def test_prepare_batch(child, targets):
+    """prepare_batch: one site per function as prepare makes it, the error
+    for a refused one (the others still prepared), one site for a function
+    asked twice, the kept site on a second call."""
+    r = child(PRELUDE + """
+names = P["shapes"] + ["jumps_back", "plain_add"]
+got = sites.prepare_batch([(addr(n), SIZES[n]) for n in names])
+again = sites.prepare_batch([(addr(n), SIZES[n]) for n in names])
+good = [s for s in got[:len(P["shapes"])]]
+sites.redirect_batch([(s, addr("replacement")) for s in good])
+patched = {n: call(n) for n in P["shapes"]}
+sites.restore_batch(good)
+report({"kinds": [s.kind if isinstance(s, sites.Site) else type(s).__name__ for s in got],
+        "refusal": str(got[-2]), "same_twice": got[names.index("plain_add")] is got[-1],
+        "kept": all(a is b for a, b in zip(got, again) if isinstance(a, sites.Site)),
+        "as_prepare": [prepare(n) is s for n, s in zip(P["shapes"], got)],
+        "patched": patched, "restored": {n: call(n) for n in P["shapes"]}})
+""", shapes=list(SHAPES), **targets)[0]
+    assert r["kinds"][-2] == "UnsafeToPatch" and "branch" in r["refusal"]
+    assert r["same_twice"] and r["kept"] and all(r["as_prepare"])
+    assert r["patched"] == {name: 1005 for name in SHAPES}
+    assert r["restored"] == {name: before for name, (before, _) in SHAPES.items()}
+
+
 @pytest.mark.parametrize("name,reason", [
     ("short_unpadded", "short"),
     ("jumps_back", "branch"),

@@ -18,9 +18,9 @@ import lief
 import pytest
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
-from hotpatch.errors import UnsafeToPatch
+from hotpatch.errors import HotpatchError, UnsafeToPatch
 from hotpatch.x86_64 import (JMP_REL32_SIZE, JMP_RIP_INDIRECT_SIZE,
-                             analyze_entry, build_original, call_abs, call_rel32,
+                             analyze_entries, analyze_entry, build_original, call_abs, call_rel32,
                              check_relocatable, decode, decode_one, in_reach,
                              jcc_rel32, jmp_abs, jmp_rel32, nops,
                              original_stub_size_bound, relocate,
@@ -477,6 +477,36 @@ def test_refusals(lib, name, reason):
     with pytest.raises(UnsafeToPatch, match=reason) as info:
         lib.analyze(name)
     assert f"{lib.addr(name):#x}" in str(info.value)
+
+
+def test_a_batch_analysis_is_the_analysis_of_each(lib):
+    """analyze_entries (the bytes read and decoded in one C call) plans and
+    refuses exactly as analyze_entry does, function by function, in order."""
+    names = sorted(lib.symbols)
+    functions = [(lib.addr(n), lib.size(n)) for n in names]
+    functions.append((lib.addr("x86t_tiny4"), None))        # an unsized entry
+    batch = analyze_entries(functions, exec_ranges=lib.exec_ranges,
+                            fentry_targets=lib.fentry_targets)
+    assert len(batch) == len(functions)
+    for (entry, size), got in zip(functions, batch):
+        try:
+            want = analyze_entry(ctypes.string_at, entry, size=size, exec_ranges=lib.exec_ranges,
+                                 fentry_targets=lib.fentry_targets)
+        except UnsafeToPatch as e:
+            assert isinstance(got, UnsafeToPatch) and str(got) == str(e), hex(entry)
+        else:
+            assert got == want, hex(entry)
+    refused = {n for n, r in zip(names, batch) if isinstance(r, UnsafeToPatch)}
+    assert {name for name, _ in REFUSALS} <= refused
+
+
+def test_a_batch_analysis_reports_unmapped_bytes(lib):
+    gone = BASE      # nothing is mapped there
+    plans = analyze_entries([(lib.addr("x86t_counter_plus"), lib.size("x86t_counter_plus")),
+                             (gone, 16)])
+    assert plans[0] == lib.analyze("x86t_counter_plus")
+    assert type(plans[1]) is HotpatchError
+    assert str(plans[1]) == f"{gone:#x}: 24 bytes there are not mapped"
 
 
 def test_refuses_data(lib):

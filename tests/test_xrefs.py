@@ -72,6 +72,7 @@ def test_branches_into_entries_match_reference_sweep_on_libpython():
         for lo, hi in ((entry, entry + 1), (entry + 1, entry + 5)):
             expected = reference[bisect.bisect_left(targets, lo):bisect.bisect_left(targets, hi)]
             assert index.into(lo, hi) == expected
+            assert index.any_into(lo, hi) == bool(expected)      # symbols.branched_to
 
 
 def test_index_matches_reference_sweep_with_data_in_code(tmp_path):

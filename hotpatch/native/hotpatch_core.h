@@ -56,6 +56,11 @@ struct hp_loaded_object {
     uintptr_t phdr_address;  /* where the program headers are mapped */
     int phnum;               /* headers copied below (at most HP_MAX_PHDRS) */
     ElfW(Phdr) phdr[HP_MAX_PHDRS];
+    /* Read from the mapped image while the linker's lock holds it: */
+    int soname_len;          /* DT_SONAME's bytes below; -1: none */
+    char soname[256];
+    int build_id_len;        /* NT_GNU_BUILD_ID's bytes below; -1: none, -2: longer */
+    uint8_t build_id[64];
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
 void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
@@ -73,6 +78,33 @@ void hp_branch_index_free(struct hp_branch_index *ix);
 long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
                           long capacity);
+
+/* One function of a batch for the entry analysis (see hp_scan_entries). */
+#define HP_SCAN_AHEAD 24        /* endbr64 + 5 + 15: all a plan can replace */
+#define HP_SCAN_COVER 5         /* the jmp rel32 written at the site */
+#define HP_SCAN_HEAD 8
+#define HP_SCAN_BRANCHES 16
+#define HP_SCAN_UNMAPPED (-1)
+struct hp_scanned_insn {
+    uint64_t address;
+    uint32_t size;
+    char mnemonic[32];          /* as capstone's cs_insn has them */
+    char op_str[160];
+};
+struct hp_scanned_branch {
+    uint64_t source, target;
+};
+struct hp_entry_scan {
+    uint64_t entry, stop;       /* in: the function, its end (0: unknown) */
+    uint64_t offset, len;       /* in: its bytes in the batch's buffer */
+    int32_t status;             /* out: 0 or HP_SCAN_UNMAPPED */
+    int32_t nhead, nbranches;   /* nbranches may exceed HP_SCAN_BRANCHES */
+    uint64_t address;           /* where the site goes: past an endbr64 */
+    uint64_t decoded_end;       /* end of the last instruction swept before stop */
+    struct hp_scanned_insn head[HP_SCAN_HEAD];
+    struct hp_scanned_branch branches[HP_SCAN_BRANCHES];
+};
+long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read);
 
 /* --- maps.c -------------------------------------------------------- */
 #define HP_MAX_MAPPINGS 65536

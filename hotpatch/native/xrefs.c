@@ -1,5 +1,6 @@
 /*
- * xrefs.c -- the direct branches of a loaded object that land in a range.
+ * xrefs.c -- the direct branches of a loaded object that land in a range,
+ * and what a batch of functions looks like at their entries (hp_scan_entries).
  *
  * The policy (which branches make a redirect unsafe) is in Python
  * (x86_64/xrefs.py, x86_64/entry.py).  This file answers "which relative
@@ -453,6 +454,25 @@ out:
 
 /* ---- one function -------------------------------------------------- */
 
+/* One capstone handle per patching thread, kept: opening one costs more
+ * than decoding a small function.  NULL where capstone cannot be used. */
+static cs_insn *thread_decoder(csh *out)
+{
+    static __thread csh handle;
+    static __thread cs_insn *insn;
+
+    if (!insn) {
+        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
+            return NULL;
+        if (!(insn = cs.malloc(handle))) {
+            cs.close(&handle);
+            return NULL;
+        }
+    }
+    *out = handle;
+    return insn;
+}
+
 /* Linear sweep of `code` (placed at `address`) that stops at the first byte
  * that does not start an instruction, or at the first instruction starting
  * at or after `stop`: the entry analysis's view of one function.  The end
@@ -463,21 +483,13 @@ long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uin
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
                           long capacity)
 {
-    /* One handle per patching thread, kept: opening one costs more than
-     * decoding a small function. */
-    static __thread csh handle;
-    static __thread cs_insn *insn;
+    csh handle;
+    cs_insn *insn = thread_decoder(&handle);
     long found = 0;
 
     *decoded_end = address;
-    if (!insn) {
-        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
-            return -1;
-        if (!(insn = cs.malloc(handle))) {
-            cs.close(&handle);
-            return -1;
-        }
-    }
+    if (!insn)
+        return -1;
     while (len && address < stop) {
         uint64_t at = address, target;
         if (!cs.disasm_iter(handle, &code, &len, &address, insn))
@@ -494,3 +506,87 @@ long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uin
     return found;
 }
 
+/* ---- a batch of entries ---------------------------------------------- */
+
+/*
+ * What the entry analysis (x86_64/entry.py) needs of each function of a
+ * batch, in one call: its bytes, the instructions at its head and the
+ * branches of the whole function landing just after its entry.  Through
+ * capstone's Python binding that was ~50 us a function (a sweep, the
+ * function's scan, a read, each with its own allocations); the decisions
+ * stay in Python.
+ */
+static const uint8_t endbr64[4] = { 0xF3, 0x0F, 0x1E, 0xFA };
+
+/* One linear sweep from the entry serves both questions:
+ *  - the head: the instructions from `s->address` up to the first reaching
+ *    HP_SCAN_COVER bytes, as entry.py's _head took them from a sweep of the
+ *    first HP_SCAN_AHEAD bytes (a head instruction starts by entry + 8 and,
+ *    at most 15 bytes long, ends by entry + 23: the longer sweep decodes it
+ *    the same);
+ *  - the function's own relative branches landing in (address, address +
+ *    HP_SCAN_AHEAD), the only ones that can land inside the replaced bytes,
+ *    when its end `stop` is known.
+ * Decoding each instruction once halves capstone's part of a small function. */
+static void scan_function(csh handle, cs_insn *insn, const uint8_t *code, struct hp_entry_scan *s)
+{
+    size_t len = s->len;
+    uint64_t address = s->entry, next = s->address;
+    int head_open = 1;
+
+    while (len && ((head_open && address < s->entry + HP_SCAN_AHEAD) || address < s->stop)) {
+        uint64_t at = address, target;
+        if (!cs.disasm_iter(handle, &code, &len, &address, insn))
+            break;
+        if (at < s->stop)
+            s->decoded_end = address;
+        if (head_open && at >= s->address) {
+            if (at != next || address > s->entry + HP_SCAN_AHEAD || s->nhead == HP_SCAN_HEAD) {
+                head_open = 0;
+            } else {
+                struct hp_scanned_insn *h = &s->head[s->nhead++];
+                h->address = at;
+                h->size = insn->size;
+                memcpy(h->mnemonic, insn->mnemonic, sizeof h->mnemonic);
+                memcpy(h->op_str, insn->op_str, sizeof h->op_str);
+                next = address;
+                head_open = address - s->address < HP_SCAN_COVER;
+            }
+        }
+        if (at < s->stop && relative_target(insn, &target) && target > s->address
+                && target < s->address + HP_SCAN_AHEAD) {
+            if (s->nbranches < HP_SCAN_BRANCHES)
+                s->branches[s->nbranches] = (struct hp_scanned_branch){ at, target };
+            s->nbranches++;
+        }
+    }
+}
+
+/* Scan `n` entries.  Each one's bytes are buf[offset, offset + len): read
+ * from this process's memory at `entry` first when `read` is set (status
+ * HP_SCAN_UNMAPPED where they are not mapped).  `stop` = 0: the function's
+ * size is unknown, its branches are not scanned.  Returns 0, or -1 where
+ * capstone cannot be used. */
+long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read)
+{
+    csh handle;
+    cs_insn *insn = thread_decoder(&handle);
+
+    if (!insn)
+        return -1;
+    for (long i = 0; i < n; i++) {
+        struct hp_entry_scan *s = &scans[i];
+        uint8_t *code = buf + s->offset;
+        s->nhead = s->nbranches = 0;
+        s->decoded_end = s->entry;
+        if (read && hp_read_memory(s->entry, code, s->len) != (long)s->len) {
+            s->status = HP_SCAN_UNMAPPED;
+            continue;
+        }
+        s->status = 0;
+        s->address = s->len >= sizeof endbr64 && !memcmp(code, endbr64, sizeof endbr64)
+                     ? s->entry + sizeof endbr64 : s->entry;
+        scan_function(handle, insn, code, s);
+    }
+    return 0;
+}

@@ -10,7 +10,7 @@ from .decode import (Instruction, decode, decode_one, described, function_branch
                      sweep)
 from .encode import (JMP_REL32_SIZE, JMP_RIP_INDIRECT_SIZE, call_abs, call_rel32,
                      in_reach, jcc_rel32, jmp_abs, jmp_rel32, jmp_rip_indirect, nops)
-from .entry import EntryPlan, analyze_entry, build_original, original_stub_size_bound
+from .entry import EntryPlan, analyze_entries, analyze_entry, build_original, original_stub_size_bound
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
 __all__ = [
@@ -18,6 +18,6 @@ __all__ = [
     "sweep",
     "JMP_REL32_SIZE", "JMP_RIP_INDIRECT_SIZE", "call_abs", "call_rel32",
     "in_reach", "jcc_rel32", "jmp_abs", "jmp_rel32", "jmp_rip_indirect", "nops",
-    "EntryPlan", "analyze_entry", "build_original", "original_stub_size_bound",
+    "EntryPlan", "analyze_entries", "analyze_entry", "build_original", "original_stub_size_bound",
     "check_relocatable", "relocate", "relocated_size_bound",
 ]

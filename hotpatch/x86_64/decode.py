@@ -8,8 +8,7 @@ its text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import capstone
 from capstone import x86_const as X
@@ -17,7 +16,8 @@ from capstone import x86_const as X
 from hotpatch._native import ffi, lib
 from hotpatch.errors import UnsafeToPatch
 
-__all__ = ["Instruction", "boundary_before", "decode", "decode_one", "function_branches"]
+__all__ = ["EntryScan", "Instruction", "boundary_before", "decode", "decode_one",
+           "function_branches", "scan_code", "scan_memory"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -63,9 +63,10 @@ _RETURNS = frozenset({
 _NO_FALL_THROUGH = frozenset({"jmp", "jmp_indirect", "ret"})
 
 
-@dataclass(frozen=True)
-class Instruction:
-    """One decoded instruction and the facts needed to move it."""
+class Instruction(NamedTuple):
+    """One decoded instruction and the facts needed to move it (immutable;
+    a named tuple rather than a frozen dataclass: a batch makes thousands,
+    and a frozen dataclass costs three times as much to create)."""
 
     address: int
     size: int
@@ -161,6 +162,64 @@ def function_branches(code: bytes, address: int, stop: int) -> tuple[int, list[t
         if count <= capacity:
             return end[0], [(sources[i], targets[i]) for i in range(count)]
         capacity = count
+
+
+class EntryScan(NamedTuple):
+    """What the C core saw of one function for the entry analysis (see
+    ``hp_scan_entries`` in ``native/xrefs.c``)."""
+
+    code: bytes             #: the bytes read from the entry
+    address: int            #: where a site goes: the entry, or past its endbr64
+    #: ``(address, size, mnemonic, op_str)`` from ``address`` up to the first
+    #: instruction reaching 5 bytes (as :func:`sweep` has them)
+    head: tuple[tuple[int, int, str, str], ...]
+    decoded_end: int        #: end of the last instruction swept before the function's end
+    #: ``(source, target)`` of the function's relative branches landing in
+    #: (address, address + 24); None when there were more than the C core keeps
+    branches: tuple[tuple[int, int], ...] | None
+
+
+def scan_code(code: bytes, entry: int, stop: int) -> EntryScan:
+    """:class:`EntryScan` of ``code`` placed at ``entry`` (``stop``: the
+    function's end, 0 when unknown: its branches are then not scanned)."""
+    code = bytes(code)
+    buf = ffi.new("uint8_t[]", max(len(code), 1))
+    ffi.memmove(buf, code, len(code))
+    scans = ffi.new("struct hp_entry_scan[]", 1)
+    scans[0].entry, scans[0].stop, scans[0].offset, scans[0].len = entry, stop, 0, len(code)
+    _scan(scans, 1, buf, 0)
+    return _entry_scan(scans[0], code)
+
+
+def scan_memory(requests: list[tuple[int, int, int]]) -> list[EntryScan | None]:
+    """:class:`EntryScan` of each ``(entry, length, stop)``, its bytes read
+    from this process by the C core, the whole batch in one call; None where
+    they are not mapped."""
+    init, offset = [], 0
+    for entry, length, stop in requests:
+        init.append((entry, stop, offset, length))      # the struct's first fields
+        offset += length
+    scans = ffi.new("struct hp_entry_scan[]", init or 1)
+    buf = ffi.new("uint8_t[]", max(offset, 1))
+    _scan(scans, len(requests), buf, 1)
+    data = ffi.buffer(buf, offset)[:]
+    return [_entry_scan(scan, data[scan.offset:scan.offset + scan.len])
+            if scan.status == 0 else None for scan in scans[0:len(requests)]]
+
+
+def _scan(scans, n: int, buf, read: int) -> None:
+    if lib.hp_scan_entries(scans, n, buf, read) < 0:
+        raise UnsafeToPatch("capstone's C library cannot be used")
+
+
+def _entry_scan(scan, code: bytes) -> EntryScan:
+    string = ffi.string
+    head = tuple([(h.address, h.size, string(h.mnemonic).decode(), string(h.op_str).decode())
+                  for h in scan.head[0:scan.nhead]])
+    nbranches = scan.nbranches
+    branches = (tuple([(b.source, b.target) for b in scan.branches[0:nbranches]])
+                if nbranches <= len(scan.branches) else None)
+    return EntryScan(code, scan.address, head, scan.decoded_end, branches)
 
 
 def boundary_before(code: bytes, start: int, address: int) -> int | None:

@@ -20,26 +20,28 @@ told apart from the next function.  Branches from outside the function (a
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from hotpatch.errors import UnsafeToPatch
+from hotpatch.errors import HotpatchError, UnsafeToPatch
 
-from .decode import Instruction, described, function_branches, iter_decode, sweep
+from .decode import (EntryScan, Instruction, described, function_branches, iter_decode,
+                     scan_code, scan_memory, sweep)
 from .encode import JMP_REL32_SIZE
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
-__all__ = ["EntryPlan", "analyze_entry", "build_original", "original_stub_size_bound"]
+__all__ = ["EntryPlan", "analyze_entries", "analyze_entry", "build_original", "original_stub_size_bound"]
 
 ENDBR64 = b"\xf3\x0f\x1e\xfa"
 # endbr64, the 5 bytes replaced, and the rest of an instruction of at most
 # 15 bytes starting in them: all the entry analysis reads beyond a function.
 MAX_INSTRUCTION_SIZE = 15
-_READ_AHEAD = len(ENDBR64) + JMP_REL32_SIZE + MAX_INSTRUCTION_SIZE
+_READ_AHEAD = len(ENDBR64) + JMP_REL32_SIZE + MAX_INSTRUCTION_SIZE   # HP_SCAN_AHEAD in C
 
 
-@dataclass(frozen=True)
-class EntryPlan:
-    """Where the redirecting instruction goes and what it replaces."""
+class EntryPlan(NamedTuple):
+    """Where the redirecting instruction goes and what it replaces
+    (immutable; a named tuple for the cost of creating one, see
+    :class:`~hotpatch.x86_64.decode.Instruction`)."""
 
     entry: int              #: the function's address
     address: int            #: where the redirection is written (entry, or entry+4 after endbr64)
@@ -73,23 +75,69 @@ def analyze_entry(read: Callable[[int, int], bytes], entry: int, *,
     branches anywhere in the object that land in [lo, hi): any landing
     strictly inside the replaced bytes refuses the plan.
     """
-    function_end = entry + size if size else None
+    window, segment_end = _window(entry, size, exec_ranges)
+    scan = scan_code(read(entry, window), entry, entry + size if size else 0)
+    return _plan(scan, entry, size, segment_end, fentry_targets, branches_into)
+
+
+def analyze_entries(functions: Sequence[tuple[int, int | None]], *,
+                    exec_ranges: Sequence[tuple[int, int]] = (),
+                    fentry_targets: Container[int] = (),
+                    branches_into: Callable[[int, int], Iterable[tuple[int, str, int]]]
+                    | None = None) -> list[EntryPlan | HotpatchError]:
+    """:func:`analyze_entry` of each ``(entry, size)`` of this process, the
+    bytes read and decoded for the whole batch in one call of the C core:
+    for each, its plan or the error refusing it (UnsafeToPatch, or
+    HotpatchError where its bytes are not mapped)."""
+    results: list = [None] * len(functions)
+    requests, where = [], []
+    for i, (entry, size) in enumerate(functions):
+        try:
+            window, segment_end = _window(entry, size, exec_ranges)
+        except UnsafeToPatch as e:
+            results[i] = e
+            continue
+        requests.append((entry, window, entry + size if size else 0))
+        where.append((i, segment_end))
+    for (i, segment_end), request, scan in zip(where, requests, scan_memory(requests)):
+        entry, window, _ = request
+        if scan is None:
+            results[i] = HotpatchError(f"{entry:#x}: {window} bytes there are not mapped")
+            continue
+        try:
+            results[i] = _plan(scan, entry, functions[i][1], segment_end, fentry_targets,
+                               branches_into)
+        except UnsafeToPatch as e:
+            results[i] = e
+    return results
+
+
+def _window(entry: int, size: int | None,
+            exec_ranges: Sequence[tuple[int, int]]) -> tuple[int, int | None]:
+    """How many bytes from ``entry`` the analysis reads (the function, at
+    least the head, never past its segment), and that segment's end."""
     segment_end = _segment_end(entry, exec_ranges)
     window = max(size or 0, _READ_AHEAD)
     if segment_end is not None:
         window = min(window, segment_end - entry)
-    code = bytes(read(entry, window))
-    endbr = code.startswith(ENDBR64)
-    address = entry + len(ENDBR64) if endbr else entry
+    return window, segment_end
+
+
+def _plan(scan: EntryScan, entry: int, size: int | None, segment_end: int | None,
+          fentry_targets: Container[int], branches_into) -> EntryPlan:
+    code = scan.code
+    function_end = entry + size if size else None
+    address = scan.address
+    endbr = address != entry
     _check_inside_segment(entry, max(function_end or 0, address + JMP_REL32_SIZE), segment_end)
     # The head lies within the first _READ_AHEAD bytes; the whole function
-    # is scanned in C (_check_no_branch_into).
-    head = _head(sweep(code[:_READ_AHEAD], entry), code, entry, address)
+    # was scanned in C for branches (_check_no_branch_into).
+    head = [described(item, code[item[0] - entry:item[0] - entry + item[1]]) for item in scan.head]
     plan = (_skippable_plan(head, code, entry, address, function_end, endbr, fentry_targets)
             or _generic_plan(head, code, entry, address, function_end, endbr))
     _check_inside_segment(entry, plan.address + plan.length, segment_end)
     if function_end is not None:
-        _check_no_branch_into(code, entry, function_end, plan)
+        _check_no_branch_into(scan, entry, function_end, plan)
     if branches_into is not None and not plan.single_instruction:
         _check_no_foreign_branch_into(branches_into, plan)
     return plan
@@ -132,22 +180,6 @@ def _check_inside_segment(entry: int, end: int, segment_end: int | None) -> None
     if segment_end is not None and end > segment_end:
         raise UnsafeToPatch(f"not code: [{entry:#x}, {end:#x}) runs past the end of "
                             f"its executable segment at {segment_end:#x}")
-
-
-def _head(swept, code: bytes, entry: int, address: int) -> list[Instruction]:
-    """The instructions at ``address`` up to the first that reaches 5 bytes
-    (fewer where decoding stops): all any plan can replace, described once."""
-    head = []
-    for item in swept:
-        at, size = item[0], item[1]
-        if at < address:
-            continue     # the endbr64 before the site
-        if at != address + sum(insn.size for insn in head):
-            break
-        head.append(described(item, code[at - entry:at - entry + size]))
-        if at + size - address >= JMP_REL32_SIZE:
-            break
-    return head
 
 
 def _skippable_plan(head: list[Instruction], code: bytes, entry: int, address: int,
@@ -278,9 +310,13 @@ def _check_replaceable(taken: list[Instruction], address: int, length: int) -> N
     check_relocatable(taken, (address, end))
 
 
-def _check_no_branch_into(code: bytes, entry: int, function_end: int, plan: EntryPlan) -> None:
+def _check_no_branch_into(scan: EntryScan, entry: int, function_end: int,
+                          plan: EntryPlan) -> None:
     """Refuse when a branch of the function lands strictly inside the replaced bytes."""
-    decoded, branches = function_branches(code, entry, function_end)
+    code = scan.code
+    decoded, branches = scan.decoded_end, scan.branches
+    if branches is None:      # more near the entry than the scan kept
+        decoded, branches = function_branches(code, entry, function_end)
     if decoded != function_end:
         raise UnsafeToPatch(f"cannot decode the function at {entry:#x} up to its end "
                             f"{function_end:#x} (undecodable bytes at {decoded:#x}), so "

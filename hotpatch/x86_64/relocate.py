@@ -80,6 +80,14 @@ def relocate(instructions: Sequence[Instruction], stub_address: int, *,
     if instructions[-1].can_fall_through() and resume is None:
         raise ValueError(f"{instructions[-1]} falls through but no resume "
                          f"address was given")
+    if not any(insn.branch or insn.rip_disp_offset is not None for insn in instructions):
+        # The common prologue: nothing depends on where it runs, so its
+        # bytes are copied as they are (what the general path below yields
+        # for it, without its per-instruction bookkeeping).
+        code = b"".join(insn.raw for insn in instructions)
+        if instructions[-1].can_fall_through():
+            code += _jmp(stub_address + len(code), resume)
+        return code
     # A branch goes far only when its near form does not reach, and staying
     # far only grows the stub, so this settles in a few rounds.
     far: set[int] = set()

@@ -61,6 +61,14 @@ class BranchIndex:
             capacity = count
         return [(sources[i], self._text(sources[i]), targets[i]) for i in range(count)]
 
+    def any_into(self, lo: int, hi: int) -> bool:
+        """Whether any branch lands in [lo, hi) (nothing decoded for text)."""
+        sources, targets = ffi.new("uint64_t[]", 1), ffi.new("uint64_t[]", 1)
+        count = lib.hp_branch_index_into(self._handle, lo, hi, sources, targets, 1)
+        if count < 0:
+            raise MemoryError("indexing branches")
+        return count > 0
+
     def _text(self, source: int) -> str:
         # The index keeps addresses only: the few branches a query returns
         # are decoded again for their text.
