@@ -13,7 +13,7 @@ import ctypes
 import os
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from hotpatch import _procfs
 from hotpatch._locks import OperationLock
@@ -135,7 +135,11 @@ def loaded_objects() -> list[LoadedObject]:
         return list(_described[1])
 
 
-def _describe_loaded() -> list[LoadedObject]:
+def loaded_entries() -> Iterator:
+    """The C core's ``struct hp_loaded_object`` of every object mapped now,
+    in the dynamic linker's order (the raw list :func:`loaded_objects`
+    describes).  A generator: its frame keeps the array alive while the
+    entries are read."""
     capacity = 64
     while True:
         array = ffi.new("struct hp_loaded_object[]", capacity)
@@ -143,9 +147,13 @@ def _describe_loaded() -> list[LoadedObject]:
         if count <= capacity:
             break
         capacity = count + 16
-    objects = []
     for i in range(count):
-        entry = array[i]
+        yield array[i]
+
+
+def _describe_loaded() -> list[LoadedObject]:
+    objects = []
+    for entry in loaded_entries():
         # The vdso's program headers follow its ELF header, in its one page.
         if 0 <= entry.phdr_address - _VDSO < 4096:
             continue

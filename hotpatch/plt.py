@@ -205,14 +205,7 @@ def _redirect(only: int = 0) -> None:
 
 def _phdr_address(obj: symbols.LoadedObject) -> int | None:
     """Where ``obj``'s program headers are mapped: its identity for dl_iterate_phdr."""
-    capacity = 64
-    while True:
-        entries = ffi.new("struct hp_loaded_object[]", capacity)
-        count = lib.hp_loaded_objects(entries, capacity)
-        if count <= capacity:
-            break
-        capacity = count + 16
-    for entry in entries[0:count]:
+    for entry in objects.loaded_entries():
         if entry.base == obj.base and (os.fsdecode(ffi.string(entry.name)) or None) == obj.name:
             return entry.phdr_address
     return None

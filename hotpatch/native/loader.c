@@ -258,6 +258,20 @@ static void abandon(uint64_t last)
     }
 }
 
+/* `ms` from now on the clock pthread_cond_timedwait uses by default. */
+static struct timespec deadline_in(int ms)
+{
+    struct timespec at;
+    clock_gettime(CLOCK_REALTIME, &at);
+    at.tv_sec += ms / 1000;
+    at.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (at.tv_nsec >= 1000000000L) {
+        at.tv_sec++;
+        at.tv_nsec -= 1000000000L;
+    }
+    return at;
+}
+
 /* Threads inside the dynamic linker's lock that run, or wait for,
  * hotpatch's Python right now.  Python threads about to call the dynamic
  * linker with the GIL held read it and wait with the GIL released while it
@@ -283,14 +297,7 @@ static void deliver(uint64_t last)
     pthread_mutex_lock(&q_lock);
     if (!in_python && py_callback) {
         pthread_cond_broadcast(&q_more);
-        struct timespec deadline;
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_sec += wait_ms / 1000;
-        deadline.tv_nsec += (long)(wait_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
+        struct timespec deadline = deadline_in(wait_ms);
         while (done_seq < last && pthread_cond_timedwait(&q_done, &q_lock, &deadline) != ETIMEDOUT)
             ;
     } else {
@@ -489,14 +496,7 @@ int hp_loader_wait(int timeout_ms)
 {
     pthread_mutex_lock(&q_lock);
     if (q_head == q_tail) {
-        struct timespec deadline;
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
+        struct timespec deadline = deadline_in(timeout_ms);
         pthread_cond_timedwait(&q_more, &q_lock, &deadline);
     }
     int n = (int)(q_tail - q_head);
