@@ -1,11 +1,12 @@
 /*
  * Writing code while other threads run it.
  *
- * Every write to code that a thread may be running goes through a stop
- * (stop.c): every other thread stopped, none of them inside the bytes being
- * replaced -- neither its program counter nor the program counter saved in a
- * signal frame on its stack --, then the writes, a core sync, and the threads
- * let go.  There is no int3 protocol: a thread that blocks SIGTRAP and meets
+ * A write to code that a thread may be running is either one atomic store
+ * of one instruction (unstopped.c) or goes through a stop (stop.c): every
+ * other thread stopped, none of them inside the bytes being replaced --
+ * neither its program counter nor the program counter saved in a signal
+ * frame on its stack --, then the writes, a core sync, and the threads let
+ * go.  There is no int3 protocol: a thread that blocks SIGTRAP and meets
  * an int3 kills the process, and any thread may block any signal at any
  * moment, so no write may rely on a signal reaching a thread.
  *
@@ -187,7 +188,29 @@ static int check_batch(struct hp_write *w, size_t n, char *err)
     return 0;
 }
 
-/* Write a batch of sites safely while other threads run: one stop.
+/* The first `n` writes of a batch were made without a stop, then the next
+ * one's bytes had changed: put them back.  The bytes they put there may be
+ * several instructions (an entry restored), so this takes a stop. */
+static void undo_unstopped(const struct hp_write *w, size_t n, uint64_t deadline)
+{
+    if (!n)
+        return;
+    struct hp_write *back = malloc(n * sizeof *back);
+    if (!back)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        back[i] = w[i];
+        memcpy(back[i].old, w[i].bytes, sizeof back[i].old);
+        memcpy(back[i].bytes, w[i].old, sizeof back[i].bytes);
+    }
+    char ignored[HP_ERRLEN];
+    hp_stop_write(back, n, deadline, mem_fd >= 0, ignored);
+    free(back);
+}
+
+/* Write a batch of sites safely while other threads run: without a stop
+ * where every write replaces one instruction by one atomic store
+ * (unstopped.c), else one stop.
  * Returns 0, or -1 with `err` filled and no byte changed.  This thread's
  * signals are blocked meanwhile: a handler running here could otherwise
  * run the code being written. */
@@ -205,7 +228,19 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
     if (mem_fd < 0)
         hp_read_mappings();  /* the protections the window gives back */
     uint64_t deadline = hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
-    int rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
+    size_t failed = 0;
+    int rc = hp_write_unstopped(w, n, &failed);
+    if (rc == HP_UNSTOPPED_DONE) {
+        hp_stats.unstopped++;
+    } else if (rc == HP_UNSTOPPED_CHANGED) {
+        undo_unstopped(w, failed, deadline);
+        char *at = hp_fmt_str(err, err + HP_ERRLEN, "the code at ");
+        at = hp_fmt_hex(at, err + HP_ERRLEN, w[failed].address);
+        hp_fmt_str(at, err + HP_ERRLEN, " is not what it was expected to be (changed by someone else?)");
+        rc = -1;
+    } else {
+        rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
+    }
     hp_sync_cores();
     hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
     pthread_mutex_unlock(&hp_lock);

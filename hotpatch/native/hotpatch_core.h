@@ -6,6 +6,7 @@
  *   proc.c        what /proc says of a thread (state, tracer, signal masks)
  *   pool.c        executable memory within +-2 GiB of a target, named "hotpatch"
  *   codewrite.c   writing code while other threads run it: one stop per batch
+ *   unstopped.c   the writes that need no stop: one atomic store of one instruction
  *   gotslot.c     storing into GOT slots (PLT calls of patched functions), no stop
  *   stop.c        the stop: which stopper holds the threads, retries, counters
  *   check.c       what a stopped thread may not be doing (pc, signal frames)
@@ -75,6 +76,7 @@ struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
 long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
                           uint64_t *sources, uint64_t *targets, long capacity);
 void hp_branch_index_free(struct hp_branch_index *ix);
+int hp_instruction_length(const uint8_t *code, size_t len, uint64_t address);
 long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
                           long capacity);
@@ -208,6 +210,12 @@ int hp_write_stopped(const struct hp_write *w, size_t n, char *err);
 /* Serialize every core running a thread of this process (membarrier). */
 void hp_sync_cores(void);
 
+/* --- unstopped.c --------------------------------------------------- */
+#define HP_UNSTOPPED_DONE 0
+#define HP_UNSTOPPED_NEEDS_STOP 1   /* nothing written */
+#define HP_UNSTOPPED_CHANGED 2      /* a write's bytes changed under it: the ones before made */
+int hp_write_unstopped(const struct hp_write *w, size_t n, size_t *failed);
+
 /* --- gotslot.c ----------------------------------------------------- */
 #define HP_GOT_STORED 0
 #define HP_GOT_CHANGED 1   /* the slot held something else: `found` */
@@ -299,6 +307,7 @@ extern int hp_nstopped;
 /* Counters of the stops, for the tree and the benchmarks. */
 struct hp_stop_stats {
     uint64_t stops, retries, stop_ns, hold_ns, hold_max_ns;
+    uint64_t unstopped;     /* batches written without a stop (unstopped.c) */
 };
 extern struct hp_stop_stats hp_stats;
 
@@ -307,7 +316,7 @@ int hp_stop_stack_round(struct hp_write *w, size_t n, const struct hp_store *sto
                         const struct hp_code_range *ranges, size_t nranges, int force,
                         uint64_t deadline_ns, struct hp_stack_hit *hit, char *err);
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
-                   uint64_t *hold_max_ns);
+                   uint64_t *hold_max_ns, uint64_t *unstopped);
 void hp_stop_after_fork(void);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
 

@@ -214,10 +214,11 @@ HP_RAW int hp_stop_stack_round(struct hp_write *w, size_t n, const struct hp_sto
 
 /* Stop counters since the process started (or forked): stops, stops
  * retried because a thread was inside the bytes, the time from asking for
- * a stop to letting the threads go, and how long threads were held while
- * the code was checked and written (total and longest). */
+ * a stop to letting the threads go, how long threads were held while the
+ * code was checked and written (total and longest), and the batches that
+ * needed no stop. */
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
-                   uint64_t *hold_max_ns)
+                   uint64_t *hold_max_ns, uint64_t *unstopped)
 {
     pthread_mutex_lock(&hp_lock);
     *stops = hp_stats.stops;
@@ -225,6 +226,7 @@ void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64
     *stop_ns = hp_stats.stop_ns;
     *hold_ns = hp_stats.hold_ns;
     *hold_max_ns = hp_stats.hold_max_ns;
+    *unstopped = hp_stats.unstopped;
     pthread_mutex_unlock(&hp_lock);
 }
 

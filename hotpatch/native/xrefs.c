@@ -473,6 +473,17 @@ static cs_insn *thread_decoder(csh *out)
     return insn;
 }
 
+/* The length of the instruction at the start of `code` (placed at
+ * `address`): 0 if it does not decode, -1 where capstone cannot be used. */
+int hp_instruction_length(const uint8_t *code, size_t len, uint64_t address)
+{
+    csh handle;
+    cs_insn *insn = thread_decoder(&handle);
+    if (!insn)
+        return -1;
+    return cs.disasm_iter(handle, &code, &len, &address, insn) ? (int)insn->size : 0;
+}
+
 /* Linear sweep of `code` (placed at `address`) that stops at the first byte
  * that does not start an instruction, or at the first instruction starting
  * at or after `stop`: the entry analysis's view of one function.  The end

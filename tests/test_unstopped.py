@@ -1,0 +1,202 @@
+"""Writes that need no stop (native/unstopped.c): one atomic store where the
+bytes replaced hold one instruction -- hotpatch's own jmp when an entry is
+restored or retargeted, an entry whose first instruction covers the write --
+and the stop for everything else: entries of several instructions, a write
+across a cache line, a process where the kernel refuses a writable and
+executable page (PR_SET_MDWE), and HOTPATCH_STOP=always.
+
+Every test runs in a child process with faulthandler's watchdog blocking
+every signal (conftest.run_child)."""
+import os
+
+import pytest
+
+from conftest import compile_library
+
+
+@pytest.fixture(scope="session")
+def unstopped_lib(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("unstopped"))
+    path = compile_library(
+        os.path.join(out, "libunstopped.so"),
+        ["targets/stopper.c", "targets/shapes.c", "targets/fentry.c", "targets/patchable.c",
+         "targets/unstopped.c"],
+        flags=["-pthread"],
+        per_source_flags={
+            "targets/fentry.c": ["-fno-pic", "-pg", "-mfentry", "-mnop-mcount"],
+            "targets/patchable.c": ["-fPIC", "-fpatchable-function-entry=5"],
+        })
+    return {"lib": path}
+
+
+PRELUDE = """
+import ctypes, os, time
+import capstone
+import hotpatch
+from hotpatch import Patch, Object, Func, sites
+lib = ctypes.CDLL(P["lib"])
+for _name in ["st_callers_stop", "st_callers_calls"]:
+    getattr(lib, _name).restype = ctypes.c_long
+OBJ = os.path.basename(P["lib"])
+def addr(name):
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+def call(name, x=7):
+    f = getattr(lib, name); f.restype = ctypes.c_long; f.argtypes = [ctypes.c_long]
+    return f(x)
+def counts():
+    s = hotpatch.tree()["core"]["stops"]
+    return s["count"], s["unstopped"]
+def took(action):
+    # (stops, batches written without one) that `action` took
+    before = counts()
+    action()
+    after = counts()
+    return after[0] - before[0], after[1] - before[1]
+def first_instruction(name):
+    # past an endbr64, where the site goes
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    insns = list(md.disasm(sites.read_memory(addr(name), 32), addr(name)))
+    if insns[0].mnemonic == "endbr64":
+        insns = insns[1:]
+    return insns[0].size
+"""
+
+
+def test_which_writes_need_no_stop(child, unstopped_lib):
+    r = child(PRELUDE + """
+NAMES = ("us_long_first", "fentry_nop", "patchable", "calls_other")
+out = {"shape": {n: first_instruction(n) for n in NAMES}}
+for name in NAMES:
+    p1 = hotpatch.register(Patch(name + "-1", [Object(OBJ, [Func(name, addr("replacement"))])]),
+                           enable=False)
+    p2 = hotpatch.register(Patch(name + "-2", [Object(OBJ, [Func(name, addr("replacement2"))])]),
+                           enable=False)
+    old = call(name)
+    steps = {"enable": took(lambda: hotpatch.enable(p1)), "patched": call(name),
+             "stack": took(lambda: hotpatch.enable(p2)), "stacked": call(name),
+             "unstack": took(lambda: hotpatch.disable(p2)), "unstacked": call(name),
+             "disable": took(lambda: hotpatch.disable(p1)), "restored": call(name) == old}
+    out[name] = steps
+report(out)
+""", **unstopped_lib)[0]
+    # The shapes this test relies on, as cc -O2 built them: a 7-byte load,
+    # -mnop-mcount's one 5-byte NOP, -fpatchable-function-entry's five 1-byte
+    # NOPs, a 4-byte sub then a call (9 bytes replaced).
+    shape = r["shape"]
+    assert shape["us_long_first"] >= 5 and shape["fentry_nop"] == 5, r
+    assert shape["patchable"] == 1 and shape["calls_other"] < 5, r
+    for name in ("us_long_first", "fentry_nop", "patchable", "calls_other"):
+        steps = r[name]
+        assert steps["patched"] == 1007 and steps["stacked"] == 2007, (name, steps)
+        assert steps["unstacked"] == 1007 and steps["restored"], (name, steps)
+        # a retarget and a restore replace hotpatch's own jmp: no stop
+        for step in ("stack", "unstack", "disable"):
+            assert steps[step] == [0, 1], (name, step, steps)
+    # the first instruction covers the write: no stop; several instructions: a stop
+    assert r["us_long_first"]["enable"] == [0, 1], r
+    assert r["fentry_nop"]["enable"] == [0, 1], r
+    assert r["patchable"]["enable"] == [1, 0], r
+    assert r["calls_other"]["enable"] == [1, 0], r
+
+
+def test_stop_always_sends_every_write_to_the_stop(child, unstopped_lib):
+    r = child(PRELUDE + """
+p = hotpatch.register(Patch("p", [Object(OBJ, [Func("us_long_first", addr("replacement"))])]),
+                      enable=False)
+report({"enable": took(lambda: hotpatch.enable(p)), "patched": call("us_long_first"),
+        "disable": took(lambda: hotpatch.disable(p)), "restored": call("us_long_first")})
+""", env={"HOTPATCH_STOP": "always"}, **unstopped_lib)[0]
+    assert r["enable"] == [1, 0] and r["disable"] == [1, 0], r
+    assert r["patched"] == 1007 and r["restored"] == 10, r
+
+
+def test_a_process_that_refuses_writable_code_gets_the_stop(child, unstopped_lib):
+    # PR_SET_MDWE: the kernel refuses to make an executable page writable,
+    # so the store's mprotect window cannot open; /proc/self/mem still writes.
+    r = child(PRELUDE + """
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+mdwe = libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0)
+p = hotpatch.register(Patch("p", [Object(OBJ, [Func("us_long_first", addr("replacement"))])]),
+                      enable=False)
+report({"mdwe": mdwe, "errno": ctypes.get_errno(),
+        "enable": took(lambda: hotpatch.enable(p)), "patched": call("us_long_first"),
+        "disable": took(lambda: hotpatch.disable(p)), "restored": call("us_long_first"),
+        "perms": sorted({line.split()[1] for line in open("/proc/self/maps")
+                         if "libunstopped" in line})})
+""", **unstopped_lib)[0]
+    assert r["mdwe"] == 0, r
+    assert r["enable"] == [1, 0] and r["disable"] == [1, 0], r
+    assert r["patched"] == 1007 and r["restored"] == 10, r
+    assert not any("w" in p and "x" in p for p in r["perms"]), r
+
+
+@pytest.mark.parametrize("offset, expected", [(0, [0, 1]), (57, [0, 1]), (58, [1, 0]), (60, [1, 0])])
+def test_a_write_across_a_cache_line_takes_the_stop(child, unstopped_lib, offset, expected):
+    # `mov rax, imm32` (7 bytes) + `add rax, rdi` + ret on an RWX page, at
+    # `offset` in its first cache line: the 7-byte write fits in one line at
+    # 0 and 56, not at 57 or 60, where no store of it is atomic.
+    r = child(PRELUDE + """
+libc = ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+page = libc.mmap(None, 4096, 7, 0x22, -1, 0)
+code = bytes([0x48, 0xc7, 0xc0, 0x05, 0, 0, 0, 0x48, 0x01, 0xf8, 0xc3]) + b"\\xcc" * 8
+at = page + P["offset"]
+ctypes.memmove(at, code, len(code))
+jit = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(at)
+site = sites.prepare(at, size=11)
+out = {"before": jit(7)}
+out["redirect"] = took(lambda: sites.redirect_batch([(site, addr("replacement"))]))
+out["patched"] = jit(7)
+out["restore"] = took(lambda: sites.restore(site))
+out.update(restored=jit(7), identical=sites.read_memory(at, len(code)) == code)
+report(out)
+""", offset=offset, **unstopped_lib)[0]
+    assert r["before"] == 12 and r["patched"] == 1007 and r["restored"] == 12, r
+    assert r["identical"], r
+    assert r["redirect"] == expected and r["restore"] == expected, r
+
+
+def test_callers_and_sleepers_through_unstopped_writes(child, unstopped_lib):
+    # Native callers that block every signal call the entry in a loop while
+    # it is patched, stacked and restored hundreds of times without a single
+    # stop: only old or new results; sleepers in read/poll/epoll/nanosleep/
+    # sem_timedwait finish their calls unaware (no EINTR, no short sleep).
+    r = child(PRELUDE + """
+name = "us_long_first"
+p1 = hotpatch.register(Patch("p1", [Object(OBJ, [Func(name, addr("replacement"))])]), enable=False)
+p2 = hotpatch.register(Patch("p2", [Object(OBJ, [Func(name, addr("replacement2"))])]), enable=False)
+before = sites.read_memory(addr(name), 16)
+lib.st_callers_start(ctypes.c_void_p(addr(name)), 2, (ctypes.c_long * 3)(10, 1007, 2007), 3, 1)
+lib.st_sleepers_start()
+time.sleep(0.02)
+stops0, unstopped0 = counts()
+t0 = time.monotonic()
+for i in range(P["cycles"]):
+    hotpatch.enable(p1)
+    if i % 3 == 0:
+        hotpatch.enable(p2)
+        hotpatch.disable(p2)
+    hotpatch.disable(p1)
+elapsed = time.monotonic() - t0
+stops1, unstopped1 = counts()
+total, a_bad = ctypes.c_long(), ctypes.c_long()
+bad = lib.st_callers_stop(ctypes.byref(total), ctypes.byref(a_bad))
+out = (ctypes.c_long * 25)()
+lib.st_sleepers_finish(out)
+report({"bad": bad, "a_bad": a_bad.value, "calls": total.value, "stops": stops1 - stops0,
+        "unstopped": unstopped1 - unstopped0, "elapsed": elapsed,
+        "sleepers": [list(out[k * 5:k * 5 + 4]) for k in range(5)],
+        "identical": sites.read_memory(addr(name), 16) == before, "final": call(name)})
+""", cycles=600, timeout=300, **unstopped_lib)[0]
+    assert r["bad"] == 0, r
+    assert r["calls"] > 10_000, r
+    assert r["stops"] == 0, r
+    assert r["unstopped"] == 600 * 2 + 200 * 2, r
+    assert r["identical"] and r["final"] == 10, r
+    read, poll, epoll, nano, sem = r["sleepers"]
+    for got, byte in ((read, "r"), (poll, "p"), (epoll, "e")):
+        assert got[0] == 1 and got[1] == 0 and got[2] == ord(byte), r
+    assert nano[0] == 0 and nano[3] >= 1_500_000_000, r
+    assert sem[0] == -1 and sem[1] == 110 and sem[3] >= 1_900_000_000, r    # ETIMEDOUT
