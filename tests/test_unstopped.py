@@ -200,3 +200,18 @@ report({"bad": bad, "a_bad": a_bad.value, "calls": total.value, "stops": stops1 
         assert got[0] == 1 and got[1] == 0 and got[2] == ord(byte), r
     assert nano[0] == 0 and nano[3] >= 1_500_000_000, r
     assert sem[0] == -1 and sem[1] == 110 and sem[3] >= 1_900_000_000, r    # ETIMEDOUT
+
+
+def test_the_first_patch_of_a_process_takes_no_stop_where_none_is_needed(child, unstopped_lib):
+    # The first register() also hooks the dynamic linker's r_brk function:
+    # `ret` and nops between functions, so its write needs no stop either.
+    r = child(PRELUDE + """
+from hotpatch import loader
+p = hotpatch.register(Patch("p", [Object(OBJ, [Func("us_long_first", addr("replacement"))])]))
+hook = loader._state["sites"]
+report({"stops": counts(), "patched": call("us_long_first"),
+        "hook": [sites.read_memory(s.entry, 1).hex() for s in hook],
+        "hook_first": [s.plan.original_bytes[:1].hex() for s in hook]})
+""", **unstopped_lib)[0]
+    assert r["hook_first"] == ["c3"] and r["hook"] == ["e9"], r
+    assert r["stops"] == [0, 2] and r["patched"] == 1007, r

@@ -188,6 +188,14 @@ static int check_batch(struct hp_write *w, size_t n, char *err)
     return 0;
 }
 
+/* HOTPATCH_STOP=always sends every batch to the stop, even one that needs
+ * none: to test the stop, and to rule out the other ways when diagnosing. */
+static int stop_always(void)
+{
+    const char *how = getenv("HOTPATCH_STOP");
+    return how && strcmp(how, "always") == 0;
+}
+
 /* The first `n` writes of a batch were made without a stop, then the next
  * one's bytes had changed: put them back.  The bytes they put there may be
  * several instructions (an entry restored), so this takes a stop. */
@@ -229,7 +237,7 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
         hp_read_mappings();  /* the protections the window gives back */
     uint64_t deadline = hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
     size_t failed = 0;
-    int rc = hp_write_unstopped(w, n, &failed);
+    int rc = stop_always() ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
     if (rc == HP_UNSTOPPED_DONE) {
         hp_stats.unstopped++;
     } else if (rc == HP_UNSTOPPED_CHANGED) {

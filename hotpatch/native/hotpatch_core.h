@@ -76,7 +76,10 @@ struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
 long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
                           uint64_t *sources, uint64_t *targets, long capacity);
 void hp_branch_index_free(struct hp_branch_index *ix);
-int hp_instruction_length(const uint8_t *code, size_t len, uint64_t address);
+#define HP_INSN_OTHER 0
+#define HP_INSN_LEAVES 1        /* never falls through: ret, jmp */
+#define HP_INSN_PADDING 2       /* nop, int3 */
+int hp_instruction_kind(const uint8_t *code, size_t len, uint64_t address, int *kind);
 long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
                           long capacity);

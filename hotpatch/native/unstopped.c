@@ -16,8 +16,9 @@
  *  - restoring an entry, or moving it to another target: the bytes there are
  *    hotpatch's `jmp rel32` and the int3 fill after it, which nothing jumps to;
  *  - patching an entry whose first instruction covers all the bytes written
- *    (a 5-byte NOP of -fpatchable-function-entry, a `sub $imm32, %rsp`, a
- *    rip-relative load...);
+ *    (-mnop-mcount's 5-byte NOP, a `sub $imm32, %rsp`, a rip-relative
+ *    load...), or is a ret or jmp followed by padding (the dynamic linker's
+ *    r_brk function, the loader hook's site, is `ret` and nops);
  *  - the bytes that change (a retarget changes only the jmp's displacement)
  *    fit one 8-byte store within a cache line, or one aligned 16-byte
  *    cmpxchg16b (a split locked store is not atomic for the instruction
@@ -30,8 +31,7 @@
  * next to its own for the microseconds of the batch and its own protection
  * back before the call returns.  Where the kernel refuses that
  * (PR_SET_MDWE, an SELinux execmod rule) the batch takes the stop, which
- * writes through /proc/self/mem.  HOTPATCH_STOP=always sends every batch to
- * the stop.
+ * writes through /proc/self/mem.
  */
 #include "hotpatch_core.h"
 
@@ -42,9 +42,6 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
-
-#define JMP_REL32 0xE9
-#define INT3 0xCC
 
 /* --- which writes qualify -------------------------------------------- */
 
@@ -90,31 +87,30 @@ HP_RAW static int write_word(const struct hp_write *w, uintptr_t *word)
 }
 
 /* Do the bytes at the write (`now`: 16 read from its address) hold one
- * instruction only, as far as any thread can be concerned? */
+ * instruction only, as far as any thread can be concerned?  Either the
+ * first instruction covers the write, or it never falls through (a ret, a
+ * jmp: hotpatch's own) and only padding follows it in the write (int3
+ * fill, nops between functions), which no thread runs: the entry analysis
+ * refused any branch landing there. */
 static int holds_one_instruction(const struct hp_write *w, const uint8_t *now)
 {
-    if (now[0] == JMP_REL32 && w->len >= 5) {
-        int fill = 1;
-        for (uint32_t k = 5; k < w->len; k++)
-            fill &= now[k] == INT3;
-        if (fill)
-            return 1;
+    int kind;
+    int at = hp_instruction_kind(now, 16, w->address, &kind);
+    if (at <= 0 || (at < (int)w->len && kind != HP_INSN_LEAVES))
+        return 0;
+    while (at < (int)w->len) {
+        int len = hp_instruction_kind(now + at, 16 - at, w->address + at, &kind);
+        if (len <= 0 || kind != HP_INSN_PADDING)
+            return 0;
+        at += len;
     }
-    return hp_instruction_length(now, 16, w->address) >= (int)w->len;
-}
-
-static int stop_always(void)
-{
-    const char *how = getenv("HOTPATCH_STOP");
-    return how && strcmp(how, "always") == 0;
+    return 1;
 }
 
 /* May the batch be written without a stop?  Its bytes must be there as
  * expected too: a mismatch goes to the stop path, which reports it. */
 static int batch_qualifies(const struct hp_write *w, size_t n)
 {
-    if (stop_always())
-        return 0;
     for (size_t i = 0; i < n; i++) {
         uint8_t now[16];
         uintptr_t word;

@@ -473,15 +473,24 @@ static cs_insn *thread_decoder(csh *out)
     return insn;
 }
 
-/* The length of the instruction at the start of `code` (placed at
- * `address`): 0 if it does not decode, -1 where capstone cannot be used. */
-int hp_instruction_length(const uint8_t *code, size_t len, uint64_t address)
+/* The instruction at the start of `code` (placed at `address`): its
+ * length (0 if it does not decode, -1 where capstone cannot be used) and
+ * in `*kind` whether it never falls through (ret, jmp) or is padding (nop,
+ * int3). */
+int hp_instruction_kind(const uint8_t *code, size_t len, uint64_t address, int *kind)
 {
     csh handle;
     cs_insn *insn = thread_decoder(&handle);
+    *kind = HP_INSN_OTHER;
     if (!insn)
         return -1;
-    return cs.disasm_iter(handle, &code, &len, &address, insn) ? (int)insn->size : 0;
+    if (!cs.disasm_iter(handle, &code, &len, &address, insn))
+        return 0;
+    if (insn->id == X86_INS_RET || insn->id == X86_INS_JMP)
+        *kind = HP_INSN_LEAVES;
+    else if (insn->id == X86_INS_NOP || insn->id == X86_INS_INT3)
+        *kind = HP_INSN_PADDING;
+    return (int)insn->size;
 }
 
 /* Linear sweep of `code` (placed at `address`) that stops at the first byte
