@@ -436,7 +436,10 @@ def stop_section(r: dict, images: str) -> str:
                 if m.get("first_us") else "—"])
     rep = r["repeats"]
     out = [head.rstrip("\n"), "",
-           "Every code write happens in a *stop*: every other thread of the process is held while "
+           "A code write that is not one atomic store of one instruction (a first patch of an entry "
+           "of several instructions) happens in a *stop*; this series sends every batch to one "
+           "(`HOTPATCH_STOP=always`), restores included, which need none otherwise. In a stop every "
+           "other thread of the process is held while "
            "the bytes are written, by a ptrace helper process (PTRACE_SEIZE + PTRACE_INTERRUPT of "
            "each thread, PTRACE_DETACH after; the default) or by parking each thread in a handler "
            "of SIGRTMAX-2 (`HOTPATCH_STOPPER=signals`, the fallback). `python -m benchmarks.stop` "
@@ -1103,7 +1106,11 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   plus, with 8 busy threads on 2 cores, the quiet window's own 15-40 ms.
   The verdict table of section 2d says, per step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more
-  with more busy threads than cores.** Every code write happens in a stop
+  with more busy threads than cores.** Restoring or retargeting an entry,
+  and a first patch of an entry whose first instruction covers the write
+  (15-16 % of libz's and libcrypto's functions), are one atomic store of
+  one instruction: no stop (`native/unstopped.c`). A first patch of an
+  entry of several instructions happens in a stop
   (section 2c): the ptrace helper or the signal stop holds every other thread
   while the bytes are written. Most of a stop is getting the threads stopped
   and letting them go, not the write. With more busy threads than cores each

@@ -28,6 +28,11 @@ In each child (``benchmarks/stop_threads.c``):
   threads go: no thread is held longer) and the *hold* (threads held while
   the code was checked and written).
 
+Since a restore (and a retarget) replaces hotpatch's own ``jmp`` and needs
+no stop (one atomic store, ``native/unstopped.c``), this series sends every
+batch to the stop (``HOTPATCH_STOP=always``): it measures the stoppers; the
+apply series shows the restore as it is.
+
 Apply latency is the wall time of ``sites.redirect_batch`` of 1 site and of
 1,000 sites (distinct ``-O2`` functions with generic prologues, generated C,
 prepared beforehand: the analysis is the apply series' subject), and of
@@ -213,6 +218,10 @@ class _Child:
     def batch(self, method: str, kind: str) -> dict:
         from hotpatch import sites
         os.environ["HOTPATCH_STOPPER"] = method     # putenv: the core reads it at each stop
+        # A restore replaces hotpatch's own jmp: one atomic store, no stop
+        # (native/unstopped.c).  This series measures the stoppers, so every
+        # batch is sent to the stop.
+        os.environ["HOTPATCH_STOP"] = "always"
         chosen = self.one if kind.endswith("1") else self.big
         before = self.core()["stops"]
         t0 = time.monotonic_ns()
