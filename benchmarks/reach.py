@@ -161,17 +161,20 @@ def _functions(fragment: str, limit: int | None):
 
 def _hotpatch_outcome(obj, functions) -> dict:
     from hotpatch import sites
+    from hotpatch._native import lib
     from hotpatch.errors import UnsafeToPatch
-    reasons = []
+    reasons, unstopped = [], 0
     for offset, size in functions:
         try:
-            sites.prepare(obj.base + offset, size=size, exec_ranges=obj.exec_ranges)
+            site = sites.prepare(obj.base + offset, size=size, exec_ranges=obj.exec_ranges)
             reasons.append(None)
+            # The C core's own rule (native/unstopped.c) for the entry write.
+            unstopped += not lib.hp_write_needs_stop(site.address, len(site.plan.original_bytes))
         except UnsafeToPatch as e:
             reasons.append(hotpatch_reason(str(e)))
         except Exception as e:     # not a refusal: a bug in hotpatch, counted apart
             reasons.append(f"error: {type(e).__name__}: {e}"[:120])
-    return _outcome(reasons)
+    return {**_outcome(reasons), "unstopped": unstopped}
 
 
 def _library_report(fragment: str, limit: int | None) -> dict:

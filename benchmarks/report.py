@@ -282,16 +282,19 @@ def reach_section(r: dict, images: str) -> str:
     rows = []
     for label, lib in r["libraries"].items():
         if "missing" in lib:
-            rows.append([label, "not installed: " + lib["missing"]] + [""] * 6)
+            rows.append([label, "not installed: " + lib["missing"]] + [""] * 7)
             continue
         hp = lib["hotpatch"]
         peers = [lib.get("frida_replace"), lib.get("frida_replaceFast")]
         best = max((p["ok"] for p in peers if p), default=None)
         verdict = "behind" if best is not None and hp["ok"] < best else ""
         rows.append([label, f"{lib['functions']:,} ({lib['symbols']}; {lib['ifuncs']} IFUNC)",
-                     _share(hp) + (f" **{verdict}**" if verdict else ""), _share(peers[0]),
+                     _share(hp) + (f" **{verdict}**" if verdict else ""),
+                     _share({"ok": hp["unstopped"], "total": hp["total"]})
+                     if "unstopped" in hp else "—", _share(peers[0]),
                      _share(peers[1]), _reasons(hp), _reasons(peers[0]), _reasons(peers[1])])
-    columns = ["library", "functions", "hotpatch", "Frida replace", "Frida replaceFast",
+    columns = ["library", "functions", "hotpatch", "hotpatch, first patch without a stop",
+               "Frida replace", "Frida replaceFast",
                "hotpatch refusals", "Frida replace refusals", "Frida replaceFast refusals"]
     sample = (f"an evenly spread sample of at most {r['limit']} functions per library"
               if r.get("limit") else "every sized function symbol")
@@ -301,7 +304,11 @@ def reach_section(r: dict, images: str) -> str:
            "`sites.prepare()` succeeds (full "
            "analysis and original stub; nothing written). Frida: `replace`/`replaceFast` succeed "
            "(reverted at once, in a throwaway process). Frida's only refusal message is generic; "
-           "the function's size is added to it.", "", table(columns, rows), ""]
+           "the function's size is added to it. *First patch without a stop*: the accepted "
+           "functions whose entry write the C core makes as one atomic store, holding no thread "
+           "(`native/unstopped.c`: the first instruction covers the write, or is a `ret`/`jmp` "
+           "followed by padding); the others take a stop of the other threads. Restoring and "
+           "retargeting never take one.", "", table(columns, rows), ""]
     if "skipped" in r.get("frida", {}):
         out.append(f"- {r['frida']['skipped']}")
     for line in r.get("failures", []):

@@ -218,6 +218,7 @@ void hp_sync_cores(void);
 #define HP_UNSTOPPED_NEEDS_STOP 1   /* nothing written */
 #define HP_UNSTOPPED_CHANGED 2      /* a write's bytes changed under it: the ones before made */
 int hp_write_unstopped(const struct hp_write *w, size_t n, size_t *failed);
+int hp_write_needs_stop(uintptr_t address, uint32_t len);
 
 /* --- gotslot.c ----------------------------------------------------- */
 #define HP_GOT_STORED 0

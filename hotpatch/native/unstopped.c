@@ -122,6 +122,19 @@ static int batch_qualifies(const struct hp_write *w, size_t n)
     return 1;
 }
 
+/* Would a write changing all of the `len` bytes at `address` (as a first
+ * patch of an entry does) need a stop?  1 if so: the benchmarks' count of
+ * which functions can be patched without one. */
+int hp_write_needs_stop(uintptr_t address, uint32_t len)
+{
+    struct hp_write w = { .address = address, .len = len };
+    if (len > sizeof w.old || hp_read_own(hp_gettid(), w.old, address, len) != (long)len)
+        return 1;
+    for (uint32_t k = 0; k < len; k++)
+        w.bytes[k] = (uint8_t)~w.old[k];
+    return !batch_qualifies(&w, 1);
+}
+
 /* --- the pages' protection --------------------------------------------- */
 
 /* PROCMAP_QUERY (Linux 6.11): one mapping's protection by ioctl on
