@@ -131,10 +131,11 @@ HP_RAW static int list_threads(int *tids, int max)
     return n;
 }
 
+/* Threads signalled in this stop; one found gone is kept as -tid. */
 static int was_signalled(int tid)
 {
     for (int i = 0; i < nsignalled; i++)
-        if (signalled[i] == tid)
+        if (signalled[i] == tid || signalled[i] == -tid)
             return 1;
     return 0;
 }
@@ -225,14 +226,37 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
     nsignalled = 0;
     __atomic_store_n(&parked, 0, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(&stop_gen, 1, __ATOMIC_SEQ_CST);
+    /* Signal every listed thread; then, while some have not parked, sleep
+     * until the next arrival.  The thread list is read again only once
+     * every thread signalled has parked (a thread started meanwhile is
+     * signalled then), and a thread's status only when no thread parked
+     * for a whole interval (to tell an exited thread or a zombie from a
+     * late one): a stop costs a system call or two per thread, not per
+     * thread and arrival. */
+    int check_status = 0;
     for (;;) {
         int arrived = __atomic_load_n(&arrivals, __ATOMIC_SEQ_CST), waiting = 0, late = 0;
-        n = list_threads(tids, HP_MAX_THREADS);
-        for (int i = 0; i < n; i++) {
-            int tid = tids[i];
-            if (tid == self)
+        for (int i = 0; i < nsignalled; i++) {
+            int tid = signalled[i];
+            if (tid <= 0 || parked_slot(tid) >= 0)
                 continue;
-            if (!was_signalled(tid)) {
+            if (check_status) {
+                hp_read_thread_status(pid, tid, &st);
+                if (!st.state || st.state == 'Z' || st.state == 'X') {
+                    signalled[i] = -tid;        /* gone: nothing to wait for */
+                    continue;
+                }
+            }
+            waiting++;
+            late = tid;
+        }
+        if (!waiting) {
+            int added = 0;
+            n = list_threads(tids, HP_MAX_THREADS);
+            for (int i = 0; i < n; i++) {
+                int tid = tids[i];
+                if (tid == self || was_signalled(tid))
+                    continue;
                 if (nsignalled == HP_MAX_THREADS) {
                     hp_signal_release();
                     hp_fmt_str(err, err + HP_ERRLEN, "too many threads");
@@ -240,18 +264,14 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
                 }
                 signalled[nsignalled++] = tid;
                 if (hp_sys(SYS_tgkill, pid, tid, park_signal) == -ESRCH)
-                    continue;   /* it exited */
+                    signalled[nsignalled - 1] = -tid;   /* it exited */
+                else
+                    added++;
             }
-            if (parked_slot(tid) < 0) {
-                hp_read_thread_status(pid, tid, &st);
-                if (st.state && st.state != 'Z' && st.state != 'X') {
-                    waiting++;
-                    late = tid;
-                }
-            }
+            if (!added)
+                break;      /* listed again and nothing new: every thread is parked */
+            continue;
         }
-        if (!waiting)
-            break;
         if (hp_now_ns() > deadline) {
             hp_signal_release();
             hp_read_thread_status(pid, late, &st);
@@ -259,12 +279,13 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
                           ? "blocks the park signal" : "did not park in time", why_not_ptrace);
         }
         /* Sleep until the next thread parks: the CPU goes to the threads
-         * that must run their handler. */
+         * that must run their handler.  An interval with no arrival: look
+         * at the stragglers' status next time round. */
         struct timespec interval = { 0, 1000000 };
-        futex(&arrivals, FUTEX_WAIT_PRIVATE, arrived, &interval);
+        check_status = futex(&arrivals, FUTEX_WAIT_PRIVATE, arrived, &interval) == -ETIMEDOUT;
     }
     for (int i = 0; i < nsignalled; i++) {
-        int slot = parked_slot(signalled[i]);
+        int slot = signalled[i] > 0 ? parked_slot(signalled[i]) : -1;
         if (slot >= 0 && hp_nstopped < HP_MAX_THREADS) {
             hp_stopped[hp_nstopped].tid = signalled[i];
             hp_stopped[hp_nstopped].pc = parked_at[slot].pc;
