@@ -136,7 +136,8 @@ def _ls_lines(tree: dict, names: dict) -> list[str]:
     if core:
         lines.append(f"core         {core.get('sites', 0)} sites redirected; code written through "
                      f"{core.get('code_writes')}, threads held by {stopper.get('method')}; "
-                     f"{core.get('stops', {}).get('count', 0)} stops")
+                     f"{core.get('stops', {}).get('count', 0)} stops, "
+                     f"{core.get('stops', {}).get('unstopped', 0)} writes without one")
     return lines
 
 
