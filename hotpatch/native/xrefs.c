@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include "hotpatch_core.h"
 
@@ -70,6 +71,7 @@ struct hp_branch_index {
 static struct {
     cs_err (*open)(cs_arch, cs_mode, csh *);
     cs_err (*close)(csh *);
+    cs_err (*option)(csh, cs_opt_type, size_t);
     cs_insn *(*malloc)(csh);
     bool (*disasm_iter)(csh, const uint8_t **, size_t *, uint64_t *, cs_insn *);
     void (*free)(cs_insn *, size_t);
@@ -90,10 +92,11 @@ int hp_capstone_load(const char *path, char *err)
         } else {
             cs.open = dlsym(lib, "cs_open");
             cs.close = dlsym(lib, "cs_close");
+            cs.option = dlsym(lib, "cs_option");
             cs.malloc = dlsym(lib, "cs_malloc");
             cs.free = dlsym(lib, "cs_free");
             cs.disasm_iter = dlsym(lib, "cs_disasm_iter");
-            if (!cs.open || !cs.close || !cs.malloc || !cs.free || !cs.disasm_iter) {
+            if (!cs.open || !cs.close || !cs.option || !cs.malloc || !cs.free || !cs.disasm_iter) {
                 snprintf(err, HP_ERRLEN, "%s lacks the cs_disasm_iter API", path);
                 memset(&cs, 0, sizeof cs);
                 rc = -1;
@@ -473,6 +476,39 @@ static cs_insn *thread_decoder(csh *out)
     return insn;
 }
 
+/* The same with operand details, for the few instructions whose operands
+ * matter (plan.c): a second handle, as details slow every decode. */
+static cs_insn *thread_detailed_decoder(csh *out)
+{
+    static __thread csh handle;
+    static __thread cs_insn *insn;
+
+    if (!insn) {
+        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
+            return NULL;
+        if (cs.option(handle, CS_OPT_DETAIL, CS_OPT_ON) != CS_ERR_OK
+                || !(insn = cs.malloc(handle))) {
+            cs.close(&handle);
+            return NULL;
+        }
+    }
+    *out = handle;
+    return insn;
+}
+
+/* The instruction at the start of `code` (placed at `address`) with its
+ * operand details, or NULL where it is undecodable or capstone cannot be
+ * used.  Valid until the next call in this thread. */
+const cs_insn *hp_decode_detailed(const uint8_t *code, size_t len, uint64_t address)
+{
+    csh handle;
+    cs_insn *insn = thread_detailed_decoder(&handle);
+
+    if (!insn || !cs.disasm_iter(handle, &code, &len, &address, insn))
+        return NULL;
+    return insn;
+}
+
 /* Linear sweep of `code` (placed at `address`) that stops at the first byte
  * that does not start an instruction, or at the first instruction starting
  * at or after `stop`: the entry analysis's view of one function.  The end
@@ -562,6 +598,38 @@ static void scan_function(csh handle, cs_insn *insn, const uint8_t *code, struct
     }
 }
 
+/* Read each entry's bytes to buf[offset, offset + len), HP_SCAN_UNMAPPED
+ * where they are not mapped: one process_vm_readv for up to READ_BATCH
+ * functions (a system call each was half the scan of a small function).
+ * The call stops at the first range it cannot read; that one is read alone
+ * to tell, and the batch goes on after it. */
+#define READ_BATCH 256
+static void read_entries(struct hp_entry_scan *scans, long n, uint8_t *buf)
+{
+    struct iovec local[READ_BATCH], remote[READ_BATCH];
+    long i = 0;
+
+    while (i < n) {
+        long k, done = 0, got;
+        for (k = 0; k < READ_BATCH && i + k < n; k++) {
+            local[k] = (struct iovec){ buf + scans[i + k].offset, scans[i + k].len };
+            remote[k] = (struct iovec){ (void *)(uintptr_t)scans[i + k].entry, scans[i + k].len };
+        }
+        got = hp_sys(SYS_process_vm_readv, hp_gettid(), local, k, remote, k, 0);
+        for (size_t left = got > 0 ? (size_t)got : 0;
+             done < k && left >= scans[i + done].len; done++) {
+            left -= scans[i + done].len;
+            scans[i + done].status = 0;
+        }
+        if (done < k) {
+            struct hp_entry_scan *s = &scans[i + done++];
+            s->status = hp_read_memory(s->entry, buf + s->offset, s->len) == (long)s->len
+                        ? 0 : HP_SCAN_UNMAPPED;
+        }
+        i += done;
+    }
+}
+
 /* Scan `n` entries.  Each one's bytes are buf[offset, offset + len): read
  * from this process's memory at `entry` first when `read` is set (status
  * HP_SCAN_UNMAPPED where they are not mapped).  `stop` = 0: the function's
@@ -574,16 +642,17 @@ long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read
 
     if (!insn)
         return -1;
+    if (read)
+        read_entries(scans, n, buf);
     for (long i = 0; i < n; i++) {
         struct hp_entry_scan *s = &scans[i];
         uint8_t *code = buf + s->offset;
         s->nhead = s->nbranches = 0;
         s->decoded_end = s->entry;
-        if (read && hp_read_memory(s->entry, code, s->len) != (long)s->len) {
-            s->status = HP_SCAN_UNMAPPED;
+        if (!read)
+            s->status = 0;
+        if (s->status)
             continue;
-        }
-        s->status = 0;
         s->address = s->len >= sizeof endbr64 && !memcmp(code, endbr64, sizeof endbr64)
                      ? s->entry + sizeof endbr64 : s->entry;
         scan_function(handle, insn, code, s);
