@@ -200,8 +200,8 @@ struct hp_code_block {
     uint64_t address, size;
 };
 long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long nranges,
-                     struct hp_branch_index *ix, int place,
-                     struct hp_code_block *free_blocks, size_t nfree);
+                     int place, struct hp_code_block *free_blocks, size_t nfree);
+long hp_plan_branched_into(struct hp_plan *plans, long n, struct hp_branch_index *ix);
 struct hp_entry_change {
     uint64_t address;
     uint8_t old_op;

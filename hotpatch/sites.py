@@ -33,8 +33,8 @@ from ._native import ffi, lib
 from .errors import HotpatchError, TransitionError, UnsafeToPatch
 from .x86_64 import encode
 from .x86_64.entry import (EntryPlan, analyze_entries, analyze_entry, build_original,
-                           native_plan_batch, native_results, original_stub_size_bound,
-                           run_native_plans)
+                           check_native_branches_into, native_plan_batch, native_results,
+                           original_stub_size_bound, run_native_plans)
 
 FORMS = ("direct", "slot", "call")
 
@@ -264,8 +264,9 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
     in one call (``native/plan.c``); the other functions, and every refusal,
     are planned by :mod:`hotpatch.x86_64.entry` as :func:`prepare` does,
     their bytes read and decoded in one call too.  ``branch_index``: the
-    object's :class:`~hotpatch.x86_64.xrefs.BranchIndex`, which lets the C
-    core answer what ``branches_into`` answers.  For each function, its site
+    callable returning the object's :class:`~hotpatch.x86_64.xrefs.BranchIndex`
+    (called only where a plan needs it), which lets the C core answer what
+    ``branches_into`` answers.  For each function, its site
     or the error refusing it: the caller decides whether one refusal fails
     the batch."""
     with _lock.operation(f"prepare a batch of {len(functions)} sites"):
@@ -296,15 +297,19 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
     stubs written by the C core; None for the functions left to Python."""
     batch = native_plan_batch(wanted)
     free = ffi.new("struct hp_code_block[]", _free_code or 1)
-    run_native_plans(batch, len(wanted), exec_ranges, branch_index, 1, free, len(_free_code))
+    several = run_native_plans(batch, len(wanted), exec_ranges, 1, free, len(_free_code))
     if _free_code:
         _free_code[:] = [(block.address, block.size) for block in free[0:len(_free_code)]
                          if block.size]
+    # Branches from elsewhere into the replaced bytes: the index in C, else
+    # the Python question per plan.
+    ask = several and branches_into is not None and branch_index is None
+    if several and branch_index is not None:
+        check_native_branches_into(batch, len(wanted), branch_index())
     made: list = []
     for status, plan, stub, stub_size in native_results(batch, len(wanted)):
         if status == _PLAN_OK:
-            if (branches_into is not None and branch_index is None
-                    and not plan.single_instruction and _foreign_branch_into(branches_into, plan)):
+            if ask and not plan.single_instruction and _foreign_branch_into(branches_into, plan):
                 _free_code.append((stub, stub_size))    # Python refuses it, in its words
                 made.append(None)
                 continue
@@ -452,14 +457,19 @@ def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
     sites, forms, targets, rows = [], [], [], []
     for site, target in redirects:
         target = int(target)
-        new_form = _choose_form(site, target, form)
+        plan = site.plan
+        if site.form is None and form is None:
+            # A first install, most of a batch: direct where the target is in reach.
+            new_form = "direct" if encode.in_reach(plan.address, target) else "slot"
+            now = (0, 0)
+        else:
+            new_form = _choose_form(site, target, form)
+            now = _entry_instruction(site, site.form, site.target)
         if new_form == "slot":
             _ensure_slot(site)
         elif new_form == "call":
             _ensure_call(site)
-        plan = site.plan
-        rows.append((plan.address, *_entry_instruction(site, site.form, site.target),
-                     *_entry_instruction(site, new_form, target), plan.length,
+        rows.append((plan.address, *now, *_entry_instruction(site, new_form, target), plan.length,
                      plan.original_bytes))
         sites.append(site)
         forms.append(new_form)

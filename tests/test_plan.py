@@ -208,7 +208,7 @@ for path in P["paths"]:
     compare(asked, functions, obj, into)
     sites.forget([s for s in asked if isinstance(s, sites.Site)])
     indexed = sites.prepare_batch(functions, exec_ranges=obj.exec_ranges, branches_into=into,
-                                  branch_index=symbols._branch_index(obj, obj.base))
+                                  branch_index=lambda: symbols.branch_index(obj))
     compare(indexed, functions, obj, into)
     sites.forget([s for s in indexed if isinstance(s, sites.Site)])
 # The stubs of forgotten sites are the next batch's.

@@ -132,8 +132,8 @@ struct hp_code_block {
     uint64_t address, size;
 };
 long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long nranges,
-                     struct hp_branch_index *ix, int place,
-                     struct hp_code_block *free_blocks, size_t nfree);
+                     int place, struct hp_code_block *free_blocks, size_t nfree);
+long hp_plan_branched_into(struct hp_plan *plans, long n, struct hp_branch_index *ix);
 /* One site of a batch of entry writes: what is at its entry now and what
  * it gets, each `op` (0xE9 jmp, 0xE8 call) rel32 to `to`, or its original
  * bytes where op is 0. */

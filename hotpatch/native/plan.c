@@ -264,7 +264,7 @@ static int encode_stub(struct hp_plan *plan, const struct insn *insns, int n)
 /* entry.py's _plan() for one scanned function, where its shape is one of
  * this file's: 1 with the plan and the stub's size bound filled, else 0. */
 static int plan_one(struct hp_plan *plan, const struct hp_entry_scan *s, const uint8_t *code,
-                    uint64_t segment_end, struct hp_branch_index *ix, struct insn *insns)
+                    uint64_t segment_end, struct insn *insns)
 {
     uint64_t entry = plan->entry, address = s->address, want = address + JMP_REL32;
     uint64_t function_end = plan->size ? entry + plan->size : 0, covered = address;
@@ -320,16 +320,6 @@ static int plan_one(struct hp_plan *plan, const struct hp_entry_scan *s, const u
     plan->falls_through = can_fall_through(&insns[n - 1]);
     plan->ninsns = (uint8_t)n;
     memcpy(plan->original, code + (address - entry), plan->length);
-    /* _check_no_foreign_branch_into(), from the object's index */
-    if (ix && !plan->single_instruction) {
-        uint64_t sources[HP_SCAN_BRANCHES], targets[HP_SCAN_BRANCHES];
-        long found = hp_branch_index_into(ix, lo + 1, hi, sources, targets, HP_SCAN_BRANCHES);
-        if (found < 0 || found > HP_SCAN_BRANCHES)
-            return 0;
-        for (long k = 0; k < found; k++)
-            if (!(sources[k] >= lo && sources[k] < hi))
-                return 0;
-    }
     /* original_stub_size_bound() */
     unsigned bound = plan->endbr ? sizeof endbr64 : 0;
     for (int k = 0; k < n; k++)
@@ -398,21 +388,24 @@ static int append_run(struct run *r, const struct hp_plan *plan, long k)
 /*
  * Plan the `n` functions plans[i].entry (plans[i].size bytes, 0: unknown).
  * `ranges` are the [lo, hi) pairs of the object's executable segments
- * (nranges 0: not checked); `ix`, when not NULL, the object's branch index
- * (branches from elsewhere into the replaced bytes).  Where `place` is set,
- * each stub is put in pool memory within reach (a block of `free_blocks`
- * first: the one taken gets size 0) and written, by runs of adjacent blocks;
- * else it is encoded for the address the caller put in plans[i].stub.
- * Each plan's status: HP_PLAN_OK, HP_PLAN_PYTHON (Python plans it: its
- * stub, if one was taken, is plans[i].stub of plans[i].stub_size bytes,
- * unused) or HP_PLAN_UNWRITTEN (its stub could not be written).  Returns 0,
- * or -1 where capstone cannot be used or memory is short.
+ * (nranges 0: not checked).  Where `place` is set, each stub is put in pool
+ * memory within reach (a block of `free_blocks` first: the one taken gets
+ * size 0) and written, by runs of adjacent blocks; else it is encoded for
+ * the address the caller put in plans[i].stub.  Each plan's status:
+ * HP_PLAN_OK, HP_PLAN_PYTHON (Python plans it: its stub, if one was taken,
+ * is plans[i].stub of plans[i].stub_size bytes, unused) or
+ * HP_PLAN_UNWRITTEN (its stub could not be written).  Branches from
+ * elsewhere in the object into the replaced bytes are not looked for here
+ * (hp_plan_branched_into): returns how many planned functions replace more
+ * than one instruction, which need that, or -1 where capstone cannot be
+ * used or memory is short.
  */
 long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long nranges,
-                     struct hp_branch_index *ix, int place,
-                     struct hp_code_block *free_blocks, size_t nfree)
+                     int place, struct hp_code_block *free_blocks, size_t nfree)
 {
-    struct hp_entry_scan *scans = malloc(CHUNK * sizeof *scans);
+    /* A scan is 2 KiB: as many as a chunk needs, not a whole chunk's for a
+     * batch of one (its page faults would cost more than planning it). */
+    struct hp_entry_scan *scans = malloc((n < CHUNK ? (n ? n : 1) : CHUNK) * sizeof *scans);
     uint8_t *buf = NULL;
     size_t buf_room = 0;
     uint64_t segment_ends[CHUNK];
@@ -461,7 +454,7 @@ long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long
         for (long c = 0; c < count; c++) {
             struct hp_plan *plan = &plans[sized[c]];
             if (scans[c].status || !plan_one(plan, &scans[c], buf + scans[c].offset,
-                                             segment_ends[c], ix, insns))
+                                             segment_ends[c], insns))
                 continue;
             if (!place) {
                 if (encode_stub(plan, insns, plan->ninsns))
@@ -482,11 +475,37 @@ long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long
     }
     flush_run(&run, plans, n);
     rc = 0;
+    for (long i = 0; i < n; i++)
+        rc += plans[i].status == HP_PLAN_OK && !plans[i].single_instruction;
 out:
     free(run.code);
     free(buf);
     free(scans);
     return rc;
+}
+
+/* entry.py's _check_no_foreign_branch_into() for the planned functions of a
+ * batch, from the object's branch index: a plan into whose replaced bytes
+ * a branch from elsewhere lands is left to Python (HP_PLAN_PYTHON, its
+ * stub unused), which refuses it in its words.  (One replaced instruction
+ * cannot be entered in its middle by real code.)  Returns 0, or -1 out of
+ * memory. */
+long hp_plan_branched_into(struct hp_plan *plans, long n, struct hp_branch_index *ix)
+{
+    for (long i = 0; i < n; i++) {
+        struct hp_plan *plan = &plans[i];
+        uint64_t lo = plan->address, hi = lo + plan->length;
+        uint64_t sources[HP_SCAN_BRANCHES], targets[HP_SCAN_BRANCHES];
+        if (plan->status != HP_PLAN_OK || plan->single_instruction)
+            continue;
+        long found = hp_branch_index_into(ix, lo + 1, hi, sources, targets, HP_SCAN_BRANCHES);
+        if (found < 0)
+            return -1;
+        for (long k = 0; k < found; k++)
+            if (k >= HP_SCAN_BRANCHES || !(sources[k] >= lo && sources[k] < hi))
+                plan->status = HP_PLAN_PYTHON;
+    }
+    return 0;
 }
 
 /* ---- the entry writes of a batch ------------------------------------- */

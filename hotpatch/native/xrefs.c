@@ -370,16 +370,32 @@ oom:
     return NULL;
 }
 
+/* The regions a query collects branches from: each once, listed (walking
+ * every region of the object per query cost more than the query). */
+struct wanted {
+    uint8_t *seen;              /* one bit a region */
+    size_t *list, n, room;
+};
+
 /* Decode (once) the region holding the candidate opcode at `opcode`, and
  * mark it for collection; and the region before where the instruction's
  * prefixes may begin there (an instruction across a symbol's start). */
-static int want_region(struct hp_branch_index *ix, uintptr_t opcode, uint8_t *wanted)
+static int want_region(struct hp_branch_index *ix, uintptr_t opcode, struct wanted *w)
 {
     size_t last = region_of(ix, opcode), first = region_of(ix, opcode - 14);
     for (size_t r = first <= last ? first : last; r <= last; r++) {
         if (!ix->regions[r].decoded && decode_region(ix, r))
             return -1;
-        wanted[r / 8] |= 1 << (r % 8);
+        if (w->seen[r / 8] & (1 << (r % 8)))
+            continue;
+        if (w->n == w->room) {
+            size_t *more = realloc(w->list, (w->room = w->room ? 2 * w->room : 16) * sizeof *more);
+            if (!more)
+                return -1;
+            w->list = more;
+        }
+        w->seen[r / 8] |= 1 << (r % 8);
+        w->list[w->n++] = r;
     }
     return 0;
 }
@@ -398,12 +414,12 @@ static int by_target(const void *a, const void *b)
 long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
                           uint64_t *sources, uint64_t *targets, long capacity)
 {
-    uint8_t *wanted = calloc(ix->nregions / 8 + 1, 1);
+    struct wanted wanted = { calloc(ix->nregions / 8 + 1, 1), NULL, 0, 0 };
     struct branch *found = NULL;
     size_t nfound = 0, room = 0;
     long rc = -1;
 
-    if (!wanted)
+    if (!wanted.seen)
         return -1;
     pthread_mutex_lock(&ix->lock);
     for (int i = 0; i < ix->nsegments; i++) {
@@ -415,7 +431,7 @@ long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi
         for (size_t bucket = (a - s->lo) >> BUCKET_SHIFT;
              bucket <= (b - 1 - s->lo) >> BUCKET_SHIFT; bucket++)
             for (uint32_t k = s->bucket_start[bucket]; k < s->bucket_start[bucket + 1]; k++)
-                if (want_region(ix, s->lo + s->candidates[k], wanted))
+                if (want_region(ix, s->lo + s->candidates[k], &wanted))
                     goto out;
         /* rel8 and rel16 candidates: only within reach of [a, b) */
         size_t from = a - s->lo > REL8_REACH ? a - s->lo - REL8_REACH : 0;
@@ -423,12 +439,11 @@ long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi
         for (size_t k = from; k < to; k++)
             if (((rel8_target(s, k, &t) && a <= t && t < b)
                  || (rel16_target(s, k, &t) && a <= t && t < b))
-                && want_region(ix, s->lo + k, wanted))
+                && want_region(ix, s->lo + k, &wanted))
                 goto out;
     }
-    for (size_t r = 0; r < ix->nregions; r++) {
-        if (!(wanted[r / 8] & (1 << (r % 8))))
-            continue;
+    for (size_t w = 0; w < wanted.n; w++) {
+        size_t r = wanted.list[w];
         for (uint32_t k = 0; k < ix->regions[r].n; k++) {
             struct branch br = ix->regions[r].branches[k];
             if (br.target < lo || br.target >= hi)
@@ -451,7 +466,8 @@ long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi
 out:
     pthread_mutex_unlock(&ix->lock);
     free(found);
-    free(wanted);
+    free(wanted.list);
+    free(wanted.seen);
     return rc;
 }
 

@@ -30,8 +30,9 @@ from .decode import (EntryScan, Instruction, decode, described, function_branche
 from .encode import JMP_REL32_SIZE
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
-__all__ = ["EntryPlan", "analyze_entries", "analyze_entry", "build_original", "native_plans",
-           "original_stub_size_bound"]
+__all__ = ["EntryPlan", "analyze_entries", "analyze_entry", "build_original",
+           "check_native_branches_into", "native_plans", "native_results", "original_stub_size_bound",
+           "run_native_plans"]
 
 ENDBR64 = b"\xf3\x0f\x1e\xfa"
 # endbr64, the 5 bytes replaced, and the rest of an instruction of at most
@@ -201,28 +202,40 @@ def native_plans(functions: Sequence[tuple[int, int | None]], stubs: Sequence[in
                  branch_index=None) -> list[tuple[EntryPlan, bytes, int] | None]:
     """For each ``(entry, size)`` of this process, the plan the C core makes,
     the code of its original stub at the matching address of ``stubs``
-    (nothing allocated or written) and the stub's size bound, or None where the shape is left to
-    :func:`analyze_entry` (or refused).  ``branch_index``: a
-    :class:`~hotpatch.x86_64.xrefs.BranchIndex` of the object, for branches
-    from elsewhere into the replaced bytes.  For comparing the C core's
-    plans and stubs with :func:`analyze_entry` and :func:`build_original`."""
+    (nothing allocated or written) and the stub's size bound, or None where
+    the shape is left to :func:`analyze_entry` (or refused).
+    ``branch_index``: a :class:`~hotpatch.x86_64.xrefs.BranchIndex` of the
+    object, for branches from elsewhere into the replaced bytes.  For
+    comparing the C core's plans and stubs with :func:`analyze_entry` and
+    :func:`build_original`."""
     batch = native_plan_batch(functions, stubs)
-    run_native_plans(batch, len(functions), exec_ranges, branch_index, 0, ffi.NULL, 0)
+    if run_native_plans(batch, len(functions), exec_ranges, 0, ffi.NULL, 0) and branch_index:
+        check_native_branches_into(batch, len(functions), branch_index)
     return [(plan, ffi.buffer(batch[i].code, batch[i].code_len)[:], stub_size)
             if status == lib.HP_PLAN_OK else None
             for i, (status, plan, _, stub_size) in enumerate(native_results(batch, len(functions)))]
 
 
-def run_native_plans(batch, n: int, exec_ranges, branch_index, place: int, free_blocks,
-                     nfree: int) -> None:
+def run_native_plans(batch, n: int, exec_ranges, place: int, free_blocks, nfree: int) -> int:
     """Plan the ``n`` functions of ``batch`` in the C core (``hp_plan_entries``):
     with ``place`` set it also puts each stub in pool memory (a block of
     ``free_blocks`` first) and writes it; else each is encoded for the stub
-    address of its request."""
-    handle = branch_index._handle if branch_index is not None else ffi.NULL
-    if lib.hp_plan_entries(batch, n, native_plan_ranges(exec_ranges), len(exec_ranges), handle,
-                           place, free_blocks, nfree) < 0:
+    address of its request.  Returns how many plans replace more than one
+    instruction: branches from elsewhere into them are still to be ruled
+    out (:func:`check_native_branches_into`, or ``branches_into``)."""
+    count = lib.hp_plan_entries(batch, n, native_plan_ranges(exec_ranges), len(exec_ranges),
+                                place, free_blocks, nfree)
+    if count < 0:
         raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
+    return count
+
+
+def check_native_branches_into(batch, n: int, branch_index) -> None:
+    """Leave to Python the plans of ``batch`` into whose replaced bytes a
+    branch from elsewhere in the object lands (``branch_index``: the
+    object's :class:`~hotpatch.x86_64.xrefs.BranchIndex`)."""
+    if lib.hp_plan_branched_into(batch, n, branch_index._handle) < 0:
+        raise MemoryError("indexing branches")
 
 
 def _window(entry: int, size: int | None,
