@@ -59,7 +59,7 @@ _free_code: list[tuple[int, int]] = []    # (address, size)
 _free_slots: list[object] = []            # uint64_t *
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Site:
     """A function entry that hotpatch redirects (or did, and may again)."""
 
