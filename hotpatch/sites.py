@@ -305,7 +305,13 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
     # the Python question per plan.
     ask = several and branches_into is not None and branch_index is None
     if several and branch_index is not None:
-        check_native_branches_into(batch, len(wanted), branch_index())
+        try:
+            check_native_branches_into(batch, len(wanted), branch_index())
+        except BaseException:
+            # No site was made: the stubs written are free again.
+            _free_code.extend((b.stub, b.stub_size) for b in batch[0:len(wanted)]
+                              if b.stub and b.status != _PLAN_UNWRITTEN)
+            raise
     made: list = []
     for status, plan, stub, stub_size in native_results(batch, len(wanted)):
         if status == _PLAN_OK:

@@ -228,3 +228,29 @@ report(out)
 def _batch_paths(corpus):
     """A compiled object, a test target object and libc and libz."""
     return [corpus[1], corpus[len(PLAN_FLAGS)], *corpus[-len(LIBRARIES):]]
+
+
+def test_a_failing_index_leaves_no_site_and_frees_the_stubs(child, corpus):
+    """Where the object's branch index cannot be had, prepare_batch fails as
+    the Python question would, makes no site and gives its stubs back."""
+    r = child(PRELUDE + """
+from hotpatch.errors import HotpatchError
+ctypes.CDLL(P["path"])
+obj = symbols.find_object(P["path"])
+functions = [(obj.base + offset, size) for offset, size in P["functions"]]
+def no_index():
+    raise HotpatchError("no symbols to index")
+try:
+    sites.prepare_batch(functions, exec_ranges=obj.exec_ranges, branch_index=no_index)
+    out = {"raised": None}
+except HotpatchError as e:
+    out = {"raised": str(e)}
+out["sites"] = len(sites._sites)
+out["freed"] = len(sites._free_code)
+made = sites.prepare_batch(functions, exec_ranges=obj.exec_ranges)
+out["reused"] = len(sites._free_code)
+out["made"] = sum(isinstance(s, sites.Site) for s in made)
+report(out)
+""", path=corpus[0], functions=_functions(corpus[0]))[0]
+    assert r["raised"] == "no symbols to index" and r["sites"] == 0, r
+    assert r["freed"] > 0 and r["reused"] < r["freed"] and r["made"] > 0, r
