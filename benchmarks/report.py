@@ -1072,18 +1072,21 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   while a site has observers. Two things would close the rest: a per-site
   thunk in place of the shared table lookup, and saving only what an observer
   needs.
-- **Apply is 10-13x Frida's `replace` per function from 100 to 10,000
-  functions with no busy thread, but 1,000 sites take 16 ms, not 10, and
-  one site is behind.**  The plans and original stubs of the common entry
-  shapes are built by one call of the C core per batch (`native/plan.c`:
-  Python keeps the rare shapes and the wording of refusals;
-  `tests/test_plan.py` checks both agree, stub byte for byte), and the
-  entry writes of a batch by another.  What remains per function: the C
-  scan (about 4 µs, most of it capstone's sweep of the whole function),
-  about 4 µs of Python (reading the plans back, the records) and the write
-  (about 3 µs, in the stop); at 10,000 functions Python's collector adds a
-  third.  A single site is dominated by fixed costs and the stop (the
-  write column; with busy threads, waiting for CPUs): Frida writes without
+- **Apply is more than 10x Frida's `replace` per function at 10,000
+  functions, not yet at 1 or 100, and 1,000 sites take about 15 ms, not
+  10.**  The plans and original stubs of the common entry shapes are built
+  by one call of the C core per batch (`native/plan.c`: Python keeps the
+  rare shapes and the wording of refusals; `tests/test_plan.py` checks that
+  both agree, stub byte for byte), and the entry writes of a batch by
+  another.  What remains per function: the C scan (about 4 µs, most of it
+  capstone's sweep of the whole function), about 4 µs of Python (reading
+  the plans back, the records) and the write (about 3 µs, in the stop); at
+  10,000 functions Python's collector adds a third.  A batch also has fixed
+  costs of a few hundred µs (reading the object's ranges, the stop, caches
+  cold after the previous stop), which dominate 1 to 100 functions and
+  vary from run to run on this shared machine: the 100-function prepare
+  took 1-4 ms.  A single site is dominated by them and the stop (the write
+  column; with busy threads, waiting for CPUs): Frida writes without
   stopping anything.
 - **What the service feels (section 2d).**  Enabling or disabling one
   function stalls nothing measurable idle.  Loading a C patch module keeps
