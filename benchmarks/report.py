@@ -1082,19 +1082,22 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   while a site has observers. Two things would close the rest: a per-site
   thunk in place of the shared table lookup, and saving only what an observer
   needs.
-- **Apply is 2-4.4x Frida's `replace` per function from 100 to 10,000
-  functions, not 10x.**  The entry analysis of a batch is one call of the C
-  core (`hp_scan_entries`: every function read and swept once by
-  capstone's C library), the original stubs are written by runs of adjacent
-  pool blocks, and the records are named tuples; what remains per function
-  is Python building the plan, the stub, the site and the change (67-74 µs
-  a function with no busy thread in this run, the machine's load average at
-  8-10 on 2 cores; 37-41 µs in quieter moments).  10x Frida needs about a
-  tenth of Frida's 210-240 µs here.  Closing it means the plan and the stub
-  of the common prologue built in C as well, with Python keeping the rare
-  shapes and the wording of refusals.  A single site is dominated by fixed
-  costs and the stop (the write column; with busy threads, waiting for
-  CPUs): Frida writes without stopping anything.
+- **Apply is more than 10x Frida's `replace` per function at 10,000
+  functions, not yet at 1 or 100, and 1,000 sites take about 15 ms, not
+  10.**  The plans and original stubs of the common entry shapes are built
+  by one call of the C core per batch (`native/plan.c`: Python keeps the
+  rare shapes and the wording of refusals; `tests/test_plan.py` checks that
+  both agree, stub byte for byte), and the entry writes of a batch by
+  another.  What remains per function: the C scan (about 4 µs, most of it
+  capstone's sweep of the whole function), about 4 µs of Python (reading
+  the plans back, the records) and the write (about 3 µs, in the stop); at
+  10,000 functions Python's collector adds a third.  A batch also has fixed
+  costs of a few hundred µs (reading the object's ranges, the stop, caches
+  cold after the previous stop), which dominate 1 to 100 functions and
+  vary from run to run on this shared machine: the 100-function prepare
+  took 1-4 ms.  A single site is dominated by them and the stop (the write
+  column; with busy threads, waiting for CPUs): Frida writes without
+  stopping anything.
 - **What the service feels (section 2d).**  Enabling or disabling one
   function stalls nothing measurable idle.  Loading a C patch module keeps
   idle Python threads waiting under 5 ms (3-4 ms, from 6-10), importing the

@@ -182,6 +182,38 @@ struct hp_entry_scan {
     struct hp_scanned_branch branches[16];
 };
 long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read);
+#define HP_PLAN_OK ...
+#define HP_PLAN_PYTHON ...
+#define HP_PLAN_UNWRITTEN ...
+struct hp_plan {
+    uint64_t entry, size;
+    uint64_t stub;
+    uint64_t address;
+    int32_t status;
+    uint32_t length;
+    uint32_t stub_size;
+    uint32_t code_len;
+    uint8_t endbr, single_instruction, falls_through, ninsns;
+    uint8_t original[24];
+    uint8_t code[128];
+};
+struct hp_code_block {
+    uint64_t address, size;
+};
+long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long nranges,
+                     int place, struct hp_code_block *free_blocks, size_t nfree);
+long hp_plan_branched_into(struct hp_plan *plans, long n, struct hp_branch_index *ix);
+struct hp_entry_change {
+    uint64_t address;
+    uint8_t old_op;
+    uint64_t old_to;
+    uint8_t new_op;
+    uint64_t new_to;
+    uint32_t length;
+    uint8_t original[24];
+};
+long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_write *w,
+                     uint8_t *rewritten);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);
 extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 
@@ -222,7 +254,7 @@ CDEF += _patch_module_declarations()
 _native = os.path.join(_here, "native")
 SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "unstopped.c", "gotslot.c", "stop.c", "check.c", "unwind.c",
            "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c", "xrefs.c",
-           "modload.c"]
+           "plan.c", "modload.c"]
 
 
 def _capstone_include() -> str:

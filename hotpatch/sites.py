@@ -33,7 +33,8 @@ from ._native import ffi, lib
 from .errors import HotpatchError, TransitionError, UnsafeToPatch
 from .x86_64 import encode
 from .x86_64.entry import (EntryPlan, analyze_entries, analyze_entry, build_original,
-                           original_stub_size_bound)
+                           check_native_branches_into, native_plan_batch, native_results,
+                           original_stub_size_bound, run_native_plans)
 
 FORMS = ("direct", "slot", "call")
 
@@ -58,7 +59,7 @@ _free_code: list[tuple[int, int]] = []    # (address, size)
 _free_slots: list[object] = []            # uint64_t *
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Site:
     """A function entry that hotpatch redirects (or did, and may again)."""
 
@@ -67,10 +68,6 @@ class Site:
     original: int                  # address that runs the old code
     form: str | None = None        # current form, None while not installed
     target: int | None = None      # where calls go now, None while not installed
-    #: the bytes hotpatch wrote at the entry (None while not installed): what a
-    #: later write expects to find there, so that code changed since -- the
-    #: object unloaded, another one mapped at its address -- is never overwritten
-    written: bytes | None = field(default=None, repr=False)
     _slot: object = field(default=None, repr=False)        # uint64_t * (slot form)
     _trampoline: int = field(default=0, repr=False)         # jmp [rip+d] (slot form)
     _call_site: object = field(default=None, repr=False)    # struct hp_call_site *
@@ -79,6 +76,14 @@ class Site:
     @property
     def installed(self) -> bool:
         return self.form is not None
+
+    @property
+    def written(self) -> bytes | None:
+        """The bytes hotpatch wrote at the entry (None while not installed):
+        what a later write expects to find there, so that code changed since
+        -- the object unloaded, another one mapped at its address -- is never
+        overwritten.  They follow from the form and target alone."""
+        return _entry_bytes(self, self.form, self.target) if self.form is not None else None
 
     @property
     def address(self) -> int:
@@ -203,6 +208,8 @@ def _new_original_stubs(plans: Sequence[EntryPlan]) -> list[int | HotpatchError]
     return stubs
 
 
+_PLAN_OK, _PLAN_UNWRITTEN = lib.HP_PLAN_OK, lib.HP_PLAN_UNWRITTEN
+
 #: pool.c rounds every code block up to this.
 _POOL_ALIGN = 16
 
@@ -250,11 +257,18 @@ def _prepare(entry: int, *, size: int | None = None,
 
 def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
                   exec_ranges: Sequence[tuple[int, int]] | None = None,
-                  fentry_targets=(), branches_into=None) -> list[Site | HotpatchError]:
-    """:func:`prepare` for each ``(entry, size)``, the bytes of the whole
-    batch read and decoded in one call of the C core (per function that was
-    most of the cost).  For each, its site or the error refusing it: the
-    caller decides whether one refusal fails the batch."""
+                  fentry_targets=(), branches_into=None,
+                  branch_index=None) -> list[Site | HotpatchError]:
+    """:func:`prepare` for each ``(entry, size)``.  The C core plans the
+    common entry shapes of the whole batch and writes their original stubs
+    in one call (``native/plan.c``); the other functions, and every refusal,
+    are planned by :mod:`hotpatch.x86_64.entry` as :func:`prepare` does,
+    their bytes read and decoded in one call too.  ``branch_index``: the
+    callable returning the object's :class:`~hotpatch.x86_64.xrefs.BranchIndex`
+    (called only where a plan needs it), which lets the C core answer what
+    ``branches_into`` answers.  For each function, its site
+    or the error refusing it: the caller decides whether one refusal fails
+    the batch."""
     with _lock.operation(f"prepare a batch of {len(functions)} sites"):
         if exec_ranges is None:
             exec_ranges = executable_ranges()
@@ -265,19 +279,80 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
             if results[i] is None:
                 todo.setdefault(entry, []).append(i)
         wanted = [functions[indexes[0]] for indexes in todo.values()]
-        plans = analyze_entries(wanted, exec_ranges=exec_ranges, fentry_targets=fentry_targets,
-                                branches_into=branches_into)
-        good = [p for p in plans if not isinstance(p, HotpatchError)]
-        stubs = dict(zip(map(id, good), _new_original_stubs(good)))
-        for (entry, _), plan, indexes in zip(wanted, plans, todo.values()):
-            result = plan
-            if not isinstance(plan, HotpatchError):
-                result = stubs[id(plan)]
-                if not isinstance(result, HotpatchError):
-                    result = _sites[entry] = Site(entry=entry, plan=plan, original=result)
+        made = _prepare_natively(wanted, exec_ranges, branches_into, branch_index)
+        rest = [k for k, site in enumerate(made) if site is None]
+        if rest:
+            for k, site in zip(rest, _prepare_in_python([wanted[k] for k in rest], exec_ranges,
+                                                        fentry_targets, branches_into)):
+                made[k] = site
+        for site, indexes in zip(made, todo.values()):
             for i in indexes:
-                results[i] = result
+                results[i] = site
         return results
+
+
+def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, branches_into,
+                      branch_index) -> list[Site | HotpatchError | None]:
+    """The sites of the common shapes among ``wanted``, planned and their
+    stubs written by the C core; None for the functions left to Python."""
+    batch = native_plan_batch(wanted)
+    free = ffi.new("struct hp_code_block[]", _free_code or 1)
+    several = run_native_plans(batch, len(wanted), exec_ranges, 1, free, len(_free_code))
+    if _free_code:
+        _free_code[:] = [(block.address, block.size) for block in free[0:len(_free_code)]
+                         if block.size]
+    # Branches from elsewhere into the replaced bytes: the index in C, else
+    # the Python question per plan.
+    ask = several and branches_into is not None and branch_index is None
+    if several and branch_index is not None:
+        try:
+            check_native_branches_into(batch, len(wanted), branch_index())
+        except BaseException:
+            # No site was made: the stubs written are free again.
+            _free_code.extend((b.stub, b.stub_size) for b in batch[0:len(wanted)]
+                              if b.stub and b.status != _PLAN_UNWRITTEN)
+            raise
+    made: list = []
+    for status, plan, stub, stub_size in native_results(batch, len(wanted)):
+        if status == _PLAN_OK:
+            if ask and not plan.single_instruction and _foreign_branch_into(branches_into, plan):
+                _free_code.append((stub, stub_size))    # Python refuses it, in its words
+                made.append(None)
+                continue
+            site = _sites[plan.entry] = Site(plan.entry, plan, stub)
+            made.append(site)
+        elif status == _PLAN_UNWRITTEN:
+            made.append(HotpatchError(f"{plan.entry:#x}: cannot write the original stub at "
+                                      f"{stub:#x}"))
+        else:
+            if stub:
+                _free_code.append((stub, stub_size))    # taken, then left to Python
+            made.append(None)
+    return made
+
+
+def _foreign_branch_into(branches_into, plan: EntryPlan) -> bool:
+    lo, hi = plan.address, plan.address + plan.length
+    return any(not lo <= source < hi for source, _, _ in branches_into(lo + 1, hi))
+
+
+def _prepare_in_python(wanted: Sequence[tuple[int, int | None]], exec_ranges, fentry_targets,
+                       branches_into) -> list[Site | HotpatchError]:
+    """The sites of ``wanted`` planned by :mod:`hotpatch.x86_64.entry`, the
+    bytes of all of them read and decoded in one call of the C core."""
+    plans = analyze_entries(wanted, exec_ranges=exec_ranges, fentry_targets=fentry_targets,
+                            branches_into=branches_into)
+    good = [p for p in plans if not isinstance(p, HotpatchError)]
+    stubs = dict(zip(map(id, good), _new_original_stubs(good)))
+    made = []
+    for (entry, _), plan in zip(wanted, plans):
+        result = plan
+        if not isinstance(plan, HotpatchError):
+            result = stubs[id(plan)]
+            if not isinstance(result, HotpatchError):
+                result = _sites[entry] = Site(entry=entry, plan=plan, original=result)
+        made.append(result)
+    return made
 
 
 # ---------------------------------------------------------------------------
@@ -320,46 +395,109 @@ def _ensure_call(site: Site) -> None:
         site._call_site, site._caller = call_site, caller
 
 
-def _pad(site: Site, instruction: bytes) -> bytes:
-    """The instruction followed by int3s up to the replaced length: no thread
-    ever runs those bytes, and one that jumped there would stop loudly."""
-    return instruction + b"\xcc" * (site.plan.length - len(instruction))
+# The instruction a form puts at the entry: (opcode, destination) of a rel32
+# jmp or call; (0, 0) stands for the site's original bytes.
+_JMP_REL32, _CALL_REL32 = 0xE9, 0xE8
 
 
-def _entry_instruction(site: Site, form: str, target: int) -> bytes:
-    """The redirecting instruction at the entry."""
+def _entry_instruction(site: Site, form: str | None, target: int | None) -> tuple[int, int]:
+    """``(opcode, destination)`` of the instruction ``form`` writes at the entry."""
+    if form is None:
+        return 0, 0
     if form == "direct":
-        return encode.jmp_rel32(site.address, target)
+        return _JMP_REL32, target
     if form == "slot":
-        return encode.jmp_rel32(site.address, site._trampoline)
-    return encode.call_rel32(site.address, site._caller)
+        return _JMP_REL32, site._trampoline
+    return _CALL_REL32, site._caller
+
+
+def _entry_bytes(site: Site, form: str | None, target: int | None) -> bytes:
+    """The bytes ``form`` puts at the entry: the redirecting instruction
+    followed by int3s up to the replaced length (no thread ever runs those
+    bytes, and one that jumped there would stop loudly), or the original
+    bytes."""
+    op, to = _entry_instruction(site, form, target)
+    if not op:
+        return site.plan.original_bytes
+    at = site.address
+    instruction = (encode.jmp_rel32(at, to) if op == _JMP_REL32 else encode.call_rel32(at, to))
+    return instruction + b"\xcc" * (site.plan.length - len(instruction))
 
 
 # ---------------------------------------------------------------------------
 # Writing batches
 
 
-@dataclass
-class _Change:
-    """One site's part of a batch: the entry write (if any) and the
-    retargeting stores done after it."""
+class _Changes:
+    """A batch: what each site becomes (its form and target; None for a
+    restore), and the entry writes that make it, built by the C core in one
+    call (``hp_entry_writes``: most sites of a batch only need a ``jmp``
+    encoded)."""
 
-    site: Site
-    form: str | None
-    target: int | None
-    write: tuple | None = None     # (old bytes, new bytes)
+    __slots__ = ("sites", "forms", "targets", "writes", "count", "rewritten", "retargets")
+
+    def __init__(self, sites: list[Site], forms: list, targets: list, rows: list[tuple]) -> None:
+        self.sites, self.forms, self.targets = sites, forms, targets
+        n = len(rows)
+        changes = ffi.new("struct hp_entry_change[]", rows or 1)
+        self.writes = ffi.new("struct hp_write[]", n or 1)
+        rewritten = ffi.new("uint8_t[]", n or 1)
+        self.count = lib.hp_entry_writes(changes, n, self.writes, rewritten)
+        if self.count < 0:
+            raise HotpatchError("an entry write of this batch does not fit hotpatch's writes "
+                                "(a site replacing more than 16 bytes, or a target out of reach)")
+        #: whether each change writes its entry (bytes, one per change)
+        self.rewritten = ffi.buffer(rewritten, n)[:]
+        #: indexes of the changes that end in the slot or call form
+        self.retargets = [i for i, f in enumerate(forms) if f == "slot" or f == "call"] \
+            if _forms_with_targets.intersection(forms) else []
 
 
-def _batch(changes: list[_Change]):
+_forms_with_targets = frozenset(("slot", "call"))
+
+
+def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site],
+                  form: str | None) -> _Changes:
+    """The batch that sends each ``(site, target)`` of ``redirects`` to its
+    target and restores each site of ``restores``."""
+    sites, forms, targets, rows = [], [], [], []
+    for site, target in redirects:
+        target = int(target)
+        plan = site.plan
+        if site.form is None and form is None:
+            # A first install, most of a batch: direct where the target is in reach.
+            new_form = "direct" if encode.in_reach(plan.address, target) else "slot"
+            now = (0, 0)
+        else:
+            new_form = _choose_form(site, target, form)
+            now = _entry_instruction(site, site.form, site.target)
+        if new_form == "slot":
+            _ensure_slot(site)
+        elif new_form == "call":
+            _ensure_call(site)
+        rows.append((plan.address, *now, *_entry_instruction(site, new_form, target), plan.length,
+                     plan.original_bytes))
+        sites.append(site)
+        forms.append(new_form)
+        targets.append(target)
+    for site in restores:
+        if not site.installed:
+            raise HotpatchError(f"{site.entry:#x}: site is not installed")
+        plan = site.plan
+        rows.append((plan.address, *_entry_instruction(site, site.form, site.target), 0, 0,
+                     plan.length, plan.original_bytes))
+        sites.append(site)
+        forms.append(None)
+        targets.append(None)
+    return _Changes(sites, forms, targets, rows)
+
+
+def _batch(changes: _Changes):
     """The ``struct hp_write[]`` of the changes that write code, and its length."""
-    # (address, old, bytes, len): cffi fills the array from the list in one
-    # call, five times faster than field by field.
-    writes = [(c.site.address, c.write[0], c.write[1], len(c.write[1]))
-              for c in changes if c.write is not None]
-    return ffi.new("struct hp_write[]", writes or 1), len(writes)
+    return changes.writes, changes.count
 
 
-def _write(changes: list[_Change], unreachable=None) -> None:
+def _write(changes: _Changes, unreachable=None) -> None:
     batch, count = _batch(changes)
     if not count:
         return
@@ -373,29 +511,16 @@ def _write(changes: list[_Change], unreachable=None) -> None:
         raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
 
 
-def _store_targets(changes: list[_Change]) -> None:
-    for change in changes:
-        site = change.site
-        if change.form == "slot":
-            lib.hp_store_slot(site._slot, change.target)
-        elif change.form == "call":
-            lib.hp_call_site_set_target(site._call_site, change.target)
-
-
-def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
-    """The change that makes ``site`` send calls to ``target``."""
-    form = _choose_form(site, target, form)
-    if form == "slot":
-        _ensure_slot(site)
-    elif form == "call":
-        _ensure_call(site)
-    change = _Change(site, form, target)
-    new = _pad(site, _entry_instruction(site, form, target))
-    if not site.installed:
-        change.write = (site.plan.original_bytes, new)
-    elif site.written != new:    # the form or a direct target changed: one instruction rewritten
-        change.write = (site.written, new)
-    return change
+def _store_targets(changes: _Changes, rewritten: bool) -> None:
+    """The slot and call targets of the changes that write their entry
+    (``rewritten``) or of those that do not."""
+    for i in changes.retargets:
+        if (changes.rewritten[i] != 0) == rewritten:
+            site, target = changes.sites[i], changes.targets[i]
+            if changes.forms[i] == "slot":
+                lib.hp_store_slot(site._slot, target)
+            else:
+                lib.hp_call_site_set_target(site._call_site, target)
 
 
 # The writer of the batch in progress for an object still being loaded (see
@@ -403,60 +528,54 @@ def _plan_redirect(site: Site, target: int, form: str | None) -> _Change:
 _unreachable = None
 
 
-def _target_stores(changes: list[_Change]) -> list[tuple[object, int]]:
-    """``(uint64_t *, value)`` of the retargets, for a stop to make."""
+def _target_stores(changes: _Changes) -> list[tuple[object, int]]:
+    """``(uint64_t *, value)`` of the retargets that write no code, for a
+    stop to make."""
     stores = []
-    for change in changes:
-        if change.form == "slot":
-            stores.append((change.site._slot, change.target))
-        elif change.form == "call":
-            stores.append((lib.hp_call_site_target_slot(change.site._call_site), change.target))
+    for i in changes.retargets:
+        if not changes.rewritten[i]:
+            site, target = changes.sites[i], changes.targets[i]
+            if changes.forms[i] == "slot":
+                stores.append((site._slot, target))
+            else:
+                stores.append((lib.hp_call_site_target_slot(site._call_site), target))
     return stores
 
 
-def _record(changes: list[_Change]) -> None:
+def _record(changes: _Changes) -> None:
     """The sites as the batch left them."""
-    for change in changes:
-        change.site.form, change.site.target = change.form, change.target
-        if change.write is not None:
-            change.site.written = change.write[1] if change.form else None
+    for site, form, target in zip(changes.sites, changes.forms, changes.targets):
+        site.form, site.target = form, target
 
 
-def _commit(changes: list[_Change]) -> None:
+def _commit(changes: _Changes) -> None:
     # A slot or call target is set before an entry starts to point at it;
     # where the entry already does, the store is the whole retarget, and it
     # waits until every write of the batch has succeeded.
-    rewritten = [c for c in changes if c.write is not None]
-    _store_targets(rewritten)
+    _store_targets(changes, rewritten=True)
     _write(changes, _unreachable)
-    _store_targets([c for c in changes if c.write is None])
+    _store_targets(changes, rewritten=False)
     _record(changes)
 
 
-def _commit_in_transition(changes: list[_Change], transition) -> None:
+def _commit_in_transition(changes: _Changes, transition) -> None:
     # As _commit, but the retargets that need no code write are made in the
     # transition's stop itself: they take code away from running threads as
     # a write does.
-    rewritten = [c for c in changes if c.write is not None]
-    _store_targets(rewritten)
-    transition.write(*_batch(changes), _target_stores([c for c in changes if c.write is None]))
+    _store_targets(changes, rewritten=True)
+    transition.write(*_batch(changes), _target_stores(changes))
     _record(changes)
 
 
 def _unique(sites: Sequence[Site]) -> None:
+    entries = [site.entry for site in sites]
+    if len(set(entries)) == len(entries):
+        return
     seen = set()
-    for site in sites:
-        if site.entry in seen:
-            raise HotpatchError(f"{site.entry:#x} appears twice in one batch")
-        seen.add(site.entry)
-
-
-def _plan_restore(site: Site) -> _Change:
-    if not site.installed:
-        raise HotpatchError(f"{site.entry:#x}: site is not installed")
-    change = _Change(site, None, None)
-    change.write = (site.written, site.plan.original_bytes)
-    return change
+    for entry in entries:
+        if entry in seen:
+            raise HotpatchError(f"{entry:#x} appears twice in one batch")
+        seen.add(entry)
 
 
 def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[Site] = (),
@@ -479,8 +598,7 @@ def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[
 def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site],
                   form: str | None, unreachable=None, transition=None) -> None:
     _unique([site for site, _ in redirects] + list(restores))
-    changes = [_plan_redirect(site, int(target), form) for site, target in redirects]
-    changes += [_plan_restore(site) for site in restores]
+    changes = _plan_changes(redirects, restores, form)
     # Late arrivals in a restored call path must reach the old code too.
     for site in restores:
         if site.form == "call":
@@ -556,7 +674,7 @@ def forget(sites: Sequence[Site]) -> None:
             if site._slot is not None:
                 _free_code.append((site._trampoline, encode.JMP_RIP_INDIRECT_SIZE))
                 _free_slots.append(site._slot)
-            site.form = site.target = site.written = None
+            site.form = site.target = None
             site._slot, site._trampoline = None, 0
 
 

@@ -389,6 +389,12 @@ def branches_into(obj: LoadedObject, lo: int, hi: int) -> list[tuple[int, str, i
             for source, text, target in _branch_index(obj, lo).into(lo, hi)]
 
 
+def branch_index(obj: LoadedObject):
+    """The index of the direct branches of ``obj`` (see :func:`branches_into`),
+    built on first need and kept."""
+    return _branch_index(obj, obj.base)
+
+
 def _branch_index(obj: LoadedObject, lo: int):
     index = _branch_indexes.get(obj)
     if index is None:

@@ -17,6 +17,7 @@
  *   crash.c       the crash report of a live-patched process
  *   loader.c      the loader hook: COMING/GOING events from the dynamic linker
  *   xrefs.c       the direct branches landing in a range (capstone's C library)
+ *   plan.c        the plans and original stubs of a batch's common entries
  *   shadow.c      shadow variables, and the table patch modules call the core through
  *
  * Policy (what to patch, the bytes, the stacks of patches) lives in Python.
@@ -110,6 +111,49 @@ struct hp_entry_scan {
     struct hp_scanned_branch branches[HP_SCAN_BRANCHES];
 };
 long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read);
+struct cs_insn;
+const struct cs_insn *hp_decode_detailed(const uint8_t *code, size_t len, uint64_t address);
+
+/* --- plan.c -------------------------------------------------------- */
+#define HP_PLAN_OK 0
+#define HP_PLAN_PYTHON 1        /* not a shape plan.c handles: Python plans it */
+#define HP_PLAN_UNWRITTEN 2     /* planned, but its stub could not be written */
+#define HP_PLAN_MAX_INSNS 8
+#define HP_PLAN_MAX_REPLACED 24 /* a plan replaces at most 5 + 14 bytes */
+#define HP_PLAN_MAX_STUB 128    /* endbr64, 5 instructions in their far forms, jmp back */
+struct hp_plan {
+    uint64_t entry, size;       /* in: the function, its size (0: unknown) */
+    uint64_t stub;              /* in (not placed) or out: the stub's address */
+    uint64_t address;           /* out: where the site goes */
+    int32_t status;
+    uint32_t length;            /* bytes replaced at address */
+    uint32_t stub_size;         /* entry.py's original_stub_size_bound() */
+    uint32_t code_len;
+    uint8_t endbr, single_instruction, falls_through, ninsns;
+    uint8_t original[HP_PLAN_MAX_REPLACED];
+    uint8_t code[HP_PLAN_MAX_STUB];
+};
+struct hp_code_block {
+    uint64_t address, size;
+};
+long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long nranges,
+                     int place, struct hp_code_block *free_blocks, size_t nfree);
+long hp_plan_branched_into(struct hp_plan *plans, long n, struct hp_branch_index *ix);
+/* One site of a batch of entry writes: what is at its entry now and what
+ * it gets, each `op` (0xE9 jmp, 0xE8 call) rel32 to `to`, or its original
+ * bytes where op is 0. */
+struct hp_entry_change {
+    uint64_t address;
+    uint8_t old_op;
+    uint64_t old_to;
+    uint8_t new_op;
+    uint64_t new_to;
+    uint32_t length;
+    uint8_t original[HP_PLAN_MAX_REPLACED];
+};
+struct hp_write;
+long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_write *w,
+                     uint8_t *rewritten);
 
 /* --- maps.c -------------------------------------------------------- */
 #define HP_MAX_MAPPINGS 65536

@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include "hotpatch_core.h"
 
@@ -70,6 +71,7 @@ struct hp_branch_index {
 static struct {
     cs_err (*open)(cs_arch, cs_mode, csh *);
     cs_err (*close)(csh *);
+    cs_err (*option)(csh, cs_opt_type, size_t);
     cs_insn *(*malloc)(csh);
     bool (*disasm_iter)(csh, const uint8_t **, size_t *, uint64_t *, cs_insn *);
     void (*free)(cs_insn *, size_t);
@@ -90,10 +92,11 @@ int hp_capstone_load(const char *path, char *err)
         } else {
             cs.open = dlsym(lib, "cs_open");
             cs.close = dlsym(lib, "cs_close");
+            cs.option = dlsym(lib, "cs_option");
             cs.malloc = dlsym(lib, "cs_malloc");
             cs.free = dlsym(lib, "cs_free");
             cs.disasm_iter = dlsym(lib, "cs_disasm_iter");
-            if (!cs.open || !cs.close || !cs.malloc || !cs.free || !cs.disasm_iter) {
+            if (!cs.open || !cs.close || !cs.option || !cs.malloc || !cs.free || !cs.disasm_iter) {
                 snprintf(err, HP_ERRLEN, "%s lacks the cs_disasm_iter API", path);
                 memset(&cs, 0, sizeof cs);
                 rc = -1;
@@ -367,16 +370,32 @@ oom:
     return NULL;
 }
 
+/* The regions a query collects branches from: each once, listed (walking
+ * every region of the object per query cost more than the query). */
+struct wanted {
+    uint8_t *seen;              /* one bit a region */
+    size_t *list, n, room;
+};
+
 /* Decode (once) the region holding the candidate opcode at `opcode`, and
  * mark it for collection; and the region before where the instruction's
  * prefixes may begin there (an instruction across a symbol's start). */
-static int want_region(struct hp_branch_index *ix, uintptr_t opcode, uint8_t *wanted)
+static int want_region(struct hp_branch_index *ix, uintptr_t opcode, struct wanted *w)
 {
     size_t last = region_of(ix, opcode), first = region_of(ix, opcode - 14);
     for (size_t r = first <= last ? first : last; r <= last; r++) {
         if (!ix->regions[r].decoded && decode_region(ix, r))
             return -1;
-        wanted[r / 8] |= 1 << (r % 8);
+        if (w->seen[r / 8] & (1 << (r % 8)))
+            continue;
+        if (w->n == w->room) {
+            size_t *more = realloc(w->list, (w->room = w->room ? 2 * w->room : 16) * sizeof *more);
+            if (!more)
+                return -1;
+            w->list = more;
+        }
+        w->seen[r / 8] |= 1 << (r % 8);
+        w->list[w->n++] = r;
     }
     return 0;
 }
@@ -395,12 +414,12 @@ static int by_target(const void *a, const void *b)
 long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
                           uint64_t *sources, uint64_t *targets, long capacity)
 {
-    uint8_t *wanted = calloc(ix->nregions / 8 + 1, 1);
+    struct wanted wanted = { calloc(ix->nregions / 8 + 1, 1), NULL, 0, 0 };
     struct branch *found = NULL;
     size_t nfound = 0, room = 0;
     long rc = -1;
 
-    if (!wanted)
+    if (!wanted.seen)
         return -1;
     pthread_mutex_lock(&ix->lock);
     for (int i = 0; i < ix->nsegments; i++) {
@@ -412,7 +431,7 @@ long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi
         for (size_t bucket = (a - s->lo) >> BUCKET_SHIFT;
              bucket <= (b - 1 - s->lo) >> BUCKET_SHIFT; bucket++)
             for (uint32_t k = s->bucket_start[bucket]; k < s->bucket_start[bucket + 1]; k++)
-                if (want_region(ix, s->lo + s->candidates[k], wanted))
+                if (want_region(ix, s->lo + s->candidates[k], &wanted))
                     goto out;
         /* rel8 and rel16 candidates: only within reach of [a, b) */
         size_t from = a - s->lo > REL8_REACH ? a - s->lo - REL8_REACH : 0;
@@ -420,12 +439,11 @@ long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi
         for (size_t k = from; k < to; k++)
             if (((rel8_target(s, k, &t) && a <= t && t < b)
                  || (rel16_target(s, k, &t) && a <= t && t < b))
-                && want_region(ix, s->lo + k, wanted))
+                && want_region(ix, s->lo + k, &wanted))
                 goto out;
     }
-    for (size_t r = 0; r < ix->nregions; r++) {
-        if (!(wanted[r / 8] & (1 << (r % 8))))
-            continue;
+    for (size_t w = 0; w < wanted.n; w++) {
+        size_t r = wanted.list[w];
         for (uint32_t k = 0; k < ix->regions[r].n; k++) {
             struct branch br = ix->regions[r].branches[k];
             if (br.target < lo || br.target >= hi)
@@ -448,7 +466,8 @@ long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi
 out:
     pthread_mutex_unlock(&ix->lock);
     free(found);
-    free(wanted);
+    free(wanted.list);
+    free(wanted.seen);
     return rc;
 }
 
@@ -491,6 +510,39 @@ int hp_instruction_kind(const uint8_t *code, size_t len, uint64_t address, int *
     else if (insn->id == X86_INS_NOP || insn->id == X86_INS_INT3)
         *kind = HP_INSN_PADDING;
     return (int)insn->size;
+}
+
+/* The same with operand details, for the few instructions whose operands
+ * matter (plan.c): a second handle, as details slow every decode. */
+static cs_insn *thread_detailed_decoder(csh *out)
+{
+    static __thread csh handle;
+    static __thread cs_insn *insn;
+
+    if (!insn) {
+        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
+            return NULL;
+        if (cs.option(handle, CS_OPT_DETAIL, CS_OPT_ON) != CS_ERR_OK
+                || !(insn = cs.malloc(handle))) {
+            cs.close(&handle);
+            return NULL;
+        }
+    }
+    *out = handle;
+    return insn;
+}
+
+/* The instruction at the start of `code` (placed at `address`) with its
+ * operand details, or NULL where it is undecodable or capstone cannot be
+ * used.  Valid until the next call in this thread. */
+const cs_insn *hp_decode_detailed(const uint8_t *code, size_t len, uint64_t address)
+{
+    csh handle;
+    cs_insn *insn = thread_detailed_decoder(&handle);
+
+    if (!insn || !cs.disasm_iter(handle, &code, &len, &address, insn))
+        return NULL;
+    return insn;
 }
 
 /* Linear sweep of `code` (placed at `address`) that stops at the first byte
@@ -582,6 +634,38 @@ static void scan_function(csh handle, cs_insn *insn, const uint8_t *code, struct
     }
 }
 
+/* Read each entry's bytes to buf[offset, offset + len), HP_SCAN_UNMAPPED
+ * where they are not mapped: one process_vm_readv for up to READ_BATCH
+ * functions (a system call each was half the scan of a small function).
+ * The call stops at the first range it cannot read; that one is read alone
+ * to tell, and the batch goes on after it. */
+#define READ_BATCH 256
+static void read_entries(struct hp_entry_scan *scans, long n, uint8_t *buf)
+{
+    struct iovec local[READ_BATCH], remote[READ_BATCH];
+    long i = 0;
+
+    while (i < n) {
+        long k, done = 0, got;
+        for (k = 0; k < READ_BATCH && i + k < n; k++) {
+            local[k] = (struct iovec){ buf + scans[i + k].offset, scans[i + k].len };
+            remote[k] = (struct iovec){ (void *)(uintptr_t)scans[i + k].entry, scans[i + k].len };
+        }
+        got = hp_sys(SYS_process_vm_readv, hp_gettid(), local, k, remote, k, 0);
+        for (size_t left = got > 0 ? (size_t)got : 0;
+             done < k && left >= scans[i + done].len; done++) {
+            left -= scans[i + done].len;
+            scans[i + done].status = 0;
+        }
+        if (done < k) {
+            struct hp_entry_scan *s = &scans[i + done++];
+            s->status = hp_read_memory(s->entry, buf + s->offset, s->len) == (long)s->len
+                        ? 0 : HP_SCAN_UNMAPPED;
+        }
+        i += done;
+    }
+}
+
 /* Scan `n` entries.  Each one's bytes are buf[offset, offset + len): read
  * from this process's memory at `entry` first when `read` is set (status
  * HP_SCAN_UNMAPPED where they are not mapped).  `stop` = 0: the function's
@@ -594,16 +678,17 @@ long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read
 
     if (!insn)
         return -1;
+    if (read)
+        read_entries(scans, n, buf);
     for (long i = 0; i < n; i++) {
         struct hp_entry_scan *s = &scans[i];
         uint8_t *code = buf + s->offset;
         s->nhead = s->nbranches = 0;
         s->decoded_end = s->entry;
-        if (read && hp_read_memory(s->entry, code, s->len) != (long)s->len) {
-            s->status = HP_SCAN_UNMAPPED;
+        if (!read)
+            s->status = 0;
+        if (s->status)
             continue;
-        }
-        s->status = 0;
         s->address = s->len >= sizeof endbr64 && !memcmp(code, endbr64, sizeof endbr64)
                      ? s->entry + sizeof endbr64 : s->entry;
         scan_function(handle, insn, code, s);

@@ -19,17 +19,20 @@ told apart from the next function.  Branches from outside the function (a
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Container, Iterable, Sequence
-from typing import NamedTuple
 
+from hotpatch._native import ffi, lib
 from hotpatch.errors import HotpatchError, UnsafeToPatch
 
-from .decode import (EntryScan, Instruction, described, function_branches, iter_decode,
+from .decode import (EntryScan, Instruction, decode, described, function_branches, iter_decode,
                      scan_code, scan_memory, sweep)
 from .encode import JMP_REL32_SIZE
 from .relocate import check_relocatable, relocate, relocated_size_bound
 
-__all__ = ["EntryPlan", "analyze_entries", "analyze_entry", "build_original", "original_stub_size_bound"]
+__all__ = ["EntryPlan", "analyze_entries", "analyze_entry", "build_original",
+           "check_native_branches_into", "native_plans", "native_results", "original_stub_size_bound",
+           "run_native_plans"]
 
 ENDBR64 = b"\xf3\x0f\x1e\xfa"
 # endbr64, the 5 bytes replaced, and the rest of an instruction of at most
@@ -38,23 +41,63 @@ MAX_INSTRUCTION_SIZE = 15
 _READ_AHEAD = len(ENDBR64) + JMP_REL32_SIZE + MAX_INSTRUCTION_SIZE   # HP_SCAN_AHEAD in C
 
 
-class EntryPlan(NamedTuple):
-    """Where the redirecting instruction goes and what it replaces
-    (immutable; a named tuple for the cost of creating one, see
+class EntryPlan:
+    """Where the redirecting instruction goes and what it replaces (treated
+    as immutable, compared by value; a slotted class rather than a frozen
+    dataclass for the cost of creating one, see
     :class:`~hotpatch.x86_64.decode.Instruction`)."""
 
-    entry: int              #: the function's address
-    address: int            #: where the redirection is written (entry, or entry+4 after endbr64)
-    length: int             #: bytes replaced at ``address`` (>= 5)
-    original_bytes: bytes   #: the bytes now at [address, address+length)
-    kind: str               #: "fentry" | "nops" | "generic"
-    endbr: bool             #: the function starts with endbr64 (kept in place)
-    single_instruction: bool  #: [address, address+length) is exactly one instruction now
-    #: the instructions replaced (relocated for "generic"; for a function
-    #: shorter than 5 bytes, its own only: the padding after it is overwritten)
-    instructions: tuple[Instruction, ...]
-    body: int | None        #: "fentry"/"nops": address + length, the untouched old body
-    falls_through: bool     #: "generic": the stub must jump back to address+length
+    __slots__ = ("entry", "address", "length", "original_bytes", "kind", "endbr",
+                 "single_instruction", "_instructions", "body", "falls_through")
+
+    def __init__(self, entry: int, address: int, length: int, original_bytes: bytes, kind: str,
+                 endbr: bool, single_instruction: bool,
+                 instructions: tuple[Instruction, ...] | None, body: int | None,
+                 falls_through: bool) -> None:
+        self.entry = entry                      #: the function's address
+        #: where the redirection is written (entry, or entry+4 after endbr64)
+        self.address = address
+        self.length = length                    #: bytes replaced at ``address`` (>= 5)
+        self.original_bytes = original_bytes    #: the bytes now at [address, address+length)
+        self.kind = kind                        #: "fentry" | "nops" | "generic"
+        self.endbr = endbr                      #: the function starts with endbr64 (kept in place)
+        #: [address, address+length) is exactly one instruction now
+        self.single_instruction = single_instruction
+        self._instructions = instructions
+        #: "fentry"/"nops": address + length, the untouched old body
+        self.body = body
+        #: "generic": the stub must jump back to address+length
+        self.falls_through = falls_through
+
+    @property
+    def instructions(self) -> tuple[Instruction, ...]:
+        """The instructions replaced (relocated for "generic"; for a
+        function shorter than 5 bytes, its own only: the padding after it
+        is overwritten).  Plans made by the C core (:func:`native_plans`)
+        replace whole instructions and decode them on first use: nothing
+        on the way to a patch asks for them."""
+        if self._instructions is None:
+            self._instructions = tuple(decode(self.original_bytes, self.address))
+        return self._instructions
+
+    def _key(self) -> tuple:
+        return (self.entry, self.address, self.length, self.original_bytes, self.kind, self.endbr,
+                self.single_instruction, self.instructions, self.body, self.falls_through)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EntryPlan):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"EntryPlan(entry={self.entry:#x}, address={self.address:#x}, "
+                f"length={self.length}, original_bytes={self.original_bytes.hex()}, "
+                f"kind={self.kind!r}, endbr={self.endbr}, "
+                f"single_instruction={self.single_instruction}, body={self.body}, "
+                f"falls_through={self.falls_through})")
 
 
 def analyze_entry(read: Callable[[int, int], bytes], entry: int, *,
@@ -110,6 +153,89 @@ def analyze_entries(functions: Sequence[tuple[int, int | None]], *,
         except UnsafeToPatch as e:
             results[i] = e
     return results
+
+
+# The C core plans the common entry shapes of a batch and relocates their
+# prologue in one call (native/plan.c); anything else, refusals included,
+# is left to _plan.  Its results are read back from struct hp_plan[] in one
+# pass: entry, size, stub, address, status, length, stub_size, code_len,
+# endbr, single_instruction, falls_through, ninsns, original.
+_PLAN_FIELDS = "<QQQQiIII???B24s"
+_PLAN_RECORD = _PLAN_FIELDS + f"{ffi.sizeof('struct hp_plan') - struct.calcsize(_PLAN_FIELDS)}x"
+assert struct.calcsize(_PLAN_FIELDS) == ffi.offsetof("struct hp_plan", "code")
+
+
+def native_plan_batch(functions: Sequence[tuple[int, int | None]],
+                      stubs: Sequence[int] | None = None):
+    """The ``struct hp_plan[]`` asking for the plans of ``(entry, size)``
+    (``stubs``: where each stub is to be encoded when the C core does not
+    place them)."""
+    if stubs is None:
+        return ffi.new("struct hp_plan[]", [(entry, size or 0) for entry, size in functions] or 1)
+    return ffi.new("struct hp_plan[]", [(entry, size or 0, stub) for (entry, size), stub
+                                        in zip(functions, stubs)] or 1)
+
+
+def native_plan_ranges(exec_ranges: Sequence[tuple[int, int]]):
+    """``exec_ranges`` as the C core's flat ``uint64_t[]``."""
+    return ffi.new("uint64_t[]", [a for lo_hi in exec_ranges for a in lo_hi] or 1)
+
+
+def native_results(batch, n: int) -> list[tuple[int, EntryPlan | None, int, int]]:
+    """``(status, plan or None, stub, stub_size)`` of each function of a
+    batch the C core planned (plan only where status is HP_PLAN_OK or
+    HP_PLAN_UNWRITTEN)."""
+    out = []
+    python = lib.HP_PLAN_PYTHON
+    for (entry, _, stub, address, status, length, stub_size, _, endbr, single, falls, _,
+         original) in struct.iter_unpack(_PLAN_RECORD, ffi.buffer(batch, n * ffi.sizeof(batch[0]))):
+        plan = None
+        if status != python:
+            plan = EntryPlan(entry, address, length, original[:length], "generic", endbr, single,
+                             None, None, falls)
+        out.append((status, plan, stub, stub_size))
+    return out
+
+
+def native_plans(functions: Sequence[tuple[int, int | None]], stubs: Sequence[int], *,
+                 exec_ranges: Sequence[tuple[int, int]] = (),
+                 branch_index=None) -> list[tuple[EntryPlan, bytes, int] | None]:
+    """For each ``(entry, size)`` of this process, the plan the C core makes,
+    the code of its original stub at the matching address of ``stubs``
+    (nothing allocated or written) and the stub's size bound, or None where
+    the shape is left to :func:`analyze_entry` (or refused).
+    ``branch_index``: a :class:`~hotpatch.x86_64.xrefs.BranchIndex` of the
+    object, for branches from elsewhere into the replaced bytes.  For
+    comparing the C core's plans and stubs with :func:`analyze_entry` and
+    :func:`build_original`."""
+    batch = native_plan_batch(functions, stubs)
+    if run_native_plans(batch, len(functions), exec_ranges, 0, ffi.NULL, 0) and branch_index:
+        check_native_branches_into(batch, len(functions), branch_index)
+    return [(plan, ffi.buffer(batch[i].code, batch[i].code_len)[:], stub_size)
+            if status == lib.HP_PLAN_OK else None
+            for i, (status, plan, _, stub_size) in enumerate(native_results(batch, len(functions)))]
+
+
+def run_native_plans(batch, n: int, exec_ranges, place: int, free_blocks, nfree: int) -> int:
+    """Plan the ``n`` functions of ``batch`` in the C core (``hp_plan_entries``):
+    with ``place`` set it also puts each stub in pool memory (a block of
+    ``free_blocks`` first) and writes it; else each is encoded for the stub
+    address of its request.  Returns how many plans replace more than one
+    instruction: branches from elsewhere into them are still to be ruled
+    out (:func:`check_native_branches_into`, or ``branches_into``)."""
+    count = lib.hp_plan_entries(batch, n, native_plan_ranges(exec_ranges), len(exec_ranges),
+                                place, free_blocks, nfree)
+    if count < 0:
+        raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
+    return count
+
+
+def check_native_branches_into(batch, n: int, branch_index) -> None:
+    """Leave to Python the plans of ``batch`` into whose replaced bytes a
+    branch from elsewhere in the object lands (``branch_index``: the
+    object's :class:`~hotpatch.x86_64.xrefs.BranchIndex`)."""
+    if lib.hp_plan_branched_into(batch, n, branch_index._handle) < 0:
+        raise MemoryError("indexing branches")
 
 
 def _window(entry: int, size: int | None,
