@@ -48,6 +48,10 @@ def _refused(what: str) -> PatchStateError:
 
 
 _mutex = OperationLock(0, _refused)
+# What the first code write asks of the kernel (an RCU grace period in a
+# process with threads) is asked now, by a thread of the C core's: see
+# native/ahead.c.
+lib.hp_register_sync_core_ahead()
 #: Every enable, disable, COMING and GOING is logged at INFO, as the kernel
 #: logs its transitions.
 log = logging.getLogger("hotpatch")
@@ -438,6 +442,14 @@ def stack_order(patch: Patch) -> int:
         return _enabled.index(patch) + 1 if patch in _enabled else 0
 
 
+def _stopper_ahead() -> None:
+    """Have the stopper's helper process start now (once per process): it
+    gets ready while the patch is resolved and planned, instead of inside
+    the first stop, where its start is the service's wait (with busy cores,
+    tens of milliseconds)."""
+    lib.hp_ptrace_start_ahead()
+
+
 def _pin_new_code(patch: Patch) -> None:
     """Turn every ``new`` into an address, keeping what it needs alive."""
     for obj in patch.objects:
@@ -465,6 +477,8 @@ def register(patch: Patch, *, enable: bool = True, force: bool = False) -> Patch
             raise PatchStateError(f"patch {patch.name!r} is already registered")
         if any(p.name == patch.name for p in _patches):
             raise PatchStateError(f"a patch named {patch.name!r} is already registered")
+        if enable or any(obj.name is not None for obj in patch.objects):
+            _stopper_ahead()    # a write follows: the patch's, or the loader hook's
         _pin_new_code(patch)
         _patches.append(patch)
         patch.registered = True
@@ -532,6 +546,7 @@ def enable(patch: Patch, *, force: bool = False) -> None:
     with _mutex.operation(f"enable patch {patch.name!r}"):
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
+        _stopper_ahead()
         _enable_across_unloads(patch, force)
 
 
