@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Sequence
 from . import newcode, patch as stacks, plt, sites, symbols, thunks
 from . import state as state_
 from . import transition as transition_
+from ._gil import short_switch_interval
 from ._locks import OperationLock
 from ._native import lib
 from .errors import HotpatchError, PatchStateError, UnsafeToPatch
@@ -472,7 +473,7 @@ def register(patch: Patch, *, enable: bool = True, force: bool = False) -> Patch
     A patch whose enabling fails is not left registered."""
     if not isinstance(patch, Patch):
         raise TypeError(f"register() takes a hotpatch.Patch, not {type(patch).__name__}")
-    with _mutex.operation(f"register patch {patch.name!r}"):
+    with _mutex.operation(f"register patch {patch.name!r}"), short_switch_interval():
         if patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is already registered")
         if any(p.name == patch.name for p in _patches):
@@ -543,7 +544,7 @@ def enable(patch: Patch, *, force: bool = False) -> None:
     ``force`` (the stack model only; the kernel's ``force``): switch even
     though a thread has code of the patch on its stack.  The patch is then
     marked ``forced`` and a WARNING names what was overridden."""
-    with _mutex.operation(f"enable patch {patch.name!r}"):
+    with _mutex.operation(f"enable patch {patch.name!r}"), short_switch_interval():
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
         _stopper_ahead()
@@ -669,7 +670,7 @@ def disable(patch: Patch, *, force: bool = False) -> None:
     """Disable the most recently enabled patch still enabled.  ``force``:
     as for :func:`enable` (under the stack model, the new code being
     removed is what a stack may hold)."""
-    with _mutex.operation(f"disable patch {patch.name!r}"):
+    with _mutex.operation(f"disable patch {patch.name!r}"), short_switch_interval():
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
         if not patch.enabled:
