@@ -260,16 +260,26 @@ class ElfFile:
             at += following
 
     def has_dynamic_symbol(self, name: str) -> bool:
-        # A symbol of that name needs the name in the dynamic string table:
-        # where it is not, the table is not decoded (asked of every file
-        # read, for the ftrace hooks that almost none has).
+        # Asked of every file read, for the ftrace hooks that almost none
+        # has (libc exports mcount): the table is not decoded.  A symbol has
+        # this name when its name offset is where the name stands in the
+        # dynamic string table, alone or as the tail of a longer string.
         dynsym = next((s for s in self.sections if s.type == SHT_DYNSYM), None)
-        if dynsym is None:
+        if dynsym is None or dynsym.type == 8 or dynsym.link >= len(self.sections):
             return False
-        if dynsym.link < len(self.sections) and \
-                name.encode() + b"\0" not in self._content(self.sections[dynsym.link]):
+        strings = self._content(self.sections[dynsym.link])
+        wanted = name.encode() + b"\0"
+        places = set()
+        at = strings.find(wanted)
+        while at >= 0:
+            places.add(at)
+            at = strings.find(wanted, at + 1)
+        if not places:
             return False
-        return any(s.name == name for s in self.dynamic_symbols())
+        raw = self._content(dynsym)
+        symbols = _SYM.iter_unpack(raw[:len(raw) - len(raw) % _SYM.size])
+        next(symbols, None)     # the null symbol
+        return any(symbol[0] in places for symbol in symbols)
 
     # -- relocations and notes --------------------------------------------
 
@@ -277,7 +287,7 @@ class ElfFile:
         """The relocations the dynamic linker applies (.rela.dyn, .rela.plt:
         every allocated SHT_RELA section)."""
         dynsym = next((i for i, s in enumerate(self.sections) if s.type == SHT_DYNSYM), None)
-        names = None
+        name_of = None
         for section in self.sections:
             if section.type != SHT_RELA or not section.flags & SHF_ALLOC:
                 continue
@@ -286,10 +296,32 @@ class ElfFile:
                 symbol = info >> 32
                 name = None
                 if symbol and section.link == dynsym:
-                    if names is None:
-                        names = [""] + [s.name for s in self.dynamic_symbols()]
-                    name = names[symbol] if symbol < len(names) else None
+                    if name_of is None:
+                        name_of = self._symbol_names(dynsym)
+                    name = name_of(symbol)
                 yield Relocation(info & 0xFFFFFFFF, offset, addend, name)
+
+    def _symbol_names(self, index: int):
+        """Symbol number -> name (None past the end) of the symbol table at
+        section ``index``, each name decoded when first asked: relocations
+        name a few hundred symbols of libc's thousands, and decoding the
+        whole table was a third of reading libc's tables."""
+        table = self.sections[index]
+        if table.type == 8 or table.link >= len(self.sections):
+            return lambda number: None
+        strings = self._content(self.sections[table.link])
+        raw = self._content(table)
+        count = len(raw) // _SYM.size
+        names: dict[int, str] = {}
+
+        def name_of(number: int) -> str | None:
+            if number >= count:
+                return None
+            name = names.get(number)
+            if name is None:
+                name = names[number] = _string(strings, _SYM.unpack_from(raw, number * _SYM.size)[0])
+            return name
+        return name_of
 
     def build_id(self) -> bytes | None:
         """NT_GNU_BUILD_ID, from the note sections (else the PT_NOTE segments)."""
