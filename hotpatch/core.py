@@ -804,3 +804,11 @@ def _object_going(base: int, name: str) -> None:
         symbols.forget(gone)
         thunks.forget(gone)
         plt.forget_object(gone)
+
+
+# The loaded objects described now, within the core's import (a stretch the
+# service's threads share the GIL with at the short switch interval), not in
+# the first register(): describing the thirty-odd objects of a process is
+# 1.5-3 ms of Python here, and the list stays valid until the next load or
+# unload.
+symbols.loaded_objects()
