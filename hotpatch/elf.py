@@ -195,20 +195,15 @@ def _function_entries(symbols) -> list[FuncSym]:
     """Defined function symbols in table order, each with its sympos."""
     seen: dict[str, int] = {}
     entries = []
-    for sym in symbols:
-        kind = sym.type
-        if (kind != _FUNC and kind != _IFUNC) or sym.shndx == 0:  # 0: undefined
+    append, make = entries.append, tuple.__new__     # see elffile._read_symbols
+    for name, value, size, kind, binding, visibility, shndx, version in symbols:
+        if (kind != _FUNC and kind != _IFUNC) or shndx == 0:  # 0: undefined
             continue
-        name = sym.name
         sympos = seen[name] = seen.get(name, 0) + 1
         ifunc = kind == _IFUNC
-        entries.append(FuncSym(
-            name, sympos, sym.value, sym.size or None, ifunc,
-            sym.version,
-            ifunc and sym.binding in _EXPORTED_BINDINGS
-            and sym.visibility in _EXPORTED_VISIBILITIES,
-            sym.binding not in _EXPORTED_BINDINGS
-            or sym.visibility not in _EXPORTED_VISIBILITIES))
+        exported = binding in _EXPORTED_BINDINGS and visibility in _EXPORTED_VISIBILITIES
+        append(make(FuncSym, (name, sympos, value, size or None, ifunc, version,
+                              ifunc and exported, not exported)))
     return entries
 
 

@@ -190,14 +190,22 @@ class ElfFile:
         strings = self._content(self.sections[table.link])
         raw = self._content(table)
         raw = raw[:len(raw) - len(raw) % _SYM.size]
-        versions = self._versions(index) if kind == SHT_DYNSYM else None
+        versions = (self._versions(index) if kind == SHT_DYNSYM else None) or ()
+        # The hot loop of reading a file's tables (libc's debug file has
+        # 30,000 symbols): the string read inline, the tuples made without
+        # the named tuple's Python-level __new__.
         symbols = []
-        for i, (name, info, other, shndx, value, size) in enumerate(_SYM.iter_unpack(raw)):
-            if i == 0 or (types is not None and info & 0xF not in types):
+        append, find, make = symbols.append, strings.find, tuple.__new__
+        unpacked = _SYM.iter_unpack(raw)
+        next(unpacked, None)        # the null symbol
+        for i, (name, info, other, shndx, value, size) in enumerate(unpacked, 1):
+            if types is not None and info & 0xF not in types:
                 continue
-            version = versions[i] if versions is not None and i < len(versions) else None
-            symbols.append(ElfSymbol(_string(strings, name), value, size, info & 0xF, info >> 4,
-                                     other & 0x3, shndx, version))
+            end = find(b"\0", name)
+            append(make(ElfSymbol, (
+                strings[name:end if end >= 0 else len(strings)].decode("utf-8", "surrogateescape"),
+                value, size, info & 0xF, info >> 4, other & 0x3, shndx,
+                versions[i] if i < len(versions) else None)))
         return symbols
 
     def _versions(self, dynsym_index: int) -> list[str | None] | None:
@@ -207,12 +215,16 @@ class ElfFile:
         if versym is None:
             return None
         names = self._version_names()
-        versions = []
-        for (value,) in struct.iter_unpack("<H", self._content(versym)[:versym.size & ~1]):
+        # A file uses a handful of distinct values: each spelled out once.
+        spelled: dict[int, str | None] = {}
+
+        def spell(value: int) -> str | None:
             name = names.get(value & VERSYM_INDEX) if value & VERSYM_INDEX >= 2 else None
-            versions.append(None if name is None else
-                            ("@" if value & VERSYM_HIDDEN else "@@") + name)
-        return versions
+            version = spelled[value] = (None if name is None else
+                                        ("@" if value & VERSYM_HIDDEN else "@@") + name)
+            return version
+        return [spelled[value] if value in spelled else spell(value)
+                for (value,) in struct.iter_unpack("<H", self._content(versym)[:versym.size & ~1])]
 
     def _version_names(self) -> dict[int, str]:
         """Version index -> name, from .gnu.version_d and .gnu.version_r."""
