@@ -5,7 +5,8 @@ about its functions.
 inode and mtime), relocations only where they matter (IRELATIVE slots of
 IFUNCs, the GOT slots of ftrace hooks), the PLT and entry-site sections, and
 finds a separate debug file by build-id or ``.gnu_debuglink`` when the file is
-stripped.  :func:`table_of` hands a table out for a loaded object only once the
+stripped.  The function symbols are decoded when asked (:class:`FunctionSymbols`):
+a lookup of one name decodes that name's symbols only.  :func:`table_of` hands a table out for a loaded object only once the
 file is known to be the image that is mapped (same build-id; without
 build-ids, the same inode).
 
