@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-from ._gil import short_switch_interval
 from .errors import (
     AmbiguousSymbol,
     HotpatchError,
@@ -99,6 +98,7 @@ class _GivingUp:
             if self not in sys.meta_path:
                 sys.meta_path.insert(0, self)
             self.thread, self.since = _thread.get_ident(), time.monotonic()
+            from ._gil import short_switch_interval     # not at `import hotpatch`: 0.6 ms
             with short_switch_interval():
                 if name in _NEEDS_THE_CORE and f"{__name__}.core" not in sys.modules:
                     from ._ahead import map_core_objects
