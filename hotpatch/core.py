@@ -489,7 +489,6 @@ def register(patch: Patch, *, enable: bool = True, force: bool = False) -> Patch
             # syscall() with Python code would deadlock in it (CPython asks
             # syscall(SYS_gettid) for a new thread's id before the thread
             # has a thread state).
-            from . import loader
             loader.watch()
         if enable:
             try:
@@ -506,7 +505,6 @@ def _watch_loads(patch: Patch) -> None:
     """Objects named by the patch and not loaded now are patched when they
     load (the loader hook, installed on first need): say so, with loaded
     objects of close names (a typo looks just like a library not loaded yet)."""
-    from . import loader
     if all(obj.name is None for obj in patch.objects):
         return
     loader.watch()
@@ -533,7 +531,6 @@ def unregister(patch: Patch) -> None:
             raise PatchStateError(f"patch {patch.name!r} is enabled; disable it first")
         _patches.remove(patch)
         patch.registered = False
-        from . import loader
         loader.update_names()
 
 
@@ -812,3 +809,8 @@ def _object_going(base: int, name: str) -> None:
 # 1.5-3 ms of Python here, and the list stays valid until the next load or
 # unload.
 symbols.loaded_objects()
+
+# The loader hook's module (it imports this one back, complete by now), here
+# rather than in the first register(), which installs the hook: about a
+# millisecond of it.
+from . import loader  # noqa: E402
