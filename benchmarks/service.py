@@ -92,7 +92,7 @@ STEP_CAUSES = {
                    "itself), or `import hotpatch.core` at the service's start-up",
     "first_register": "Python run once (the loader hook installed, libz's tables read, "
                       "the site planned and written in two stops), at a 1 ms switch "
-                      "interval, keeping a core busy for 8-10 ms idle; with busy threads the "
+                      "interval, keeping a core busy for 7-10 ms idle; with busy threads the "
                       "helper, the loader's worker thread and the patching thread wait for a "
                       "CPU; would close it: the loader hook's write in the patch's stop, the "
                       "site's planning in C, or a first patch at the service's start-up",
