@@ -1107,14 +1107,20 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   lazy imports give the GIL up between modules, the core's shared objects
   and the patch module are opened with the GIL released, and a patch
   module's structures are compiled into the core instead of parsed with
-  pycparser.  What remains above 5 ms: the first `register()` of the
-  process idle (5.5-7.5 ms: Python run once, the loaded objects described,
-  libz's tables read, the helper started), the import of the core when
-  the machine is busy, and with busy threads every step that keeps a core busy (the
-  ticker and the sleeper then wait for a CPU too: the import of the core is
-  100-300 ms of Python, most of it capstone's binding and what it imports),
-  plus, with 8 busy threads on 2 cores, the quiet window's own 15-40 ms.
-  The verdict table of section 2d says, per step and load, which and why.
+  pycparser.  The first `register()` of the process keeps them waiting
+  2-3 ms idle (from 5.5-7.5) and takes 7-10 ms (from 18): the membarrier
+  registration of the first write (an RCU grace period in a process with
+  threads) is made at the core's import by a thread of the core's, the
+  loaded objects are described there too, the ptrace helper is spawned at
+  the start of the register() and waited for at its first stop, one name is
+  looked up in libz's tables without decoding them, and hotpatch's Python
+  runs at a 1 ms switch interval.  Idle, no step of a single-function patch
+  now stalls the service more than 5 ms.  What remains above 5 ms: with busy
+  threads every step that keeps a core busy (the ticker and the sleeper
+  then wait for a CPU too: the import of the core is 100-300 ms of Python,
+  most of it capstone's binding and what it imports), plus, with 8 busy
+  threads on 2 cores, the quiet window's own 15-40 ms.  The verdict table
+  of section 2d says, per step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more
   with more busy threads than cores.** Restoring or retargeting an entry,
   and a first patch of an entry whose first instruction covers the write

@@ -19,9 +19,11 @@ gap overlapping it:
 1. ``import hotpatch``, then the first use of ``hotpatch.register``, which
    imports the core (capstone and cffi with it);
 2. the first ``register()`` of the process: one libz function (``crc32``,
-   redirected to libz's own ``adler32``, same signature): loaded objects
-   listed, libz's symbol table read, its branch index built, the ptrace
-   helper started, the site written;
+   redirected to libz's own ``adler32``, same signature): the ptrace helper
+   spawned, the loader hook installed, libz's symbol table read (one name
+   looked up), its branch index built, the site planned and written (the
+   loaded objects were described, and the process registered for
+   membarrier, at the import of the core);
 3. disabling and enabling that patch again;
 4. registering a patch of 1,000 functions of a generated library, disabling
    and enabling it;
@@ -80,17 +82,20 @@ STEP_CAUSES = {
     "import": "`import hotpatch` runs Python only (the errors, the lazy names); a longer gap "
               "is the machine delaying the thread",
     "import_core": "about 100 modules imported (hotpatch's, cffi's, capstone's binding, "
-                   "typing, logging, inspect, ...): hotpatch gives the GIL up between them, "
-                   "but each body and each extension's initialisation (cffi's backend, "
-                   "`_native`, capstone's library through ctypes.CDLL: 1-2 ms) holds it, and "
-                   "the step keeps a core busy for 100-300 ms; would close it: fewer and "
-                   "smaller modules on the path (capstone's binding is the biggest), or "
-                   "`import hotpatch.core` at the service's start-up",
-    "first_register": "Python run once (the loaded objects described, libz's tables read, "
-                      "the helper started, the site analysed), which gives the GIL up at "
-                      "blocking calls and at the switch interval, and keeps a core busy for "
-                      "25-60 ms; would close it: that per-object work in C (objects.py, "
-                      "elf.py), or done ahead by the service (a first patch at start-up)",
+                   "typing, logging, inspect, ...): hotpatch gives the GIL up between them "
+                   "and runs them at a 1 ms switch interval, but unmarshalling each large "
+                   "module's bytecode (1-4 ms: inspect, zipfile, capstone's x86/sysz/arm64 "
+                   "constants, typing) and each extension's initialisation hold it, and the "
+                   "step keeps a core busy for 100-300 ms; would close it: not importing "
+                   "capstone's Python binding (it brings inspect, zipfile, ctypes.util, "
+                   "subprocess and 18 architectures; the core links capstone's C library "
+                   "itself), or `import hotpatch.core` at the service's start-up",
+    "first_register": "Python run once (the loader hook installed, libz's tables read, "
+                      "the site planned and written in two stops), at a 1 ms switch "
+                      "interval, keeping a core busy for 7-10 ms idle; with busy threads the "
+                      "helper, the loader's worker thread and the patching thread wait for a "
+                      "CPU; would close it: the loader hook's write in the patch's stop, the "
+                      "site's planning in C, or a first patch at the service's start-up",
     "disable_1": "the stop (the ptrace helper and the thread it stops compete with the busy "
                  "threads for the 2 cores); would close it: a shorter stop (section 2c)",
     "enable_1": "the stop (the ptrace helper and the thread it stops compete with the busy "

@@ -7,7 +7,8 @@ See DESIGN.md in the source tree for the architecture.
 The public names are imported on first use: the ``hotpatch`` command talks
 to other processes and never needs the C core or the ELF reader here
 (importing them costs seconds on a busy machine).  While that import runs,
-the importing thread gives the GIL up between modules (``_GivingUp``).  ``HOTPATCH_CONTROL=1``
+the importing thread gives the GIL up between modules (``_GivingUp``), and
+within a module's body at a short switch interval (``_gil``).  ``HOTPATCH_CONTROL=1``
 in the environment opens the control socket at import (``serve()``).
 """
 import _thread
@@ -97,10 +98,12 @@ class _GivingUp:
             if self not in sys.meta_path:
                 sys.meta_path.insert(0, self)
             self.thread, self.since = _thread.get_ident(), time.monotonic()
-            if name in _NEEDS_THE_CORE and f"{__name__}.core" not in sys.modules:
-                from ._ahead import map_core_objects
-                map_core_objects()
-            return importlib.import_module(name, __name__)
+            from ._gil import short_switch_interval     # not at `import hotpatch`: 0.6 ms
+            with short_switch_interval():
+                if name in _NEEDS_THE_CORE and f"{__name__}.core" not in sys.modules:
+                    from ._ahead import map_core_objects
+                    map_core_objects()
+                return importlib.import_module(name, __name__)
         finally:
             self.thread = None
             self.lock.release()

@@ -103,6 +103,8 @@ uint64_t *hp_call_site_target_slot(struct hp_call_site *s);
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
                    uint64_t *hold_max_ns, uint64_t *unstopped);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
+void hp_ptrace_start_ahead(void);
+void hp_register_sync_core_ahead(void);
 int hp_code_writes_use_proc_mem(void);
 int hp_core_sync_ready(void);
 int hp_set_crash_report(const char *text);
@@ -252,7 +254,7 @@ def _patch_module_declarations() -> str:
 CDEF += _patch_module_declarations()
 
 _native = os.path.join(_here, "native")
-SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "unstopped.c", "gotslot.c", "stop.c", "check.c", "unwind.c",
+SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "unstopped.c", "ahead.c", "gotslot.c", "stop.c", "check.c", "unwind.c",
            "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c", "xrefs.c",
            "plan.c", "modload.c"]
 

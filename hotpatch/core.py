@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Sequence
 from . import newcode, patch as stacks, plt, sites, symbols, thunks
 from . import state as state_
 from . import transition as transition_
+from ._gil import short_switch_interval
 from ._locks import OperationLock
 from ._native import lib
 from .errors import HotpatchError, PatchStateError, UnsafeToPatch
@@ -48,6 +49,10 @@ def _refused(what: str) -> PatchStateError:
 
 
 _mutex = OperationLock(0, _refused)
+# What the first code write asks of the kernel (an RCU grace period in a
+# process with threads) is asked now, by a thread of the C core's: see
+# native/ahead.c.
+lib.hp_register_sync_core_ahead()
 #: Every enable, disable, COMING and GOING is logged at INFO, as the kernel
 #: logs its transitions.
 log = logging.getLogger("hotpatch")
@@ -439,6 +444,14 @@ def stack_order(patch: Patch) -> int:
         return _enabled.index(patch) + 1 if patch in _enabled else 0
 
 
+def _stopper_ahead() -> None:
+    """Have the stopper's helper process start now (once per process): it
+    gets ready while the patch is resolved and planned, instead of inside
+    the first stop, where its start is the service's wait (with busy cores,
+    tens of milliseconds)."""
+    lib.hp_ptrace_start_ahead()
+
+
 def _pin_new_code(patch: Patch) -> None:
     """Turn every ``new`` into an address, keeping what it needs alive."""
     for obj in patch.objects:
@@ -461,11 +474,13 @@ def register(patch: Patch, *, enable: bool = True, force: bool = False) -> Patch
     A patch whose enabling fails is not left registered."""
     if not isinstance(patch, Patch):
         raise TypeError(f"register() takes a hotpatch.Patch, not {type(patch).__name__}")
-    with _mutex.operation(f"register patch {patch.name!r}"):
+    with _mutex.operation(f"register patch {patch.name!r}"), short_switch_interval():
         if patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is already registered")
         if any(p.name == patch.name for p in _patches):
             raise PatchStateError(f"a patch named {patch.name!r} is already registered")
+        if enable or any(obj.name is not None for obj in patch.objects):
+            _stopper_ahead()    # a write follows: the patch's, or the loader hook's
         _pin_new_code(patch)
         _patches.append(patch)
         patch.registered = True
@@ -475,7 +490,6 @@ def register(patch: Patch, *, enable: bool = True, force: bool = False) -> Patch
             # syscall() with Python code would deadlock in it (CPython asks
             # syscall(SYS_gettid) for a new thread's id before the thread
             # has a thread state).
-            from . import loader
             loader.watch()
         if enable:
             try:
@@ -492,7 +506,6 @@ def _watch_loads(patch: Patch) -> None:
     """Objects named by the patch and not loaded now are patched when they
     load (the loader hook, installed on first need): say so, with loaded
     objects of close names (a typo looks just like a library not loaded yet)."""
-    from . import loader
     if all(obj.name is None for obj in patch.objects):
         return
     loader.watch()
@@ -519,7 +532,6 @@ def unregister(patch: Patch) -> None:
             raise PatchStateError(f"patch {patch.name!r} is enabled; disable it first")
         _patches.remove(patch)
         patch.registered = False
-        from . import loader
         loader.update_names()
 
 
@@ -530,9 +542,10 @@ def enable(patch: Patch, *, force: bool = False) -> None:
     ``force`` (the stack model only; the kernel's ``force``): switch even
     though a thread has code of the patch on its stack.  The patch is then
     marked ``forced`` and a WARNING names what was overridden."""
-    with _mutex.operation(f"enable patch {patch.name!r}"):
+    with _mutex.operation(f"enable patch {patch.name!r}"), short_switch_interval():
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
+        _stopper_ahead()
         _enable_across_unloads(patch, force)
 
 
@@ -655,7 +668,7 @@ def disable(patch: Patch, *, force: bool = False) -> None:
     """Disable the most recently enabled patch still enabled.  ``force``:
     as for :func:`enable` (under the stack model, the new code being
     removed is what a stack may hold)."""
-    with _mutex.operation(f"disable patch {patch.name!r}"):
+    with _mutex.operation(f"disable patch {patch.name!r}"), short_switch_interval():
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
         if not patch.enabled:
@@ -789,3 +802,16 @@ def _object_going(base: int, name: str) -> None:
         symbols.forget(gone)
         thunks.forget(gone)
         plt.forget_object(gone)
+
+
+# The loaded objects described now, within the core's import (a stretch the
+# service's threads share the GIL with at the short switch interval), not in
+# the first register(): describing the thirty-odd objects of a process is
+# 1.5-3 ms of Python here, and the list stays valid until the next load or
+# unload.
+symbols.loaded_objects()
+
+# The loader hook's module (it imports this one back, complete by now), here
+# rather than in the first register(), which installs the hook: about a
+# millisecond of it.
+from . import loader  # noqa: E402

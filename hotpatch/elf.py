@@ -5,7 +5,8 @@ about its functions.
 inode and mtime), relocations only where they matter (IRELATIVE slots of
 IFUNCs, the GOT slots of ftrace hooks), the PLT and entry-site sections, and
 finds a separate debug file by build-id or ``.gnu_debuglink`` when the file is
-stripped.  :func:`table_of` hands a table out for a loaded object only once the
+stripped.  The function symbols are decoded when asked (:class:`FunctionSymbols`):
+a lookup of one name decodes that name's symbols only.  :func:`table_of` hands a table out for a loaded object only once the
 file is known to be the image that is mapped (same build-id; without
 build-ids, the same inode).
 
@@ -20,7 +21,6 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from hotpatch import _procfs, elffile, objects
@@ -92,32 +92,93 @@ class FuncSym(NamedTuple):
     local: bool = False
 
 
-@dataclass
+class FunctionSymbols:
+    """The defined function symbols of one table, decoded when asked: all
+    of them (a listing, the address index), or those of one name (a lookup:
+    the first patch of a process looks up one name, and decoding libc's
+    debug file whole took tens of milliseconds)."""
+
+    #: Lookups by scanning the table before it is decoded whole instead.
+    SCANS = 4
+
+    def __init__(self, records: elffile.SymbolRecords) -> None:
+        self._records = records
+        self._all: list[FuncSym] | None = None
+        self._by_name: dict[str, list[FuncSym]] | None = None
+        self._scans = 0
+
+    def __bool__(self) -> bool:
+        return any(record[4] != 0 for record in self._records.records)   # 0: undefined
+
+    def all(self) -> list[FuncSym]:
+        """Every one, in table order."""
+        if self._all is None:
+            self._all = _function_entries(self._records.decoded())
+        return self._all
+
+    def by_name(self) -> dict[str, list[FuncSym]]:
+        if self._by_name is None:
+            by_name: dict[str, list[FuncSym]] = {}
+            for entry in self.all():
+                by_name.setdefault(entry.name, []).append(entry)
+            self._by_name = by_name
+        return self._by_name
+
+    def named(self, name: str) -> list[FuncSym]:
+        """Those called ``name``, in table order, each with its sympos (it
+        counts same-named symbols only)."""
+        if self._by_name is None and self._scans < self.SCANS:
+            found = self._records.named(name)
+            if found:       # an absent name costs one search of the strings
+                self._scans += 1
+            return _function_entries(found)
+        return self.by_name().get(name, [])
+
+    def starts(self) -> list[int]:
+        """Where each one starts (offsets, in table order)."""
+        return [record[5] for record in self._records.records if record[4] != 0]
+
+    def any_ifunc(self) -> bool:
+        return any(record[2] & 0xF == _IFUNC and record[4] != 0
+                   for record in self._records.records)
+
+
 class SymbolTable:
     """What one ELF file tells about its functions, as offsets from its base."""
 
-    build_id: bytes | None
-    #: ".symtab", ".dynsym", or the path of the separate debug file used
-    source: str
-    funcs: list[FuncSym]
-    #: resolver offset -> GOT slot offset, from R_X86_64_IRELATIVE
-    irelative: dict[int, int]
-    #: GOT slots relocated against __fentry__ / mcount
-    fentry_slots: tuple[int, ...]
-    #: (offset, size) of the PLT sections and of the entry-site lists
-    plt_sections: tuple[tuple[int, int], ...]
-    site_sections: tuple[tuple[int, int], ...]
-    by_name: dict[str, list[FuncSym]] = field(init=False, repr=False)
-    # The address index, built on first use: only IFUNCs and old_offset need it.
-    _at_start: dict[int, FuncSym] | None = field(default=None, init=False, repr=False)
-    _sized: list[FuncSym] = field(default_factory=list, init=False, repr=False)
-    _sized_starts: list[int] = field(default_factory=list, init=False, repr=False)
-    _all_starts: list[int] = field(default_factory=list, init=False, repr=False)
+    def __init__(self, build_id: bytes | None, source: str, functions: FunctionSymbols,
+                 irelative: dict[int, int], fentry_slots: tuple[int, ...],
+                 plt_sections: tuple[tuple[int, int], ...],
+                 site_sections: tuple[tuple[int, int], ...]) -> None:
+        self.build_id = build_id
+        #: ".symtab", ".dynsym", or the path of the separate debug file used
+        self.source = source
+        self.functions = functions
+        #: resolver offset -> GOT slot offset, from R_X86_64_IRELATIVE
+        self.irelative = irelative
+        #: GOT slots relocated against __fentry__ / mcount
+        self.fentry_slots = fentry_slots
+        #: (offset, size) of the PLT sections and of the entry-site lists
+        self.plt_sections = plt_sections
+        self.site_sections = site_sections
+        # The address index, built on first use: only IFUNCs and old_offset need it.
+        self._at_start: dict[int, FuncSym] | None = None
+        self._sized: list[FuncSym] = []
+        self._sized_starts: list[int] = []
+        self._all_starts: list[int] = []
 
-    def __post_init__(self) -> None:
-        self.by_name = {}
-        for entry in self.funcs:
-            self.by_name.setdefault(entry.name, []).append(entry)
+    @property
+    def funcs(self) -> list[FuncSym]:
+        """Every function symbol, in table order."""
+        return self.functions.all()
+
+    @property
+    def by_name(self) -> dict[str, list[FuncSym]]:
+        return self.functions.by_name()
+
+    def named(self, name: str) -> list[FuncSym]:
+        """The function symbols called ``name``, in table order."""
+        return self.functions.named(name)
 
     @property
     def stripped(self) -> bool:
@@ -170,20 +231,21 @@ def parse_file(path: str) -> SymbolTable | None:
         return None
     with binary.held_open():
         build_id = binary.build_id()
-        funcs = _function_entries(binary.symtab_symbols(_FUNCTION_TYPES))
+        functions = FunctionSymbols(binary.symbol_records(elffile.SHT_SYMTAB, _FUNCTION_TYPES))
         source = ".symtab"
-        if not funcs:
+        if not functions:
             debug = _debug_file(path, binary, build_id)
             if debug is not None:
-                source, funcs = debug
+                source, functions = debug
             else:
                 source = ".dynsym"
-                funcs = _function_entries(binary.dynamic_symbols(_FUNCTION_TYPES))
-        irelative, fentry_slots = _relocation_facts(binary, funcs)
+                functions = FunctionSymbols(
+                    binary.symbol_records(elffile.SHT_DYNSYM, _FUNCTION_TYPES))
+        irelative, fentry_slots = _relocation_facts(binary, functions)
     return SymbolTable(
         build_id=build_id,
         source=source,
-        funcs=funcs,
+        functions=functions,
         irelative=irelative,
         fentry_slots=fentry_slots,
         plt_sections=_section_ranges(binary, _PLT_SECTIONS),
@@ -195,30 +257,25 @@ def _function_entries(symbols) -> list[FuncSym]:
     """Defined function symbols in table order, each with its sympos."""
     seen: dict[str, int] = {}
     entries = []
-    for sym in symbols:
-        kind = sym.type
-        if (kind != _FUNC and kind != _IFUNC) or sym.shndx == 0:  # 0: undefined
+    append, make = entries.append, tuple.__new__     # see elffile._read_symbols
+    for name, value, size, kind, binding, visibility, shndx, version in symbols:
+        if (kind != _FUNC and kind != _IFUNC) or shndx == 0:  # 0: undefined
             continue
-        name = sym.name
         sympos = seen[name] = seen.get(name, 0) + 1
         ifunc = kind == _IFUNC
-        entries.append(FuncSym(
-            name, sympos, sym.value, sym.size or None, ifunc,
-            sym.version,
-            ifunc and sym.binding in _EXPORTED_BINDINGS
-            and sym.visibility in _EXPORTED_VISIBILITIES,
-            sym.binding not in _EXPORTED_BINDINGS
-            or sym.visibility not in _EXPORTED_VISIBILITIES))
+        exported = binding in _EXPORTED_BINDINGS and visibility in _EXPORTED_VISIBILITIES
+        append(make(FuncSym, (name, sympos, value, size or None, ifunc, version,
+                              ifunc and exported, not exported)))
     return entries
 
 
-def _relocation_facts(binary, funcs) -> tuple[dict[int, int], tuple[int, ...]]:
+def _relocation_facts(binary, functions: FunctionSymbols) -> tuple[dict[int, int], tuple[int, ...]]:
     """IRELATIVE slots by resolver, and the GOT slots of the ftrace hooks.
 
     Relocations are walked only when the file has an IFUNC or a dynamic
     symbol for an ftrace hook: libpython has tens of thousands.
     """
-    wants_irelative = any(entry.ifunc for entry in funcs)
+    wants_irelative = functions.any_ifunc()
     wants_fentry = any(binary.has_dynamic_symbol(n) for n in FENTRY_NAMES)
     irelative: dict[int, int] = {}
     slots = []
@@ -261,9 +318,9 @@ def _debug_file(path: str, binary, build_id: bytes | None):
                 continue
         elif crc is None or _crc32(candidate) != crc:
             continue
-        funcs = _function_entries(debug.symtab_symbols(_FUNCTION_TYPES))
-        if funcs:
-            return candidate, funcs
+        functions = FunctionSymbols(debug.symbol_records(elffile.SHT_SYMTAB, _FUNCTION_TYPES))
+        if functions:
+            return candidate, functions
     return None
 
 

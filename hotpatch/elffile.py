@@ -17,7 +17,7 @@ import os
 import struct
 from typing import Iterator, NamedTuple
 
-__all__ = ["ElfFile", "ElfSymbol", "Relocation", "Section", "open_elf",
+__all__ = ["ElfFile", "ElfSymbol", "Relocation", "Section", "SymbolRecords", "open_elf",
            "STT_OBJECT", "STT_FUNC", "STT_GNU_IFUNC", "STB_GLOBAL", "STB_WEAK",
            "STB_GNU_UNIQUE", "STV_DEFAULT", "STV_PROTECTED", "NT_GNU_BUILD_ID",
            "R_X86_64_64", "R_X86_64_GLOB_DAT", "R_X86_64_JUMP_SLOT", "R_X86_64_IRELATIVE"]
@@ -177,28 +177,32 @@ class ElfFile:
     def _symbols(self, kind: int, types: frozenset[int] | None) -> list[ElfSymbol]:
         symbols = self._read_tables.get((kind, types))
         if symbols is None:
-            symbols = self._read_tables[kind, types] = self._read_symbols(kind, types)
+            symbols = self._read_tables[kind, types] = self.symbol_records(kind, types).decoded()
         return symbols
 
-    def _read_symbols(self, kind: int, types: frozenset[int] | None) -> list[ElfSymbol]:
+    def symbol_records(self, kind: int, types: frozenset[int] | None = None) -> SymbolRecords:
+        """The symbols of the ``kind`` table (SHT_SYMTAB, SHT_DYNSYM) of the
+        types in ``types`` (all when None), not decoded: looking one name up
+        needs none of the others' names."""
         index = next((i for i, s in enumerate(self.sections) if s.type == kind), None)
         if index is None:
-            return []
+            return SymbolRecords(b"", [], ())
         table = self.sections[index]
         if table.type == 8 or table.link >= len(self.sections):
-            return []
+            return SymbolRecords(b"", [], ())
         strings = self._content(self.sections[table.link])
         raw = self._content(table)
         raw = raw[:len(raw) - len(raw) % _SYM.size]
-        versions = self._versions(index) if kind == SHT_DYNSYM else None
-        symbols = []
-        for i, (name, info, other, shndx, value, size) in enumerate(_SYM.iter_unpack(raw)):
-            if i == 0 or (types is not None and info & 0xF not in types):
-                continue
-            version = versions[i] if versions is not None and i < len(versions) else None
-            symbols.append(ElfSymbol(_string(strings, name), value, size, info & 0xF, info >> 4,
-                                     other & 0x3, shndx, version))
-        return symbols
+        versions = (self._versions(index) if kind == SHT_DYNSYM else None) or ()
+        unpacked = _SYM.iter_unpack(raw)
+        next(unpacked, None)        # the null symbol
+        if types is None:
+            records = [(i, *fields) for i, fields in enumerate(unpacked, 1)]
+        else:
+            records = [(i, name, info, other, shndx, value, size)
+                       for i, (name, info, other, shndx, value, size) in enumerate(unpacked, 1)
+                       if info & 0xF in types]
+        return SymbolRecords(strings, records, versions)
 
     def _versions(self, dynsym_index: int) -> list[str | None] | None:
         """Each dynamic symbol's version as "@@VER" or "@VER" (None: none)."""
@@ -207,12 +211,16 @@ class ElfFile:
         if versym is None:
             return None
         names = self._version_names()
-        versions = []
-        for (value,) in struct.iter_unpack("<H", self._content(versym)[:versym.size & ~1]):
+        # A file uses a handful of distinct values: each spelled out once.
+        spelled: dict[int, str | None] = {}
+
+        def spell(value: int) -> str | None:
             name = names.get(value & VERSYM_INDEX) if value & VERSYM_INDEX >= 2 else None
-            versions.append(None if name is None else
-                            ("@" if value & VERSYM_HIDDEN else "@@") + name)
-        return versions
+            version = spelled[value] = (None if name is None else
+                                        ("@" if value & VERSYM_HIDDEN else "@@") + name)
+            return version
+        return [spelled[value] if value in spelled else spell(value)
+                for (value,) in struct.iter_unpack("<H", self._content(versym)[:versym.size & ~1])]
 
     def _version_names(self) -> dict[int, str]:
         """Version index -> name, from .gnu.version_d and .gnu.version_r."""
@@ -260,16 +268,20 @@ class ElfFile:
             at += following
 
     def has_dynamic_symbol(self, name: str) -> bool:
-        # A symbol of that name needs the name in the dynamic string table:
-        # where it is not, the table is not decoded (asked of every file
-        # read, for the ftrace hooks that almost none has).
+        # Asked of every file read, for the ftrace hooks that almost none
+        # has (libc exports mcount): the table is not decoded.  A symbol has
+        # this name when its name offset is where the name stands in the
+        # dynamic string table, alone or as the tail of a longer string.
         dynsym = next((s for s in self.sections if s.type == SHT_DYNSYM), None)
-        if dynsym is None:
+        if dynsym is None or dynsym.type == 8 or dynsym.link >= len(self.sections):
             return False
-        if dynsym.link < len(self.sections) and \
-                name.encode() + b"\0" not in self._content(self.sections[dynsym.link]):
+        places = _places(self._content(self.sections[dynsym.link]), name)
+        if not places:
             return False
-        return any(s.name == name for s in self.dynamic_symbols())
+        raw = self._content(dynsym)
+        symbols = _SYM.iter_unpack(raw[:len(raw) - len(raw) % _SYM.size])
+        next(symbols, None)     # the null symbol
+        return any(symbol[0] in places for symbol in symbols)
 
     # -- relocations and notes --------------------------------------------
 
@@ -277,7 +289,7 @@ class ElfFile:
         """The relocations the dynamic linker applies (.rela.dyn, .rela.plt:
         every allocated SHT_RELA section)."""
         dynsym = next((i for i, s in enumerate(self.sections) if s.type == SHT_DYNSYM), None)
-        names = None
+        name_of = None
         for section in self.sections:
             if section.type != SHT_RELA or not section.flags & SHF_ALLOC:
                 continue
@@ -286,10 +298,32 @@ class ElfFile:
                 symbol = info >> 32
                 name = None
                 if symbol and section.link == dynsym:
-                    if names is None:
-                        names = [""] + [s.name for s in self.dynamic_symbols()]
-                    name = names[symbol] if symbol < len(names) else None
+                    if name_of is None:
+                        name_of = self._symbol_names(dynsym)
+                    name = name_of(symbol)
                 yield Relocation(info & 0xFFFFFFFF, offset, addend, name)
+
+    def _symbol_names(self, index: int):
+        """Symbol number -> name (None past the end) of the symbol table at
+        section ``index``, each name decoded when first asked: relocations
+        name a few hundred symbols of libc's thousands, and decoding the
+        whole table was a third of reading libc's tables."""
+        table = self.sections[index]
+        if table.type == 8 or table.link >= len(self.sections):
+            return lambda number: None
+        strings = self._content(self.sections[table.link])
+        raw = self._content(table)
+        count = len(raw) // _SYM.size
+        names: dict[int, str] = {}
+
+        def name_of(number: int) -> str | None:
+            if number >= count:
+                return None
+            name = names.get(number)
+            if name is None:
+                name = names[number] = _string(strings, _SYM.unpack_from(raw, number * _SYM.size)[0])
+            return name
+        return name_of
 
     def build_id(self) -> bytes | None:
         """NT_GNU_BUILD_ID, from the note sections (else the PT_NOTE segments)."""
@@ -307,6 +341,61 @@ class ElfFile:
     def _phdrs(self):
         count = min(self.phnum, max(0, self.size - self.phoff) // _PHDR.size)
         return list(_PHDR.iter_unpack(self._bytes(self.phoff, count * _PHDR.size)))
+
+
+class SymbolRecords:
+    """Symbols of one table as the file has them, ``(number, st_name,
+    st_info, st_other, st_shndx, st_value, st_size)`` in table order, with
+    the table's strings and versions: decoded as a whole or name by name."""
+
+    def __init__(self, strings: bytes, records: list[tuple], versions) -> None:
+        self.strings = strings
+        self.records = records
+        self.versions = versions
+
+    def decoded(self) -> list[ElfSymbol]:
+        """Every record as an :class:`ElfSymbol`, in table order."""
+        # The hot loop of reading a file's tables (libc's debug file has
+        # 30,000 symbols): the string read inline, the tuples made without
+        # the named tuple's Python-level __new__.
+        strings, versions = self.strings, self.versions
+        symbols = []
+        append, find, make = symbols.append, strings.find, tuple.__new__
+        for i, name, info, other, shndx, value, size in self.records:
+            end = find(b"\0", name)
+            append(make(ElfSymbol, (
+                strings[name:end if end >= 0 else len(strings)].decode("utf-8", "surrogateescape"),
+                value, size, info & 0xF, info >> 4, other & 0x3, shndx,
+                versions[i] if i < len(versions) else None)))
+        return symbols
+
+    def named(self, name: str) -> list[ElfSymbol]:
+        """The symbols called ``name``, in table order, as :meth:`decoded`
+        has them: those whose name offset is where ``name`` stands in the
+        string table, alone or as the tail of a longer string."""
+        places = _places(self.strings, name)
+        if not places:
+            return []
+        return SymbolRecords(self.strings, [r for r in self.records if r[1] in places],
+                             self.versions).decoded()
+
+
+def _places(strings: bytes, name: str) -> set[int]:
+    """The offsets in a string table at which a symbol's name reads ``name``
+    (``name`` alone, or the tail of a longer string)."""
+    try:
+        wanted = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:      # no file's bytes decode to it
+        return set()
+    if b"\0" in wanted:
+        return set()
+    wanted += b"\0"
+    places = set()
+    at = strings.find(wanted)
+    while at >= 0:
+        places.add(at)
+        at = strings.find(wanted, at + 1)
+    return places
 
 
 def _string(strings: bytes, offset: int) -> str:

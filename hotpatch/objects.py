@@ -39,8 +39,6 @@ class LoadedObject:
 
     #: None for the main program, else the path as the dynamic linker has it
     name: str | None
-    #: the file (realpath); /proc/thread-self/exe resolved for the main program
-    path: str
     basename: str
     soname: str | None
     #: load bias (l_addr): file virtual address + base = address in memory
@@ -51,6 +49,18 @@ class LoadedObject:
     build_id: bytes | None
     #: what a relative Object.name may say: the basenames and the soname
     names: frozenset = frozenset()
+
+    @property
+    def path(self) -> str:
+        """The file (realpath); /proc/thread-self/exe resolved for the main
+        program.  Resolved on first use: a process maps dozens of objects,
+        a lookup reads one of them, and resolving every directory of every
+        path took most of the time of describing them all."""
+        path = self.__dict__.get("_path")
+        if path is None:
+            path = _realpath(self.name)
+            object.__setattr__(self, "_path", path)
+        return path
 
     def __str__(self) -> str:
         if self.name is None:
@@ -186,7 +196,7 @@ def _describe(entry) -> LoadedObject:
     # p_vaddr, p_paddr, p_filesz, p_memsz, p_align): only the rare fallback
     # below names the fields.
     phdrs = list(_PHDR.iter_unpack(ffi.buffer(entry.phdr)[:entry.phnum * _PHDR.size]))
-    path = _realpath(name) if name else _main_program_path()
+    path = None if name else _main_program_path()
     basename = os.path.basename(name or path)
     # The C core read both from the image under the dynamic linker's lock
     # (a tenth of the cost of reading them from here, object by object).
@@ -200,9 +210,8 @@ def _describe(entry) -> LoadedObject:
                                                   for ph in named if ph.p_type == PT_LOAD])
     else:
         build_id = None
-    return LoadedObject(
+    described = LoadedObject(
         name=name,
-        path=path,
         basename=basename,
         soname=soname,
         base=base,
@@ -210,8 +219,26 @@ def _describe(entry) -> LoadedObject:
                           for kind, flags, _, vaddr, _, _, memsz, _ in phdrs
                           if kind == PT_LOAD and flags & PF_X),
         build_id=build_id,
-        names=frozenset(n for n in (basename, os.path.basename(path), soname) if n),
+        names=frozenset(n for n in (basename, _file_name(name) if name else basename, soname) if n),
     )
+    if path is not None:
+        object.__setattr__(described, "_path", path)
+    return described
+
+
+def _file_name(name: str) -> str:
+    """The base name of the file ``name`` resolves to (``libz.so.1.2.13``
+    for ``/lib/x86_64-linux-gnu/libz.so.1``): ``basename(realpath(name))``
+    at a readlink or two.  Only symbolic links in the last component change
+    the base name, so the directories are left to the kernel."""
+    path = name
+    for _ in range(40):     # the kernel's limit on links in one lookup
+        try:
+            target = os.readlink(path)
+        except OSError:     # not a link (or gone): its name is the file's
+            break
+        path = os.path.join(os.path.dirname(path), target)
+    return os.path.basename(path)
 
 
 _c_realpath = libc_function("realpath", ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
@@ -280,7 +307,11 @@ def find_object(name: str | None) -> LoadedObject | None:
         return next((o for o in objects if o.name is None), None)
     if os.path.isabs(name):
         real = os.path.realpath(name)
-        matches = [o for o in objects if name == o.name or real == o.path]
+        # By base name first: an object's own path is resolved only when
+        # it can match.
+        file_name = os.path.basename(real)
+        matches = [o for o in objects
+                   if name == o.name or (file_name in o.names and real == o.path)]
     else:
         matches = [o for o in objects if name in o.names]
     if len(matches) > 1:

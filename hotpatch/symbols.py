@@ -147,7 +147,7 @@ def resolve(obj: LoadedObject, name: str, sympos: int = 0) -> Symbol:
     """
     table = elf.table_of(obj, f"symbol '{name}'")
     bare, at, version = name.partition("@")
-    candidates = table.by_name.get(bare, ())
+    candidates = table.named(bare)
     if at:
         candidates = [c for c in candidates
                       if c.version and c.version.lstrip("@") == version.lstrip("@")]
@@ -398,8 +398,8 @@ def branch_index(obj: LoadedObject):
 def _branch_index(obj: LoadedObject, lo: int):
     index = _branch_indexes.get(obj)
     if index is None:
-        starts = {obj.base + entry.value
-                  for entry in elf.table_of(obj, f"branches into {lo:#x}").funcs}
+        starts = {obj.base + start
+                  for start in elf.table_of(obj, f"branches into {lo:#x}").functions.starts()}
         index = _branch_indexes[obj] = index_branches(objects.read_memory, obj.exec_ranges,
                                                       sorted(starts))
     return index
@@ -444,7 +444,7 @@ def fentry_targets(obj: LoadedObject) -> frozenset[int]:
         if bound and not objects.inside(plt, bound):
             targets.add(bound)
     for name in elf.FENTRY_NAMES:
-        targets.update(base + entry.value for entry in table.by_name.get(name, ()))
+        targets.update(base + entry.value for entry in table.named(name))
     targets.update(_plt_entries_through(plt, slots))
     return frozenset(targets)
 

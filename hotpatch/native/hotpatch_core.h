@@ -7,6 +7,7 @@
  *   pool.c        executable memory within +-2 GiB of a target, named "hotpatch"
  *   codewrite.c   writing code while other threads run it: one stop per batch
  *   unstopped.c   the writes that need no stop: one atomic store of one instruction
+ *   ahead.c       what the first write asks of the kernel, asked at the core's import
  *   gotslot.c     storing into GOT slots (PLT calls of patched functions), no stop
  *   stop.c        the stop: which stopper holds the threads, retries, counters
  *   check.c       what a stopped thread may not be doing (pc, signal frames)
@@ -368,12 +369,16 @@ void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64
 void hp_stop_after_fork(void);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
 
+/* --- ahead.c -------------------------------------------------------- */
+void hp_register_sync_core_ahead(void);
+
 /* --- stop_ptrace.c -------------------------------------------------- */
 int hp_ptrace_stop(uint64_t deadline_ns, char *err);
 void hp_ptrace_release(void);
 int hp_ptrace_write(const struct hp_check *c, uint64_t deadline_ns, char *err);
 int hp_ptrace_helper_pid(void);
 void hp_ptrace_after_fork(void);
+void hp_ptrace_start_ahead(void);
 
 /* --- stop_signal.c -------------------------------------------------- */
 int hp_signal_stop(uint64_t deadline_ns, const char *why_not_ptrace, char *err);

@@ -34,6 +34,8 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
@@ -547,7 +549,14 @@ HP_RAW static int request(char op, uint64_t deadline_ns)
     return await_answer(op, deadline_ns);
 }
 
-static int start_helper(char *err)
+/* A helper spawned ahead (hp_ptrace_start_ahead) and not waited for yet:
+ * our end of its socket and its intermediate, reaped when it is needed. */
+static int spawned_sock = -1;
+static long spawned_intermediate;
+
+/* Spawn the helper: the double clone, without waiting for it.  -1 with
+ * `err` filled where it cannot even be spawned. */
+static int spawn_helper(char *err)
 {
     if (!area) {
         void *p = mmap(NULL, sizeof *area, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -582,24 +591,57 @@ static int start_helper(char *err)
      * bottom half. */
     long pid = hp_clone_run(CLONE_VM, top - 512, helper_intermediate, args);
     hp_sys(SYS_close, sv[1]);
-    int status;
-    if (pid > 0)
-        while (hp_sys(SYS_wait4, pid, &status, __WCLONE, 0) == -EINTR)
-            ;
-    helper_sock = sv[0];
-    int ok = pid > 0 && await_answer('R', hp_now_ns() + 2000000000ull) == 0 && area->helper_pid > 0;
-    if (!ok) {
+    if (pid < 0) {
+        hp_sys(SYS_close, sv[0]);
         char *at = hp_fmt_str(err, err + HP_ERRLEN, "the ptrace helper did not start");
-        if (pid < 0) {
-            at = hp_fmt_str(at, err + HP_ERRLEN, ": clone failed, errno ");
-            hp_fmt_num(at, err + HP_ERRLEN, -pid);
-        }
+        at = hp_fmt_str(at, err + HP_ERRLEN, ": clone failed, errno ");
+        hp_fmt_num(at, err + HP_ERRLEN, -pid);
+        return -1;
+    }
+    spawned_sock = sv[0];
+    spawned_intermediate = pid;
+    return 0;
+}
+
+/* The helper ready to serve: spawned now unless it was ahead, and waited
+ * for until it says it is ready. */
+static int start_helper(char *err)
+{
+    if (spawned_sock < 0 && spawn_helper(err))
+        return -1;
+    long pid = spawned_intermediate;
+    int status;
+    while (hp_sys(SYS_wait4, pid, &status, __WCLONE, 0) == -EINTR)
+        ;
+    helper_sock = spawned_sock;
+    spawned_sock = -1;
+    spawned_intermediate = 0;
+    int ok = await_answer('R', hp_now_ns() + 2000000000ull) == 0 && area->helper_pid > 0;
+    if (!ok) {
+        hp_fmt_str(err, err + HP_ERRLEN, "the ptrace helper did not start");
         stop_helper();
         return -1;
     }
     helper_pid = area->helper_pid;
     prctl(PR_SET_PTRACER, helper_pid, 0, 0, 0);   /* Yama's ptrace_scope 1; EINVAL without Yama */
     return 0;
+}
+
+/* Spawn the helper now, for a stop to come: it gets ready while the caller
+ * prepares what to write (its start is otherwise half a millisecond, and
+ * tens of milliseconds when the cores are busy, inside the first stop).
+ * Nothing is waited for.  A failure is left to that stop, which tries
+ * again and reports it.  Not with the signal stop forced (stop.c). */
+void hp_ptrace_start_ahead(void)
+{
+    const char *how = getenv("HOTPATCH_STOPPER");
+    char err[HP_ERRLEN];
+    if (how && strcmp(how, "signals") == 0)
+        return;
+    pthread_mutex_lock(&hp_lock);
+    if (helper_sock < 0 && spawned_sock < 0)
+        spawn_helper(err);
+    pthread_mutex_unlock(&hp_lock);
 }
 
 /* Stop every other thread with the helper (started on first need). */
@@ -672,8 +714,11 @@ void hp_ptrace_after_fork(void)
 {
     if (helper_sock >= 0)
         hp_sys(SYS_close, helper_sock);
-    helper_sock = -1;
+    if (spawned_sock >= 0)
+        hp_sys(SYS_close, spawned_sock);
+    helper_sock = spawned_sock = -1;
     helper_pid = 0;
+    spawned_intermediate = 0;
     if (area)
         munmap(area, sizeof *area);
     area = NULL;
