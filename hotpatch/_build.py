@@ -104,7 +104,7 @@ void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64
                    uint64_t *hold_max_ns, uint64_t *unstopped);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
 void hp_ptrace_start_ahead(void);
-void hp_register_sync_core_ahead(void);
+void hp_first_write_ahead(void);
 int hp_code_writes_use_proc_mem(void);
 int hp_core_sync_ready(void);
 int hp_set_crash_report(const char *text);

@@ -50,9 +50,9 @@ def _refused(what: str) -> PatchStateError:
 
 _mutex = OperationLock(0, _refused)
 # What the first code write asks of the kernel (an RCU grace period in a
-# process with threads) is asked now, by a thread of the C core's: see
-# native/ahead.c.
-lib.hp_register_sync_core_ahead()
+# process with threads, the pool's first chunk) is asked now, by a thread of
+# the C core's: see native/ahead.c.
+lib.hp_first_write_ahead()
 #: Every enable, disable, COMING and GOING is logged at INFO, as the kernel
 #: logs its transitions.
 log = logging.getLogger("hotpatch")
@@ -309,13 +309,30 @@ def _resolve_func(loaded: symbols.LoadedObject, func: Func) -> None:
     func.old_addr, func.old_size, func._local = symbol.address, symbol.size, symbol.local
 
 
+class _FentryTargets:
+    """An object's :func:`symbols.fentry_targets`, read when the entry
+    analysis first asks: only an entry that starts with a ``call`` does, so
+    a patch of other entries reads none of the object's relocations and PLT
+    (about 1 ms of a first ``register()``)."""
+
+    __slots__ = ("_loaded", "_targets")
+
+    def __init__(self, loaded: symbols.LoadedObject):
+        self._loaded = loaded
+        self._targets: frozenset[int] | None = None
+
+    def __contains__(self, address: int) -> bool:
+        if self._targets is None:
+            self._targets = symbols.fentry_targets(self._loaded)
+        return address in self._targets
+
+
 def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) -> None:
     """Resolve the funcs of a loaded object and prepare their sites: the
     entries of all of them analysed in one batch (per function, the C core
     reads and decodes in one call what used to take several); a failure is
     reported for the first func, in the object's order, that has one."""
     loaded = obj._loaded
-    fentry_targets = symbols.fentry_targets(loaded)
     failed: dict[int, HotpatchError] = {}     # by id(func)
     for func in obj.funcs:
         try:
@@ -326,7 +343,7 @@ def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) 
            and stacks.stack_of(func.old_addr) is None and func.old_addr not in prepared]
     made = sites.prepare_batch(
         [(func.old_addr, func.old_size) for func in new], exec_ranges=loaded.exec_ranges,
-        fentry_targets=fentry_targets,
+        fentry_targets=_FentryTargets(loaded),
         branches_into=lambda lo, hi: symbols.branches_into(loaded, lo, hi),
         branch_index=lambda: symbols.branch_index(loaded)) if new else []
     for func, site in zip(new, made):

@@ -10,22 +10,33 @@
  * from a thread of its own that ends once it is done: nothing waits for it,
  * and codewrite.c's own registration, which still decides whether the
  * command is used, finds the process registered and returns at once.
+ *
+ * The same thread maps the first chunk of the pool (pool.c: the maps read
+ * for a free gap, a memfd, two mappings; 0.6 ms of the first register())
+ * near libc, where the dynamic linker maps shared objects: the loader
+ * hook's site in ld.so and the functions of most first patches are within
+ * its reach.  A patch of the main program, mapped elsewhere, still maps a
+ * chunk of its own.  So a process that imports the core has a "hotpatch"
+ * mapping even before it patches (1 MiB of code and 64 KiB of data
+ * reserved, no memory used until written).
  */
 #include "hotpatch_core.h"
 
 #include <linux/membarrier.h>
 #include <signal.h>
+#include <stdlib.h>
 
-static void *register_sync_core(void *unused)
+static void *ask_ahead(void *unused)
 {
     /* A stop may come while this thread is in the kernel: the signal stop
      * must be able to park it, whatever mask it inherited. */
     hp_unblock_park_signal();
+    hp_alloc_code((uintptr_t)&malloc, 0);       /* the pool's first chunk; see above */
     hp_sys(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0);
     return NULL;
 }
 
-void hp_register_sync_core_ahead(void)
+void hp_first_write_ahead(void)
 {
     pthread_attr_t attr;
     pthread_t thread;
@@ -40,7 +51,7 @@ void hp_register_sync_core_ahead(void)
     pthread_sigmask(SIG_SETMASK, &all, &before);
     /* A thread that cannot be created leaves the registration to the
      * first write, as before. */
-    pthread_create(&thread, &attr, register_sync_core, NULL);
+    pthread_create(&thread, &attr, ask_ahead, NULL);
     pthread_sigmask(SIG_SETMASK, &before, NULL);
     pthread_attr_destroy(&attr);
 }

@@ -370,7 +370,7 @@ void hp_stop_after_fork(void);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
 
 /* --- ahead.c -------------------------------------------------------- */
-void hp_register_sync_core_ahead(void);
+void hp_first_write_ahead(void);
 
 /* --- stop_ptrace.c -------------------------------------------------- */
 int hp_ptrace_stop(uint64_t deadline_ns, char *err);
