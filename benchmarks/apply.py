@@ -16,6 +16,11 @@ repeats).  hotpatch is timed in phases:
 Frida's ``Interceptor.replace`` and ``replaceFast`` install and revert the
 same functions in a child of the same shape, timed inside the process.
 
+The generated functions' entries are several instructions, so their first
+patch takes a stop of the other threads.  After the counts, each hotpatch
+child also patches, one at a time, functions whose entry needs no stop
+(``u_*``: one atomic store), checked to have taken none.
+
 ``python -m benchmarks.apply PARAMS`` is the child.
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import statistics
 import subprocess
 import time
 
@@ -73,7 +79,10 @@ def run(opts: Options) -> dict:
     result = {"title": "Apply and revert latency", "counts": list(counts),
               "threads": list(opts.threads), "repeats": opts.repeats, "failures": failures,
               "hotpatch": _summarize(runs["hotpatch"], HOTPATCH_PHASES),
-              "hotpatch_first": _summarize_first(runs["hotpatch"])}
+              "hotpatch_first": _summarize_first(runs["hotpatch"]),
+              "hotpatch_unstopped": {str(t): {phase: summary([r["unstopped"][phase] for r in rs])
+                                              for phase in HOTPATCH_PHASES}
+                                     for t, rs in runs["hotpatch"].items() if rs}}
     if frida_peer.available():
         result["frida"] = _summarize(runs["frida"], [f"{m}_{s}" for m in FRIDA_METHODS
                                                     for s in ("install", "revert")])
@@ -229,7 +238,20 @@ def _patch_counts(ffi, params, functions, symbols) -> dict:
         chosen = [(base + off, size) for off, size in functions[start:start + count]]
         for phase, value in _patch_once(sites, library, chosen, g, g2, ffi).items():
             us[phase][str(count)] = value
-    return {"us": us, "first": first}
+    return {"us": us, "first": first, "unstopped": _unstopped(sites, library, symbols, base, g,
+                                                              g2, ffi)}
+
+
+def _unstopped(sites, library: str, symbols, base: int, g: int, g2: int, ffi) -> dict:
+    """One function at a time whose entry needs no stop (u_*): the median
+    of each phase over them, checked to have taken no stop."""
+    import hotpatch
+    stops = hotpatch.tree()["core"]["stops"]["count"]
+    runs = [_patch_once(sites, library, [(base + symbols[f"u_{i}"][0], symbols[f"u_{i}"][1])],
+                        g, g2, ffi) for i in range(native.UNSTOPPED)]
+    if hotpatch.tree()["core"]["stops"]["count"] != stops:
+        raise RuntimeError("a u_* function took a stop: its entry is not the shape expected")
+    return {phase: statistics.median(r[phase] for r in runs) for phase in HOTPATCH_PHASES}
 
 
 def _patch_once(sites, library: str, chosen, g: int, g2: int, ffi) -> dict:

@@ -97,11 +97,16 @@ def build_stop_threads() -> str:
 # The generated library
 
 
+#: Functions of the generated library whose first patch needs no stop.
+UNSTOPPED = 8
+
+
 def _generated_source(count: int) -> str:
     """C source of ``count`` distinct functions f_0.. (each at least 16 bytes,
     so that Frida's replaceFast takes them too), ``warm`` of the same shape
     (patched first, to take the one-time costs), the replacements ``g`` and
-    ``g2``, the
+    ``g2``, UNSTOPPED functions u_0.. whose entry needs no stop to patch
+    (their first instruction, a load of a volatile, covers the write), the
     table ``gen_functions`` and busy caller threads."""
     parts = [
         "#include <pthread.h>\n#include <stdint.h>\n#include <time.h>\n",
@@ -112,6 +117,9 @@ def _generated_source(count: int) -> str:
     ]
     parts += [f"FUNC long f_{i}(long x) {{ return ((x ^ (x >> 7)) * 3) + {i + 1}; }}\n"
               for i in range(count)]
+    parts.append("static volatile long ubase = 0;\n")
+    parts += [f"FUNC long u_{i}(long x) {{ long b = ubase; return b + x + {i + 2}; }}\n"
+              for i in range(UNSTOPPED)]
     parts.append("long (*const gen_functions[])(long) = {\n")
     parts += [f"f_{i},\n" for i in range(count)]
     parts.append("};\n")

@@ -209,6 +209,9 @@ def _growth_rows(r: dict) -> list[list[str]]:
     return rows
 
 
+HOTPATCH_UNSTOPPED_PHASES = ("apply", "prepare", "write", "revert", "reapply", "retarget")
+
+
 def apply_section(r: dict, images: str) -> str:
     if "failed" in r:
         return "## 2. Apply and revert\n\nThe series failed:\n\n```\n" + r["failed"] + "\n```\n"
@@ -241,6 +244,19 @@ def apply_section(r: dict, images: str) -> str:
                 "table above):", "",
                 table(["busy threads", "hotpatch apply µs", "prepare µs", "write µs", "revert µs",
                        "Frida replace µs", "Frida replaceFast µs"], rows), ""]
+    unstopped = r.get("hotpatch_unstopped", {})
+    if unstopped:
+        frida = r.get("frida", {})
+        rows = [[t] + [spread(unstopped[t].get(phase)) for phase in HOTPATCH_UNSTOPPED_PHASES]
+                + [spread(frida.get(t, {}).get("replace_install", {}).get("1"))]
+                for t in unstopped]
+        out += ["One function whose entry needs no stop (`u_*`: its first instruction, a 7-byte "
+                "load, covers the write; one atomic store, `native/unstopped.c`), after the counts "
+                "above in the same processes: the median of 8 such functions per process, then "
+                "median [quartiles] over the processes. Every phase checked to have taken no stop. "
+                "Frida's 1-function replace of the table above beside it.", "",
+                table(["busy threads", "apply µs", "prepare µs", "write µs", "revert µs",
+                       "reapply µs", "retarget µs", "Frida replace µs (1 function)"], rows), ""]
     for line in r.get("frida_refused", []):
         out.append(f"- Frida refused {line}")
     for threads in r["threads"]:
@@ -760,6 +776,12 @@ def targets_section(series: dict) -> str:
                                     num(whole["median"], " µs"), whole["median"] < limit_us))
                 rows.append(_target(f"{name}: the write alone (analysis done before), no busy thread",
                                     num(write["median"], " µs"), write["median"] < limit_us))
+            unstopped = ap.get("hotpatch_unstopped", {}).get("0")
+            if count == 1 and unstopped:
+                for phase, what in (("apply", "the whole apply"), ("write", "the write alone")):
+                    rows.append(_target(f"{name}: {what}, an entry that needs no stop, no busy "
+                                        "thread", num(unstopped[phase]["median"], " µs"),
+                                        unstopped[phase]["median"] < limit_us))
         k = growth({c: s["median"] for c, s in zero["apply"].items()})
         if k is not None:
             rows.append(_target("apply linear in the count", f"time ∝ count^{k:.2f}", 0.85 <= k <= 1.15))
