@@ -3,6 +3,7 @@ every entry form, on real compiled prologues, under concurrency.
 
 Every test patches inside a child process (see conftest.run_child)."""
 import os
+import subprocess
 
 import pytest
 
@@ -418,3 +419,56 @@ report({"how": hotpatch.tree()["core"]["code_writes"], "patched": patched,
     assert r["patched"] == [1005] * 3 and r["retargeted"] == [2005] * 3
     assert r["restored"] == [6, 25, 12] and r["identical"]
     assert r["wx"] == []
+
+
+@pytest.fixture(scope="session")
+def adjacent(tmp_path_factory):
+    """400 small functions side by side (16 bytes apart at -O2)."""
+    out = tmp_path_factory.mktemp("adjacent")
+    source = out / "adjacent.c"
+    source.write_text("".join(f"__attribute__((noipa)) long adj_{i}(long x) "
+                              f"{{ return (x ^ (x >> 3)) * 5 + {i}; }}\n" for i in range(400)))
+    path = str(out / "libadjacent.so")
+    subprocess.run(["cc", "-O2", "-fPIC", "-shared", "-o", path, str(source)], check=True)
+    return {"lib": path, "sizes": symbol_sizes(path)}
+
+
+@pytest.mark.parametrize("how", ["ptrace", "signals", "mprotect"])
+def test_adjacent_entries_are_written_by_spans(child, targets, adjacent, how):
+    # With the threads held, writes close together are read, checked and
+    # written as one span (check.c): every entry gets its jmp, the bytes
+    # between the entries are left exactly as they were, and a restore
+    # gives back the whole range byte for byte.
+    r = child("""
+import ctypes, faulthandler, os
+from hotpatch import sites
+if P["how"] == "signals":
+    faulthandler.cancel_dump_traceback_later()      # every thread must take the park signal
+shapes = ctypes.CDLL(P["shapes"])
+lib = ctypes.CDLL(P["lib"])
+def addr(l, name):
+    return ctypes.cast(getattr(l, name), ctypes.c_void_p).value
+names = [f"adj_{i}" for i in range(400)]
+entries = [addr(lib, n) for n in names]
+lo, hi = min(entries), max(entries) + 16
+before = sites.read_memory(lo, hi - lo)
+batch = sites.prepare_batch([(addr(lib, n), P["sizes"][n]) for n in names])
+sites.redirect_batch([(s, addr(shapes, "replacement")) for s in batch])
+during = sites.read_memory(lo, hi - lo)
+written = set()
+for s in batch:
+    written.update(range(s.address - lo, s.address - lo + len(s.written)))
+calls = [ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(e)(5) for e in entries]
+sites.restore_batch(batch)
+report({"calls": sorted(set(calls)),
+        "between_kept": all(during[k] == before[k] for k in range(hi - lo) if k not in written),
+        "written": len(written), "restored": sites.read_memory(lo, hi - lo) == before,
+        "stopper": __import__("hotpatch").tree()["core"]["stopper"]["method"],
+        "how": __import__("hotpatch").tree()["core"]["code_writes"]})
+""", how=how, shapes=targets["lib"], env={"signals": {"HOTPATCH_STOPPER": "signals"},
+                                           "mprotect": {"HOTPATCH_CODE_WRITES": "mprotect"}}
+        .get(how, {}), **adjacent)[0]
+    assert r["calls"] == [1005], r
+    assert r["written"] >= 400 * 5 and r["between_kept"] and r["restored"], r
+    assert r["stopper"] == ("signals" if how == "signals" else "ptrace"), r
+    assert r["how"] == ("mprotect window" if how == "mprotect" else "/proc/self/mem"), r

@@ -141,22 +141,16 @@ int hp_core_sync_ready(void)
 
 /* --- a batch: one stop ------------------------------------------------ */
 
-/* With every other thread stopped: write, and on a failed write put back
- * the ones already written. */
-HP_RAW int hp_write_stopped(const struct hp_write *w, size_t n, char *err)
+HP_RAW static int put_code(void *ctx, uintptr_t address, const uint8_t *bytes, size_t len)
 {
-    size_t i = 0;
-    int rc = 0;
-    for (; i < n && !rc; i++)
-        rc = write_code(w[i].address, w[i].bytes, w[i].len);
-    if (rc) {
-        for (size_t j = 0; j + 1 < i; j++)
-            write_code(w[j].address, w[j].old, w[j].len);
-        char *at = hp_fmt_str(err, err + HP_ERRLEN, "writing code at ");
-        at = hp_fmt_hex(at, err + HP_ERRLEN, w[i - 1].address);
-        hp_fmt_str(at, err + HP_ERRLEN, " failed");
-    }
-    return rc;
+    return write_code(address, bytes, len);
+}
+
+/* With every other thread stopped: write, by spans (check.c), and on a
+ * failed write put back the ones already written. */
+HP_RAW int hp_write_stopped(const struct hp_check *c, char *err)
+{
+    return hp_write_spans(c, put_code, 0, err);
 }
 
 static int by_address(const void *a, const void *b)

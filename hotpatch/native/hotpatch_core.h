@@ -254,7 +254,8 @@ int hp_core_sync_ready(void);
 /* Write code no thread runs (fresh pool memory), hp_lock held. */
 int hp_write_code_locked(uintptr_t addr, const void *src, size_t len);
 /* With the other threads stopped: write every site (undone on failure). */
-int hp_write_stopped(const struct hp_write *w, size_t n, char *err);
+struct hp_check;
+int hp_write_stopped(const struct hp_check *c, char *err);
 /* Serialize every core running a thread of this process (membarrier). */
 void hp_sync_cores(void);
 
@@ -302,6 +303,9 @@ struct hp_check {
 int hp_collect_restorers(uintptr_t *out, int max);
 int hp_check_thread(const struct hp_check *c, uintptr_t pc, uintptr_t sp, uintptr_t *found);
 int hp_check_old_bytes(const struct hp_check *c, char *err);
+/* Writes `len` bytes at `address`: 0, or -1. */
+typedef int (*hp_span_writer)(void *ctx, uintptr_t address, const uint8_t *bytes, size_t len);
+int hp_write_spans(const struct hp_check *c, hp_span_writer put, void *ctx, char *err);
 
 /* --- unwind.c ------------------------------------------------------- */
 /* Code of a patch that no thread may be running for a transition. */
@@ -413,6 +417,13 @@ void hp_loader_brk(void);
 
 /* Copy whole words without libc: a struct copy may become a call to
  * memcpy, which a patch may have replaced (the stop path, the helper). */
+/* Byte copy without libc (HP_RAW keeps it from becoming a memcpy call). */
+HP_RAW static inline void hp_copy_bytes(uint8_t *to, const uint8_t *from, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        to[i] = from[i];
+}
+
 HP_RAW static inline void hp_copy_words(void *to, const void *from, size_t bytes)
 {
     volatile uint64_t *t = to;

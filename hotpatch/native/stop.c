@@ -66,7 +66,7 @@ HP_RAW static int stopped_round(const struct hp_check *c, int kind, uint64_t dea
                 tid = hp_stopped[t].tid;
         if (!tid) {
             rc = hp_check_old_bytes(c, err) ? HP_STOP_FAILED
-                 : hp_write_stopped(c->writes, c->nwrites, err) ? HP_STOP_FAILED : HP_STOP_OK;
+                 : hp_write_stopped(c, err) ? HP_STOP_FAILED : HP_STOP_OK;
             hp_sync_cores();        /* write, sync, let go: in that order */
             release(kind);
             count_hold(hp_now_ns() - stopped);
@@ -202,7 +202,7 @@ HP_RAW int hp_stop_stack_round(struct hp_write *w, size_t n, const struct hp_sto
         hp_stats.stop_ns += hp_now_ns() - start;
         return HP_STOP_BUSY;
     }
-    rc = hp_check_old_bytes(&c, err) || hp_write_stopped(w, n, err) ? HP_STOP_FAILED : HP_STOP_OK;
+    rc = hp_check_old_bytes(&c, err) || hp_write_stopped(&c, err) ? HP_STOP_FAILED : HP_STOP_OK;
     if (rc == HP_STOP_OK)
         store_targets(stores, nstores);
     hp_sync_cores();        /* write, sync, let go: in that order */

@@ -363,20 +363,9 @@ HP_RAW static void *buffer_copy(struct buffer *b, int pid, uintptr_t from, size_
     return to && (!size || hp_read_own(pid, to, from, size) == (long)size) ? to : 0;
 }
 
-HP_RAW static int write_all(int mem_fd, const struct hp_write *w, size_t n, char *err)
+HP_RAW static int put_through_mem(void *ctx, uintptr_t address, const uint8_t *bytes, size_t len)
 {
-    size_t i = 0;
-    int rc = 0;
-    for (; i < n && !rc; i++)
-        rc = hp_sys(SYS_pwrite64, mem_fd, w[i].bytes, w[i].len, w[i].address) != (long)w[i].len;
-    if (rc) {
-        for (size_t j = 0; j + 1 < i; j++)
-            hp_sys(SYS_pwrite64, mem_fd, w[j].old, w[j].len, w[j].address);
-        char *at = hp_fmt_str(err, err + HP_ERRLEN, "writing code at ");
-        at = hp_fmt_hex(at, err + HP_ERRLEN, w[i - 1].address);
-        hp_fmt_str(at, err + HP_ERRLEN, " failed");
-    }
-    return rc;
+    return hp_sys(SYS_pwrite64, *(int *)ctx, bytes, len, address) != (long)len;
 }
 
 /* A whole round: stop, check, write, let go -- retried while a thread is
@@ -413,7 +402,8 @@ HP_RAW static void write_round(struct stop_area *a, int task_fd, int sigfd, int 
                 hp_check_thread(&c, a->threads[i].pc, a->threads[i].sp, &pc))
                 tid = a->threads[i].tid;
         if (!tid) {
-            if (hp_check_old_bytes(&c, a->message) || write_all(mem_fd, c.writes, c.nwrites, a->message))
+            if (hp_check_old_bytes(&c, a->message) ||
+                hp_write_spans(&c, put_through_mem, &mem_fd, a->message))
                 a->result = HP_STOP_FAILED;
             /* Write, sync, let go: the helper shares the service's memory, so
              * its membarrier serializes every core running the service. */
