@@ -1105,44 +1105,56 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   thunk in place of the shared table lookup, and saving only what an observer
   needs.
 - **Apply is more than 10x Frida's `replace` per function at 10,000
-  functions, not yet at 1 or 100, and 1,000 sites take about 15 ms, not
+  functions, not yet at 1 or 100, and 1,000 sites take about 11 ms, not
   10.**  The plans and original stubs of the common entry shapes are built
   by one call of the C core per batch (`native/plan.c`: Python keeps the
   rare shapes and the wording of refusals; `tests/test_plan.py` checks that
   both agree, stub byte for byte), and the entry writes of a batch by
-  another.  What remains per function: the C scan (about 4 µs, most of it
-  capstone's sweep of the whole function), about 4 µs of Python (reading
-  the plans back, the records) and the write (about 3 µs, in the stop); at
-  10,000 functions Python's collector adds a third.  A batch also has fixed
-  costs of a few hundred µs (reading the object's ranges, the stop, caches
-  cold after the previous stop), which dominate 1 to 100 functions and
-  vary from run to run on this shared machine: the 100-function prepare
-  took 1-4 ms.  A single site is dominated by them and the stop (the write
-  column; with busy threads, waiting for CPUs): Frida writes without
-  stopping anything.
+  another.  Under the stop, writes close together are read, checked and
+  written as one span (the 1,000-site write: 6 -> 2.7 ms, the threads held
+  2.1 -> 0.06 ms).  What remains per function: the C scan (about 4 µs, most
+  of it capstone's sweep of the whole function), about 4 µs of Python
+  (reading the plans back, the records); at 10,000 functions Python's
+  collector adds a third.  A batch also has fixed costs of a few hundred µs
+  (reading the object's ranges, caches cold after the previous stop),
+  which dominate 1 to 100 functions and vary from run to run on this shared
+  machine (the 100-function ratio to Frida was 6.4x to 13.8x over the
+  session's runs).  A single site is dominated by them and, for an entry
+  of several instructions, by the stop (the write column: a wakeup of the
+  helper process and a ptrace round per thread, 0.1-0.3 ms here); Frida
+  writes without stopping anything.  An entry whose first instruction
+  covers the write needs no stop: 75 µs for its write from Python, 150-160
+  µs for its whole apply (the table after the first-patch one), still above
+  50 µs: about half of it is Python around the C call, the rest the atomic
+  store's system calls (the page's protection asked of the kernel, two
+  `mprotect`, a `membarrier`).
 - **What the service feels (section 2d).**  Enabling or disabling one
   function stalls nothing measurable idle.  Loading a C patch module keeps
-  idle Python threads waiting under 5 ms (3-4 ms, from 6-10), importing the
-  core at the first use of `hotpatch.register` about 5 ms (4.7-6.2 ms over
-  runs on this shared machine, from 11-26): hotpatch runs from bytecode
-  (the series had compiled every module at import, with the GIL held), its
-  lazy imports give the GIL up between modules, the core's shared objects
-  and the patch module are opened with the GIL released, and a patch
-  module's structures are compiled into the core instead of parsed with
-  pycparser.  The first `register()` of the process keeps them waiting
-  2-3 ms idle (from 5.5-7.5) and takes 7-10 ms (from 18): the membarrier
-  registration of the first write (an RCU grace period in a process with
-  threads) is made at the core's import by a thread of the core's, the
-  loaded objects are described there too, the ptrace helper is spawned at
-  the start of the register() and waited for at its first stop, one name is
-  looked up in libz's tables without decoding them, and hotpatch's Python
-  runs at a 1 ms switch interval.  Idle, no step of a single-function patch
-  now stalls the service more than 5 ms.  What remains above 5 ms: with busy
-  threads every step that keeps a core busy (the ticker and the sleeper
-  then wait for a CPU too: the import of the core is 100-300 ms of Python,
-  most of it capstone's binding and what it imports), plus, with 8 busy
-  threads on 2 cores, the quiet window's own 15-40 ms.  The verdict table
-  of section 2d says, per step and load, which and why.
+  idle Python threads waiting under 5 ms (2-4 ms, from 6-10), importing the
+  core at the first use of `hotpatch.register` 3.5-4.4 ms (from 11-26):
+  hotpatch runs from bytecode (the series had compiled every module at
+  import, with the GIL held), its lazy imports give the GIL up between
+  modules, the core's shared objects and the patch module are opened with
+  the GIL released, and a patch module's structures are compiled into the
+  core instead of parsed with pycparser.  The first `register()` of the
+  process keeps them waiting 2-3 ms idle (from 5.5-7.5) and takes about
+  6.3 ms (from 18): the membarrier registration of the first write (an RCU
+  grace period in a process with threads) and the pool's first chunk are
+  made at the core's import by a thread of the core's, the loaded objects
+  are described there too, the ptrace helper is spawned at the start of the
+  register() and waited for at its first stop, the loader hook goes in
+  without a stop (r_brk is `ret` and padding: one atomic store), its worker
+  thread is started without waiting for it, one name is looked up in libz's
+  tables without decoding them, and hotpatch's Python runs at a 1 ms switch
+  interval.  Idle, no step of a single-function patch now stalls the
+  service more than 5 ms.  What remains above 5 ms: the first register()'s
+  wall time (libz's tables 1 ms, its branch index 0.5 ms, the loader hook's
+  site analysed in Python 1 ms, crc32's stop 0.6 ms, the PLT slots 0.3 ms);
+  with busy threads every step that keeps a core busy (the ticker and the
+  sleeper then wait for a CPU too: the import of the core is 100-300 ms of
+  Python, most of it capstone's binding and what it imports), plus, with
+  8 busy threads on 2 cores, the quiet window's own 15-40 ms.  The verdict
+  table of section 2d says, per step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more
   with more busy threads than cores.** Restoring or retargeting an entry,
   and a first patch of an entry whose first instruction covers the write
