@@ -165,7 +165,10 @@ def _redirect(entries: list[tuple[int, int, int | None]]) -> None:
         if size is None:
             # The symbol's size tells its padding from the next function.
             size = symbols.resolve_offset(obj, address - obj.base).size
-        site = _sites.prepare(address, size=size, exec_ranges=obj.exec_ranges)
+        # A batch of one: the C core plans r_brk's `ret` and padding itself.
+        site, = _sites.prepare_batch([(address, size)], exec_ranges=obj.exec_ranges)
+        if isinstance(site, HotpatchError):
+            raise site
         lib.hp_loader_set_original(which, site.original)
         prepared.append((site, lib.hp_loader_entry(which)))
     _sites.redirect_batch(prepared)

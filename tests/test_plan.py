@@ -77,8 +77,8 @@ def corpus(tmp_path_factory) -> list[str]:
 
 def _handled_by_c(plan, stub: int, entry: int, size: int) -> bool:
     """Whether ``plan`` (analyze_entry's) has a shape native/plan.c plans."""
-    if plan.kind != "generic" or sum(i.size for i in plan.instructions) != plan.length:
-        return False
+    if plan.kind != "generic":
+        return False        # (a plan whose instructions are shorter ends in padding: C's too)
     first = plan.instructions[0].mnemonic
     if first == "nop" or "call" in first:
         return False

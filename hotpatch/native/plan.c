@@ -7,10 +7,12 @@
  * so the shapes an optimising compiler emits at function entries are
  * planned and relocated here, for a whole batch in one call: instructions
  * that do not depend on where they run, RIP-relative operands (their disp32
- * moved), and relative jmp/jcc (re-encoded, near or far).  Anything else --
- * a NOP or call at the entry, a call, loop or xbegin among the replaced
- * instructions, a branch inside them, a function too short, a refusal of
- * any kind -- is left to Python (HP_PLAN_PYTHON), which then plans that
+ * moved), and relative jmp/jcc (re-encoded, near or far), and a function
+ * shorter than the jump that ends in a ret or jmp with padding after it.
+ * Anything else -- a NOP or call at the entry, a call, loop or xbegin among
+ * the replaced instructions, a branch inside them, a function too short
+ * with no padding, a refusal of any kind -- is left to Python
+ * (HP_PLAN_PYTHON), which then plans that
  * function as before.  The decisions taken here are the Python ones for
  * these shapes, step by step (the function names below are entry.py's and
  * relocate.py's); tests/test_plan.py compares both on real code, stub byte
@@ -289,6 +291,26 @@ static int plan_one(struct hp_plan *plan, const struct hp_entry_scan *s, const u
             return 0;
         covered = h->address + h->size;
         n++;
+    }
+    if (covered < want && function_end && covered == function_end && n
+            && !can_fall_through(&insns[n - 1])) {
+        /* _check_padding(): a function shorter than the jump that ends in
+         * a ret or jmp, followed by padding (nop, int3) it never reaches --
+         * the dynamic linker's r_brk, which the loader hook takes.  Decoded
+         * over _covering_window()'s bytes. */
+        size_t from = function_end - entry, seen = 0;
+        size_t window = s->len > from ? s->len - from : 0;
+        if (window > JMP_REL32 + 15 - 1)
+            window = JMP_REL32 + 15 - 1;
+        for (uint64_t position = function_end; position < want;) {
+            int kind, len = seen < window
+                ? hp_instruction_kind(code + from + seen, window - seen, position, &kind) : 0;
+            if (len <= 0 || kind != HP_INSN_PADDING)
+                return 0;       /* Python refuses it, in its words */
+            seen += (size_t)len;
+            position += (uint64_t)len;
+        }
+        covered = want;
     }
     if (covered < want)         /* undecodable, or too short: Python explains */
         return 0;

@@ -52,7 +52,7 @@ class EntryPlan:
 
     def __init__(self, entry: int, address: int, length: int, original_bytes: bytes, kind: str,
                  endbr: bool, single_instruction: bool,
-                 instructions: tuple[Instruction, ...] | None, body: int | None,
+                 instructions: tuple[Instruction, ...] | int, body: int | None,
                  falls_through: bool) -> None:
         self.entry = entry                      #: the function's address
         #: where the redirection is written (entry, or entry+4 after endbr64)
@@ -74,10 +74,11 @@ class EntryPlan:
         """The instructions replaced (relocated for "generic"; for a
         function shorter than 5 bytes, its own only: the padding after it
         is overwritten).  Plans made by the C core (:func:`native_plans`)
-        replace whole instructions and decode them on first use: nothing
+        know only how many there are and decode them on first use: nothing
         on the way to a patch asks for them."""
-        if self._instructions is None:
-            self._instructions = tuple(decode(self.original_bytes, self.address))
+        if isinstance(self._instructions, int):
+            self._instructions = tuple(decode(self.original_bytes,
+                                              self.address)[:self._instructions])
         return self._instructions
 
     def _key(self) -> tuple:
@@ -187,12 +188,12 @@ def native_results(batch, n: int) -> list[tuple[int, EntryPlan | None, int, int]
     HP_PLAN_UNWRITTEN)."""
     out = []
     python = lib.HP_PLAN_PYTHON
-    for (entry, _, stub, address, status, length, stub_size, _, endbr, single, falls, _,
+    for (entry, _, stub, address, status, length, stub_size, _, endbr, single, falls, ninsns,
          original) in struct.iter_unpack(_PLAN_RECORD, ffi.buffer(batch, n * ffi.sizeof(batch[0]))):
         plan = None
         if status != python:
             plan = EntryPlan(entry, address, length, original[:length], "generic", endbr, single,
-                             None, None, falls)
+                             ninsns, None, falls)
         out.append((status, plan, stub, stub_size))
     return out
 
