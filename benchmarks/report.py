@@ -1138,18 +1138,22 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   the GIL released, and a patch module's structures are compiled into the
   core instead of parsed with pycparser.  The first `register()` of the
   process keeps them waiting 2-3 ms idle (from 5.5-7.5) and takes about
-  6.3 ms (from 18): the membarrier registration of the first write (an RCU
+  5.2 ms (from 18): the membarrier registration of the first write (an RCU
   grace period in a process with threads) and the pool's first chunk are
   made at the core's import by a thread of the core's, the loaded objects
   are described there too, the ptrace helper is spawned at the start of the
   register() and waited for at its first stop, the loader hook goes in
-  without a stop (r_brk is `ret` and padding: one atomic store), its worker
+  without a stop (r_brk is `ret` and padding: one atomic store) and is
+  planned by the C core (nothing in the first register() decodes through
+  capstone's Python binding, whose first use costs 0.3-0.4 ms), its worker
   thread is started without waiting for it, one name is looked up in libz's
   tables without decoding them, and hotpatch's Python runs at a 1 ms switch
   interval.  Idle, no step of a single-function patch now stalls the
   service more than 5 ms.  What remains above 5 ms: the first register()'s
-  wall time (libz's tables 1 ms, its branch index 0.5 ms, the loader hook's
-  site analysed in Python 1 ms, crc32's stop 0.6 ms, the PLT slots 0.3 ms);
+  wall time, by a few tenths of a millisecond (3.7-5.2 ms over runs: libz's
+  tables 0.8 ms, its branch index 0.4 ms, crc32's stop 0.5 ms, spawning the
+  helper 0.2 ms, the PLT slots 0.2 ms; crc32's entry is two instructions,
+  so it takes a stop, and the service's threads make that stop longer);
   with busy threads every step that keeps a core busy (the ticker and the
   sleeper then wait for a CPU too: the import of the core is 100-300 ms of
   Python, most of it capstone's binding and what it imports), plus, with
