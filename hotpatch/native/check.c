@@ -172,6 +172,15 @@ HP_RAW static uint8_t *span_buffer(const struct hp_check *c, uint8_t *own, size_
     return own;
 }
 
+/* Why a write was refused: its code is gone, or not what was expected. */
+HP_RAW void hp_fmt_code_changed(char *err, uintptr_t address, int unmapped)
+{
+    char *at = hp_fmt_str(err, err + HP_ERRLEN, "the code at ");
+    at = hp_fmt_hex(at, err + HP_ERRLEN, address);
+    hp_fmt_str(at, err + HP_ERRLEN, unmapped ? " is no longer mapped"
+               : " is not what it was expected to be (changed by someone else?)");
+}
+
 /* The bytes at each write are what the caller expects: read without
  * faulting (the object may have been unmapped), compared byte by byte. */
 HP_RAW int hp_check_old_bytes(const struct hp_check *c, char *err)
@@ -190,11 +199,7 @@ HP_RAW int hp_check_old_bytes(const struct hp_check *c, char *err)
             for (uint32_t b = 0; same && b < w[k].len; b++)
                 same = buf[at + b] == w[k].old[b];
             if (!same) {
-                char *to = hp_fmt_str(err, err + HP_ERRLEN, "the code at ");
-                to = hp_fmt_hex(to, err + HP_ERRLEN, w[k].address);
-                hp_fmt_str(to, err + HP_ERRLEN, got < (long)(at + w[k].len)
-                           ? " is no longer mapped"
-                           : " is not what it was expected to be (changed by someone else?)");
+                hp_fmt_code_changed(err, w[k].address, got < (long)(at + w[k].len));
                 return -1;
             }
         }

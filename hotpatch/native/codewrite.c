@@ -210,12 +210,34 @@ static void undo_unstopped(const struct hp_write *w, size_t n, uint64_t deadline
     free(back);
 }
 
+/* What every batch holds while it writes: the core's lock, and every signal
+ * of this thread blocked (a handler running here could otherwise run the
+ * code being written).  Returns the batch's deadline; `mask` is the signal
+ * mask to give back in leave_batch(). */
+static uint64_t enter_batch(int timeout_ms, uint64_t *mask)
+{
+    uint64_t all = ~0ull;
+    pthread_mutex_lock(&hp_lock);
+    hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, mask, 8);
+    open_mem_fd();
+    if (mem_fd < 0)
+        hp_read_mappings();  /* the protections the window gives back */
+    return hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+}
+
+/* Write, sync, let go: no thread runs an old instruction once a batch
+ * returns. */
+static void leave_batch(uint64_t mask)
+{
+    hp_sync_cores();
+    hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
+    pthread_mutex_unlock(&hp_lock);
+}
+
 /* Write a batch of sites safely while other threads run: without a stop
  * where every write replaces one instruction by one atomic store
  * (unstopped.c), else one stop.
- * Returns 0, or -1 with `err` filled and no byte changed.  This thread's
- * signals are blocked meanwhile: a handler running here could otherwise
- * run the code being written. */
+ * Returns 0, or -1 with `err` filled and no byte changed. */
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
 {
     err[0] = 0;
@@ -223,29 +245,19 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
         return 0;
     if (check_batch(w, n, err))
         return -1;
-    uint64_t all = ~0ull, mask;
-    pthread_mutex_lock(&hp_lock);
-    hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, &mask, 8);
-    open_mem_fd();
-    if (mem_fd < 0)
-        hp_read_mappings();  /* the protections the window gives back */
-    uint64_t deadline = hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    uint64_t mask, deadline = enter_batch(timeout_ms, &mask);
     size_t failed = 0;
     int rc = stop_always() ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
     if (rc == HP_UNSTOPPED_DONE) {
         hp_stats.unstopped++;
     } else if (rc == HP_UNSTOPPED_CHANGED) {
         undo_unstopped(w, failed, deadline);
-        char *at = hp_fmt_str(err, err + HP_ERRLEN, "the code at ");
-        at = hp_fmt_hex(at, err + HP_ERRLEN, w[failed].address);
-        hp_fmt_str(at, err + HP_ERRLEN, " is not what it was expected to be (changed by someone else?)");
+        hp_fmt_code_changed(err, w[failed].address, 0);
         rc = -1;
     } else {
         rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
     }
-    hp_sync_cores();
-    hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
-    pthread_mutex_unlock(&hp_lock);
+    leave_batch(mask);
     return rc;
 }
 
@@ -270,17 +282,9 @@ int hp_write_batch_stack(struct hp_write *w, size_t n, const struct hp_store *st
     if (rc == HP_STOP_OK && hp_unwind_check_self(ranges, nranges, hit) && !force)
         rc = HP_STOP_BUSY;
     if (rc == HP_STOP_OK) {
-        uint64_t all = ~0ull, mask;
-        pthread_mutex_lock(&hp_lock);
-        hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, &mask, 8);
-        open_mem_fd();
-        if (mem_fd < 0)
-            hp_read_mappings();
-        uint64_t deadline = hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+        uint64_t mask, deadline = enter_batch(timeout_ms, &mask);
         rc = hp_stop_stack_round(w, n, stores, nstores, ranges, nranges, force, deadline, hit, err);
-        hp_sync_cores();
-        hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
-        pthread_mutex_unlock(&hp_lock);
+        leave_batch(mask);
     }
     pthread_mutex_unlock(&hp_unwind_lock);
     return rc;

@@ -177,6 +177,13 @@ struct hp_thread_status {
 uintptr_t hp_parse_hex(const char **p);
 void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st);
 
+/* Gone, a zombie (a main thread ended with pthread_exit) or dead: nothing
+ * that a stop can hold or needs to. */
+HP_RAW static inline int hp_thread_gone(const struct hp_thread_status *st)
+{
+    return !st->state || st->state == 'Z' || st->state == 'X';
+}
+
 /* --- pool.c -------------------------------------------------------- */
 uintptr_t hp_alloc_code(uintptr_t near, size_t size);
 uintptr_t hp_alloc_code_locked(uintptr_t near, size_t size);
@@ -303,6 +310,7 @@ struct hp_check {
 int hp_collect_restorers(uintptr_t *out, int max);
 int hp_check_thread(const struct hp_check *c, uintptr_t pc, uintptr_t sp, uintptr_t *found);
 int hp_check_old_bytes(const struct hp_check *c, char *err);
+void hp_fmt_code_changed(char *err, uintptr_t address, int unmapped);
 /* Writes `len` bytes at `address`: 0, or -1. */
 typedef int (*hp_span_writer)(void *ctx, uintptr_t address, const uint8_t *bytes, size_t len);
 int hp_write_spans(const struct hp_check *c, hp_span_writer put, void *ctx, char *err);

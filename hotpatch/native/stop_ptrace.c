@@ -163,7 +163,7 @@ HP_RAW static int seize_new_threads(struct stop_area *a, int task_fd)
             struct hp_thread_status st;
             if (rc < 0) {
                 hp_read_thread_status(a->pid, tid, &st);
-                if (!st.state || st.state == 'Z' || st.state == 'X')
+                if (hp_thread_gone(&st))
                     continue;                   /* exited, or a main thread gone */
             }
             if (rc < 0 && st.tracer != hp_getpid()) {
@@ -248,7 +248,7 @@ HP_RAW static int wait_for_stops(struct stop_area *a, int sigfd)
         if (now >= a->deadline_ns) {
             struct hp_thread_status st;
             hp_read_thread_status(a->pid, late->tid, &st);
-            if (!st.state || st.state == 'Z' || st.state == 'X') {
+            if (hp_thread_gone(&st)) {
                 late->state = GONE;
                 continue;
             }

@@ -212,7 +212,7 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
             if (tids[i] == self || was_signalled(tids[i]))
                 continue;
             hp_read_thread_status(pid, tids[i], &st);
-            if (st.state && st.state != 'Z' && st.state != 'X' && (st.blocked >> (park_signal - 1) & 1))
+            if (!hp_thread_gone(&st) && (st.blocked >> (park_signal - 1) & 1))
                 blocker = tids[i];
         }
         if (!blocker)
@@ -242,7 +242,7 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
                 continue;
             if (check_status) {
                 hp_read_thread_status(pid, tid, &st);
-                if (!st.state || st.state == 'Z' || st.state == 'X') {
+                if (hp_thread_gone(&st)) {
                     signalled[i] = -tid;        /* gone: nothing to wait for */
                     continue;
                 }

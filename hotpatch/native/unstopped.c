@@ -202,6 +202,13 @@ struct opened_page {
     int prot;       /* its own */
 };
 
+static void close_pages(const struct opened_page *pages, long npages)
+{
+    for (long i = 0; i < npages; i++)
+        if (!(pages[i].prot & PROT_WRITE))
+            hp_sys(SYS_mprotect, pages[i].page, 4096, pages[i].prot);
+}
+
 /* Give every page of the batch write permission next to its own.  The
  * number of pages opened; on a refusal, those are closed again and -1. */
 static long open_pages(const struct hp_write *w, size_t n, struct opened_page *pages)
@@ -218,21 +225,12 @@ static long open_pages(const struct hp_write *w, size_t n, struct opened_page *p
         int prot = page_protection(page);
         if (prot < 0 || (!(prot & PROT_WRITE) &&
                          hp_sys(SYS_mprotect, page, 4096, prot | PROT_WRITE) < 0)) {
-            while (npages--)
-                if (!(pages[npages].prot & PROT_WRITE))
-                    hp_sys(SYS_mprotect, pages[npages].page, 4096, pages[npages].prot);
+            close_pages(pages, npages);
             return -1;
         }
         pages[npages++] = (struct opened_page){ page, prot };
     }
     return npages;
-}
-
-static void close_pages(const struct opened_page *pages, long npages)
-{
-    for (long i = 0; i < npages; i++)
-        if (!(pages[i].prot & PROT_WRITE))
-            hp_sys(SYS_mprotect, pages[i].page, 4096, pages[i].prot);
 }
 
 /* --- the stores ---------------------------------------------------------- */
