@@ -496,8 +496,10 @@ def register(patch: Patch, *, enable: bool = True, force: bool = False) -> Patch
             raise PatchStateError(f"patch {patch.name!r} is already registered")
         if any(p.name == patch.name for p in _patches):
             raise PatchStateError(f"a patch named {patch.name!r} is already registered")
-        if enable or any(obj.name is not None for obj in patch.objects):
-            _stopper_ahead()    # a write follows: the patch's, or the loader hook's
+        if enable:
+            # The patch's write follows, likely in a stop (the loader hook's
+            # own write, r_brk's `ret`, needs none: native/unstopped.c).
+            _stopper_ahead()
         _pin_new_code(patch)
         _patches.append(patch)
         patch.registered = True
