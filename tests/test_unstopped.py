@@ -215,3 +215,26 @@ report({"stops": counts(), "patched": call("us_long_first"),
 """, **unstopped_lib)[0]
     assert r["hook_first"] == ["c3"] and r["hook"] == ["e9"], r
     assert r["stops"] == [0, 2] and r["patched"] == 1007, r
+
+
+def test_a_library_nobody_here_wrote(child, unstopped_lib):
+    # libz's crc32 (two instructions at its entry: its first patch takes a
+    # stop) sent to adler32 and back: the disable is one atomic store, and
+    # libz's bytes come back exactly.
+    r = child(PRELUDE + """
+libz = ctypes.CDLL("libz.so.1")
+libz.crc32.restype = libz.adler32.restype = ctypes.c_ulong
+crc, adler = (ctypes.cast(libz.crc32, ctypes.c_void_p).value,
+                        ctypes.cast(libz.adler32, ctypes.c_void_p).value)
+before = sites.read_memory(crc, 16)
+p = hotpatch.register(Patch("z", [Object("libz.so.1", [Func("crc32", adler)])]), enable=False)
+want = {"crc": libz.crc32(0, b"abc", 3), "adler": libz.adler32(0, b"abc", 3)}
+enable = took(lambda: hotpatch.enable(p))
+patched = libz.crc32(0, b"abc", 3)
+disable = took(lambda: hotpatch.disable(p))
+report({"want": want, "enable": enable, "patched": patched, "disable": disable,
+        "restored": libz.crc32(0, b"abc", 3), "identical": sites.read_memory(crc, 16) == before})
+""", **unstopped_lib)[0]
+    assert r["patched"] == r["want"]["adler"] != r["want"]["crc"], r
+    assert r["enable"] == [1, 0] and r["disable"] == [0, 1], r
+    assert r["restored"] == r["want"]["crc"] and r["identical"], r
