@@ -213,9 +213,16 @@ struct hp_entry_change {
     uint64_t new_to;
     uint32_t length;
     uint8_t original[24];
+    uint64_t hop;
+    uint64_t hop_to;
+    uint8_t old_hop, new_hop;
 };
 long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_write *w,
                      uint8_t *rewritten);
+#define HP_HOP_ASK_BEFORE ...
+uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before);
+int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);
+void hp_sync_cores(void);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);
 extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);
 
@@ -256,7 +263,7 @@ CDEF += _patch_module_declarations()
 _native = os.path.join(_here, "native")
 SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "unstopped.c", "ahead.c", "gotslot.c", "stop.c", "check.c", "unwind.c",
            "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c", "xrefs.c",
-           "plan.c", "modload.c"]
+           "plan.c", "hop.c", "modload.c"]
 
 
 def _capstone_include() -> str:

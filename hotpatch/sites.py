@@ -15,6 +15,12 @@ redirection currently written there:
     observers and continues at the target (ftrace's call path; it costs a
     return-stack misprediction, so it is used only where observers are).
 
+A direct or slot site may go through its *hot-patch point* instead
+(``native/hop.c``): a ``jmp rel8`` over the entry's first instruction to a
+``jmp rel32`` written in the dead padding just before the entry.  A batch
+takes that way where the ``jmp rel32`` at the entry would need a stop of the
+other threads and the hot-patch points make the whole batch need none.
+
 Every operation takes a batch and is all-or-nothing: the whole batch is
 analysed and prepared first (nothing written), then the entries are written
 in one stop of the other threads by the C core (see
@@ -24,6 +30,7 @@ encodes an instruction itself.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -72,6 +79,17 @@ class Site:
     _trampoline: int = field(default=0, repr=False)         # jmp [rip+d] (slot form)
     _call_site: object = field(default=None, repr=False)    # struct hp_call_site *
     _caller: int = field(default=0, repr=False)             # shared caller (call form)
+    hopped: bool = False           # the entry goes through the hot-patch point now
+    # The hot-patch point: None until looked for, 0 where there is none or
+    # the entry needs none (its first instruction covers the jmp rel32:
+    # _stops_plainly is False).
+    _hop: int | None = field(default=None, repr=False)
+    _stops_plainly: bool = field(default=True, repr=False)   # the jmp rel32 needs a stop
+    _hop_to: int = field(default=0, repr=False)             # its jmp's destination, 0: padding
+    _hop_padding: bytes = field(default=b"", repr=False)    # its bytes before the first jmp
+    # The start of the function holding an address, else of the one before
+    # it, from the symbol table (see prepare_batch), or None.
+    _function_before: object = field(default=None, repr=False)
 
     @property
     def installed(self) -> bool:
@@ -83,7 +101,9 @@ class Site:
         what a later write expects to find there, so that code changed since
         -- the object unloaded, another one mapped at its address -- is never
         overwritten.  They follow from the form and target alone."""
-        return _entry_bytes(self, self.form, self.target) if self.form is not None else None
+        if self.form is None:
+            return None
+        return _entry_bytes(self, self.form, self.target, self.hopped)
 
     @property
     def address(self) -> int:
@@ -97,7 +117,8 @@ class Site:
 
     def __repr__(self) -> str:
         state = f"{self.form} -> {self.target:#x}" if self.installed else "restored"
-        return f"<Site {self.entry:#x} {self.kind} {state}>"
+        via = f" via {self._hop:#x}" if self.hopped else ""
+        return f"<Site {self.entry:#x} {self.kind} {state}{via}>"
 
 
 # ---------------------------------------------------------------------------
@@ -258,7 +279,7 @@ def _prepare(entry: int, *, size: int | None = None,
 def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
                   exec_ranges: Sequence[tuple[int, int]] | None = None,
                   fentry_targets=(), branches_into=None,
-                  branch_index=None) -> list[Site | HotpatchError]:
+                  branch_index=None, function_before=None) -> list[Site | HotpatchError]:
     """:func:`prepare` for each ``(entry, size)``.  The C core plans the
     common entry shapes of the whole batch and writes their original stubs
     in one call (``native/plan.c``); the other functions, and every refusal,
@@ -266,7 +287,11 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
     their bytes read and decoded in one call too.  ``branch_index``: the
     callable returning the object's :class:`~hotpatch.x86_64.xrefs.BranchIndex`
     (called only where a plan needs it), which lets the C core answer what
-    ``branches_into`` answers.  For each function, its site
+    ``branches_into`` answers.  ``function_before``: the callable
+    returning the start of the function symbol holding an address, else of
+    the last one before it (or None): where the bytes before an entry do not
+    tell whether its padding is dead, a sweep from there does (see
+    :func:`hot_patch_point`).  For each function, its site
     or the error refusing it: the caller decides whether one refusal fails
     the batch."""
     with _lock.operation(f"prepare a batch of {len(functions)} sites"):
@@ -286,6 +311,8 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
                                                         fentry_targets, branches_into)):
                 made[k] = site
         for site, indexes in zip(made, todo.values()):
+            if function_before is not None and isinstance(site, Site):
+                site._function_before = function_before
             for i in indexes:
                 results[i] = site
         return results
@@ -411,15 +438,18 @@ def _entry_instruction(site: Site, form: str | None, target: int | None) -> tupl
     return _CALL_REL32, site._caller
 
 
-def _entry_bytes(site: Site, form: str | None, target: int | None) -> bytes:
+def _entry_bytes(site: Site, form: str | None, target: int | None, via_hop: bool) -> bytes:
     """The bytes ``form`` puts at the entry: the redirecting instruction
     followed by int3s up to the replaced length (no thread ever runs those
-    bytes, and one that jumped there would stop loudly), or the original
-    bytes."""
+    bytes, and one that jumped there would stop loudly); ``via_hop``, the
+    short jmp to the hot-patch point over the first instruction, the rest
+    as it was; or the original bytes."""
     op, to = _entry_instruction(site, form, target)
     if not op:
         return site.plan.original_bytes
     at = site.address
+    if via_hop:
+        return encode.jmp_rel8(at, site._hop) + site.plan.original_bytes[2:]
     instruction = (encode.jmp_rel32(at, to) if op == _JMP_REL32 else encode.call_rel32(at, to))
     return instruction + b"\xcc" * (site.plan.length - len(instruction))
 
@@ -434,13 +464,16 @@ class _Changes:
     call (``hp_entry_writes``: most sites of a batch only need a ``jmp``
     encoded)."""
 
-    __slots__ = ("sites", "forms", "targets", "writes", "count", "rewritten", "retargets")
+    __slots__ = ("sites", "forms", "targets", "hops", "writes", "count", "rewritten", "retargets")
 
-    def __init__(self, sites: list[Site], forms: list, targets: list, rows: list[tuple]) -> None:
+    def __init__(self, sites: list[Site], forms: list, targets: list, hops: list,
+                 rows: list[tuple]) -> None:
         self.sites, self.forms, self.targets = sites, forms, targets
+        #: whether each site goes through its hot-patch point after the batch
+        self.hops = hops
         n = len(rows)
         changes = ffi.new("struct hp_entry_change[]", rows or 1)
-        self.writes = ffi.new("struct hp_write[]", n or 1)
+        self.writes = ffi.new("struct hp_write[]", 2 * n or 1)   # an entry and its hop
         rewritten = ffi.new("uint8_t[]", n or 1)
         self.count = lib.hp_entry_writes(changes, n, self.writes, rewritten)
         if self.count < 0:
@@ -457,10 +490,11 @@ _forms_with_targets = frozenset(("slot", "call"))
 
 
 def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site],
-                  form: str | None) -> _Changes:
+                  form: str | None, hops: bool = False) -> _Changes:
     """The batch that sends each ``(site, target)`` of ``redirects`` to its
-    target and restores each site of ``restores``."""
-    sites, forms, targets, rows = [], [], [], []
+    target and restores each site of ``restores``.  ``hops``: first installs
+    go through their hot-patch points (see :func:`_hops_spare_a_stop`)."""
+    sites, forms, targets, via, rows = [], [], [], [], []
     for site, target in redirects:
         target = int(target)
         plan = site.plan
@@ -468,28 +502,149 @@ def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
             # A first install, most of a batch: direct where the target is in reach.
             new_form = "direct" if encode.in_reach(plan.address, target) else "slot"
             now = (0, 0)
+            hop = hops and bool(site._hop)
         else:
             new_form = _choose_form(site, target, form)
             now = _entry_instruction(site, site.form, site.target)
+            hop = (site.hopped or (hops and site.form is None and bool(site._hop))) \
+                and new_form != "call"
         if new_form == "slot":
             _ensure_slot(site)
         elif new_form == "call":
             _ensure_call(site)
-        rows.append((plan.address, *now, *_entry_instruction(site, new_form, target), plan.length,
-                     plan.original_bytes))
+        if not hop and _hops and not site.hopped and _overlaps_a_hop(plan):
+            raise UnsafeToPatch(f"{site.entry:#x}: the jmp at the entry would cover the "
+                                f"hot-patch point of the function after it")
+        new = _entry_instruction(site, new_form, target)
+        # The hop's jmp as _point_hops leaves it, before the entry leads there.
+        hop_to = _destination(site, new_form, target) if hop and not site.hopped \
+            else site._hop_to
+        rows.append((plan.address, *now, *new, plan.length, plan.original_bytes,
+                     site._hop or 0, hop_to, site.hopped, hop))
         sites.append(site)
         forms.append(new_form)
         targets.append(target)
+        via.append(hop)
     for site in restores:
         if not site.installed:
             raise HotpatchError(f"{site.entry:#x}: site is not installed")
         plan = site.plan
         rows.append((plan.address, *_entry_instruction(site, site.form, site.target), 0, 0,
-                     plan.length, plan.original_bytes))
+                     plan.length, plan.original_bytes, site._hop or 0, site._hop_to, site.hopped,
+                     False))
         sites.append(site)
         forms.append(None)
         targets.append(None)
-    return _Changes(sites, forms, targets, rows)
+        via.append(False)
+    return _Changes(sites, forms, targets, via, rows)
+
+
+# ---------------------------------------------------------------------------
+# Hot-patch points (native/hop.c)
+
+#: Hot-patch points in use, by address: the bytes of no other site's entry
+#: write may cover one.
+_hops: dict[int, Site] = {}
+
+#: A hot-patch point's jmp rel32, and the bytes before an entry that may hold one.
+_HOP_SIZE = encode.JMP_REL32_SIZE
+_HOP_NEAR = 24
+
+
+def hot_patch_point(site: Site) -> int:
+    """The site's hot-patch point (native/hop.c), looked for once: 0 where
+    its entry needs none (the first instruction covers the jmp rel32: one
+    atomic store) or has none."""
+    if site._hop is None:
+        plan = site.plan
+        hop = 0
+        site._stops_plainly = bool(lib.hp_write_needs_stop(plan.address, plan.length))
+        if site._stops_plainly:
+            hop = lib.hp_hop_of(site.entry, plan.address, 0)
+            if hop == lib.HP_HOP_ASK_BEFORE:
+                before = site._function_before(site.entry - 1) if site._function_before else None
+                hop = lib.hp_hop_of(site.entry, plan.address, before) if before else 0
+            # Not where another site's entry write may reach: a function
+            # shorter than the jump, with padding after it, is planned with
+            # that padding in its replaced bytes.
+            if hop and any(_sites.get(at) not in (None, site) for at in range(hop - _HOP_NEAR,
+                                                                               hop + _HOP_SIZE)):
+                hop = 0
+            if hop:
+                site._hop_padding = read_memory(hop, _HOP_SIZE)
+                _hops[hop] = site
+        site._hop = hop
+    return site._hop
+
+
+def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) -> bool:
+    """Whether the first installs of a batch should go through their
+    hot-patch points: where one of their entry writes needs a stop and every
+    one that does has a point, so that the batch needs none.  Elsewhere the
+    jmp rel32 at the entry is the better write: one jump per call, not two.
+    A form named by the caller is written as named: no point."""
+    if form not in (None, "auto") or os.environ.get("HOTPATCH_STOP") == "always":
+        return False
+    wanted = False
+    for site, _ in redirects:
+        if site.form is None:
+            if hot_patch_point(site):
+                wanted = True
+            elif site._stops_plainly:
+                return False
+    return wanted
+
+
+def _overlaps_a_hop(plan: EntryPlan) -> bool:
+    return any(at in _hops for at in range(plan.address - _HOP_SIZE + 1,
+                                           plan.address + plan.length))
+
+
+def _destination(site: Site, form: str, target: int) -> int:
+    return site._trampoline if form == "slot" else target
+
+
+def _point_hops(changes: _Changes) -> list[Site]:
+    """Make the hot-patch point of every site that starts to go through it
+    jump to its destination, before its entry leads there: with a write of
+    dead padding on first use, else (a straggler of an earlier install may
+    still run it) one batch of atomic stores.  The sites whose padding was
+    written, for :func:`_unpoint_hops` if the batch then fails."""
+    fresh, retargets = [], []
+    for site, form, target, hop in zip(changes.sites, changes.forms, changes.targets, changes.hops):
+        if not hop or site.hopped:
+            continue
+        to = _destination(site, form, target)
+        if site._hop_to == to:
+            continue
+        jump = encode.jmp_rel32(site._hop, to)
+        if not site._hop_to:
+            if lib.hp_hop_put(site._hop, site._hop_padding, jump):
+                raise TransitionError(f"{site.entry:#x}: the padding at {site._hop:#x} before "
+                                      f"the entry changed: its hot-patch point cannot be used")
+            fresh.append(site)
+        else:
+            retargets.append((site, site._hop_to, jump))
+        site._hop_to = to
+    if retargets:
+        writes = ffi.new("struct hp_write[]", [
+            (site._hop, encode.jmp_rel32(site._hop, was), jump, _HOP_SIZE)
+            for site, was, jump in retargets])
+        err = ffi.new("char[256]")
+        if lib.hp_write_batch(writes, len(retargets), STOP_TIMEOUT_MS, err):
+            for site, was, _ in retargets:
+                site._hop_to = was
+            _unpoint_hops(fresh)
+            raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
+    return fresh
+
+
+def _unpoint_hops(fresh: list[Site]) -> None:
+    """The padding back at hot-patch points written for a batch that failed."""
+    for site in fresh:
+        if not lib.hp_hop_put(site._hop, encode.jmp_rel32(site._hop, site._hop_to),
+                              site._hop_padding):
+            site._hop_to = 0
 
 
 def _batch(changes: _Changes):
@@ -544,16 +699,25 @@ def _target_stores(changes: _Changes) -> list[tuple[object, int]]:
 
 def _record(changes: _Changes) -> None:
     """The sites as the batch left them."""
-    for site, form, target in zip(changes.sites, changes.forms, changes.targets):
-        site.form, site.target = form, target
+    for site, form, target, hop in zip(changes.sites, changes.forms, changes.targets,
+                                       changes.hops):
+        site.form, site.target, site.hopped = form, target, hop
+        if hop:
+            site._hop_to = _destination(site, form, target)
 
 
 def _commit(changes: _Changes) -> None:
     # A slot or call target is set before an entry starts to point at it;
     # where the entry already does, the store is the whole retarget, and it
-    # waits until every write of the batch has succeeded.
+    # waits until every write of the batch has succeeded.  So is a hot-patch
+    # point's jmp.
     _store_targets(changes, rewritten=True)
-    _write(changes, _unreachable)
+    fresh = _point_hops(changes)
+    try:
+        _write(changes, _unreachable)
+    except BaseException:
+        _unpoint_hops(fresh)
+        raise
     _store_targets(changes, rewritten=False)
     _record(changes)
 
@@ -586,7 +750,9 @@ def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[
 
     ``form``: ``None`` keeps a site's slot or call form and otherwise picks
     ``"direct"`` where the target is in reach, else ``"slot"``; ``"auto"``
-    always picks that way; a form name forces it.  ``unreachable``: see
+    always picks that way; a form name forces it.  Without a form name, a
+    first install goes through the site's hot-patch point where that spares
+    the batch a stop (see :func:`_hops_spare_a_stop`).  ``unreachable``: see
     :mod:`hotpatch.loader` (writes into an object still being loaded, which
     no thread can be running: no transition needed).  ``transition``: a
     :class:`hotpatch.transition.StackTransition` that makes the writes and
@@ -598,7 +764,10 @@ def update_batch(redirects: Sequence[tuple[Site, int]] = (), restores: Sequence[
 def _update_batch(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site],
                   form: str | None, unreachable=None, transition=None) -> None:
     _unique([site for site, _ in redirects] + list(restores))
-    changes = _plan_changes(redirects, restores, form)
+    # Under the stack model, and into an object being loaded, the batch is
+    # written in a stop or needs none: no hot-patch point would spare one.
+    hops = transition is None and unreachable is None and _hops_spare_a_stop(redirects, form)
+    changes = _plan_changes(redirects, restores, form, hops)
     # Late arrivals in a restored call path must reach the old code too.
     for site in restores:
         if site.form == "call":
@@ -676,6 +845,9 @@ def forget(sites: Sequence[Site]) -> None:
                 _free_slots.append(site._slot)
             site.form = site.target = None
             site._slot, site._trampoline = None, 0
+            if site._hop:
+                del _hops[site._hop]
+            site._hop, site._hop_to, site.hopped = None, 0, False
 
 
 #: Entries hotpatch's own machinery redirected (the loader hook's r_brk, or

@@ -58,6 +58,7 @@ __all__ = [
     "describe_address",
     "branched_to",
     "containing_function",
+    "function_before",
     "resolve_any",
     "branches_into",
 ]
@@ -336,6 +337,14 @@ def containing_function(obj: LoadedObject, offset: int) -> tuple[str, int, int] 
     if entry is None or not entry.size:
         return None
     return entry.name, entry.value, entry.size
+
+
+def function_before(obj: LoadedObject, address: int) -> int | None:
+    """The start of the function symbol holding ``address``, else of the
+    last one starting before it; None where none does."""
+    entry = elf.table_of(obj, f"the function before {address:#x}").function_before(
+        address - obj.base)
+    return obj.base + entry.value if entry is not None else None
 
 
 def functions(obj: LoadedObject) -> list[Symbol]:

@@ -463,7 +463,7 @@ def test_tree_shows_the_hierarchy(child, model_lib):
 hotpatch.register(Patch("t", [Object(OBJ, [Func("plain_add", REPL), Func("helper", REPL, old_sympos=2)]),
                               Object("not-loaded.so", [Func("x", REPL)])]))
 report([hotpatch.tree(), REPL, addr("plain_add")])
-""", lib=model_lib)[0]
+""", lib=model_lib, env={"HOTPATCH_STOP": "always"})[0]    # a stop: the helper's pid shows
     tree, repl, plain_add = r
     t = tree["livepatch"]["t"]
     assert tree["tainted"] is True

@@ -79,8 +79,9 @@ long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi
                           uint64_t *sources, uint64_t *targets, long capacity);
 void hp_branch_index_free(struct hp_branch_index *ix);
 #define HP_INSN_OTHER 0
-#define HP_INSN_LEAVES 1        /* never falls through: ret, jmp */
+#define HP_INSN_LEAVES 1        /* never falls through: ret, jmp, ud2, hlt */
 #define HP_INSN_PADDING 2       /* nop, int3 */
+#define HP_INSN_CALL 3
 int hp_instruction_kind(const uint8_t *code, size_t len, uint64_t address, int *kind);
 long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
@@ -151,10 +152,18 @@ struct hp_entry_change {
     uint64_t new_to;
     uint32_t length;
     uint8_t original[HP_PLAN_MAX_REPLACED];
+    uint64_t hop;           /* 0, or the site's hot-patch point (hop.c) */
+    uint64_t hop_to;        /* where the jmp at the hop goes now */
+    uint8_t old_hop, new_hop;   /* the entry goes through the hop now, after */
 };
 struct hp_write;
 long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_write *w,
                      uint8_t *rewritten);
+
+/* --- hop.c --------------------------------------------------------- */
+#define HP_HOP_ASK_BEFORE 1
+uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before);
+int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);
 
 /* --- maps.c -------------------------------------------------------- */
 #define HP_MAX_MAPPINGS 65536

@@ -532,12 +532,24 @@ long hp_plan_branched_into(struct hp_plan *plans, long n, struct hp_branch_index
 
 /* ---- the entry writes of a batch ------------------------------------- */
 
-/* One entry instruction: `op` (jmp or call rel32) to `to`, padded with
- * int3 to `len`, or the site's original bytes where op is 0. */
-static int entry_bytes(uint8_t *out, const struct hp_entry_change *c, uint8_t op, uint64_t to)
+#define JMP_REL8 0xEB
+
+/* The bytes at an entry: `op` (jmp or call rel32) to `to`, padded with
+ * int3 to the length replaced; or, `via_hop`, a jmp rel8 to the site's
+ * hot-patch point (hop.c) over the first instruction, the rest of the
+ * original bytes kept; or the original bytes where op is 0. */
+static int entry_bytes(uint8_t *out, const struct hp_entry_change *c, uint8_t op, uint64_t to,
+                       int via_hop)
 {
-    if (!op) {
-        memcpy(out, c->original, c->length);
+    memcpy(out, c->original, c->length);
+    if (!op)
+        return 1;
+    if (via_hop) {
+        int64_t rel8 = (int64_t)(c->hop - (c->address + 2));
+        if (op != 0xE9 || rel8 < -128 || rel8 > 127 || !in_reach(c->hop, to, JMP_REL32))
+            return 0;
+        out[0] = JMP_REL8;
+        out[1] = (uint8_t)(int8_t)rel8;
         return 1;
     }
     if (!in_reach(c->address, to, JMP_REL32))
@@ -548,13 +560,28 @@ static int entry_bytes(uint8_t *out, const struct hp_entry_change *c, uint8_t op
     return 1;
 }
 
+/* The jmp rel32 at a site's hot-patch point, from `to` to `new_to`. */
+static void hop_write(struct hp_write *out, const struct hp_entry_change *c, uint64_t new_to)
+{
+    out->address = c->hop;
+    out->len = JMP_REL32;
+    out->old[0] = out->bytes[0] = 0xE9;
+    put_rel32(out->old + 1, c->hop + JMP_REL32, c->hop_to);
+    put_rel32(out->bytes + 1, c->hop + JMP_REL32, new_to);
+}
+
 /*
  * The struct hp_write[] of a batch of entry changes (sites.py's
  * _update_batch): for each change, the instruction at its entry now and the
- * one it gets, each a jmp/call rel32 or the original bytes.  Changes whose
- * bytes stay the same write nothing: rewritten[i] says which do.  Returns
- * how many writes went to w, or -1 where a destination is out of rel32
- * reach or a site replaces more bytes than a write holds.
+ * one it gets, each a jmp/call rel32, a jmp rel8 to the site's hot-patch
+ * point, or the original bytes.  Where the entry goes through the hop
+ * before and after, a new destination is the hop's jmp alone.  An entry
+ * that starts to go through its hop must find it going to the new
+ * destination already (sites.py writes it first).  Changes whose bytes stay
+ * the same write nothing: rewritten[i] says which do.  w has room for two
+ * writes per change.  Returns how many writes went to w, or -1 where a
+ * destination is out of reach or a site replaces more bytes than a write
+ * holds.
  */
 long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_write *w,
                      uint8_t *rewritten)
@@ -565,15 +592,24 @@ long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_wr
         struct hp_write *out = &w[count];
         if (c->length < JMP_REL32 || c->length > sizeof out->bytes)
             return -1;
-        if (!entry_bytes(out->old, c, c->old_op, c->old_to)
-                || !entry_bytes(out->bytes, c, c->new_op, c->new_to))
+        if (!entry_bytes(out->old, c, c->old_op, c->old_to, c->old_hop)
+                || !entry_bytes(out->bytes, c, c->new_op, c->new_to, c->new_hop))
             return -1;
-        rewritten[i] = memcmp(out->old, out->bytes, c->length) != 0;
-        if (rewritten[i]) {
+        if (c->new_hop && !c->old_hop && c->hop_to != c->new_to)
+            return -1;
+        uint32_t len = memcmp(out->old, out->bytes, c->length) ? c->length : 0;
+        if (c->old_hop || c->new_hop)   /* only the first instruction changes */
+            while (len > 0 && out->old[len - 1] == out->bytes[len - 1])
+                len--;
+        int retarget_hop = c->old_hop && c->new_hop && c->hop_to != c->new_to;
+        rewritten[i] = len > 0 || retarget_hop;
+        if (len > 0) {
             out->address = c->address;
-            out->len = c->length;
+            out->len = len;
             count++;
         }
+        if (retarget_hop)
+            hop_write(&w[count++], c, c->new_to);
     }
     return count;
 }

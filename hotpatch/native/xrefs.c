@@ -494,8 +494,8 @@ static cs_insn *thread_decoder(csh *out)
 
 /* The instruction at the start of `code` (placed at `address`): its
  * length (0 if it does not decode, -1 where capstone cannot be used) and
- * in `*kind` whether it never falls through (ret, jmp) or is padding (nop,
- * int3). */
+ * in `*kind` whether it never falls through (ret, jmp, ud2, hlt), is
+ * padding (nop, int3) or a call. */
 int hp_instruction_kind(const uint8_t *code, size_t len, uint64_t address, int *kind)
 {
     csh handle;
@@ -505,10 +505,13 @@ int hp_instruction_kind(const uint8_t *code, size_t len, uint64_t address, int *
         return -1;
     if (!cs.disasm_iter(handle, &code, &len, &address, insn))
         return 0;
-    if (insn->id == X86_INS_RET || insn->id == X86_INS_JMP)
+    if (insn->id == X86_INS_RET || insn->id == X86_INS_JMP || insn->id == X86_INS_UD2 ||
+            insn->id == X86_INS_HLT)
         *kind = HP_INSN_LEAVES;
     else if (insn->id == X86_INS_NOP || insn->id == X86_INS_INT3)
         *kind = HP_INSN_PADDING;
+    else if (insn->id == X86_INS_CALL)
+        *kind = HP_INSN_CALL;
     return (int)insn->size;
 }
 

@@ -55,6 +55,14 @@ def jmp_rel32(src: int, dst: int) -> bytes:
     return b"\xe9" + _rel32(src, dst, JMP_REL32_SIZE)
 
 
+def jmp_rel8(src: int, dst: int) -> bytes:
+    """``jmp dst`` (EB rel8) placed at ``src``."""
+    rel = dst - (src + 2)
+    if not -128 <= rel <= 127:
+        raise ValueError(f"{dst:#x} is out of rel8 reach of {src:#x}")
+    return struct.pack("<Bb", 0xEB, rel)
+
+
 def call_rel32(src: int, dst: int) -> bytes:
     """``call dst`` (E8 rel32) placed at ``src``."""
     return b"\xe8" + _rel32(src, dst, CALL_REL32_SIZE)

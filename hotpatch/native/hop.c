@@ -1,0 +1,161 @@
+/*
+ * Hot-patch points: where an entry can be redirected without a stop by a
+ * short jump to the padding before it.
+ *
+ * A first patch replaces the entry's first bytes by a `jmp rel32`.  Where
+ * the first instruction is shorter than that, a thread may have run part
+ * of the bytes replaced, so the write needs a stop (unstopped.c).  Windows
+ * builds its functions with a 2-byte `mov edi, edi` and 5 bytes of padding
+ * before them for this reason; compilers on Linux leave the padding anyway:
+ * functions are aligned (16 bytes at -O2), and the bytes before an entry
+ * are NOPs or int3 that no thread runs.  So the padding gets the `jmp rel32`
+ * (dead bytes: no stop), then the entry's first instruction -- at least 2
+ * bytes -- gets a `jmp rel8` to it: one instruction replaced by one atomic
+ * store, no stop either.
+ *
+ * The padding must be dead, which the bytes alone cannot always tell: a
+ * run of NOPs may be the end of a function falling through into the entry
+ * (glibc's hand-written __memmove_chk falls into memmove).  So besides
+ * decoding as NOPs or int3 up to the entry, the run must follow an
+ * instruction that never falls through: a ret, jmp, ud2, hlt or call (a
+ * call ending a function right before its padding is one the compiler
+ * knows does not return: GCC puts nothing after a call to abort or
+ * __stack_chk_fail).  Which instruction ends where the run starts is known
+ * from a linear sweep from the start of the function before (the symbol
+ * table gives it), or, without one, where every decoding of the bytes just
+ * before the run that ends exactly there is such an instruction: the true
+ * one is among them.
+ */
+#include "hotpatch_core.h"
+
+#include <string.h>
+
+#define HOP_SEARCH 128          /* bytes before the entry that may be padding */
+#define HOP_BEHIND 16           /* and before those, for the instruction before the run */
+#define HOP_SIZE 5              /* the jmp rel32 written in the padding */
+#define LONGEST_INSTRUCTION 15
+#define SWEEP_LIMIT 4096        /* bytes swept from the function before, at most */
+
+/* Bytes of the padding between functions: the NOP forms gas and the
+ * linkers emit (90; 66 90; 0f 1f 00; 0f 1f 40 00; 0f 1f 44 00 00; ...;
+ * 66 2e 0f 1f 84 00 00 00 00 00), and int3. */
+static int padding_byte(uint8_t b)
+{
+    switch (b) {
+    case 0x90: case 0xCC: case 0x66: case 0x2E: case 0x0F: case 0x1F:
+    case 0x00: case 0x40: case 0x44: case 0x80: case 0x84:
+        return 1;
+    }
+    return 0;
+}
+
+/* Do the bytes [from, to) of `buf` (placed at `base`) decode as padding
+ * instructions only, the last one ending exactly at `to`? */
+static int only_padding(const uint8_t *buf, uint64_t base, long from, long to)
+{
+    while (from < to) {
+        int kind, len = hp_instruction_kind(buf + from, to - from, base + from, &kind);
+        if (len <= 0 || kind != HP_INSN_PADDING)
+            return 0;
+        from += len;
+    }
+    return 1;
+}
+
+/* Is every instruction that may end exactly at `at` one that never falls
+ * through (see the top of this file)?  0 where none decodes. */
+static int nothing_falls_into(const uint8_t *buf, uint64_t base, long at)
+{
+    int candidates = 0;
+    for (long len = 1; len <= LONGEST_INSTRUCTION && len <= at; len++) {
+        int kind;
+        if (hp_instruction_kind(buf + at - len, len, base + at - len, &kind) != len)
+            continue;
+        if (kind != HP_INSN_LEAVES && kind != HP_INSN_CALL)
+            return 0;
+        candidates++;
+    }
+    return candidates > 0;
+}
+
+/* Does the linear sweep from `from` (an instruction boundary: a function's
+ * start) land exactly on `at` with an instruction that never falls
+ * through? */
+static int swept_to_an_end(uint64_t from, uint64_t at)
+{
+    uint8_t code[256];
+    int kind = HP_INSN_OTHER;
+    while (from < at) {
+        size_t len = at - from < sizeof code ? at - from : sizeof code;
+        if (hp_read_own(hp_gettid(), code, from, len) != (long)len)
+            return 0;
+        size_t done = 0;
+        /* an instruction cut by the window's end is decoded again in the next one */
+        while (done < len) {
+            int size = hp_instruction_kind(code + done, len - done, from + done, &kind);
+            if (size <= 0)
+                break;
+            done += size;
+        }
+        if (!done)
+            return 0;
+        from += done;
+    }
+    return from == at && (kind == HP_INSN_LEAVES || kind == HP_INSN_CALL);
+}
+
+/* The hot-patch point of the function at `entry` whose redirecting jump
+ * goes at `address` (after any endbr64): the 5 bytes of dead padding just
+ * before the entry, within a short jump of it, or 0 if there are none or
+ * the first instruction is shorter than the short jump (a thread past a
+ * 1-byte push would run the jump's second byte).  `before`: the start of
+ * the function before the entry, 0 where not looked up yet: then
+ * HP_HOP_ASK_BEFORE where the padding is there but only a sweep from it can
+ * tell whether it is dead. */
+uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before)
+{
+    uint8_t buf[HOP_BEHIND + HOP_SEARCH], first[LONGEST_INSTRUCTION];
+    uint64_t base = entry - sizeof buf;
+    int kind;
+    if (address < entry || address + 2 - (entry - HOP_SIZE) > 128 ||
+            hp_read_own(hp_gettid(), first, address, sizeof first) != (long)sizeof first ||
+            hp_instruction_kind(first, sizeof first, address, &kind) < 2 ||
+            hp_read_own(hp_gettid(), buf, base, sizeof buf) != (long)sizeof buf)
+        return 0;
+    long end = sizeof buf, run = end;
+    while (run > HOP_BEHIND && padding_byte(buf[run - 1]))
+        run--;
+    /* The run may have taken the last bytes of the instruction before it
+     * (a displacement of zeros): the padding starts at the first byte from
+     * which it decodes as padding. */
+    for (long start = run; end - start >= HOP_SIZE; start++)
+        if (only_padding(buf, base, start, end)) {
+            uint64_t at = base + start;
+            if (nothing_falls_into(buf, base, start))
+                return entry - HOP_SIZE;
+            if (!before)
+                return HP_HOP_ASK_BEFORE;
+            return before < at && at - before <= SWEEP_LIMIT && swept_to_an_end(before, at)
+                ? entry - HOP_SIZE : 0;
+        }
+    return 0;
+}
+
+/* Put `bytes` at a hot-patch point that no entry leads to yet (dead: no
+ * stop, no atomic store needed), if `old` is there, and sync the cores: a
+ * thread that takes the entry's short jump right after must find the jmp
+ * rel32, not what its core fetched before.  0, or -1 if the bytes there
+ * are not `old` or cannot be written. */
+int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes)
+{
+    uint8_t now[HOP_SIZE];
+    pthread_mutex_lock(&hp_lock);
+    int rc = -1;
+    if (hp_read_own(hp_gettid(), now, hop, HOP_SIZE) == HOP_SIZE && !memcmp(now, old, HOP_SIZE) &&
+            hp_write_code_locked(hop, bytes, HOP_SIZE) == 0) {
+        hp_sync_cores();
+        rc = 0;
+    }
+    pthread_mutex_unlock(&hp_lock);
+    return rc;
+}

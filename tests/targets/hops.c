@@ -1,0 +1,58 @@
+/* Entries for hot-patch points (native/hop.c), laid out by hand so that
+ * the bytes before each entry are known: several instructions at each
+ * entry (a jmp rel32 there needs a stop), each aligned to 64 bytes with
+ * padding before it.  Built next to stopper.c and shapes.c (replacement,
+ * replacement2).
+ *
+ *  - hop_plain(x) = ((x ^ (x >> 7)) * 3) + 1, as cc -O2 builds it: a 3-byte
+ *    mov first; the function before it ends in a ret, then NOPs.
+ *  - hop_push(x) = 3x: a 1-byte push first, which a short jmp cannot
+ *    replace (a thread past it would run the jmp's second byte).
+ *  - hop_falls(x): -1 for x < 0, else it falls through its padding into
+ *    hop_fallen_into(x) = x + 5, as glibc's __memmove_chk falls into
+ *    memmove: that padding is run, it is no hot-patch point. */
+__asm__(".text\n"
+        ".p2align 6\n"
+        "hop_before:\n"
+        "    xor %eax, %eax\n"
+        "    ret\n"
+
+        ".p2align 6\n"
+        ".globl hop_plain\n"
+        ".type hop_plain, @function\n"
+        "hop_plain:\n"
+        "    mov %rdi, %rax\n"
+        "    sar $7, %rax\n"
+        "    xor %rdi, %rax\n"
+        "    lea 1(%rax,%rax,2), %rax\n"
+        "    ret\n"
+        ".size hop_plain, .-hop_plain\n"
+
+        ".p2align 6\n"
+        ".globl hop_push\n"
+        ".type hop_push, @function\n"
+        "hop_push:\n"
+        "    push %rbx\n"
+        "    mov %rdi, %rbx\n"
+        "    lea (%rdi,%rdi,1), %rax\n"
+        "    add %rbx, %rax\n"
+        "    pop %rbx\n"
+        "    ret\n"
+        ".size hop_push, .-hop_push\n"
+
+        ".p2align 6\n"
+        ".globl hop_falls\n"
+        ".type hop_falls, @function\n"
+        "hop_falls:\n"
+        "    mov $-1, %rax\n"
+        "    test %rdi, %rdi\n"
+        "    js 1f\n"
+        ".size hop_falls, .-hop_falls\n"
+        ".p2align 5\n"
+        ".globl hop_fallen_into\n"
+        ".type hop_fallen_into, @function\n"
+        "hop_fallen_into:\n"
+        "    lea 5(%rdi), %rax\n"
+        "    add $0, %rax\n"
+        "1:  ret\n"
+        ".size hop_fallen_into, .-hop_fallen_into\n");

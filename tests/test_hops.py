@@ -1,0 +1,208 @@
+"""Hot-patch points (native/hop.c, sites.py): an entry of several
+instructions, whose jmp rel32 would need a stop, redirected without one by
+a jmp rel8 over its first instruction to a jmp rel32 in the dead padding
+before it -- and refused where the padding is not dead (a function falls
+through it), where the first instruction is shorter than the jmp rel8,
+where the batch takes a stop anyway, and under HOTPATCH_STOP=always.
+
+Every test runs in a child process with faulthandler's watchdog blocking
+every signal (conftest.run_child)."""
+import os
+
+import pytest
+
+from conftest import compile_library
+
+
+@pytest.fixture(scope="session")
+def hops_lib(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("hops"))
+    return {"lib": compile_library(os.path.join(out, "libhops.so"),
+                                   ["targets/stopper.c", "targets/shapes.c", "targets/hops.c"],
+                                   flags=["-pthread"])}
+
+
+PRELUDE = """
+import ctypes, os, time
+import hotpatch
+from hotpatch import Patch, Object, Func, sites
+lib = ctypes.CDLL(P["lib"])
+for _name in ["st_callers_stop", "st_callers_calls"]:
+    getattr(lib, _name).restype = ctypes.c_long
+OBJ = os.path.basename(P["lib"])
+def addr(name):
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+def call(name, x=7):
+    f = getattr(lib, name); f.restype = ctypes.c_long; f.argtypes = [ctypes.c_long]
+    return f(x)
+def counts():
+    s = hotpatch.tree()["core"]["stops"]
+    return s["count"], s["unstopped"]
+def took(action):
+    # (stops, batches written without one) that `action` took
+    before = counts()
+    action()
+    after = counts()
+    return after[0] - before[0], after[1] - before[1]
+def site_of(name):
+    return next(s for s in sites.installed_sites() if s.entry == addr(name))
+def patch(name, new="replacement"):
+    return hotpatch.register(Patch(name + "-" + new, [Object(OBJ, [Func(name, addr(new))])]),
+                             enable=False)
+"""
+
+
+def test_an_entry_of_several_instructions_patched_without_a_stop(child, hops_lib):
+    r = child(PRELUDE + """
+p1, p2 = patch("hop_plain"), patch("hop_plain", "replacement2")
+before = sites.read_memory(addr("hop_plain") - 8, 24)
+out = {"old": call("hop_plain"), "enable": took(lambda: hotpatch.enable(p1)),
+       "patched": call("hop_plain")}
+site = site_of("hop_plain")
+out.update(hop=site._hop - addr("hop_plain"), hopped=site.hopped,
+           entry=sites.read_memory(addr("hop_plain"), 2).hex(),
+           stack=took(lambda: hotpatch.enable(p2)), stacked=call("hop_plain"),
+           unstack=took(lambda: hotpatch.disable(p2)), unstacked=call("hop_plain"),
+           disable=took(lambda: hotpatch.disable(p1)), restored=call("hop_plain"))
+after = sites.read_memory(addr("hop_plain") - 8, 24)
+out.update(entry_back=after[8:] == before[8:], padding_jmp=after[3:4].hex(),
+           again=took(lambda: hotpatch.enable(p2)), again_patched=call("hop_plain"),
+           again_hop=site_of("hop_plain")._hop == site._hop)
+report(out)
+""", **hops_lib)[0]
+    assert r["old"] == 22 and r["patched"] == 1007, r
+    # the jmp rel32 in the padding just before the entry, a jmp rel8 to it
+    assert r["hop"] == -5 and r["hopped"] and r["entry"] == "ebf9", r
+    assert r["enable"] == [0, 1], r
+    for step in ("stack", "unstack", "disable"):
+        assert r[step] == [0, 1], (step, r)
+    # again, to another target: the padding's jmp first (one atomic store: a
+    # thread of the earlier install may be on it), then the entry's
+    assert r["again"] == [0, 2], r
+    assert r["stacked"] == 2007 and r["unstacked"] == 1007 and r["restored"] == 22, r
+    # the entry's bytes come back exactly; the padding keeps its jmp (a
+    # thread may be on it) and is used again
+    assert r["entry_back"] and r["padding_jmp"] == "e9", r
+    assert r["again_patched"] == 2007 and r["again_hop"], r
+
+
+def test_padding_that_a_function_falls_through_is_no_hot_patch_point(child, hops_lib):
+    # hop_falls(x >= 0) runs the padding before hop_fallen_into: a jmp
+    # written there would survive the disable and keep sending it to the
+    # replacement.
+    r = child(PRELUDE + """
+p = patch("hop_fallen_into")
+out = {"old": [call("hop_falls"), call("hop_falls", -1), call("hop_fallen_into")],
+       "enable": took(lambda: hotpatch.enable(p)),
+       "patched": [call("hop_falls"), call("hop_fallen_into")],
+       "hop": site_of("hop_fallen_into")._hop, "hopped": site_of("hop_fallen_into").hopped}
+out.update(disable=took(lambda: hotpatch.disable(p)),
+           restored=[call("hop_falls"), call("hop_falls", -1), call("hop_fallen_into")])
+report(out)
+""", **hops_lib)[0]
+    assert r["old"] == [12, -1, 12], r
+    assert r["hop"] == 0 and not r["hopped"] and r["enable"] == [1, 0], r
+    assert r["patched"] == [1007, 1007], r
+    assert r["restored"] == [12, -1, 12] and r["disable"] == [0, 1], r
+
+
+def test_where_a_hot_patch_point_is_not_taken(child, hops_lib):
+    r = child(PRELUDE + """
+out = {}
+# a 1-byte push first: no short jmp fits over it
+p = patch("hop_push")
+out["push"] = [took(lambda: hotpatch.enable(p)), call("hop_push"), site_of("hop_push").hopped]
+hotpatch.disable(p)
+# one entry of the batch needs a stop anyway (hop_push): the others take
+# the jmp rel32 at their entry, one jump per call instead of two
+both = hotpatch.register(Patch("both", [Object(OBJ, [Func("hop_push", addr("replacement")),
+                                                     Func("hop_plain", addr("replacement"))])]),
+                         enable=False)
+out["batch"] = [took(lambda: hotpatch.enable(both)), call("hop_plain"),
+                site_of("hop_plain").hopped, sites.read_memory(addr("hop_plain"), 1).hex()]
+hotpatch.disable(both)
+report(out)
+""", **hops_lib)[0]
+    assert r["push"] == [[1, 0], 1007, False], r
+    assert r["batch"] == [[1, 0], 1007, False, "e9"], r
+
+
+def test_stop_always_and_the_stack_model_take_no_hot_patch_point(child, hops_lib):
+    r = child(PRELUDE + """
+p = patch("hop_plain")
+out = {"always": [took(lambda: hotpatch.enable(p)), call("hop_plain"),
+                  site_of("hop_plain").hopped]}
+report(out)
+""", env={"HOTPATCH_STOP": "always"}, **hops_lib)[0]
+    assert r["always"] == [[1, 0], 1007, False], r
+    r = child(PRELUDE + """
+p = hotpatch.register(Patch("s", [Object(OBJ, [Func("hop_plain", addr("replacement"))])],
+                            consistency="stack"), enable=False)
+report([took(lambda: hotpatch.enable(p)), call("hop_plain"), site_of("hop_plain").hopped])
+""", **hops_lib)[0]
+    assert r == [[1, 0], 1007, False], r
+
+
+def test_callers_and_sleepers_through_hot_patch_points(child, hops_lib):
+    # Native callers that block every signal call hop_plain in a loop while
+    # it is patched, stacked and restored hundreds of times through its
+    # hot-patch point, without a single stop: only old or new results;
+    # sleepers finish their calls unaware (no EINTR, no short sleep).
+    r = child(PRELUDE + """
+name = "hop_plain"
+p1, p2 = patch(name), patch(name, "replacement2")
+before = sites.read_memory(addr(name), 16)
+lib.st_callers_start(ctypes.c_void_p(addr(name)), 2, (ctypes.c_long * 3)(22, 1007, 2007), 3, 1)
+lib.st_sleepers_start()
+time.sleep(0.02)
+stops0, unstopped0 = counts()
+for i in range(P["cycles"]):
+    hotpatch.enable(p1)
+    if i % 3 == 0:
+        hotpatch.enable(p2)
+        hotpatch.disable(p2)
+    hotpatch.disable(p1)
+stops1, unstopped1 = counts()
+total, a_bad = ctypes.c_long(), ctypes.c_long()
+bad = lib.st_callers_stop(ctypes.byref(total), ctypes.byref(a_bad))
+out = (ctypes.c_long * 25)()
+lib.st_sleepers_finish(out)
+report({"bad": bad, "a_bad": a_bad.value, "calls": total.value, "stops": stops1 - stops0,
+        "unstopped": unstopped1 - unstopped0,
+        "sleepers": [list(out[k * 5:k * 5 + 4]) for k in range(5)],
+        "identical": sites.read_memory(addr(name), 16) == before, "final": call(name)})
+""", cycles=600, timeout=300, **hops_lib)[0]
+    assert r["bad"] == 0, r
+    assert r["calls"] > 10_000, r
+    assert r["stops"] == 0, r
+    assert r["unstopped"] == 600 * 2 + 200 * 2, r
+    assert r["identical"] and r["final"] == 22, r
+    read, poll, epoll, nano, sem = r["sleepers"]
+    for got, byte in ((read, "r"), (poll, "p"), (epoll, "e")):
+        assert got[0] == 1 and got[1] == 0 and got[2] == ord(byte), r
+    assert nano[0] == 0 and nano[3] >= 1_500_000_000, r
+    assert sem[0] == -1 and sem[1] == 110 and sem[3] >= 1_900_000_000, r    # ETIMEDOUT
+
+
+def test_a_library_nobody_here_wrote(child, hops_lib):
+    # libz's crc32 (two instructions at its entry, padding before it) sent
+    # to adler32 and back through its hot-patch point with no stop; its
+    # entry's bytes come back exactly.
+    r = child(PRELUDE + """
+libz = ctypes.CDLL("libz.so.1")
+libz.crc32.restype = libz.adler32.restype = ctypes.c_ulong
+crc, adler = (ctypes.cast(libz.crc32, ctypes.c_void_p).value,
+              ctypes.cast(libz.adler32, ctypes.c_void_p).value)
+before = sites.read_memory(crc, 16)
+p = hotpatch.register(Patch("z", [Object("libz.so.1", [Func("crc32", adler)])]), enable=False)
+want = {"crc": libz.crc32(0, b"abc", 3), "adler": libz.adler32(0, b"abc", 3)}
+enable = took(lambda: hotpatch.enable(p))
+out = {"want": want, "enable": enable, "patched": libz.crc32(0, b"abc", 3),
+       "hopped": next(s for s in sites.installed_sites() if s.entry == crc).hopped}
+out.update(disable=took(lambda: hotpatch.disable(p)), restored=libz.crc32(0, b"abc", 3),
+           identical=sites.read_memory(crc, 16) == before)
+report(out)
+""", **hops_lib)[0]
+    assert r["patched"] == r["want"]["adler"] != r["want"]["crc"], r
+    assert r["hopped"] and r["enable"] == [0, 1] and r["disable"] == [0, 1], r
+    assert r["restored"] == r["want"]["crc"] and r["identical"], r
