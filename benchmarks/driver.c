@@ -53,6 +53,7 @@ REPLACEMENT(11) REPLACEMENT(12) REPLACEMENT(13) REPLACEMENT(14) REPLACEMENT(15)
 #define TARGET(name) FUNC long name(long x) { return ((x ^ (x >> 7)) * 3) + 5; }
 TARGET(t_plain)          /* never patched: the unpatched baseline */
 TARGET(t_direct)
+TARGET(t_hop)            /* patched through its hot-patch point */
 TARGET(t_slot)
 TARGET(t_call)
 TARGET(t_stack1)
@@ -117,6 +118,7 @@ BENCH_API uint64_t bench_ptr(fn_t fn, long n, const char *label, long *checksum)
 REL32_LOOP(new_fn)
 REL32_LOOP(t_plain)
 REL32_LOOP(t_direct)
+REL32_LOOP(t_hop)
 REL32_LOOP(t_slot)
 REL32_LOOP(t_call)
 REL32_LOOP(t_stack1)
@@ -138,7 +140,7 @@ BENCH_API void *driver_function(const char *name)
 {
     static const struct { const char *name; fn_t fn; } table[] = {
 #define ENTRY(f) { #f, f },
-        ENTRY(new_fn) ENTRY(t_plain) ENTRY(t_direct) ENTRY(t_slot) ENTRY(t_call)
+        ENTRY(new_fn) ENTRY(t_plain) ENTRY(t_direct) ENTRY(t_hop) ENTRY(t_slot) ENTRY(t_call)
         ENTRY(t_stack1) ENTRY(t_stack4) ENTRY(t_stack16) ENTRY(t_retargets)
         ENTRY(t_python) ENTRY(t_frida) ENTRY(t_frida_fast) ENTRY(t_patchable)
         ENTRY(peer_fn) ENTRY(peer_plt) ENTRY(peer_entry) ENTRY(peer_frida) ENTRY(peer_new)

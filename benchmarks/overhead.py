@@ -54,6 +54,7 @@ class Variant:
 VARIANTS = (
     Variant("limit", "direct call to the new function (the limit)", "new_fn"),
     Variant("direct", "hotpatch direct path", "t_direct"),
+    Variant("hop", "hotpatch direct path through a hot-patch point", "t_hop"),
     Variant("slot", "hotpatch slot path", "t_slot"),
     Variant("call", "hotpatch call path (no observer)", "t_call"),
     *(Variant(f"stack{n}", f"hotpatch, stack of {n} patch{'es' if n > 1 else ''}", f"t_stack{n}")
@@ -268,16 +269,23 @@ def _redirect_hotpatch_variants(d: Driver, retargets: int) -> dict:
     for key, form in (("direct", "direct"), ("slot", "slot"), ("call", "call")):
         site = prepare(f"t_{key}")
         sites.redirect_batch([(site, new)], form=form)
-        setup["forms"][key] = site.form
+        setup["forms"][key] = _form(site)
+    # No form named: the entry (several instructions, padding before it)
+    # goes through its hot-patch point, which spares the stop.
+    site = prepare("t_hop")
+    sites.redirect_batch([(site, new)])
+    if not site.hopped:
+        raise RuntimeError("t_hop was not patched through its hot-patch point")
+    setup["forms"]["hop"] = _form(site)
     for n in STACKS:
         _stack_patches(d, f"t_stack{n}", alternates[:n - 1] + [new])
-        setup["forms"][f"stack{n}"] = sites.prepare(d.address(f"t_stack{n}")).form
+        setup["forms"][f"stack{n}"] = _form(sites.prepare(d.address(f"t_stack{n}")))
     setup["retarget_us"] = {
         "direct": _time_retargets(sites, prepare("t_retargets"), alternates[:2], new, retargets),
         "slot": _time_retargets(sites, sites.prepare(d.address("t_slot")), alternates[2:4], new,
                                 retargets),
     }
-    setup["forms"]["retargets"] = "direct"
+    setup["forms"]["retargets"] = _form(sites.prepare(d.address("t_retargets")))
     original = sites.prepare(d.address("t_direct"))
     d.pointers["original"] = original.original
     nop_site = prepare("t_patchable")
@@ -287,6 +295,10 @@ def _redirect_hotpatch_variants(d: Driver, retargets: int) -> dict:
     setup["original_kind"] = original.kind
     setup["forms"]["python"] = _redirect_to_python(d, sites, prepare("t_python"))
     return setup
+
+
+def _form(site) -> str:
+    return site.form + (", through the hot-patch point" if site.hopped else "")
 
 
 def _time_retargets(sites, site, alternates, final: int, count: int) -> float:
@@ -311,7 +323,7 @@ def _redirect_to_python(d: Driver, sites, site) -> str:
     callback = d.ffi.callback("long(long)", lambda x: x + 1)
     _keep_alive.append(callback)
     sites.redirect_batch([(site, int(d.ffi.cast("uintptr_t", callback)))])
-    return site.form
+    return _form(site)
 
 
 def _jump_slot(d: Driver, name: str) -> int:

@@ -160,16 +160,22 @@ def _functions(fragment: str, limit: int | None):
 
 
 def _hotpatch_outcome(obj, functions) -> dict:
-    from hotpatch import sites
+    from hotpatch import sites, symbols
     from hotpatch._native import lib
     from hotpatch.errors import UnsafeToPatch
     reasons, unstopped = [], 0
     for offset, size in functions:
         try:
-            site = sites.prepare(obj.base + offset, size=size, exec_ranges=obj.exec_ranges)
+            site, = sites.prepare_batch(
+                [(obj.base + offset, size)], exec_ranges=obj.exec_ranges,
+                function_before=lambda address: symbols.function_before(obj, address))
+            if not isinstance(site, sites.Site):
+                raise site
             reasons.append(None)
-            # The C core's own rule (native/unstopped.c) for the entry write.
-            unstopped += not lib.hp_write_needs_stop(site.address, len(site.plan.original_bytes))
+            # The C core's own rules for the entry write: one atomic store
+            # (native/unstopped.c), or through a hot-patch point (native/hop.c).
+            unstopped += (not lib.hp_write_needs_stop(site.address, len(site.plan.original_bytes))
+                          or bool(sites.hot_patch_point(site)))
         except UnsafeToPatch as e:
             reasons.append(hotpatch_reason(str(e)))
         except Exception as e:     # not a refusal: a bug in hotpatch, counted apart

@@ -323,7 +323,9 @@ def reach_section(r: dict, images: str) -> str:
            "the function's size is added to it. *First patch without a stop*: the accepted "
            "functions whose entry write the C core makes as one atomic store, holding no thread "
            "(`native/unstopped.c`: the first instruction covers the write, or is a `ret`/`jmp` "
-           "followed by padding); the others take a stop of the other threads. Restoring and "
+           "followed by padding), or through a hot-patch point (`native/hop.c`: a `jmp rel8` "
+           "over a first instruction of 2 bytes or more to a `jmp rel32` in the dead padding "
+           "before the entry); the others take a stop of the other threads. Restoring and "
            "retargeting never take one.", "", table(columns, rows), ""]
     if "skipped" in r.get("frida", {}):
         out.append(f"- {r['frida']['skipped']}")
