@@ -38,6 +38,51 @@ spawn.native_dlopen.argtypes = [ctypes.c_char_p]
 spawn.native_dlclose.argtypes = [ctypes.c_void_p]
 def seen(lib):
     return ctypes.c_long.in_dll(lib, "seen_at_init").value
+def span_of(path):
+    lo = hi = None
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(os.path.realpath(path)):
+            a, b = (int(x, 16) for x in line.split()[0].split("-"))
+            lo, hi = min(lo or a, a), max(hi or b, b)
+    return hi - lo
+def worker_started(before):
+    # The loader's worker thread (started by the first register()) maps its
+    # first memory as it starts: let it, before a library's address matters.
+    import time
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        new = set(os.listdir("/proc/self/task")) - before
+        if new and all(open(f"/proc/self/task/{t}/stat").read().rsplit(")", 1)[1].split()[0] == "S"
+                       for t in new):
+            return
+        time.sleep(0.005)
+def load_in_place(path, base, span):
+    # Load `path` where an unloaded library of `span` bytes was, at `base`:
+    # the loader maps top-down into the highest free gap that fits, and
+    # whatever the process mapped or unmapped since (an arena, an extension
+    # module) may have opened one above.  So every free gap above the hole,
+    # up to the main thread's stack, is held meanwhile by an inaccessible
+    # mapping.
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    maps = open("/proc/self/maps").read().splitlines()
+    taken = sorted(tuple(int(x, 16) for x in line.split()[0].split("-")) for line in maps)
+    stack = next(int(line.split("-")[0], 16) for line in maps if line.endswith("[stack]"))
+    held = []
+    for (_, gap_lo), (gap_hi, _) in zip(taken, taken[1:]):
+        gap_lo = max(gap_lo, base + span)
+        if gap_lo < gap_hi < stack:
+            at = libc.mmap(gap_lo, gap_hi - gap_lo, 0, 0x22 | 0x100000, -1, 0)  # FIXED_NOREPLACE
+            if at == gap_lo:
+                held.append((at, gap_hi - gap_lo))
+    try:
+        return ctypes.CDLL(path)
+    finally:
+        for at, size in held:
+            libc.munmap(at, size)
 def coming_patch(name="libcoming.so", funcs=("target",), **callbacks):
     new = {"target": REPL, "chosen": REPL2}
     return Patch("late", [Object(name, [Func(f, new[f]) for f in funcs], **callbacks)])
@@ -54,11 +99,11 @@ def test_restore_never_writes_into_another_object_at_the_same_address(child, lib
     address: restoring it is refused and that library's code is untouched."""
     r = child(PRELUDE + """
 a = ctypes.CDLL(P["same_a"])
-base_a = base_of(P["same_a"])
+base_a, span_a = base_of(P["same_a"]), span_of(P["same_a"])
 site = sites.redirect(addr(a, "fn"), REPL)
 patched = call(a, "fn")
 _ctypes.dlclose(a._handle)
-b = ctypes.CDLL(P["same_b"])
+b = load_in_place(P["same_b"], base_a, span_a)
 same = base_of(P["same_b"]) == base_a and addr(b, "other_fn") == site.entry
 try:
     sites.restore(site)
@@ -131,12 +176,14 @@ events = []
 cb = {k: (lambda k: lambda o: events.append(k))(k)
       for k in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")}
 a = ctypes.CDLL(P["same_a"])
-base_a = base_of(P["same_a"])
+base_a, span_a = base_of(P["same_a"]), span_of(P["same_a"])
+threads = set(os.listdir("/proc/self/task"))
 patch = hotpatch.register(Patch("p", [Object("libsame_a.so", [Func("fn", REPL)], **cb)]))
+worker_started(threads)
 out = {"patched": call(a, "fn")}
 _ctypes.dlclose(a._handle)
 out["after_close"] = hotpatch.tree()["livepatch"]["p"]["libsame_a.so"]
-b = ctypes.CDLL(P["same_b"])
+b = load_in_place(P["same_b"], base_a, span_a)
 out["same"] = base_of(P["same_b"]) == base_a
 patch.disable()
 out["other"] = call(b, "other_fn")
