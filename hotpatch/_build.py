@@ -101,7 +101,7 @@ unsigned long hp_unwind_put_calls(void);
 void hp_unwind_add_thunk(uintptr_t return_point, unsigned pushed);
 uint64_t *hp_call_site_target_slot(struct hp_call_site *s);
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
-                   uint64_t *hold_max_ns, uint64_t *unstopped);
+                   uint64_t *hold_max_ns, uint64_t *unstopped, uint64_t *alone);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
 void hp_ptrace_start_ahead(void);
 void hp_first_write_ahead(void);

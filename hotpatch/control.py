@@ -62,9 +62,9 @@ def _stopper_entry() -> dict:
 
 def _core_entry() -> dict:
     """How this process's code is written, and what the writes cost so far."""
-    counts = [ffi.new("uint64_t *") for _ in range(6)]
+    counts = [ffi.new("uint64_t *") for _ in range(7)]
     lib.hp_stop_stats(*counts)
-    stops, retries, stop_ns, hold_ns, hold_max_ns, unstopped = (c[0] for c in counts)
+    stops, retries, stop_ns, hold_ns, hold_max_ns, unstopped, alone = (c[0] for c in counts)
     return {"pool": ffi.string(lib.hp_pool_backing()).decode(),
             "code_writes": "/proc/self/mem" if lib.hp_code_writes_use_proc_mem() else "mprotect window",
             "core_sync": "membarrier SYNC_CORE" if lib.hp_core_sync_ready() else "mprotect IPI",
@@ -73,7 +73,7 @@ def _core_entry() -> dict:
             "sites": len(sites.installed_sites()),
             "stops": {"count": stops, "retries": retries, "stop_ms": stop_ns / 1e6,
                       "held_ms": hold_ns / 1e6, "longest_hold_ms": hold_max_ns / 1e6,
-                      "unstopped": unstopped}}
+                      "unstopped": unstopped, "alone": alone}}
 
 
 def tree() -> dict:
@@ -87,7 +87,8 @@ def tree() -> dict:
     backing, /proc/self/mem or an mprotect window, the core sync, which
     stopper holds the other threads during a write and why), how many sites
     are redirected, what the stops cost and how many batches needed none
-    (``stops["unstopped"]``: one atomic store each).  ``stopper`` is ``{"method":
+    (``stops["unstopped"]``: one atomic store each; ``stops["alone"]``: written in a
+    process of one thread, with no other thread to stop).  ``stopper`` is ``{"method":
     "ptrace" | "signals", "helper_pid", "reason" (why not ptrace, or None),
     "park_signal"}``.  An object's ``loaded`` says whether it is loaded now
     and ``note`` why it is not patched (waiting for it to load, a pre_patch

@@ -546,6 +546,9 @@ def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
 #: write may cover one.
 _hops: dict[int, Site] = {}
 
+#: HOTPATCH_STOP=always: every batch takes the stop (codewrite.c), none a point.
+_STOP_ALWAYS = os.environ.get("HOTPATCH_STOP") == "always"
+
 #: A hot-patch point's jmp rel32, and the bytes before an entry that may hold one.
 _HOP_SIZE = encode.JMP_REL32_SIZE
 _HOP_NEAR = 24
@@ -583,7 +586,7 @@ def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) 
     one that does has a point, so that the batch needs none.  Elsewhere the
     jmp rel32 at the entry is the better write: one jump per call, not two.
     A form named by the caller is written as named: no point."""
-    if form not in (None, "auto") or os.environ.get("HOTPATCH_STOP") == "always":
+    if not redirects or form not in (None, "auto") or _STOP_ALWAYS:
         return False
     wanted = False
     for site, _ in redirects:

@@ -241,3 +241,41 @@ report({"want": want, "enable": enable, "patched": patched, "disable": disable,
     assert r["patched"] == r["want"]["flags"] != r["want"]["inflate"], r
     assert r["enable"] == [1, 0] and r["disable"] == [0, 1], r
     assert r["restored"] == r["want"]["inflate"] and r["identical"], r
+
+
+def test_a_process_of_one_thread_stops_nothing(child, unstopped_lib):
+    # With the watchdog gone the calling thread is the process's only one
+    # (sites used directly: no loader worker): an entry of several
+    # instructions with a 1-byte first instruction (no hot-patch point) is
+    # written with nothing to stop.  A second thread brings the stop back.
+    r = child(PRELUDE + """
+import faulthandler, threading
+faulthandler.cancel_dump_traceback_later()
+deadline = time.monotonic() + 5
+while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
+def alone():
+    return hotpatch.tree()["core"]["stops"]["alone"]
+site = sites.prepare(addr("patchable"))
+before = sites.read_memory(addr("patchable"), 16)
+out = {"threads": len(os.listdir("/proc/self/task"))}
+a0 = alone()
+out["redirect"] = took(lambda: sites.redirect_batch([(site, addr("replacement"))]))
+out.update(patched=call("patchable"), alone=alone() - a0, threads_after=len(os.listdir("/proc/self/task")))
+sites.restore(site)
+release = threading.Event()
+t = threading.Thread(target=release.wait)
+t.start()
+a0 = alone()
+out["redirect_two"] = took(lambda: sites.redirect_batch([(site, addr("replacement"))]))
+out.update(patched_two=call("patchable"), alone_two=alone() - a0)
+sites.restore(site)
+release.set()
+t.join()
+out.update(restored=call("patchable"), identical=sites.read_memory(addr("patchable"), 16) == before)
+report(out)
+""", **unstopped_lib)[0]
+    assert r["threads"] == 1 and r["threads_after"] == 1, r
+    assert r["redirect"] == [0, 0] and r["alone"] == 1 and r["patched"] == 1007, r
+    assert r["redirect_two"] == [1, 0] and r["alone_two"] == 0 and r["patched_two"] == 1007, r
+    assert r["restored"] == 49 and r["identical"], r

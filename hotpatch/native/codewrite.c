@@ -183,8 +183,9 @@ static int check_batch(struct hp_write *w, size_t n, char *err)
 }
 
 /* HOTPATCH_STOP=always sends every batch to the stop, even one that needs
- * none: to test the stop, and to rule out the other ways when diagnosing. */
-static int stop_always(void)
+ * none (in a process of one thread, too): to test the stop, and to rule out
+ * the other ways when diagnosing. */
+int hp_stop_forced(void)
 {
     const char *how = getenv("HOTPATCH_STOP");
     return how && strcmp(how, "always") == 0;
@@ -235,8 +236,8 @@ static void leave_batch(uint64_t mask)
 }
 
 /* Write a batch of sites safely while other threads run: without a stop
- * where every write replaces one instruction by one atomic store
- * (unstopped.c), else one stop.
+ * where the process has no other thread, or where every write replaces one
+ * instruction by one atomic store (unstopped.c), else one stop.
  * Returns 0, or -1 with `err` filled and no byte changed. */
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
 {
@@ -246,16 +247,22 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
     if (check_batch(w, n, err))
         return -1;
     uint64_t mask, deadline = enter_batch(timeout_ms, &mask);
-    size_t failed = 0;
-    int rc = stop_always() ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
-    if (rc == HP_UNSTOPPED_DONE) {
-        hp_stats.unstopped++;
-    } else if (rc == HP_UNSTOPPED_CHANGED) {
-        undo_unstopped(w, failed, deadline);
-        hp_fmt_code_changed(err, w[failed].address, 0);
-        rc = -1;
+    int rc;
+    if (!hp_stop_forced() && hp_only_thread()) {
+        rc = hp_write_alone(w, n, err);
     } else {
-        rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
+        size_t failed = 0;
+        int how = hp_stop_forced() ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
+        if (how == HP_UNSTOPPED_DONE) {
+            hp_stats.unstopped++;
+            rc = 0;
+        } else if (how == HP_UNSTOPPED_CHANGED) {
+            undo_unstopped(w, failed, deadline);
+            hp_fmt_code_changed(err, w[failed].address, 0);
+            rc = -1;
+        } else {
+            rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
+        }
     }
     leave_batch(mask);
     return rc;

@@ -185,6 +185,7 @@ struct hp_thread_status {
 };
 uintptr_t hp_parse_hex(const char **p);
 void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st);
+int hp_only_thread(void);
 
 /* Gone, a zombie (a main thread ended with pthread_exit) or dead: nothing
  * that a stop can hold or needs to. */
@@ -378,15 +379,18 @@ extern int hp_nstopped;
 struct hp_stop_stats {
     uint64_t stops, retries, stop_ns, hold_ns, hold_max_ns;
     uint64_t unstopped;     /* batches written without a stop (unstopped.c) */
+    uint64_t alone;         /* batches written with no other thread to stop */
 };
+int hp_stop_forced(void);
 extern struct hp_stop_stats hp_stats;
 
 int hp_stop_write(struct hp_write *w, size_t n, uint64_t deadline_ns, int helper_may_write, char *err);
+int hp_write_alone(struct hp_write *w, size_t n, char *err);
 int hp_stop_stack_round(struct hp_write *w, size_t n, const struct hp_store *stores, size_t nstores,
                         const struct hp_code_range *ranges, size_t nranges, int force,
                         uint64_t deadline_ns, struct hp_stack_hit *hit, char *err);
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
-                   uint64_t *hold_max_ns, uint64_t *unstopped);
+                   uint64_t *hold_max_ns, uint64_t *unstopped, uint64_t *alone);
 void hp_stop_after_fork(void);
 void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *reason);
 

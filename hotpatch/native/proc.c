@@ -71,3 +71,24 @@ HP_RAW void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st)
             line++;
     }
 }
+
+/* Is the calling thread the process's only one?  Then nothing else can run
+ * the bytes while they are written: no thread to stop.  No other can start
+ * meanwhile either, since only a thread of the process creates one and this
+ * one is here, signals blocked.  (The ptrace helper shares the memory but
+ * runs only the core's own code.)  0 where the task list cannot be read. */
+HP_RAW int hp_only_thread(void)
+{
+    struct dirent64_head { uint64_t ino; int64_t off; unsigned short reclen; unsigned char type; char name[]; };
+    char buf[512];
+    int fd = (int)hp_sys(SYS_open, "/proc/thread-self/..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    long got = hp_sys(SYS_getdents64, fd, buf, sizeof buf);
+    hp_sys(SYS_close, fd);
+    int threads = 0;
+    for (long at = 0; at < got; at += ((struct dirent64_head *)(buf + at))->reclen)
+        threads += ((struct dirent64_head *)(buf + at))->name[0] != '.';
+    /* a full buffer may hold only part of the list: more than one then */
+    return got > 0 && threads == 1 && got < (long)sizeof buf - 64;
+}

@@ -86,6 +86,17 @@ HP_RAW static int stopped_round(const struct hp_check *c, int kind, uint64_t dea
     }
 }
 
+/* Write a batch (sorted by address) in a process where the calling thread
+ * is the only one (hp_only_thread): nothing to stop, no stack to look at.
+ * 0, or -1 with `err` filled and nothing written.  hp_lock held, signals
+ * blocked. */
+HP_RAW int hp_write_alone(struct hp_write *w, size_t n, char *err)
+{
+    struct hp_check c = { .pid = hp_gettid(), .writes = w, .nwrites = n };
+    hp_stats.alone++;
+    return hp_check_old_bytes(&c, err) || hp_write_stopped(&c, err) ? -1 : 0;
+}
+
 /* Write a batch (sorted by address) with every other thread stopped:
  * ptrace, or the signal stop where ptrace is refused.  0, or -1 with `err`
  * filled and nothing written.  hp_lock held. */
@@ -215,10 +226,10 @@ HP_RAW int hp_stop_stack_round(struct hp_write *w, size_t n, const struct hp_sto
 /* Stop counters since the process started (or forked): stops, stops
  * retried because a thread was inside the bytes, the time from asking for
  * a stop to letting the threads go, how long threads were held while the
- * code was checked and written (total and longest), and the batches that
- * needed no stop. */
+ * code was checked and written (total and longest), the batches that
+ * needed no stop, and those written with no other thread in the process. */
 void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64_t *hold_ns,
-                   uint64_t *hold_max_ns, uint64_t *unstopped)
+                   uint64_t *hold_max_ns, uint64_t *unstopped, uint64_t *alone)
 {
     pthread_mutex_lock(&hp_lock);
     *stops = hp_stats.stops;
@@ -227,6 +238,7 @@ void hp_stop_stats(uint64_t *stops, uint64_t *retries, uint64_t *stop_ns, uint64
     *hold_ns = hp_stats.hold_ns;
     *hold_max_ns = hp_stats.hold_max_ns;
     *unstopped = hp_stats.unstopped;
+    *alone = hp_stats.alone;
     pthread_mutex_unlock(&hp_lock);
 }
 
