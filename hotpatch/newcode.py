@@ -24,7 +24,6 @@ import operator
 import threading
 
 import _cffi_backend
-import cffi
 
 from . import objects, sites
 from ._native import ffi
@@ -39,6 +38,7 @@ def _callback_ffi() -> cffi.FFI:
     need: cffi.FFI() imports pycparser, 0.1 s of import (part of it with the
     GIL held in one piece) that a patch without Python callables never
     needs."""
+    import cffi     # cffi's Python half, as pycparser: for Python callables only
     return cffi.FFI()
 
 
@@ -54,6 +54,7 @@ def function_type(where: str, signature: str):
     if not isinstance(signature, str) or not signature.strip():
         raise HotpatchError(f"{where}: signature must be a C function type such as "
                             f"\"long(long)\", not {signature!r}")
+    import cffi     # its errors (imported by _callback_ffi() anyway)
     try:
         # A function type ("long(long)") read as a pointer to it, as
         # ffi.callback() reads its first argument.
