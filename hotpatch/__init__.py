@@ -61,8 +61,8 @@ __version__ = "0.1.0"
 
 class _GivingUp:
     """A ``sys.meta_path`` finder that finds nothing.  While a thread imports
-    hotpatch's modules on first use (the core: about 100 modules, capstone's
-    and cffi's, the standard library's), it is asked first about each module
+    hotpatch's modules on first use (the core: about 60 modules, its own and
+    the standard library's), it is asked first about each module
     that thread imports, nested ones too, and gives the GIL up
     (``time.sleep(0)``, which hands it to a thread waiting for it) when the
     importing thread has run ``SLICE_S`` since it last did.  Without it the
@@ -110,7 +110,7 @@ class _GivingUp:
 
 
 _giving_up = _GivingUp()
-# The lazy modules whose import imports the core (and capstone with it).
+# The lazy modules whose import imports the core (and the C core with it).
 _NEEDS_THE_CORE = {".core", ".module", ".server", ".control", ".loader", ".sites", ".symbols",
                    ".transition", ".thunks", ".plt", ".patch"}
 

@@ -18,21 +18,6 @@ import os
 import sys
 
 
-def _capstone_library() -> str | None:
-    """The ``libcapstone.so`` capstone's binding loads first, found without
-    importing the binding: ``$LIBCAPSTONE_PATH``, else the package's ``lib``
-    directory (its own search order; None when the file is not there, and
-    the binding then searches on as it does)."""
-    directory = os.environ.get("LIBCAPSTONE_PATH")
-    if directory is None:
-        spec = importlib.util.find_spec("capstone")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        directory = os.path.join(list(spec.submodule_search_locations)[0], "lib")
-    path = os.path.join(directory, "libcapstone.so")
-    return path if os.path.isfile(path) else None
-
-
 def _extension(name: str) -> str | None:
     """The file of extension module ``name`` (None if imported already, or
     not a file)."""
@@ -44,11 +29,10 @@ def _extension(name: str) -> str | None:
 
 
 def map_core_objects() -> None:
-    """Map cffi's backend, the C core and capstone's C library (1-3 ms of
-    dynamic linking each here) before the core's import opens them."""
-    paths = [_extension("_cffi_backend"), _extension("hotpatch._native"),
-             None if "capstone" in sys.modules else _capstone_library()]
-    paths = [path for path in paths if path]
+    """Map cffi's backend and the C core (1-3 ms of dynamic linking each
+    here) before the core's import opens them.  capstone's C library is
+    mapped by the C core itself, in a cffi call (``x86_64/decode.py``)."""
+    paths = [path for path in (_extension("_cffi_backend"), _extension("hotpatch._native")) if path]
     if not paths:
         return
     dlopen = ctypes.CDLL(None).dlopen

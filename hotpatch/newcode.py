@@ -24,7 +24,6 @@ import operator
 import threading
 
 import _cffi_backend
-import cffi
 
 from . import objects, sites
 from ._native import ffi
@@ -34,11 +33,11 @@ _log = logging.getLogger("hotpatch")
 
 
 @functools.cache
-def _callback_ffi() -> cffi.FFI:
-    """The FFI that parses the signatures of Python callables, made on first
-    need: cffi.FFI() imports pycparser, 0.1 s of import (part of it with the
-    GIL held in one piece) that a patch without Python callables never
-    needs."""
+def _parser_ffi() -> cffi.FFI:
+    """The FFI that parses the signatures the C core's FFI cannot (see
+    :func:`function_type`), made on first need: cffi.FFI() imports
+    pycparser, 0.1 s of import (part of it with the GIL held in one piece)."""
+    import cffi     # cffi's Python half, as pycparser: for those signatures only
     return cffi.FFI()
 
 
@@ -50,14 +49,26 @@ _running = threading.local()
 
 
 def function_type(where: str, signature: str):
-    """The cffi function-pointer type of a C ``signature``, or a HotpatchError."""
+    """The cffi function-pointer type of a C ``signature``, or a HotpatchError.
+
+    The C core's compiled FFI reads it with cffi's C parser; a signature it
+    cannot read (a ``struct`` it does not know, a variadic or bad one) is
+    read by ``cffi.FFI()``'s parser, which accepts an unknown ``struct`` as
+    incomplete and says why it refuses the others."""
     if not isinstance(signature, str) or not signature.strip():
         raise HotpatchError(f"{where}: signature must be a C function type such as "
                             f"\"long(long)\", not {signature!r}")
     try:
+        # The compiled FFI reads a function type as a pointer to it only
+        # where it makes a callback: this one is never called, and freed.
+        return ffi.typeof(ffi.callback(signature, _never_called))
+    except Exception:
+        pass
+    import cffi     # its errors (imported by _parser_ffi() anyway)
+    try:
         # A function type ("long(long)") read as a pointer to it, as
         # ffi.callback() reads its first argument.
-        ftype = _callback_ffi()._typeof(signature, consider_function_as_funcptr=True)
+        ftype = _parser_ffi()._typeof(signature, consider_function_as_funcptr=True)
     except (cffi.CDefError, cffi.FFIError, TypeError, ValueError, KeyError) as e:
         reason = " ".join(str(e).split())
         raise HotpatchError(f"{where}: bad signature {signature!r}: {reason}") from None
@@ -68,6 +79,10 @@ def function_type(where: str, signature: str):
         raise HotpatchError(f"{where}: bad signature {signature!r}: a variadic function "
                             f"cannot be replaced by a Python callable")
     return ftype
+
+
+def _never_called(*args):
+    raise AssertionError("a callback made only for its type was called")
 
 
 def _check_arity(where: str, new, ftype, signature: str) -> None:
@@ -95,8 +110,8 @@ class _Callback:
         self.new = new           # keeps id(new) in the cache key unique
         self.func = None
         self.void = ftype.result.kind == "void"
-        self.cdata = _callback_ffi().callback(ftype, self._call, onerror=self._unconvertible)
-        self.address = int(_callback_ffi().cast("uintptr_t", self.cdata))
+        self.cdata = ffi.callback(ftype, self._call, onerror=self._unconvertible)
+        self.address = int(ffi.cast("uintptr_t", self.cdata))
 
     def _call(self, *args):
         try:
@@ -171,7 +186,7 @@ def original_caller(func):
     else:
         raise HotpatchError(f"{func.old_name}: call_original needs the func's C signature "
                             f"(Func(..., signature=\"long(long)\"))")
-    return _callback_ffi().cast(ftype.cname, func.original)
+    return ffi.cast(ftype, func.original)
 
 
 def _cdata_address(new) -> int:

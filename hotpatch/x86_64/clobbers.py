@@ -18,9 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from capstone.x86_const import X86_OP_IMM
-
-from .decode import _CS
+from .decode import _binding
 
 __all__ = ["CALL_CLOBBERED", "ALL", "never_written"]
 
@@ -62,7 +60,7 @@ def _writes(read, start: int, size: int, callee: Callee, memo: dict) -> frozense
         return memo[start]
     memo[start] = frozenset()       # a recursive call adds nothing more
     written: set[str] = set()
-    for insn in _CS.disasm(bytes(read(start, size)), start):
+    for insn in _binding().detailed.disasm(bytes(read(start, size)), start):
         written |= _written_by(insn)
         reached = _branch_out(insn, start, start + size)
         if reached is None:
@@ -95,6 +93,7 @@ def _branch_out(insn, lo: int, hi: int):
     through a pointer, else None."""
     group = insn.mnemonic.split()[-1]    # "notrack call", "bnd jmp"
     operand = insn.operands[0] if insn.operands else None
+    X86_OP_IMM = _binding().X.X86_OP_IMM
     if group == "call":
         if operand is not None and operand.type == X86_OP_IMM:
             return operand.imm

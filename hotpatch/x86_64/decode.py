@@ -3,15 +3,18 @@
 Capstone does the decoding; this module only keeps the facts the relocator and
 the entry analysis need (branch kind and target, the RIP-relative displacement
 and what it refers to), taken from capstone's operand details rather than from
-its text.
+its text.  The C core drives capstone's C library for the common work (the
+scans below, ``native/plan.c``); capstone's Python binding decodes the rest
+and is imported on first use (:func:`_binding`): its import is 40-65 ms of
+Python with the GIL held, which a patch planned in C does without.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from typing import Iterator, NamedTuple
-
-import capstone
-from capstone import x86_const as X
 
 from hotpatch._native import ffi, lib
 from hotpatch.errors import UnsafeToPatch
@@ -21,46 +24,88 @@ __all__ = ["EntryScan", "Instruction", "boundary_before", "decode", "decode_one"
 
 _MASK64 = (1 << 64) - 1
 
+
+def _capstone_library() -> str | None:
+    """The ``libcapstone.so`` capstone's binding loads first, found without
+    importing the binding: ``$LIBCAPSTONE_PATH``, else the package's ``lib``
+    directory (its own search order; None when the file is not there, and
+    the binding then searches on as it does)."""
+    directory = os.environ.get("LIBCAPSTONE_PATH")
+    if directory is None:
+        spec = importlib.util.find_spec("capstone")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        directory = os.path.join(list(spec.submodule_search_locations)[0], "lib")
+    path = os.path.join(directory, "libcapstone.so")
+    return path if os.path.isfile(path) else None
+
+
 def _load_capstone() -> None:
     # The C core drives capstone's C library where Python is the cost: the
-    # very file capstone's binding loaded (one copy of the library in the
-    # process, the version the binding was built for).
+    # very file capstone's binding loads (one copy of the library in the
+    # process, the version the binding was built for).  The C core maps it
+    # in a cffi call, with the GIL released.
+    binding = sys.modules.get("capstone")
+    path = binding._cs._name if binding is not None else _capstone_library()
+    if path is None:
+        import capstone     # only the binding's own search finds the file
+        path = capstone._cs._name
     err = ffi.new("char[]", 256)
-    if lib.hp_capstone_load(capstone._cs._name.encode(), err) != 0:
+    if lib.hp_capstone_load(path.encode(), err) != 0:
         raise ImportError(ffi.string(err).decode(errors="replace"))
 
 
 _load_capstone()
 
-# One instance for the process: creating a Cs handle costs far more than
-# decoding a function.
-_CS = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_CS.detail = True
-# Without operand details, for scanning whole functions: an order of magnitude
-# faster, and the text of a relative branch's operand is its absolute target.
-_CS_LITE = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 # Mnemonics whose kind or target comes from the operand details: branches,
 # returns, and prefixed forms of them ("bnd jmp", "notrack call").
 _DETAILED_PREFIXES = ("j", "call", "ret", "iret", "loop", "lcall", "ljmp", "xbegin", "bnd",
                       "notrack")
-
-_JCC = frozenset({
-    X.X86_INS_JO, X.X86_INS_JNO, X.X86_INS_JB, X.X86_INS_JAE,
-    X.X86_INS_JE, X.X86_INS_JNE, X.X86_INS_JBE, X.X86_INS_JA,
-    X.X86_INS_JS, X.X86_INS_JNS, X.X86_INS_JP, X.X86_INS_JNP,
-    X.X86_INS_JL, X.X86_INS_JGE, X.X86_INS_JLE, X.X86_INS_JG,
-})
-# The rel8-only branches on rcx/ecx.
-_LOOPS = frozenset({
-    X.X86_INS_JRCXZ, X.X86_INS_JECXZ, X.X86_INS_JCXZ,
-    X.X86_INS_LOOP, X.X86_INS_LOOPE, X.X86_INS_LOOPNE,
-})
-_RETURNS = frozenset({
-    X.X86_INS_RET, X.X86_INS_RETF, X.X86_INS_RETFQ,
-    X.X86_INS_IRET, X.X86_INS_IRETD, X.X86_INS_IRETQ,
-})
 # Branches after which execution never reaches the next instruction.
 _NO_FALL_THROUGH = frozenset({"jmp", "jmp_indirect", "ret"})
+
+
+class _Binding:
+    """capstone's Python binding and what this module takes from it."""
+
+    def __init__(self) -> None:
+        import capstone     # 40-65 ms of imports: only when Python decodes
+        from capstone import x86_const as X
+        self.X = X
+        # One handle of each kind for the process: creating a Cs handle costs
+        # far more than decoding a function.
+        self.detailed = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self.detailed.detail = True
+        # Without operand details, for scanning whole functions: an order of
+        # magnitude faster, and the text of a relative branch's operand is its
+        # absolute target.
+        self.lite = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self.jcc = frozenset({
+            X.X86_INS_JO, X.X86_INS_JNO, X.X86_INS_JB, X.X86_INS_JAE,
+            X.X86_INS_JE, X.X86_INS_JNE, X.X86_INS_JBE, X.X86_INS_JA,
+            X.X86_INS_JS, X.X86_INS_JNS, X.X86_INS_JP, X.X86_INS_JNP,
+            X.X86_INS_JL, X.X86_INS_JGE, X.X86_INS_JLE, X.X86_INS_JG,
+        })
+        # The rel8-only branches on rcx/ecx.
+        self.loops = frozenset({
+            X.X86_INS_JRCXZ, X.X86_INS_JECXZ, X.X86_INS_JCXZ,
+            X.X86_INS_LOOP, X.X86_INS_LOOPE, X.X86_INS_LOOPNE,
+        })
+        self.returns = frozenset({
+            X.X86_INS_RET, X.X86_INS_RETF, X.X86_INS_RETFQ,
+            X.X86_INS_IRET, X.X86_INS_IRETD, X.X86_INS_IRETQ,
+        })
+
+
+_the_binding: _Binding | None = None
+
+
+def _binding() -> _Binding:
+    """The :class:`_Binding`, made on first use (the binding imported)."""
+    global _the_binding
+    if _the_binding is None:
+        _the_binding = _Binding()
+    return _the_binding
 
 
 class Instruction(NamedTuple):
@@ -108,7 +153,7 @@ def sweep(code: bytes, address: int) -> list[tuple[int, int, str, str]]:
     """Linear sweep without operand details: ``(address, size, mnemonic,
     op_str)`` of each instruction, an order of magnitude cheaper than
     :func:`decode`.  Stops where :func:`decode` would."""
-    return list(_CS_LITE.disasm_lite(bytes(code), address))
+    return list(_binding().lite.disasm_lite(bytes(code), address))
 
 
 def described(swept: tuple[int, int, str, str], raw: bytes) -> Instruction:
@@ -133,7 +178,7 @@ def iter_decode(code: bytes, address: int) -> Iterator[Instruction]:
     last instruction with what they asked for.
     """
     code = bytes(code)
-    for swept in _CS_LITE.disasm_lite(code, address):
+    for swept in _binding().lite.disasm_lite(code, address):
         yield described(swept, code[swept[0] - address:swept[0] - address + swept[1]])
 
 
@@ -227,7 +272,7 @@ def boundary_before(code: bytes, start: int, address: int) -> int | None:
     placed at ``start`` (a function's first byte) by linear sweep: ``address``
     itself when it is an instruction boundary; None when decoding stops
     before reaching it."""
-    for at, size, _, _ in _CS_LITE.disasm_lite(bytes(code), start):
+    for at, size, _, _ in _binding().lite.disasm_lite(bytes(code), start):
         if at <= address < at + size:
             return at
     return None
@@ -235,7 +280,7 @@ def boundary_before(code: bytes, start: int, address: int) -> int | None:
 
 def decode_one(code: bytes, address: int) -> Instruction | None:
     """The instruction at the start of ``code``, or None if it is undecodable."""
-    for ci in _CS.disasm(bytes(code[:15]), address, 1):
+    for ci in _binding().detailed.disasm(bytes(code[:15]), address, 1):
         return _instruction(ci)
     return None
 
@@ -249,8 +294,10 @@ def _instruction(ci) -> Instruction:
 
 def _branch(ci) -> tuple[str | None, int | None]:
     """The branch kind of ``ci`` and, for a relative branch, its target."""
+    binding = _binding()
+    X = binding.X
     iid = ci.id
-    if iid in _RETURNS:
+    if iid in binding.returns:
         return "ret", None
     if iid == X.X86_INS_LJMP:
         return "jmp_indirect", None
@@ -262,9 +309,9 @@ def _branch(ci) -> tuple[str | None, int | None]:
         if operand.type == X.X86_OP_IMM:
             return kind, operand.imm & _MASK64
         return kind + "_indirect", None
-    if iid in _JCC:
+    if iid in binding.jcc:
         return "jcc", ci.operands[0].imm & _MASK64
-    if iid in _LOOPS:
+    if iid in binding.loops:
         return "loop", ci.operands[0].imm & _MASK64
     if iid == X.X86_INS_XBEGIN:
         return "xbegin", ci.operands[0].imm & _MASK64
@@ -273,6 +320,7 @@ def _branch(ci) -> tuple[str | None, int | None]:
 
 def _rip_operand(ci) -> tuple[int | None, int | None]:
     """Where the disp32 of a RIP-relative operand sits, and what it addresses."""
+    X = _binding().X
     for operand in ci.operands:
         if operand.type == X.X86_OP_MEM and operand.mem.base == X.X86_REG_RIP:
             offset = ci.disp_offset
