@@ -457,9 +457,12 @@ long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long
                 continue;
             if (end && window > end - plan->entry)
                 window = end - plan->entry;
-            scans[count] = (struct hp_entry_scan){ .entry = plan->entry, .offset = offset,
-                                                   .len = window,
-                                                   .stop = plan->size ? plan->entry + plan->size : 0 };
+            /* Field by field: a compound literal would clear all 2 KiB of
+             * the scan, most of it for hp_scan_entries to fill. */
+            scans[count].entry = plan->entry;
+            scans[count].offset = offset;
+            scans[count].len = window;
+            scans[count].stop = plan->size ? plan->entry + plan->size : 0;
             segment_ends[count] = end;
             sized[count++] = i;
             offset += window;
