@@ -20,7 +20,7 @@ told apart from the next function.  Branches from outside the function (a
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 
 from hotpatch._native import ffi, lib
 from hotpatch.errors import HotpatchError, UnsafeToPatch
@@ -182,20 +182,17 @@ def native_plan_ranges(exec_ranges: Sequence[tuple[int, int]]):
     return ffi.new("uint64_t[]", [a for lo_hi in exec_ranges for a in lo_hi] or 1)
 
 
-def native_results(batch, n: int) -> list[tuple[int, EntryPlan | None, int, int]]:
+def native_results(batch, n: int) -> Iterator[tuple[int, EntryPlan | None, int, int]]:
     """``(status, plan or None, stub, stub_size)`` of each function of a
     batch the C core planned (plan only where status is HP_PLAN_OK or
-    HP_PLAN_UNWRITTEN)."""
-    out = []
+    HP_PLAN_UNWRITTEN), one at a time: a big batch's sites are made as its
+    plans are read, with no list of them in between."""
     python = lib.HP_PLAN_PYTHON
     for (entry, _, stub, address, status, length, stub_size, _, endbr, single, falls, ninsns,
          original) in struct.iter_unpack(_PLAN_RECORD, ffi.buffer(batch, n * ffi.sizeof(batch[0]))):
-        plan = None
-        if status != python:
-            plan = EntryPlan(entry, address, length, original[:length], "generic", endbr, single,
-                             ninsns, None, falls)
-        out.append((status, plan, stub, stub_size))
-    return out
+        yield (status, EntryPlan(entry, address, length, original[:length], "generic", endbr,
+                                 single, ninsns, None, falls) if status != python else None,
+               stub, stub_size)
 
 
 def native_plans(functions: Sequence[tuple[int, int | None]], stubs: Sequence[int], *,
