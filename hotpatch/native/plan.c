@@ -58,21 +58,20 @@ static int can_fall_through(const struct insn *i)
     return i->branch != JMP && i->branch != JMP_INDIRECT && i->branch != RET && !i->ud2;
 }
 
-static int starts_with(const char *s, const char *prefix)
-{
-    return !strncmp(s, prefix, strlen(prefix));
-}
-
-/* decode.py's described(): operand details only where they matter. */
+/* decode.py's described(): operand details only where they matter.  (The
+ * prefixes' lengths are the compiler's: this runs for every head
+ * instruction of a batch.) */
+#define PREFIX(text) { text, sizeof text - 1 }
 static int wants_details(const struct hp_scanned_insn *h)
 {
-    static const char *const prefixes[] = {
-        "j", "call", "ret", "iret", "loop", "lcall", "ljmp", "xbegin", "bnd", "notrack",
+    static const struct { const char *text; size_t len; } prefixes[] = {
+        PREFIX("j"), PREFIX("call"), PREFIX("ret"), PREFIX("iret"), PREFIX("loop"),
+        PREFIX("lcall"), PREFIX("ljmp"), PREFIX("xbegin"), PREFIX("bnd"), PREFIX("notrack"),
     };
     if (strstr(h->op_str, "rip"))
         return 1;
     for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
-        if (starts_with(h->mnemonic, prefixes[i]))
+        if (!strncmp(h->mnemonic, prefixes[i].text, prefixes[i].len))
             return 1;
     return 0;
 }
