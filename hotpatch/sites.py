@@ -297,25 +297,39 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
     with _lock.operation(f"prepare a batch of {len(functions)} sites"):
         if exec_ranges is None:
             exec_ranges = executable_ranges()
+        entries = [entry for entry, _ in functions]
+        if len(set(entries)) == len(entries) and _sites.keys().isdisjoint(entries):
+            # A first patch of distinct functions, most of a big batch: each
+            # is its own result, without the bookkeeping below.
+            return _prepare_all(functions, exec_ranges, fentry_targets, branches_into,
+                                branch_index)
         results: list = [None] * len(functions)
         todo: dict[int, list[int]] = {}        # entry -> indexes asking for it
-        for i, (entry, _) in enumerate(functions):
+        for i, entry in enumerate(entries):
             results[i] = _reusable(entry)
             if results[i] is None:
                 todo.setdefault(entry, []).append(i)
-        wanted = [functions[indexes[0]] for indexes in todo.values()]
-        made = _prepare_natively(wanted, exec_ranges, branches_into, branch_index)
-        rest = [k for k, site in enumerate(made) if site is None]
-        if rest:
-            for k, site in zip(rest, _prepare_in_python([wanted[k] for k in rest], exec_ranges,
-                                                        fentry_targets, branches_into)):
-                made[k] = site
+        made = _prepare_all([functions[indexes[0]] for indexes in todo.values()], exec_ranges,
+                            fentry_targets, branches_into, branch_index)
         for site, indexes in zip(made, todo.values()):
             if function_before is not None and isinstance(site, Site):
                 site._function_before = function_before
             for i in indexes:
                 results[i] = site
         return results
+
+
+def _prepare_all(wanted: Sequence[tuple[int, int | None]], exec_ranges, fentry_targets,
+                 branches_into, branch_index) -> list[Site | HotpatchError]:
+    """The sites of ``wanted`` (distinct entries with no site kept): the C
+    core's first, Python's for the rest."""
+    made = _prepare_natively(wanted, exec_ranges, branches_into, branch_index)
+    rest = [k for k, site in enumerate(made) if site is None]
+    if rest:
+        for k, site in zip(rest, _prepare_in_python([wanted[k] for k in rest], exec_ranges,
+                                                    fentry_targets, branches_into)):
+            made[k] = site
+    return made
 
 
 def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, branches_into,

@@ -509,6 +509,28 @@ def test_a_batch_analysis_reports_unmapped_bytes(lib):
     assert str(plans[1]) == f"{gone:#x}: 24 bytes there are not mapped"
 
 
+def test_entries_read_together_are_told_apart_where_one_is_not_mapped():
+    """Entries close together are read as one span: where the span runs into
+    an unmapped page, each entry is still told mapped or not on its own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = 4096
+    base = libc.mmap(None, 2 * page, 3, 0x22, -1, 0)      # read/write, private anonymous
+    assert base not in (None, ctypes.c_void_p(-1).value)
+    try:
+        ctypes.memset(base, 0xC3, page)                    # ret: each entry decodes
+        assert libc.munmap(base + page, page) == 0
+        entries = [base + page - 64, base + page - 40, base + page - 20, base + page + 8]
+        plans = analyze_entries([(entry, 1) for entry in entries])
+        assert [type(p) is HotpatchError and "not mapped" in str(p) for p in plans] \
+            == [False, False, True, True], plans
+    finally:
+        libc.munmap(base, 2 * page)
+
+
 def test_refuses_data(lib):
     data = lib.addr("x86t_data")
     with pytest.raises(UnsafeToPatch, match=rf"not code: {data:#x} is not inside an "

@@ -58,21 +58,20 @@ static int can_fall_through(const struct insn *i)
     return i->branch != JMP && i->branch != JMP_INDIRECT && i->branch != RET && !i->ud2;
 }
 
-static int starts_with(const char *s, const char *prefix)
-{
-    return !strncmp(s, prefix, strlen(prefix));
-}
-
-/* decode.py's described(): operand details only where they matter. */
+/* decode.py's described(): operand details only where they matter.  (The
+ * prefixes' lengths are the compiler's: this runs for every head
+ * instruction of a batch.) */
+#define PREFIX(text) { text, sizeof text - 1 }
 static int wants_details(const struct hp_scanned_insn *h)
 {
-    static const char *const prefixes[] = {
-        "j", "call", "ret", "iret", "loop", "lcall", "ljmp", "xbegin", "bnd", "notrack",
+    static const struct { const char *text; size_t len; } prefixes[] = {
+        PREFIX("j"), PREFIX("call"), PREFIX("ret"), PREFIX("iret"), PREFIX("loop"),
+        PREFIX("lcall"), PREFIX("ljmp"), PREFIX("xbegin"), PREFIX("bnd"), PREFIX("notrack"),
     };
     if (strstr(h->op_str, "rip"))
         return 1;
     for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
-        if (starts_with(h->mnemonic, prefixes[i]))
+        if (!strncmp(h->mnemonic, prefixes[i].text, prefixes[i].len))
             return 1;
     return 0;
 }
@@ -457,9 +456,12 @@ long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long
                 continue;
             if (end && window > end - plan->entry)
                 window = end - plan->entry;
-            scans[count] = (struct hp_entry_scan){ .entry = plan->entry, .offset = offset,
-                                                   .len = window,
-                                                   .stop = plan->size ? plan->entry + plan->size : 0 };
+            /* Field by field: a compound literal would clear all 2 KiB of
+             * the scan, most of it for hp_scan_entries to fill. */
+            scans[count].entry = plan->entry;
+            scans[count].offset = offset;
+            scans[count].len = window;
+            scans[count].stop = plan->size ? plan->entry + plan->size : 0;
             segment_ends[count] = end;
             sized[count++] = i;
             offset += window;

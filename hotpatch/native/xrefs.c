@@ -234,12 +234,32 @@ static const char *const relative_mnemonics[] = {
     "loopne", "xbegin",
 };
 
+/* The instruction ids of those mnemonics: most instructions are none of
+ * them, and an id is cheaper to test than the text (a sweep asks every
+ * instruction). */
+static int branch_family(unsigned id)
+{
+    switch (id) {
+    case X86_INS_JMP: case X86_INS_CALL: case X86_INS_JO: case X86_INS_JNO: case X86_INS_JB:
+    case X86_INS_JAE: case X86_INS_JE: case X86_INS_JNE: case X86_INS_JBE: case X86_INS_JA:
+    case X86_INS_JS: case X86_INS_JNS: case X86_INS_JP: case X86_INS_JNP: case X86_INS_JL:
+    case X86_INS_JGE: case X86_INS_JLE: case X86_INS_JG: case X86_INS_JRCXZ: case X86_INS_JECXZ:
+    case X86_INS_JCXZ: case X86_INS_LOOP: case X86_INS_LOOPE: case X86_INS_LOOPNE:
+    case X86_INS_XBEGIN:
+        return 1;
+    }
+    return 0;
+}
+
 static int relative_target(const cs_insn *insn, uint64_t *target)
 {
-    const char *word = strrchr(insn->mnemonic, ' ');
+    const char *word;
     size_t n = sizeof relative_mnemonics / sizeof *relative_mnemonics, i;
     char *end;
 
+    if (!branch_family(insn->id))
+        return 0;
+    word = strrchr(insn->mnemonic, ' ');
     word = word ? word + 1 : insn->mnemonic;
     for (i = 0; i < n && strcmp(word, relative_mnemonics[i]); i++)
         ;
@@ -638,35 +658,85 @@ static void scan_function(csh handle, cs_insn *insn, const uint8_t *code, struct
 }
 
 /* Read each entry's bytes to buf[offset, offset + len), HP_SCAN_UNMAPPED
- * where they are not mapped: one process_vm_readv for up to READ_BATCH
- * functions (a system call each was half the scan of a small function).
- * The call stops at the first range it cannot read; that one is read alone
- * to tell, and the batch goes on after it. */
+ * where they are not mapped.  Entries close together, as a batch's usually
+ * are, are read as one span (a system call's cost is per range: each one
+ * pins its pages) and copied out; a gap of less than a page between two
+ * windows holds no page that neither of them touches, so a span reads
+ * nothing the windows alone would not.  One process_vm_readv reads up to
+ * READ_BATCH spans and stops at the first it cannot read whole: that
+ * span's entries are read one by one to tell, and the batch goes on after
+ * it. */
 #define READ_BATCH 256
+#define SPAN_GAP 256
+struct span {
+    uint64_t start, end;
+    long first, last;            /* scans[first..last) */
+};
+
+static void read_span_alone(struct hp_entry_scan *scans, const struct span *sp, uint8_t *buf)
+{
+    for (long k = sp->first; k < sp->last; k++)
+        scans[k].status = hp_read_memory(scans[k].entry, buf + scans[k].offset, scans[k].len)
+                          == (long)scans[k].len ? 0 : HP_SCAN_UNMAPPED;
+}
+
 static void read_entries(struct hp_entry_scan *scans, long n, uint8_t *buf)
 {
     struct iovec local[READ_BATCH], remote[READ_BATCH];
+    struct span spans[READ_BATCH];
+    uint8_t *staging = NULL;
+    size_t room = 0;
     long i = 0;
 
     while (i < n) {
-        long k, done = 0, got;
-        for (k = 0; k < READ_BATCH && i + k < n; k++) {
-            local[k] = (struct iovec){ buf + scans[i + k].offset, scans[i + k].len };
-            remote[k] = (struct iovec){ (void *)(uintptr_t)scans[i + k].entry, scans[i + k].len };
+        long nspans = 0, done = 0, got;
+        size_t total = 0;
+        for (; i < n && nspans < READ_BATCH; nspans++) {
+            struct span *sp = &spans[nspans];
+            *sp = (struct span){ scans[i].entry, scans[i].entry + scans[i].len, i, i + 1 };
+            while (sp->last < n && scans[sp->last].entry >= sp->start
+                   && scans[sp->last].entry <= sp->end + SPAN_GAP) {
+                uint64_t end = scans[sp->last].entry + scans[sp->last].len;
+                sp->end = end > sp->end ? end : sp->end;
+                sp->last++;
+            }
+            i = sp->last;
+            total += sp->end - sp->start;
         }
-        got = hp_sys(SYS_process_vm_readv, hp_gettid(), local, k, remote, k, 0);
+        if (total > room) {
+            uint8_t *more = realloc(staging, total);
+            if (!more) {        /* each entry alone, then */
+                for (long k = 0; k < nspans; k++)
+                    read_span_alone(scans, &spans[k], buf);
+                continue;
+            }
+            staging = more;
+            room = total;
+        }
+        total = 0;
+        for (long k = 0; k < nspans; k++) {
+            size_t len = spans[k].end - spans[k].start;
+            local[k] = (struct iovec){ staging + total, len };
+            remote[k] = (struct iovec){ (void *)(uintptr_t)spans[k].start, len };
+            total += len;
+        }
+        got = hp_sys(SYS_process_vm_readv, hp_gettid(), local, nspans, remote, nspans, 0);
         for (size_t left = got > 0 ? (size_t)got : 0;
-             done < k && left >= scans[i + done].len; done++) {
-            left -= scans[i + done].len;
-            scans[i + done].status = 0;
+             done < nspans && left >= local[done].iov_len; done++) {
+            const struct span *sp = &spans[done];
+            const uint8_t *from = local[done].iov_base;
+            left -= local[done].iov_len;
+            for (long k = sp->first; k < sp->last; k++) {
+                memcpy(buf + scans[k].offset, from + (scans[k].entry - sp->start), scans[k].len);
+                scans[k].status = 0;
+            }
         }
-        if (done < k) {
-            struct hp_entry_scan *s = &scans[i + done++];
-            s->status = hp_read_memory(s->entry, buf + s->offset, s->len) == (long)s->len
-                        ? 0 : HP_SCAN_UNMAPPED;
+        if (done < nspans) {
+            read_span_alone(scans, &spans[done], buf);
+            i = spans[done].last;
         }
-        i += done;
     }
+    free(staging);
 }
 
 /* Scan `n` entries.  Each one's bytes are buf[offset, offset + len): read
