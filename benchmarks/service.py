@@ -17,8 +17,8 @@ Python tick gap, the sleeper's worst lateness and the busy threads' longest
 gap overlapping it:
 
 1. ``import hotpatch``, then the first use of ``hotpatch.register``, which
-   imports the core (the C core, cffi's backend and capstone's C library
-   with it; capstone's Python binding only when a patch needs it);
+   imports the core (the C core, cffi's backend and capstone's binding
+   with it);
 2. the first ``register()`` of the process: one libz function (``crc32``,
    redirected to libz's own ``adler32``, same signature): the ptrace helper
    spawned, the loader hook installed, libz's symbol table read (one name
@@ -67,7 +67,7 @@ STEPS = ("import", "import_core", "first_register", "disable_1", "enable_1", "re
          "disable_1000", "enable_1000", "load_module")
 STEP_TITLES = {
     "import": "import hotpatch",
-    "import_core": "first use of hotpatch.register (imports the core: C core, cffi's backend)",
+    "import_core": "first use of hotpatch.register (imports the core: C core, cffi, capstone)",
     "first_register": "first register(): 1 libz function (symbols, index, helper)",
     "disable_1": "disable 1 function",
     "enable_1": "enable 1 function",
@@ -82,13 +82,15 @@ STEP_TITLES = {
 STEP_CAUSES = {
     "import": "`import hotpatch` runs Python only (the errors, the lazy names); a longer gap "
               "is the machine delaying the thread",
-    "import_core": "about 60 modules imported (hotpatch's, typing, logging, dataclasses "
-                   "with inspect, ctypes; not capstone's Python binding): hotpatch gives the "
-                   "GIL up between them and runs them at a 1 ms switch interval, but "
-                   "unmarshalling each module's bytecode and each extension's initialisation "
-                   "hold it, and the step keeps a core busy for 50-140 ms; would close it: "
-                   "fewer modules (logging, typing and dataclasses a service has mostly "
-                   "imported already), or `import hotpatch.core` at the service's start-up",
+    "import_core": "about 130 modules imported (hotpatch's, capstone's binding with "
+                   "ctypes.util and subprocess, typing, logging, dataclasses with inspect): "
+                   "hotpatch gives the GIL up between them and runs them at a 1 ms switch "
+                   "interval, but unmarshalling each module's bytecode and each extension's "
+                   "initialisation hold it, and the step keeps a core busy for 100-250 ms; "
+                   "the binding stays (the loader's handling must never import it, "
+                   "docs/notes.md); would close it: a Python decoder on the C core's "
+                   "capstone instead of the binding, fewer modules, or `import hotpatch.core` "
+                   "at the service's start-up",
     "first_register": "Python run once (the loader hook installed, libz's tables read, "
                       "the site planned and written in two stops), at a 1 ms switch "
                       "interval, keeping a core busy for 7-10 ms idle; with busy threads the "
@@ -277,7 +279,7 @@ def child() -> None:
     results["import"] = _measure(ticker, threads, lambda: __import__("hotpatch"))
     import hotpatch
     # The public names are imported on first use (hotpatch/__init__.py):
-    # this is where the C core (and capstone's C library) is loaded.
+    # this is where the C core and capstone are loaded.
     results["import_core"] = _measure(ticker, threads, lambda: hotpatch.register)
     from hotpatch import Func, Object, Patch
 

@@ -24,6 +24,7 @@ work from there too.
 from __future__ import annotations
 
 import contextlib
+import difflib          # at import: messages may be made in the loader's handling (decode.py)
 import logging
 import os
 import sys
@@ -534,7 +535,6 @@ def _watch_loads(patch: Patch) -> None:
             continue
         if loaded is None:
             loaded = sorted({n for o in symbols.loaded_objects() for n in o.names})
-        import difflib      # 2 ms of import, for this warning only
         close = difflib.get_close_matches(os.path.basename(obj.name), loaded, n=5, cutoff=0.75)
         obj.note = "waiting for the object to load"
         notify(logging.WARNING, "patch '%s': object %s is not loaded: it will be patched when it loads%s",

@@ -225,8 +225,13 @@ def _before_dynamic_linker(event: str, args: tuple) -> None:
 
 
 def _step_aside() -> None:
-    if getattr(_draining, "busy", False) or getattr(_draining, "in_hook", False):
-        return      # this thread is the one the load waits for
+    # Not the hook's own thread: it holds the linker's lock, its load waits
+    # for nothing else.  The worker steps aside too, in the middle of an
+    # event (an import of the decoder's binding, or of the modules behind a
+    # message, may come then): the loading thread waits for the worker's
+    # event lock only so long, then goes on and leaves its event to it.
+    if getattr(_draining, "in_hook", False):
+        return
     deadline = time.monotonic() + STEP_ASIDE_S
     while lib.hp_loader_busy and time.monotonic() < deadline:
         time.sleep(0.0002)      # releases the GIL

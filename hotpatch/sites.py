@@ -79,6 +79,10 @@ class Site:
     _trampoline: int = field(default=0, repr=False)         # jmp [rip+d] (slot form)
     _call_site: object = field(default=None, repr=False)    # struct hp_call_site *
     _caller: int = field(default=0, repr=False)             # shared caller (call form)
+    # The original stub's block, where the C core planned it (0: the plan
+    # tells): freeing it must not decode the plan again (the Python decoder
+    # is not for the loader's worker to import in the middle of an event).
+    _stub_size: int = field(default=0, repr=False)
     hopped: bool = False           # the entry goes through the hot-patch point now
     # The hot-patch point: None until looked for, 0 where there is none or
     # the entry needs none (its first instruction covers the jmp rel32:
@@ -360,7 +364,7 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
                 _free_code.append((stub, stub_size))    # Python refuses it, in its words
                 made.append(None)
                 continue
-            site = _sites[plan.entry] = Site(plan.entry, plan, stub)
+            site = _sites[plan.entry] = Site(plan.entry, plan, stub, _stub_size=stub_size)
             made.append(site)
         elif status == _PLAN_UNWRITTEN:
             made.append(HotpatchError(f"{plan.entry:#x}: cannot write the original stub at "
@@ -856,7 +860,8 @@ def forget(sites: Sequence[Site]) -> None:
             if _sites.get(site.entry) is site:
                 del _sites[site.entry]
             if site.plan.body is None:
-                _free_code.append((site.original, original_stub_size_bound(site.plan)))
+                _free_code.append((site.original,
+                                   site._stub_size or original_stub_size_bound(site.plan)))
             if site._slot is not None:
                 _free_code.append((site._trampoline, encode.JMP_RIP_INDIRECT_SIZE))
                 _free_slots.append(site._slot)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import difflib          # at import: messages may be made in the loader's handling (decode.py)
 import os
 import re
 import struct
@@ -178,7 +179,6 @@ def _describe_candidates(obj: LoadedObject, candidates) -> str:
 
 
 def _not_found_message(obj: LoadedObject, table: elf.SymbolTable, name: str) -> str:
-    import difflib      # 2 ms of import, for this error only
     bare = name.partition("@")[0]
     clones = [n for n in table.by_name
               if n.startswith(bare + ".") and elf.CLONE_SUFFIX.match(n, len(bare))]

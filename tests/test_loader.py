@@ -86,14 +86,6 @@ def load_in_place(path, base, span):
 def coming_patch(name="libcoming.so", funcs=("target",), **callbacks):
     new = {"target": REPL, "chosen": REPL2}
     return Patch("late", [Object(name, [Func(f, new[f]) for f in funcs], **callbacks)])
-def decoder_first_used():
-    # The Python decoder's first use (a site planned in Python, or the
-    # stub's size when an unloaded object's site is forgotten) imports
-    # capstone's binding, which maps a dozen extension modules: where it
-    # comes between two loads, the second library does not land where the
-    # first was.
-    from hotpatch.x86_64.decode import decode_one
-    decode_one(b"\\xc3", 0)
 def settle(patch, timeout=10):
     import time
     deadline = time.monotonic() + timeout
@@ -106,7 +98,6 @@ def test_restore_never_writes_into_another_object_at_the_same_address(child, lib
     """A site whose object was unloaded, another library since loaded at its
     address: restoring it is refused and that library's code is untouched."""
     r = child(PRELUDE + """
-decoder_first_used()
 a = ctypes.CDLL(P["same_a"])
 base_a, span_a = base_of(P["same_a"]), span_of(P["same_a"])
 site = sites.redirect(addr(a, "fn"), REPL)
@@ -184,7 +175,6 @@ def test_dlclose_then_disable_never_touches_the_old_addresses(child, libs):
 events = []
 cb = {k: (lambda k: lambda o: events.append(k))(k)
       for k in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")}
-decoder_first_used()
 a = ctypes.CDLL(P["same_a"])
 base_a, span_a = base_of(P["same_a"]), span_of(P["same_a"])
 threads = set(os.listdir("/proc/self/task"))

@@ -4,9 +4,14 @@ Capstone does the decoding; this module only keeps the facts the relocator and
 the entry analysis need (branch kind and target, the RIP-relative displacement
 and what it refers to), taken from capstone's operand details rather than from
 its text.  The C core drives capstone's C library for the common work (the
-scans below, ``native/plan.c``); capstone's Python binding decodes the rest
-and is imported on first use (:func:`_binding`): its import is 40-65 ms of
-Python with the GIL held, which a patch planned in C does without.
+scans below, ``native/plan.c``); capstone's Python binding decodes the rest.
+The binding is imported with this module, at the core's import, though a
+patch planned in C never uses it: its first import calls the dynamic linker
+(``ctypes.util``'s extension modules, a ``dlsym`` per function), which the
+loader's handling of an event must never do (``hotpatch/loader.py``: the
+worker would wait for the linker's lock, GIL held, while a loading thread
+inside it waits for the GIL), and that handling may be the first to plan
+in Python (an object loaded after the patch, a thunk's clobber analysis).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ class _Binding:
     """capstone's Python binding and what this module takes from it."""
 
     def __init__(self) -> None:
-        import capstone     # 40-65 ms of imports: only when Python decodes
+        import capstone
         from capstone import x86_const as X
         self.X = X
         # One handle of each kind for the process: creating a Cs handle costs
@@ -97,15 +102,12 @@ class _Binding:
         })
 
 
-_the_binding: _Binding | None = None
-
-
 def _binding() -> _Binding:
-    """The :class:`_Binding`, made on first use (the binding imported)."""
-    global _the_binding
-    if _the_binding is None:
-        _the_binding = _Binding()
+    """The :class:`_Binding` (made at this module's import)."""
     return _the_binding
+
+
+_the_binding = _Binding()
 
 
 class Instruction(NamedTuple):
