@@ -90,3 +90,77 @@ def run_child(code, timeout=120, env=None, **params):
 @pytest.fixture(scope="session")
 def child():
     return run_child
+
+
+# The child's side of the tests that count how batches were written
+# (test_unstopped.py, test_hops.py): a library built from targets/stopper.c
+# and shapes.c at P["lib"], and the stops and unstopped batches an action took.
+STOPS_PRELUDE = """
+import ctypes, os, time
+import hotpatch
+from hotpatch import Patch, Object, Func, sites
+lib = ctypes.CDLL(P["lib"])
+for _name in ["st_callers_stop", "st_callers_calls"]:
+    getattr(lib, _name).restype = ctypes.c_long
+OBJ = os.path.basename(P["lib"])
+def addr(name):
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+def call(name, x=7):
+    f = getattr(lib, name); f.restype = ctypes.c_long; f.argtypes = [ctypes.c_long]
+    return f(x)
+def counts():
+    s = hotpatch.tree()["core"]["stops"]
+    return s["count"], s["unstopped"]
+def took(action):
+    # (stops, batches written without one) that `action` took
+    before = counts()
+    action()
+    after = counts()
+    return after[0] - before[0], after[1] - before[1]
+"""
+
+# Native callers that block every signal call P["name"] in a loop while it
+# is patched, stacked and restored P["cycles"] times (P["results"]: the old
+# result and the replacements', for x = 7); sleepers in read, poll, epoll,
+# nanosleep and sem_timedwait meanwhile.  Reports what check_callers_and_sleepers reads.
+CALLERS_AND_SLEEPERS = """
+name = P["name"]
+p1 = hotpatch.register(Patch("p1", [Object(OBJ, [Func(name, addr("replacement"))])]), enable=False)
+p2 = hotpatch.register(Patch("p2", [Object(OBJ, [Func(name, addr("replacement2"))])]), enable=False)
+before = sites.read_memory(addr(name), 16)
+lib.st_callers_start(ctypes.c_void_p(addr(name)), 2, (ctypes.c_long * 3)(*P["results"]), 3, 1)
+lib.st_sleepers_start()
+time.sleep(0.02)
+stops0, unstopped0 = counts()
+for i in range(P["cycles"]):
+    hotpatch.enable(p1)
+    if i % 3 == 0:
+        hotpatch.enable(p2)
+        hotpatch.disable(p2)
+    hotpatch.disable(p1)
+stops1, unstopped1 = counts()
+total, a_bad = ctypes.c_long(), ctypes.c_long()
+bad = lib.st_callers_stop(ctypes.byref(total), ctypes.byref(a_bad))
+out = (ctypes.c_long * 25)()
+lib.st_sleepers_finish(out)
+report({"bad": bad, "a_bad": a_bad.value, "calls": total.value, "stops": stops1 - stops0,
+        "unstopped": unstopped1 - unstopped0,
+        "sleepers": [list(out[k * 5:k * 5 + 4]) for k in range(5)],
+        "identical": sites.read_memory(addr(name), 16) == before, "final": call(name)})
+"""
+
+
+def check_callers_and_sleepers(r, cycles, old):
+    """Only old or new results, not one stop, every write one unstopped
+    batch, the entry's bytes back; the sleepers unaware (no EINTR, no short
+    sleep)."""
+    assert r["bad"] == 0, r
+    assert r["calls"] > 10_000, r
+    assert r["stops"] == 0, r
+    assert r["unstopped"] == cycles * 2 + (cycles + 2) // 3 * 2, r
+    assert r["identical"] and r["final"] == old, r
+    read, poll, epoll, nano, sem = r["sleepers"]
+    for got, byte in ((read, "r"), (poll, "p"), (epoll, "e")):
+        assert got[0] == 1 and got[1] == 0 and got[2] == ord(byte), r
+    assert nano[0] == 0 and nano[3] >= 1_500_000_000, r
+    assert sem[0] == -1 and sem[1] == 110 and sem[3] >= 1_900_000_000, r    # ETIMEDOUT

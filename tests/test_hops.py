@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-from conftest import compile_library
+from conftest import (CALLERS_AND_SLEEPERS, STOPS_PRELUDE, check_callers_and_sleepers,
+                      compile_library)
 
 
 @pytest.fixture(scope="session")
@@ -22,28 +23,7 @@ def hops_lib(tmp_path_factory):
                                    flags=["-pthread"])}
 
 
-PRELUDE = """
-import ctypes, os, time
-import hotpatch
-from hotpatch import Patch, Object, Func, sites
-lib = ctypes.CDLL(P["lib"])
-for _name in ["st_callers_stop", "st_callers_calls"]:
-    getattr(lib, _name).restype = ctypes.c_long
-OBJ = os.path.basename(P["lib"])
-def addr(name):
-    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-def call(name, x=7):
-    f = getattr(lib, name); f.restype = ctypes.c_long; f.argtypes = [ctypes.c_long]
-    return f(x)
-def counts():
-    s = hotpatch.tree()["core"]["stops"]
-    return s["count"], s["unstopped"]
-def took(action):
-    # (stops, batches written without one) that `action` took
-    before = counts()
-    action()
-    after = counts()
-    return after[0] - before[0], after[1] - before[1]
+PRELUDE = STOPS_PRELUDE + """
 def site_of(name):
     return next(s for s in sites.installed_sites() if s.entry == addr(name))
 def patch(name, new="replacement"):
@@ -144,44 +124,11 @@ report([took(lambda: hotpatch.enable(p)), call("hop_plain"), site_of("hop_plain"
 
 
 def test_callers_and_sleepers_through_hot_patch_points(child, hops_lib):
-    # Native callers that block every signal call hop_plain in a loop while
-    # it is patched, stacked and restored hundreds of times through its
-    # hot-patch point, without a single stop: only old or new results;
-    # sleepers finish their calls unaware (no EINTR, no short sleep).
-    r = child(PRELUDE + """
-name = "hop_plain"
-p1, p2 = patch(name), patch(name, "replacement2")
-before = sites.read_memory(addr(name), 16)
-lib.st_callers_start(ctypes.c_void_p(addr(name)), 2, (ctypes.c_long * 3)(22, 1007, 2007), 3, 1)
-lib.st_sleepers_start()
-time.sleep(0.02)
-stops0, unstopped0 = counts()
-for i in range(P["cycles"]):
-    hotpatch.enable(p1)
-    if i % 3 == 0:
-        hotpatch.enable(p2)
-        hotpatch.disable(p2)
-    hotpatch.disable(p1)
-stops1, unstopped1 = counts()
-total, a_bad = ctypes.c_long(), ctypes.c_long()
-bad = lib.st_callers_stop(ctypes.byref(total), ctypes.byref(a_bad))
-out = (ctypes.c_long * 25)()
-lib.st_sleepers_finish(out)
-report({"bad": bad, "a_bad": a_bad.value, "calls": total.value, "stops": stops1 - stops0,
-        "unstopped": unstopped1 - unstopped0,
-        "sleepers": [list(out[k * 5:k * 5 + 4]) for k in range(5)],
-        "identical": sites.read_memory(addr(name), 16) == before, "final": call(name)})
-""", cycles=600, timeout=300, **hops_lib)[0]
-    assert r["bad"] == 0, r
-    assert r["calls"] > 10_000, r
-    assert r["stops"] == 0, r
-    assert r["unstopped"] == 600 * 2 + 200 * 2, r
-    assert r["identical"] and r["final"] == 22, r
-    read, poll, epoll, nano, sem = r["sleepers"]
-    for got, byte in ((read, "r"), (poll, "p"), (epoll, "e")):
-        assert got[0] == 1 and got[1] == 0 and got[2] == ord(byte), r
-    assert nano[0] == 0 and nano[3] >= 1_500_000_000, r
-    assert sem[0] == -1 and sem[1] == 110 and sem[3] >= 1_900_000_000, r    # ETIMEDOUT
+    # hop_plain is patched, stacked and restored hundreds of times through
+    # its hot-patch point, without a single stop (conftest.CALLERS_AND_SLEEPERS).
+    r = child(PRELUDE + CALLERS_AND_SLEEPERS, name="hop_plain", results=[22, 1007, 2007],
+              cycles=600, timeout=300, **hops_lib)[0]
+    check_callers_and_sleepers(r, 600, old=22)
 
 
 def test_a_library_nobody_here_wrote(child, hops_lib):

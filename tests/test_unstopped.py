@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-from conftest import compile_library
+from conftest import (CALLERS_AND_SLEEPERS, STOPS_PRELUDE, check_callers_and_sleepers,
+                      compile_library)
 
 
 @pytest.fixture(scope="session")
@@ -29,29 +30,8 @@ def unstopped_lib(tmp_path_factory):
     return {"lib": path}
 
 
-PRELUDE = """
-import ctypes, os, time
+PRELUDE = STOPS_PRELUDE + """
 import capstone
-import hotpatch
-from hotpatch import Patch, Object, Func, sites
-lib = ctypes.CDLL(P["lib"])
-for _name in ["st_callers_stop", "st_callers_calls"]:
-    getattr(lib, _name).restype = ctypes.c_long
-OBJ = os.path.basename(P["lib"])
-def addr(name):
-    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-def call(name, x=7):
-    f = getattr(lib, name); f.restype = ctypes.c_long; f.argtypes = [ctypes.c_long]
-    return f(x)
-def counts():
-    s = hotpatch.tree()["core"]["stops"]
-    return s["count"], s["unstopped"]
-def took(action):
-    # (stops, batches written without one) that `action` took
-    before = counts()
-    action()
-    after = counts()
-    return after[0] - before[0], after[1] - before[1]
 def first_instruction(name):
     # past an endbr64, where the site goes
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -161,47 +141,11 @@ report(out)
 
 
 def test_callers_and_sleepers_through_unstopped_writes(child, unstopped_lib):
-    # Native callers that block every signal call the entry in a loop while
-    # it is patched, stacked and restored hundreds of times without a single
-    # stop: only old or new results; sleepers in read/poll/epoll/nanosleep/
-    # sem_timedwait finish their calls unaware (no EINTR, no short sleep).
-    r = child(PRELUDE + """
-name = "us_long_first"
-p1 = hotpatch.register(Patch("p1", [Object(OBJ, [Func(name, addr("replacement"))])]), enable=False)
-p2 = hotpatch.register(Patch("p2", [Object(OBJ, [Func(name, addr("replacement2"))])]), enable=False)
-before = sites.read_memory(addr(name), 16)
-lib.st_callers_start(ctypes.c_void_p(addr(name)), 2, (ctypes.c_long * 3)(10, 1007, 2007), 3, 1)
-lib.st_sleepers_start()
-time.sleep(0.02)
-stops0, unstopped0 = counts()
-t0 = time.monotonic()
-for i in range(P["cycles"]):
-    hotpatch.enable(p1)
-    if i % 3 == 0:
-        hotpatch.enable(p2)
-        hotpatch.disable(p2)
-    hotpatch.disable(p1)
-elapsed = time.monotonic() - t0
-stops1, unstopped1 = counts()
-total, a_bad = ctypes.c_long(), ctypes.c_long()
-bad = lib.st_callers_stop(ctypes.byref(total), ctypes.byref(a_bad))
-out = (ctypes.c_long * 25)()
-lib.st_sleepers_finish(out)
-report({"bad": bad, "a_bad": a_bad.value, "calls": total.value, "stops": stops1 - stops0,
-        "unstopped": unstopped1 - unstopped0, "elapsed": elapsed,
-        "sleepers": [list(out[k * 5:k * 5 + 4]) for k in range(5)],
-        "identical": sites.read_memory(addr(name), 16) == before, "final": call(name)})
-""", cycles=600, timeout=300, **unstopped_lib)[0]
-    assert r["bad"] == 0, r
-    assert r["calls"] > 10_000, r
-    assert r["stops"] == 0, r
-    assert r["unstopped"] == 600 * 2 + 200 * 2, r
-    assert r["identical"] and r["final"] == 10, r
-    read, poll, epoll, nano, sem = r["sleepers"]
-    for got, byte in ((read, "r"), (poll, "p"), (epoll, "e")):
-        assert got[0] == 1 and got[1] == 0 and got[2] == ord(byte), r
-    assert nano[0] == 0 and nano[3] >= 1_500_000_000, r
-    assert sem[0] == -1 and sem[1] == 110 and sem[3] >= 1_900_000_000, r    # ETIMEDOUT
+    # us_long_first is patched, stacked and restored hundreds of times, each
+    # write one atomic store (conftest.CALLERS_AND_SLEEPERS).
+    r = child(PRELUDE + CALLERS_AND_SLEEPERS, name="us_long_first", results=[10, 1007, 2007],
+              cycles=600, timeout=300, **unstopped_lib)[0]
+    check_callers_and_sleepers(r, 600, old=10)
 
 
 def test_the_first_patch_of_a_process_takes_no_stop_where_none_is_needed(child, unstopped_lib):
