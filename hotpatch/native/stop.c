@@ -92,7 +92,8 @@ HP_RAW static int stopped_round(const struct hp_check *c, int kind, uint64_t dea
  * blocked. */
 HP_RAW int hp_write_alone(struct hp_write *w, size_t n, char *err)
 {
-    struct hp_check c = { .pid = hp_gettid(), .writes = w, .nwrites = n };
+    struct hp_check c = { .pid = hp_gettid(), .writes = w, .nwrites = n,
+                          .scratch = stack_words, .scratch_bytes = sizeof stack_words };
     hp_stats.alone++;
     return hp_check_old_bytes(&c, err) || hp_write_stopped(&c, err) ? -1 : 0;
 }
