@@ -308,7 +308,7 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
             # A first patch of distinct functions, most of a big batch: each
             # is its own result, without the bookkeeping below.
             return _prepare_all(functions, exec_ranges, fentry_targets, branches_into,
-                                branch_index)
+                                branch_index, function_before)
         results: list = [None] * len(functions)
         todo: dict[int, list[int]] = {}        # entry -> indexes asking for it
         for i, entry in enumerate(entries):
@@ -316,17 +316,15 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
             if results[i] is None:
                 todo.setdefault(entry, []).append(i)
         made = _prepare_all([functions[indexes[0]] for indexes in todo.values()], exec_ranges,
-                            fentry_targets, branches_into, branch_index)
+                            fentry_targets, branches_into, branch_index, function_before)
         for site, indexes in zip(made, todo.values()):
-            if function_before is not None and isinstance(site, Site):
-                site._function_before = function_before
             for i in indexes:
                 results[i] = site
         return results
 
 
 def _prepare_all(wanted: Sequence[tuple[int, int | None]], exec_ranges, fentry_targets,
-                 branches_into, branch_index) -> list[Site | HotpatchError]:
+                 branches_into, branch_index, function_before) -> list[Site | HotpatchError]:
     """The sites of ``wanted`` (distinct entries with no site kept): the C
     core's first, Python's for the rest."""
     made = _prepare_natively(wanted, exec_ranges, branches_into, branch_index)
@@ -335,6 +333,10 @@ def _prepare_all(wanted: Sequence[tuple[int, int | None]], exec_ranges, fentry_t
         for k, site in zip(rest, _prepare_in_python([wanted[k] for k in rest], exec_ranges,
                                                     fentry_targets, branches_into)):
             made[k] = site
+    if function_before is not None:
+        for site in made:
+            if isinstance(site, Site):
+                site._function_before = function_before
     return made
 
 
@@ -610,16 +612,22 @@ def hot_patch_point(site: Site) -> int:
             if hop == lib.HP_HOP_ASK_BEFORE:
                 before = site._function_before(site.entry - 1) if site._function_before else None
                 hop = lib.hp_hop_of(site.entry, plan.address, before) if before else 0
-            # Not where another site's entry write may reach: a function
+            # Not where another site's entry write reaches: a function
             # shorter than the jump, with padding after it, is planned with
             # that padding in its replaced bytes.
-            if hop and any(_sites.get(at) not in (None, site) for at in range(hop - _HOP_NEAR,
-                                                                               hop + _HOP_SIZE)):
+            if hop and any(_reaches(_sites.get(at), site, hop)
+                           for at in range(hop - _HOP_NEAR, hop + _HOP_SIZE)):
                 hop = 0
             if hop:
                 site._hop_padding = read_memory(hop, _HOP_SIZE)
         site._hop = hop
     return site._hop
+
+
+def _reaches(other: Site | None, site: Site, hop: int) -> bool:
+    """Whether ``other`` (a site, or None) writes into the 5 bytes at ``hop``."""
+    return (other is not None and other is not site and
+            other.plan.address < hop + _HOP_SIZE and other.plan.address + other.plan.length > hop)
 
 
 def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) -> bool:

@@ -66,6 +66,27 @@ report(out)
     assert r["again_patched"] == 2007 and r["again_hop"], r
 
 
+def test_the_function_before_tells_where_the_bytes_do_not(child, hops_lib):
+    # Before hop_swept's padding: `mov $0, %eax; ret`, whose last two bytes
+    # also decode as `add %al, %bl`.  The livepatch model passes the symbol
+    # table's function before, swept to the padding: a point.  A site
+    # prepared without it has none, and takes the stop.
+    r = child(PRELUDE + """
+bare = sites.prepare(addr("hop_swept"))
+out = {"bare": [took(lambda: sites.redirect_batch([(bare, addr("replacement"))])),
+                bare.hopped, call("hop_swept")]}
+sites.restore(bare)
+sites.forget([bare])
+p = patch("hop_swept")
+out["model"] = [took(lambda: hotpatch.enable(p)), site_of("hop_swept").hopped, call("hop_swept")]
+hotpatch.disable(p)
+out["restored"] = call("hop_swept")
+report(out)
+""", **hops_lib)[0]
+    assert r["bare"] == [[1, 0], False, 1007], r
+    assert r["model"] == [[0, 1], True, 1007] and r["restored"] == 22, r
+
+
 def test_padding_that_a_function_falls_through_is_no_hot_patch_point(child, hops_lib):
     # hop_falls(x >= 0) runs the padding before hop_fallen_into: a jmp
     # written there would survive the disable and keep sending it to the

@@ -8,6 +8,10 @@
  *    mov first; the function before it ends in a ret, then NOPs.
  *  - hop_push(x) = 3x: a 1-byte push first, which a short jmp cannot
  *    replace (a thread past it would run the jmp's second byte).
+ *  - hop_swept(x) = hop_plain's, after a function ending `mov $0, %eax;
+ *    ret`: the bytes before the padding also decode as `add %al, %bl`, so
+ *    only a sweep from the function before (the symbol table's) tells the
+ *    padding is dead.
  *  - hop_falls(x): -1 for x < 0, else it falls through its padding into
  *    hop_fallen_into(x) = x + 5, as glibc's __memmove_chk falls into
  *    memmove: that padding is run, it is no hot-patch point. */
@@ -27,6 +31,25 @@ __asm__(".text\n"
         "    lea 1(%rax,%rax,2), %rax\n"
         "    ret\n"
         ".size hop_plain, .-hop_plain\n"
+
+        ".p2align 6\n"
+        ".globl hop_zero\n"
+        ".type hop_zero, @function\n"
+        "hop_zero:\n"
+        "    mov $0, %eax\n"
+        "    ret\n"
+        ".size hop_zero, .-hop_zero\n"
+
+        ".p2align 6\n"
+        ".globl hop_swept\n"
+        ".type hop_swept, @function\n"
+        "hop_swept:\n"
+        "    mov %rdi, %rax\n"
+        "    sar $7, %rax\n"
+        "    xor %rdi, %rax\n"
+        "    lea 1(%rax,%rax,2), %rax\n"
+        "    ret\n"
+        ".size hop_swept, .-hop_swept\n"
 
         ".p2align 6\n"
         ".globl hop_push\n"
