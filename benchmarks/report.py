@@ -1106,67 +1106,47 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   while a site has observers. Two things would close the rest: a per-site
   thunk in place of the shared table lookup, and saving only what an observer
   needs.
-- **Apply is more than 10x Frida's `replace` per function at 10,000
-  functions, not yet at 1 or 100, and 1,000 sites take about 11 ms, not
-  10.**  The plans and original stubs of the common entry shapes are built
-  by one call of the C core per batch (`native/plan.c`: Python keeps the
-  rare shapes and the wording of refusals; `tests/test_plan.py` checks that
-  both agree, stub byte for byte), and the entry writes of a batch by
-  another.  Under the stop, writes close together are read, checked and
-  written as one span (the 1,000-site write: 6 -> 2.7 ms, the threads held
-  2.1 -> 0.06 ms).  What remains per function: the C scan (about 4 µs, most
-  of it capstone's sweep of the whole function), about 4 µs of Python
-  (reading the plans back, the records); at 10,000 functions Python's
-  collector adds a third.  A batch also has fixed costs of a few hundred µs
-  (reading the object's ranges, caches cold after the previous stop),
-  which dominate 1 to 100 functions and vary from run to run on this shared
-  machine (the 100-function ratio to Frida was 6.4x to 13.8x over the
-  session's runs).  A single site is dominated by them and, for an entry
-  of several instructions, by the stop (the write column: a wakeup of the
-  helper process and a ptrace round per thread, 0.1-0.3 ms here); Frida
-  writes without stopping anything.  An entry whose first instruction
-  covers the write needs no stop: 75 µs for its write from Python, 150-160
-  µs for its whole apply (the table after the first-patch one), still above
-  50 µs: about half of it is Python around the C call, the rest the atomic
-  store's system calls (the page's protection asked of the kernel, two
-  `mprotect`, a `membarrier`).
+- **Apply is more than 10x Frida's `replace` per function at 100 and
+  10,000 functions in quiet runs, not at 1; 1,000 sites take 9-11 ms
+  over runs, at the 10 ms mark.**  The plans and original stubs of the
+  common entry shapes are built by one call of the C core per batch
+  (`native/plan.c`), reading a batch's entries as spans; the entry writes
+  of a batch by another.  What remains per function: capstone's decode in
+  the C scan (it formats every instruction's text, which capstone 5.0
+  cannot turn off), two Python objects and a packed record per site.
+  The generated functions of this series are 16 bytes with no padding
+  between them: no hot-patch point, so their first patch needs a stop
+  with busy threads; without busy threads the child has one thread and
+  writes with nothing to stop (`stops.alone`).  A single site is
+  dominated by fixed costs (a batch's Python, the locks, the page of
+  code written for the first time in the process), 0.4-0.6 ms; Frida's
+  `replace` of one function takes 0.4-0.5 ms, so 10x would mean 40-50
+  µs.  An entry whose first instruction covers the write: 50-70 µs for
+  its write, 110-150 µs for its whole apply (the table after the
+  first-patch one).  The 100-function ratio moves between 4x and 20x
+  from run to run with 2 or 8 busy threads on the 2 cores (the stop, and
+  the busy threads taking the CPU).
 - **What the service feels (section 2d).**  Enabling or disabling one
-  function stalls nothing measurable idle.  Loading a C patch module keeps
-  idle Python threads waiting under 5 ms (2-4 ms, from 6-10), importing the
-  core at the first use of `hotpatch.register` 3.5-4.4 ms (from 11-26):
-  hotpatch runs from bytecode (the series had compiled every module at
-  import, with the GIL held), its lazy imports give the GIL up between
-  modules, the core's shared objects and the patch module are opened with
-  the GIL released, and a patch module's structures are compiled into the
-  core instead of parsed with pycparser.  The first `register()` of the
-  process keeps them waiting 2-3 ms idle (from 5.5-7.5) and takes about
-  5.2 ms (from 18): the membarrier registration of the first write (an RCU
-  grace period in a process with threads) and the pool's first chunk are
-  made at the core's import by a thread of the core's, the loaded objects
-  are described there too, the ptrace helper is spawned at the start of the
-  register() and waited for at its first stop, the loader hook goes in
-  without a stop (r_brk is `ret` and padding: one atomic store) and is
-  planned by the C core (nothing in the first register() decodes through
-  capstone's Python binding, whose first use costs 0.3-0.4 ms), its worker
-  thread is started without waiting for it, one name is looked up in libz's
-  tables without decoding them, and hotpatch's Python runs at a 1 ms switch
-  interval.  Idle, no step of a single-function patch now stalls the
-  service more than 5 ms.  What remains above 5 ms: the first register()'s
-  wall time, by a few tenths of a millisecond (3.7-5.2 ms over runs: libz's
-  tables 0.8 ms, its branch index 0.4 ms, crc32's stop 0.5 ms, spawning the
-  helper 0.2 ms, the PLT slots 0.2 ms; crc32's entry is two instructions,
-  so it takes a stop, and the service's threads make that stop longer);
-  with busy threads every step that keeps a core busy (the ticker and the
-  sleeper then wait for a CPU too: the import of the core is 100-300 ms of
-  Python, most of it capstone's binding and what it imports), plus, with
-  8 busy threads on 2 cores, the quiet window's own 15-40 ms.  The verdict
-  table of section 2d says, per step and load, which and why.
+  function stalls nothing measurable idle.  The first `register()` of the
+  process (libz's `crc32`) takes no stop now: its entry goes through its
+  hot-patch point (`native/hop.c`); it keeps idle Python threads waiting
+  2-3 ms and takes 4-6 ms of wall time over runs (libz's tables, its
+  branch index, the PLT slots, the ptrace helper spawned ahead).  The
+  first use of `hotpatch.register` imports the core, capstone's Python
+  binding with it (100-250 ms of Python: the loader's handling of an event
+  must never import it later, `docs/notes.md`), which stalls the ticker
+  4-5 ms idle and 7-9 ms with 2 busy threads, where the ticker waits for a
+  CPU more than for the GIL.  With 8 busy threads on 2 cores the quiet
+  window's own stall is 5 ms or more.  The verdict table of section 2d
+  says, per step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more
   with more busy threads than cores.** Restoring or retargeting an entry,
-  and a first patch of an entry whose first instruction covers the write
-  (15-16 % of libz's and libcrypto's functions), are one atomic store of
-  one instruction: no stop (`native/unstopped.c`). A first patch of an
-  entry of several instructions happens in a stop
+  a first patch of an entry whose first instruction covers the write, and
+  one through a hot-patch point (a `jmp` in the dead padding before the
+  entry, a 2-byte `jmp` to it over the first instruction; together 58-73 %
+  of the functions of libz, libcrypto, libpython and `_decimal`, section
+  2b), are one atomic store of one instruction: no stop
+  (`native/unstopped.c`, `native/hop.c`). Any other first patch happens in a stop
   (section 2c): the ptrace helper or the signal stop holds every other thread
   while the bytes are written. Most of a stop is getting the threads stopped
   and letting them go, not the write. With more busy threads than cores each

@@ -22,9 +22,10 @@ gap overlapping it:
 2. the first ``register()`` of the process: one libz function (``crc32``,
    redirected to libz's own ``adler32``, same signature): the ptrace helper
    spawned, the loader hook installed, libz's symbol table read (one name
-   looked up), its branch index built, the site planned and written (the
-   loaded objects were described, and the process registered for
-   membarrier, at the import of the core);
+   looked up), its branch index built, the site planned and written
+   through crc32's hot-patch point, no stop (the loaded objects were
+   described, and the process registered for membarrier, at the import
+   of the core);
 3. disabling and enabling that patch again;
 4. registering a patch of 1,000 functions of a generated library, disabling
    and enabling it;
@@ -91,16 +92,18 @@ STEP_CAUSES = {
                    "docs/notes.md); would close it: a Python decoder on the C core's "
                    "capstone instead of the binding, fewer modules, or `import hotpatch.core` "
                    "at the service's start-up",
-    "first_register": "Python run once (the loader hook installed, libz's tables read, "
-                      "the site planned and written in two stops), at a 1 ms switch "
-                      "interval, keeping a core busy for 7-10 ms idle; with busy threads the "
-                      "helper, the loader's worker thread and the patching thread wait for a "
-                      "CPU; would close it: the loader hook's write in the patch's stop, the "
-                      "site's planning in C, or a first patch at the service's start-up",
-    "disable_1": "the stop (the ptrace helper and the thread it stops compete with the busy "
-                 "threads for the 2 cores); would close it: a shorter stop (section 2c)",
-    "enable_1": "the stop (the ptrace helper and the thread it stops compete with the busy "
-                "threads for the 2 cores); would close it: a shorter stop (section 2c)",
+    "first_register": "Python run once (the loader hook installed, libz's tables read and "
+                      "its branch index built, the site planned in C and written through "
+                      "crc32's hot-patch point, no stop), at a 1 ms switch interval, keeping a "
+                      "core busy for 4-6 ms idle; with busy threads the helper spawned ahead, "
+                      "the loader's worker thread and the patching thread wait for a CPU; "
+                      "would close it: no helper spawned where no stop comes, libz's branch "
+                      "index only where a plan asks it, or a first patch at the service's "
+                      "start-up",
+    "disable_1": "no stop (the entry's 2 bytes back: one atomic store); the patching "
+                 "thread's Python competes with the busy threads for the 2 cores",
+    "enable_1": "no stop (through crc32's hot-patch point: one atomic store); the patching "
+                "thread's Python competes with the busy threads for the 2 cores",
     "load_module": "the module's ELF symbols read, hashlib's OpenSSL initialisation at the "
                    "first load (about 2 ms with the GIL), the module's registration (the "
                    "loaded objects described again: the module is new; a stop); would close "
