@@ -49,19 +49,6 @@ static int padding_byte(uint8_t b)
     return 0;
 }
 
-/* Do the bytes [from, to) of `buf` (placed at `base`) decode as padding
- * instructions only, the last one ending exactly at `to`? */
-static int only_padding(const uint8_t *buf, uint64_t base, long from, long to)
-{
-    while (from < to) {
-        int kind, len = hp_instruction_kind(buf + from, to - from, base + from, &kind);
-        if (len <= 0 || kind != HP_INSN_PADDING)
-            return 0;
-        from += len;
-    }
-    return 1;
-}
-
 /* Is every instruction that may end exactly at `at` one that never falls
  * through (see the top of this file)?  0 where none decodes. */
 static int nothing_falls_into(const uint8_t *buf, uint64_t base, long at)
@@ -129,7 +116,7 @@ uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before)
      * (a displacement of zeros): the padding starts at the first byte from
      * which it decodes as padding. */
     for (long start = run; end - start >= HOP_SIZE; start++)
-        if (only_padding(buf, base, start, end)) {
+        if (hp_padding_over(buf + start, end - start, base + start, end - start)) {
             uint64_t at = base + start;
             if (nothing_falls_into(buf, base, start))
                 return entry - HOP_SIZE;

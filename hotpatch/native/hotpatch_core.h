@@ -83,6 +83,7 @@ void hp_branch_index_free(struct hp_branch_index *ix);
 #define HP_INSN_PADDING 2       /* nop, int3 */
 #define HP_INSN_CALL 3
 int hp_instruction_kind(const uint8_t *code, size_t len, uint64_t address, int *kind);
+size_t hp_padding_over(const uint8_t *code, size_t len, uint64_t address, size_t want);
 long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
                           long capacity);

@@ -297,18 +297,12 @@ static int plan_one(struct hp_plan *plan, const struct hp_entry_scan *s, const u
          * a ret or jmp, followed by padding (nop, int3) it never reaches --
          * the dynamic linker's r_brk, which the loader hook takes.  Decoded
          * over _covering_window()'s bytes. */
-        size_t from = function_end - entry, seen = 0;
+        size_t from = function_end - entry;
         size_t window = s->len > from ? s->len - from : 0;
         if (window > JMP_REL32 + 15 - 1)
             window = JMP_REL32 + 15 - 1;
-        for (uint64_t position = function_end; position < want;) {
-            int kind, len = seen < window
-                ? hp_instruction_kind(code + from + seen, window - seen, position, &kind) : 0;
-            if (len <= 0 || kind != HP_INSN_PADDING)
-                return 0;       /* Python refuses it, in its words */
-            seen += (size_t)len;
-            position += (uint64_t)len;
-        }
+        if (!hp_padding_over(code + from, window, function_end, want - function_end))
+            return 0;           /* Python refuses it, in its words */
         covered = want;
     }
     if (covered < want)         /* undecodable, or too short: Python explains */

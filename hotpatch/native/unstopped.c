@@ -98,13 +98,8 @@ static int holds_one_instruction(const struct hp_write *w, const uint8_t *now)
     int at = hp_instruction_kind(now, 16, w->address, &kind);
     if (at <= 0 || (at < (int)w->len && kind != HP_INSN_LEAVES))
         return 0;
-    while (at < (int)w->len) {
-        int len = hp_instruction_kind(now + at, 16 - at, w->address + at, &kind);
-        if (len <= 0 || kind != HP_INSN_PADDING)
-            return 0;
-        at += len;
-    }
-    return 1;
+    return at >= (int)w->len ||
+           hp_padding_over(now + at, 16 - at, w->address + at, w->len - at) != 0;
 }
 
 /* May the batch be written without a stop?  Its bytes must be there as

@@ -535,6 +535,22 @@ int hp_instruction_kind(const uint8_t *code, size_t len, uint64_t address, int *
     return (int)insn->size;
 }
 
+/* Do the bytes at `code` (placed at `address`, `len` of them readable)
+ * decode as padding (nop, int3) over at least their first `want`?  The
+ * bytes those instructions take (`want` or more), 0 where one is not
+ * padding or does not decode within `len`. */
+size_t hp_padding_over(const uint8_t *code, size_t len, uint64_t address, size_t want)
+{
+    size_t at = 0;
+    while (at < want) {
+        int kind, n = hp_instruction_kind(code + at, len - at, address + at, &kind);
+        if (n <= 0 || kind != HP_INSN_PADDING)
+            return 0;
+        at += (size_t)n;
+    }
+    return at;
+}
+
 /* The same with operand details, for the few instructions whose operands
  * matter (plan.c): a second handle, as details slow every decode. */
 static cs_insn *thread_detailed_decoder(csh *out)
