@@ -186,6 +186,7 @@ struct hp_thread_status {
 };
 uintptr_t hp_parse_hex(const char **p);
 void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st);
+int hp_list_threads(int *tids, int max);
 int hp_only_thread(void);
 
 /* Gone, a zombie (a main thread ended with pthread_exit) or dead: nothing

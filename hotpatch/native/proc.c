@@ -4,6 +4,7 @@
  */
 #include "hotpatch_core.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 
 HP_RAW static int hp_is_digit(char c) { return c >= '0' && c <= '9'; }
@@ -72,6 +73,31 @@ HP_RAW void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st)
     }
 }
 
+/* Thread ids of this process (at most `max` of them), read with raw
+ * getdents64.  How many were read. */
+HP_RAW int hp_list_threads(int *tids, int max)
+{
+    int fd = (int)hp_sys(SYS_open, "/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    int n = 0;
+    char buf[4096];
+    long got;
+    while ((got = hp_sys(SYS_getdents64, fd, buf, sizeof buf)) > 0) {
+        for (long off = 0; off < got;) {
+            struct dirent64 *d = (struct dirent64 *)(buf + off);
+            off += d->d_reclen;
+            int tid = 0;
+            for (const char *c = d->d_name; *c >= '0' && *c <= '9'; c++)
+                tid = tid * 10 + (*c - '0');
+            if (tid > 0 && n < max)
+                tids[n++] = tid;
+        }
+    }
+    hp_sys(SYS_close, fd);
+    return n;
+}
+
 /* Is the calling thread the process's only one?  Then nothing else can run
  * the bytes while they are written: no thread to stop.  No other can start
  * meanwhile either, since only a thread of the process creates one and this
@@ -79,16 +105,6 @@ HP_RAW void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st)
  * runs only the core's own code.)  0 where the task list cannot be read. */
 HP_RAW int hp_only_thread(void)
 {
-    struct dirent64_head { uint64_t ino; int64_t off; unsigned short reclen; unsigned char type; char name[]; };
-    char buf[512];
-    int fd = (int)hp_sys(SYS_open, "/proc/thread-self/..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    long got = hp_sys(SYS_getdents64, fd, buf, sizeof buf);
-    hp_sys(SYS_close, fd);
-    int threads = 0;
-    for (long at = 0; at < got; at += ((struct dirent64_head *)(buf + at))->reclen)
-        threads += ((struct dirent64_head *)(buf + at))->name[0] != '.';
-    /* a full buffer may hold only part of the list: more than one then */
-    return got > 0 && threads == 1 && got < (long)sizeof buf - 64;
+    int tids[2];
+    return hp_list_threads(tids, 2) == 1;
 }

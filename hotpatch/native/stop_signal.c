@@ -107,30 +107,6 @@ static int ensure_park_handler(char *err)
     return 0;
 }
 
-/* Thread ids of this process, read with raw getdents64. */
-HP_RAW static int list_threads(int *tids, int max)
-{
-    int fd = (int)hp_sys(SYS_open, "/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    int n = 0;
-    char buf[4096];
-    long got;
-    while ((got = hp_sys(SYS_getdents64, fd, buf, sizeof buf)) > 0) {
-        for (long off = 0; off < got;) {
-            struct dirent64 *d = (struct dirent64 *)(buf + off);
-            off += d->d_reclen;
-            int tid = 0;
-            for (const char *c = d->d_name; *c >= '0' && *c <= '9'; c++)
-                tid = tid * 10 + (*c - '0');
-            if (tid > 0 && n < max)
-                tids[n++] = tid;
-        }
-    }
-    hp_sys(SYS_close, fd);
-    return n;
-}
-
 /* Threads signalled in this stop; one found gone is kept as -tid. */
 static int was_signalled(int tid)
 {
@@ -207,7 +183,7 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
         grace = deadline;
     for (;;) {
         int blocker = 0;
-        int n = list_threads(tids, HP_MAX_THREADS);
+        int n = hp_list_threads(tids, HP_MAX_THREADS);
         for (int i = 0; i < n && !blocker; i++) {
             if (tids[i] == self || was_signalled(tids[i]))
                 continue;
@@ -252,7 +228,7 @@ HP_RAW int hp_signal_stop(uint64_t deadline, const char *why_not_ptrace, char *e
         }
         if (!waiting) {
             int added = 0;
-            n = list_threads(tids, HP_MAX_THREADS);
+            n = hp_list_threads(tids, HP_MAX_THREADS);
             for (int i = 0; i < n; i++) {
                 int tid = tids[i];
                 if (tid == self || was_signalled(tid))
