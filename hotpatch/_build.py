@@ -221,6 +221,7 @@ long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_wr
                      uint8_t *rewritten);
 #define HP_HOP_ASK_BEFORE ...
 uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before);
+int hp_stop_forced(void);
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);
 void hp_sync_cores(void);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);

@@ -31,7 +31,6 @@ encodes an instruction itself.
 from __future__ import annotations
 
 import bisect
-import os
 import struct
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -533,39 +532,35 @@ def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
     for site, target in redirects:
         target = int(target)
         plan = site.plan
-        if site.form is None and form is None:
-            # A first install, most of a batch: direct where the target is in reach.
+        if site.form is None and form is None and in_reach(plan.address, target):
+            # A first direct install, most of a batch: its instruction and
+            # its hop's jmp follow from the target alone.
             hop = hops and bool(site._hop)
-            if in_reach(plan.address, target) and (hop or not checked
-                                                   or not _overlaps_a_hop(plan)):
-                rows.append((plan.address, 0, 0, _JMP_REL32, target, plan.length,
-                             plan.original_bytes, site._hop or 0, target if hop else 0, False,
-                             hop))
-                sites.append(site)
-                forms.append("direct")
-                targets.append(target)
-                via.append(hop)
-                continue
-            new_form = "direct" if in_reach(plan.address, target) else "slot"
-            now = (0, 0)
+            new_form = "direct"
+            row = (plan.address, 0, 0, _JMP_REL32, target, plan.length, plan.original_bytes,
+                   site._hop or 0, target if hop else site._hop_to, False, hop)
         else:
-            new_form = _choose_form(site, target, form)
-            now = _entry_instruction(site, site.form, site.target)
-            hop = (site.hopped or (hops and site.form is None and bool(site._hop))) \
-                and new_form != "call"
-        if new_form == "slot":
-            _ensure_slot(site)
-        elif new_form == "call":
-            _ensure_call(site)
-        if not hop and _hops and not site.hopped and _overlaps_a_hop(plan):
+            if site.form is None and form is None:
+                new_form, now = "slot", (0, 0)
+                hop = hops and bool(site._hop)
+            else:
+                new_form = _choose_form(site, target, form)
+                now = _entry_instruction(site, site.form, site.target)
+                hop = (site.hopped or (hops and site.form is None and bool(site._hop))) \
+                    and new_form != "call"
+            if new_form == "slot":
+                _ensure_slot(site)
+            elif new_form == "call":
+                _ensure_call(site)
+            # The hop's jmp as _point_hops leaves it, before the entry leads there.
+            hop_to = _destination(site, new_form, target) if hop and not site.hopped \
+                else site._hop_to
+            row = (plan.address, *now, *_entry_instruction(site, new_form, target), plan.length,
+                   plan.original_bytes, site._hop or 0, hop_to, site.hopped, hop)
+        if checked and not hop and not site.hopped and _overlaps_a_hop(plan):
             raise UnsafeToPatch(f"{site.entry:#x}: the jmp at the entry would cover the "
                                 f"hot-patch point of the function after it")
-        new = _entry_instruction(site, new_form, target)
-        # The hop's jmp as _point_hops leaves it, before the entry leads there.
-        hop_to = _destination(site, new_form, target) if hop and not site.hopped \
-            else site._hop_to
-        rows.append((plan.address, *now, *new, plan.length, plan.original_bytes,
-                     site._hop or 0, hop_to, site.hopped, hop))
+        rows.append(row)
         sites.append(site)
         forms.append(new_form)
         targets.append(target)
@@ -590,9 +585,6 @@ def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
 #: Hot-patch points written, sorted: the bytes of no other site's entry
 #: write may cover one.
 _hops: list[int] = []
-
-#: HOTPATCH_STOP=always: every batch takes the stop (codewrite.c), none a point.
-_STOP_ALWAYS = os.environ.get("HOTPATCH_STOP") == "always"
 
 #: A hot-patch point's jmp rel32, and the bytes before an entry that may hold one.
 _HOP_SIZE = encode.JMP_REL32_SIZE
@@ -636,8 +628,8 @@ def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) 
     one that does has a point, so that the batch needs none.  Elsewhere the
     jmp rel32 at the entry is the better write: one jump per call, not two.
     A form named by the caller is written as named: no point."""
-    if not redirects or form not in (None, "auto") or _STOP_ALWAYS:
-        return False
+    if not redirects or form not in (None, "auto") or lib.hp_stop_forced():
+        return False        # HOTPATCH_STOP=always: every batch takes the stop
     wanted = False
     for site, _ in redirects:
         if site.form is None:

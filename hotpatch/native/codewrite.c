@@ -247,12 +247,12 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
     if (check_batch(w, n, err))
         return -1;
     uint64_t mask, deadline = enter_batch(timeout_ms, &mask);
-    int rc;
-    if (!hp_stop_forced() && hp_only_thread()) {
+    int rc, forced = hp_stop_forced();
+    if (!forced && hp_only_thread()) {
         rc = hp_write_alone(w, n, err);
     } else {
         size_t failed = 0;
-        int how = hp_stop_forced() ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
+        int how = forced ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
         if (how == HP_UNSTOPPED_DONE) {
             hp_stats.unstopped++;
             rc = 0;
