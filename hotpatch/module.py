@@ -230,27 +230,37 @@ def _patch_from_python(path: str) -> core.Patch:
     return patch
 
 
-def _hashlib():
-    """``hashlib``, imported with its OpenSSL extension's file (and
-    libcrypto) mapped first by the core with the GIL released: the import's
-    own dlopen, made with the GIL held, then finds it mapped.  Only the
-    extension's initialisation still runs with the GIL (about 2 ms here)."""
-    if "hashlib" not in sys.modules:
-        import importlib.util
-        spec = importlib.util.find_spec("_hashlib")
-        if spec is not None and spec.origin and os.path.isabs(spec.origin):
-            # A failure here is the import's to report.
-            _lib.hp_dlopen(os.fsencode(spec.origin), sys.getdlopenflags(),
-                           _ffi.new("char[]", 256))
+#: CPython's own SHA-256 extension, by the name each version gives it
+#: (``_sha2`` from 3.12, ``_sha256`` before).
+_BUILTIN_SHA256 = ("_sha2", "_sha256")
+
+
+def _sha256():
+    """A SHA-256 constructor that costs the service no stall: CPython's own
+    extension (``_sha2``/``_sha256``), its file mapped first by the core with
+    the GIL released so that the import's own dlopen (GIL held) finds it
+    mapped.  hashlib would initialise OpenSSL (libcrypto) with the GIL held:
+    2-6 ms at the first load of a process.  hashlib where neither exists."""
+    import importlib.util
+    for name in _BUILTIN_SHA256:
+        if name not in sys.modules:
+            spec = importlib.util.find_spec(name)
+            if spec is None:
+                continue
+            if spec.origin and os.path.isabs(spec.origin):
+                # A failure here is the import's to report.
+                _lib.hp_dlopen(os.fsencode(spec.origin), sys.getdlopenflags(),
+                               _ffi.new("char[]", 256))
+        return importlib.import_module(name).sha256
     import hashlib
-    return hashlib
+    return hashlib.sha256
 
 
 def digest(path: str) -> str:
     """SHA-256 of a patch module's file: what tells that the same module is
     loaded again."""
     with open(path, "rb") as f:
-        return _hashlib().sha256(f.read()).hexdigest()
+        return _sha256()(f.read()).hexdigest()
 
 
 def load(path: str, *, enable: bool = True) -> core.Patch:

@@ -6,9 +6,10 @@
  * ctypes.CDLL keeps it too (CPython 3.11): the dynamic linker then maps,
  * relocates and runs constructors while every Python thread of the service
  * waits.  hotpatch.load() opens a C patch module here instead, and reads
- * its descriptor's addresses with hp_dlsym.  Its first import of hashlib is
- * preceded by hp_dlopen of the _hashlib extension's file, so that the
- * import's own dlopen (with the GIL) finds it and libcrypto mapped.
+ * its descriptor's addresses with hp_dlsym.  Its first import of CPython's
+ * SHA-256 extension (the module's digest) is preceded by hp_dlopen of the
+ * extension's file, so that the import's own dlopen (with the GIL) finds it
+ * mapped.
  *
  * Called from a Python thread with the GIL released, a load runs the loader
  * hook's handling in hotpatch's worker (native/loader.c), as for a native
