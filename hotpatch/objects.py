@@ -141,7 +141,7 @@ def loaded_objects() -> list[LoadedObject]:
         if not held:
             return _describe_loaded()
         if _described[0] != generation:
-            _described = (generation, tuple(_describe_loaded()))
+            _described = (generation, tuple(_describe_loaded(_described[1])))
         return list(_described[1])
 
 
@@ -161,17 +161,33 @@ def loaded_entries() -> Iterator:
         yield array[i]
 
 
-def _describe_loaded() -> list[LoadedObject]:
+def _describe_loaded(known: tuple[LoadedObject, ...] = ()) -> list[LoadedObject]:
+    """Every loaded object described; an object of ``known`` (the last
+    list) still mapped as it was is kept as it is: a load of one object (a
+    patch module) then describes that one, not the process's dozens."""
+    kept = {obj.__dict__["_identity"]: obj for obj in known}
     objects = []
     for entry in loaded_entries():
         # The vdso's program headers follow its ELF header, in its one page.
         if 0 <= entry.phdr_address - _VDSO < 4096:
             continue
-        try:
-            objects.append(_describe(entry))
-        except MemoryGone:
-            continue    # unloaded while described: it is gone
+        described = kept.get(_entry_identity(entry)) if kept else None
+        if described is None:
+            try:
+                described = _describe(entry)
+            except MemoryGone:
+                continue    # unloaded while described: it is gone
+        objects.append(described)
     return objects
+
+
+def _entry_identity(entry) -> tuple:
+    """What tells one mapping of one file from another: its name and where
+    its image and program headers lie, and its build-id (an object unloaded
+    and another build loaded at the same place differs in it)."""
+    build_id = (ffi.buffer(entry.build_id, entry.build_id_len)[:]
+                if entry.build_id_len >= 0 else entry.build_id_len)
+    return (ffi.string(entry.name), int(entry.base), int(entry.phdr_address), build_id)
 
 
 class _Phdr(NamedTuple):
@@ -223,6 +239,7 @@ def _describe(entry) -> LoadedObject:
     )
     if path is not None:
         object.__setattr__(described, "_path", path)
+    object.__setattr__(described, "_identity", _entry_identity(entry))
     return described
 
 
