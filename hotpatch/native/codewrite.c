@@ -248,21 +248,21 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
         return -1;
     uint64_t mask, deadline = enter_batch(timeout_ms, &mask);
     int rc, forced = hp_stop_forced();
-    if (!forced && hp_only_thread()) {
+    size_t failed = 0;
+    /* The atomic stores first: they hold no thread, so no thread needs
+     * counting (listing the threads costs as many system calls). */
+    int how = forced ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
+    if (how == HP_UNSTOPPED_DONE) {
+        hp_stats.unstopped++;
+        rc = 0;
+    } else if (how == HP_UNSTOPPED_CHANGED) {
+        undo_unstopped(w, failed, deadline);
+        hp_fmt_code_changed(err, w[failed].address, 0);
+        rc = -1;
+    } else if (!forced && hp_only_thread()) {
         rc = hp_write_alone(w, n, err);
     } else {
-        size_t failed = 0;
-        int how = forced ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
-        if (how == HP_UNSTOPPED_DONE) {
-            hp_stats.unstopped++;
-            rc = 0;
-        } else if (how == HP_UNSTOPPED_CHANGED) {
-            undo_unstopped(w, failed, deadline);
-            hp_fmt_code_changed(err, w[failed].address, 0);
-            rc = -1;
-        } else {
-            rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
-        }
+        rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
     }
     leave_batch(mask);
     return rc;
