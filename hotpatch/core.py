@@ -462,12 +462,16 @@ def stack_order(patch: Patch) -> int:
         return _enabled.index(patch) + 1 if patch in _enabled else 0
 
 
-def _stopper_ahead() -> None:
-    """Have the stopper's helper process start now (once per process): it
-    gets ready while the patch is resolved and planned, instead of inside
-    the first stop, where its start is the service's wait (with busy cores,
-    tens of milliseconds)."""
-    lib.hp_ptrace_start_ahead()
+def _stopper_ahead(patch: Patch, prepared: Iterable[sites.Site]) -> None:
+    """Have the stopper's helper process start now (once per process) where
+    the patch's write is likely to take a stop (the stack model, or an
+    entry whose jmp needs one and has no hot-patch point): it gets ready
+    while the patch's thunks, callbacks and writes are prepared, instead of
+    inside the first stop, where its start is the service's wait (with busy
+    cores, tens of milliseconds).  Where no stop comes (most first patches
+    now), no process is spawned; a stop nobody foresaw starts it itself."""
+    if patch.consistency == "stack" or sites.first_installs_stop(prepared):
+        lib.hp_ptrace_start_ahead()
 
 
 def _pin_new_code(patch: Patch) -> None:
@@ -497,10 +501,6 @@ def register(patch: Patch, *, enable: bool = True, force: bool = False) -> Patch
             raise PatchStateError(f"patch {patch.name!r} is already registered")
         if any(p.name == patch.name for p in _patches):
             raise PatchStateError(f"a patch named {patch.name!r} is already registered")
-        if enable:
-            # The patch's write follows, likely in a stop (the loader hook's
-            # own write, r_brk's `ret`, needs none: native/unstopped.c).
-            _stopper_ahead()
         _pin_new_code(patch)
         _patches.append(patch)
         patch.registered = True
@@ -565,7 +565,6 @@ def enable(patch: Patch, *, force: bool = False) -> None:
     with _mutex.operation(f"enable patch {patch.name!r}"), short_switch_interval():
         if not patch.registered:
             raise PatchStateError(f"patch {patch.name!r} is not registered")
-        _stopper_ahead()
         _enable_across_unloads(patch, force)
 
 
@@ -640,6 +639,7 @@ def _enable(patch: Patch, force: bool = False) -> None:
     prepared: dict[int, sites.Site] = {}
     for obj in present:
         _prepare_object(patch, obj, prepared)
+    _stopper_ahead(patch, prepared.values())
     funcs = [func for obj in present for func in obj.funcs]
     _check_addresses(funcs)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from . import _procfs
 from ._locks import OperationLock
@@ -638,6 +638,19 @@ def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) 
             elif site._stops_plainly:
                 return False
     return wanted
+
+
+def first_installs_stop(sites: Iterable[Site]) -> bool:
+    """Whether a batch installing ``sites`` for the first time is likely to
+    take a stop: one's jmp rel32 needs one and it has no hot-patch point
+    (see :func:`_hops_spare_a_stop`), or every batch takes one
+    (``HOTPATCH_STOP=always``).  A guess for starting the stopper ahead:
+    the C core decides at the write."""
+    if lib.hp_stop_forced():
+        return True
+    with _lock.operation("look for hot-patch points"):
+        return any(site.form is None and not hot_patch_point(site) and site._stops_plainly
+                   for site in sites)
 
 
 def _overlaps_a_hop(plan: EntryPlan) -> bool:
