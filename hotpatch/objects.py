@@ -125,7 +125,8 @@ def loaded_objects() -> list[LoadedObject]:
 
     The vdso is left out: it has no file, hence no symbol table to read.
     Describing every object costs about a millisecond, so the list is kept
-    until the dynamic linker's load or unload count changes.
+    until the dynamic linker's load or unload count changes, and then only
+    the objects not mapped before are described.
     """
     global _described
     # Read before listing: a load in between makes the next call list again.
