@@ -83,3 +83,55 @@ report({"elapsed": elapsed, "during": during, "bad": nbad, "calls": total.value,
     assert r["elapsed"] < 60, r
     assert r["during"] == {"getpid": 0, "syscall": 0, "pwrite64": 0}, r
     assert r["stopper"] == "ptrace"
+
+
+def test_kept_descriptors_closed_and_reused_by_the_service(child, lib):
+    # The core keeps /proc/self/mem and /proc/self/maps open across batches.
+    # A service may close any descriptor and reuse its number (a file it
+    # writes): the next patch must notice, open its own again, and never
+    # write code bytes into the service's file.
+    r = child("""
+import ctypes, os, tempfile
+import hotpatch
+from hotpatch import Patch, Object, Func
+lib = ctypes.CDLL(P["lib"])
+OBJ = os.path.basename(P["lib"])
+def addr(name):
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+def call(name):
+    f = getattr(lib, name); f.restype = ctypes.c_long; f.argtypes = [ctypes.c_long]
+    return f(5)
+def kept():
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith(("/mem", "/maps")) and target.startswith("/proc/"):
+            found[int(fd)] = target
+    return found
+first = hotpatch.register(Patch("first", [Object(OBJ, [Func("plain_add", addr("replacement"))])]))
+fds = kept()
+victims = []
+for fd in fds:          # the service closes them, and its own files take their numbers
+    os.close(fd)
+    # on tmpfs where there is one: a write at a code address
+    # (past 2**46) succeeds there, where ext4 refuses it
+    f = tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    os.dup2(f.fileno(), fd)
+    victims.append((fd, f))
+second = hotpatch.register(Patch("second", [Object(OBJ, [Func("rip_load", addr("replacement")),
+                                                         Func("calls_other", addr("replacement2"))])]))
+out = {"kept": sorted(fds.values()), "patched": [call("plain_add"), call("rip_load"), call("calls_other")]}
+hotpatch.disable(second)
+hotpatch.disable(first)
+out["restored"] = [call("plain_add"), call("calls_other")]
+out["files"] = [os.fstat(fd).st_size for fd, _ in victims]
+out["reopened"] = sorted(set(kept().values()))
+report(out)
+""", lib=lib)[0]
+    assert any(k.endswith("/mem") for k in r["kept"]), r
+    assert r["patched"] == [1005, 1005, 2005] and r["restored"] == [6, 12], r
+    assert r["files"] and all(size == 0 for size in r["files"]), r
+    assert any(k.endswith("/mem") for k in r["reopened"]), r

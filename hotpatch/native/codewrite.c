@@ -28,7 +28,8 @@
 #include <unistd.h>
 
 pthread_mutex_t hp_lock = PTHREAD_MUTEX_INITIALIZER;
-static int mem_fd = -1;            /* /proc/self/mem of *this* process */
+static struct hp_kept_fd mem_file = HP_KEPT_FD_NONE;
+static int mem_fd = -1;            /* /proc/self/mem of *this* process, for this batch */
 static int sync_core_ready;        /* membarrier SYNC_CORE registered for this mm */
 
 /* HOTPATCH_CODE_WRITES=mprotect selects the mprotect window even where
@@ -37,8 +38,8 @@ static int sync_core_ready;        /* membarrier SYNC_CORE registered for this m
 static void open_mem_fd(void)
 {
     const char *how = getenv("HOTPATCH_CODE_WRITES");
-    if (mem_fd < 0 && !(how && strcmp(how, "mprotect") == 0))
-        mem_fd = open("/proc/thread-self/mem", O_RDWR | O_CLOEXEC);   /* self fails once the main thread exited */
+    if (!(how && strcmp(how, "mprotect") == 0))     /* self fails once the main thread exited */
+        mem_fd = hp_kept_fd_open(&mem_file, "/proc/thread-self/mem", O_RDWR);
     if (!sync_core_ready)
         sync_core_ready = hp_sys(SYS_membarrier,
                                  MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0;
@@ -317,9 +318,9 @@ static void after_fork_in_parent(void)
 
 static void after_fork_in_child(void)
 {
-    if (mem_fd >= 0)
-        close(mem_fd);
+    hp_kept_fd_forget(&mem_file);
     mem_fd = -1;
+    hp_unstopped_after_fork();
     sync_core_ready = 0;
     hp_stop_after_fork();
     pthread_mutex_init(&hp_lock, NULL);

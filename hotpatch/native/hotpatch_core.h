@@ -189,6 +189,19 @@ void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st);
 int hp_list_threads(int *tids, int max);
 int hp_only_thread(void);
 
+/* A /proc file the core keeps open across batches (opening one costs
+ * 5-7 us, more than the rest of a small batch's system calls).  The
+ * service may close any descriptor and reuse its number: before each use
+ * the descriptor is checked to still name the file opened (device and
+ * inode), and otherwise forgotten -- never closed, it is not ours then. */
+struct hp_kept_fd {
+    int fd;                   /* -1: none */
+    uint64_t dev, ino;
+};
+#define HP_KEPT_FD_NONE { -1, 0, 0 }
+int hp_kept_fd_open(struct hp_kept_fd *k, const char *path, int flags);
+void hp_kept_fd_forget(struct hp_kept_fd *k);
+
 /* Gone, a zombie (a main thread ended with pthread_exit) or dead: nothing
  * that a stop can hold or needs to. */
 HP_RAW static inline int hp_thread_gone(const struct hp_thread_status *st)
@@ -283,6 +296,7 @@ void hp_sync_cores(void);
 #define HP_UNSTOPPED_NEEDS_STOP 1   /* nothing written */
 #define HP_UNSTOPPED_CHANGED 2      /* a write's bytes changed under it: the ones before made */
 int hp_write_unstopped(const struct hp_write *w, size_t n, size_t *failed);
+void hp_unstopped_after_fork(void);
 int hp_write_needs_stop(uintptr_t address, uint32_t len);
 
 /* --- gotslot.c ----------------------------------------------------- */

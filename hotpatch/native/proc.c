@@ -6,6 +6,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 
 HP_RAW static int hp_is_digit(char c) { return c >= '0' && c <= '9'; }
 
@@ -107,4 +108,35 @@ HP_RAW int hp_only_thread(void)
 {
     int tids[2];
     return hp_list_threads(tids, 2) == 1;
+}
+
+/* `k`'s descriptor, still the file it was opened on, else `path` opened
+ * now (`flags`); -1 where it cannot be.  Raw system calls: a patch may
+ * have replaced libc's open or fstat. */
+HP_RAW int hp_kept_fd_open(struct hp_kept_fd *k, const char *path, int flags)
+{
+    struct stat st;
+    if (k->fd >= 0 && (hp_sys(SYS_fstat, k->fd, &st) != 0 || (uint64_t)st.st_dev != k->dev ||
+                       (uint64_t)st.st_ino != k->ino))
+        k->fd = -1;         /* closed by the service, its number maybe reused */
+    if (k->fd < 0) {
+        int fd = (int)hp_sys(SYS_openat, AT_FDCWD, path, flags | O_CLOEXEC);
+        if (fd < 0)
+            return -1;
+        if (hp_sys(SYS_fstat, fd, &st) != 0) {
+            hp_sys(SYS_close, fd);
+            return -1;
+        }
+        *k = (struct hp_kept_fd){ fd, (uint64_t)st.st_dev, (uint64_t)st.st_ino };
+    }
+    return k->fd;
+}
+
+/* Drop `k` in a forked child: the inherited descriptor names the parent's
+ * memory.  Closed: the child's copy is ours. */
+HP_RAW void hp_kept_fd_forget(struct hp_kept_fd *k)
+{
+    if (k->fd >= 0)
+        hp_sys(SYS_close, k->fd);
+    k->fd = -1;
 }

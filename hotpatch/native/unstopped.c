@@ -146,37 +146,38 @@ struct procmap_query {
 #define QUERY_WRITABLE 2
 #define QUERY_EXECUTABLE 4
 
-/* Opened for a batch and closed after it: a service sees no descriptor of
- * hotpatch's between patches.  -2: the kernel has no PROCMAP_QUERY. */
-static int maps_fd = -1;
+/* Kept open across batches (like /proc/self/mem in codewrite.c): it names
+ * the process's memory map, whichever thread opened it.  no_procmap_query:
+ * the kernel has none (read the whole file instead). */
+static struct hp_kept_fd maps_file = HP_KEPT_FD_NONE;
+static int no_procmap_query;
 static int maps_read;           /* the fallback read /proc/self/maps for this batch */
 
 /* The protection of the mapping holding `page` by PROCMAP_QUERY: -1 if no
  * mapping holds it, -2 if the query cannot be made here. */
 static int queried_protection(uintptr_t page)
 {
-    if (maps_fd == -1)      /* thread-self: /proc/self fails once the main thread exited */
-        maps_fd = open("/proc/thread-self/maps", O_RDONLY | O_CLOEXEC);
-    if (maps_fd < 0)
+    if (no_procmap_query)
+        return -2;
+    /* thread-self: /proc/self fails once the main thread exited */
+    int fd = hp_kept_fd_open(&maps_file, "/proc/thread-self/maps", O_RDONLY);
+    if (fd < 0)
         return -2;
     struct procmap_query q = { .size = sizeof q, .query_addr = page };
-    if (ioctl(maps_fd, PROCMAP_QUERY, &q) == 0)
+    if (ioctl(fd, PROCMAP_QUERY, &q) == 0)
         return (q.vma_flags & QUERY_READABLE ? PROT_READ : 0) |
                (q.vma_flags & QUERY_WRITABLE ? PROT_WRITE : 0) |
                (q.vma_flags & QUERY_EXECUTABLE ? PROT_EXEC : 0);
     if (errno == ENOENT)
         return -1;
-    close(maps_fd);
-    maps_fd = -2;           /* an older kernel: read the whole file instead */
+    no_procmap_query = 1;
     return -2;
 }
 
-static void close_maps(void)
+/* A forked child's map is its own: the kept descriptor names the parent's. */
+void hp_unstopped_after_fork(void)
 {
-    if (maps_fd >= 0)
-        close(maps_fd);
-    if (maps_fd != -2)
-        maps_fd = -1;
+    hp_kept_fd_forget(&maps_file);
 }
 
 /* The protection of the mapping holding `page`, or -1. */
@@ -285,7 +286,6 @@ int hp_write_unstopped(const struct hp_write *w, size_t n, size_t *failed)
     struct opened_page few[16], *pages = n <= 16 ? few : malloc(n * sizeof *pages);
     long npages = pages ? open_pages(w, n, pages) : -1;
     if (npages < 0) {
-        close_maps();
         if (pages != few)
             free(pages);
         return HP_UNSTOPPED_NEEDS_STOP;
@@ -297,7 +297,6 @@ int hp_write_unstopped(const struct hp_write *w, size_t n, size_t *failed)
             rc = HP_UNSTOPPED_CHANGED;
         }
     close_pages(pages, npages);
-    close_maps();
     if (pages != few)
         free(pages);
     return rc;      /* the caller syncs the cores: no old instruction runs after it returns */
