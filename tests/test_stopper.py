@@ -227,6 +227,43 @@ def _helper_gone(pid, wait=3.0):
         time.sleep(0.02)
 
 
+def test_a_helper_socket_the_service_closed_is_never_used_again(child, stopper_lib):
+    # A service may close every descriptor it did not open, and reuse the
+    # numbers: the helper sees its socket closed and exits; hotpatch must
+    # notice, start another for the next stop, and never write a request
+    # into what the number names now (here a pipe of the service's).
+    r = child(PRELUDE + """
+p1, _ = two_patches("calls_other")
+hotpatch.enable(p1); hotpatch.disable(p1)
+first = stopper()["helper_pid"]
+sock = next(int(fd) for fd in os.listdir("/proc/self/fd")
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"))
+r, w = os.pipe()
+os.close(sock)
+os.dup2(w, sock)
+deadline = time.monotonic() + 5
+while os.path.exists(f"/proc/{first}") and time.monotonic() < deadline:
+    time.sleep(0.01)
+os.set_blocking(r, False)
+out = {"first_gone": not os.path.exists(f"/proc/{first}")}
+lib.st_callers_start(fnptr("calls_other"), 1, allowed("calls_other"), 3, 0)
+hotpatch.enable(p1)
+out["patched"] = call("calls_other")
+hotpatch.disable(p1)
+out.update(callers_stop())
+try:
+    out["pipe"] = os.read(r, 64).decode()
+except BlockingIOError:
+    out["pipe"] = ""
+out.update(second=stopper()["helper_pid"], first=first,
+           stops=hotpatch.tree()["core"]["stops"]["count"])
+report(out)
+""", env=STOP, **stopper_lib)[0]
+    assert r["first_gone"] and r["second"] not in (0, None, r["first"]), r
+    assert r["pipe"] == "" and r["patched"] == 1007 and r["stops"] >= 4, r
+    assert r["bad"] == 0 and r["calls"] > 0, r
+
+
 def test_helper_is_invisible_to_a_service_that_reaps_its_children(child, stopper_lib):
     r = child(PRELUDE + """
 import fcntl, signal
@@ -291,13 +328,14 @@ report(out)
     problems = []   # every one at once: they are independent
     if r["reaped"] or r["sigchld"]:
         problems.append(f"the service reaped {r['reaped']} and got {r['sigchld']} SIGCHLD")
-    # The service gains its end of the helper's socket and the
-    # /proc/thread-self/mem it writes code through (docs/notes.md), both
-    # close-on-exec.
+    # The service gains its end of the helper's socket, the
+    # /proc/thread-self/mem it writes code through and the maps it asks
+    # pages' protection of (docs/notes.md), all close-on-exec.
     for when in ("after_first", "after_all"):
         new = r[when]
-        if len(new) > 2 or not all((i["target"].startswith("socket:") or i["target"].endswith("/mem"))
-                                   and i["cloexec"] for i in new.values()):
+        if len(new) > 3 or not all((i["target"].startswith("socket:") or
+                                    i["target"].endswith(("/mem", "/maps"))) and i["cloexec"]
+                                   for i in new.values()):
             problems.append(f"new descriptors in the service ({when}): {new}")
     if not (r["stopper"] and r["stopper"]["method"] == "ptrace" and r["stopper"]["reason"] is None):
         problems.append(f"stopper: {r['stopper']}")

@@ -189,17 +189,20 @@ void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st);
 int hp_list_threads(int *tids, int max);
 int hp_only_thread(void);
 
-/* A /proc file the core keeps open across batches (opening one costs
- * 5-7 us, more than the rest of a small batch's system calls).  The
- * service may close any descriptor and reuse its number: before each use
- * the descriptor is checked to still name the file opened (device and
- * inode), and otherwise forgotten -- never closed, it is not ours then. */
+/* A descriptor the core keeps across batches: /proc files (opening one
+ * costs 5-7 us, more than the rest of a small batch's system calls) and
+ * the ptrace helper's socket.  The service may close any descriptor and
+ * reuse its number: before each use the descriptor is checked to still
+ * name the file kept (device and inode), and otherwise forgotten -- never
+ * closed, read or written, it is not ours then. */
 struct hp_kept_fd {
     int fd;                   /* -1: none */
     uint64_t dev, ino;
 };
 #define HP_KEPT_FD_NONE { -1, 0, 0 }
 int hp_kept_fd_open(struct hp_kept_fd *k, const char *path, int flags);
+int hp_kept_fd_keep(struct hp_kept_fd *k, int fd);
+int hp_kept_fd_valid(struct hp_kept_fd *k);
 void hp_kept_fd_forget(struct hp_kept_fd *k);
 
 /* Gone, a zombie (a main thread ended with pthread_exit) or dead: nothing

@@ -110,24 +110,40 @@ HP_RAW int hp_only_thread(void)
     return hp_list_threads(tids, 2) == 1;
 }
 
+/* Remember that `fd` is ours (0), or -1 where it cannot be looked at. */
+HP_RAW int hp_kept_fd_keep(struct hp_kept_fd *k, int fd)
+{
+    struct stat st;
+    if (hp_sys(SYS_fstat, fd, &st) != 0)
+        return -1;
+    *k = (struct hp_kept_fd){ fd, (uint64_t)st.st_dev, (uint64_t)st.st_ino };
+    return 0;
+}
+
+/* Is `k`'s descriptor still the file it was kept on?  If not (closed by
+ * the service, its number maybe reused), it is forgotten: -1. */
+HP_RAW int hp_kept_fd_valid(struct hp_kept_fd *k)
+{
+    struct stat st;
+    if (k->fd >= 0 && (hp_sys(SYS_fstat, k->fd, &st) != 0 || (uint64_t)st.st_dev != k->dev ||
+                       (uint64_t)st.st_ino != k->ino))
+        k->fd = -1;
+    return k->fd >= 0;
+}
+
 /* `k`'s descriptor, still the file it was opened on, else `path` opened
  * now (`flags`); -1 where it cannot be.  Raw system calls: a patch may
  * have replaced libc's open or fstat. */
 HP_RAW int hp_kept_fd_open(struct hp_kept_fd *k, const char *path, int flags)
 {
-    struct stat st;
-    if (k->fd >= 0 && (hp_sys(SYS_fstat, k->fd, &st) != 0 || (uint64_t)st.st_dev != k->dev ||
-                       (uint64_t)st.st_ino != k->ino))
-        k->fd = -1;         /* closed by the service, its number maybe reused */
-    if (k->fd < 0) {
+    if (!hp_kept_fd_valid(k)) {
         int fd = (int)hp_sys(SYS_openat, AT_FDCWD, path, flags | O_CLOEXEC);
         if (fd < 0)
             return -1;
-        if (hp_sys(SYS_fstat, fd, &st) != 0) {
+        if (hp_kept_fd_keep(k, fd)) {
             hp_sys(SYS_close, fd);
             return -1;
         }
-        *k = (struct hp_kept_fd){ fd, (uint64_t)st.st_dev, (uint64_t)st.st_ino };
     }
     return k->fd;
 }

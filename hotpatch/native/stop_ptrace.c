@@ -501,6 +501,9 @@ HP_RAW __attribute__((noreturn)) static void helper_intermediate(void *arg)
 /* The service's side                                                     */
 /* ===================================================================== */
 
+/* Our ends of the helper's socket, as kept (hp_kept_fd_valid). */
+static struct hp_kept_fd helper_file = HP_KEPT_FD_NONE, spawned_file = HP_KEPT_FD_NONE;
+
 static void stop_helper(void)
 {
     if (helper_sock >= 0)
@@ -590,7 +593,27 @@ static int spawn_helper(char *err)
     }
     spawned_sock = sv[0];
     spawned_intermediate = pid;
+    hp_kept_fd_keep(&spawned_file, spawned_sock);
     return 0;
+}
+
+/* A socket end the service closed (and whose number it may reuse): the
+ * helper on its other end sees it closed and exits, letting go of any
+ * thread.  Forget it -- never close, write or read that number again --
+ * so that the next stop starts another. */
+HP_RAW static void forget_lost_helper(void)
+{
+    if (helper_sock >= 0 && !hp_kept_fd_valid(&helper_file)) {
+        helper_sock = -1;
+        helper_pid = 0;     /* not signalled: once gone, its pid may be another's */
+    }
+    if (spawned_sock >= 0 && !hp_kept_fd_valid(&spawned_file)) {
+        int status;
+        while (hp_sys(SYS_wait4, spawned_intermediate, &status, __WCLONE, 0) == -EINTR)
+            ;
+        spawned_sock = -1;
+        spawned_intermediate = 0;
+    }
 }
 
 /* The helper ready to serve: spawned now unless it was ahead, and waited
@@ -604,6 +627,7 @@ static int start_helper(char *err)
     while (hp_sys(SYS_wait4, pid, &status, __WCLONE, 0) == -EINTR)
         ;
     helper_sock = spawned_sock;
+    helper_file = spawned_file;
     spawned_sock = -1;
     spawned_intermediate = 0;
     int ok = await_answer('R', hp_now_ns() + 2000000000ull) == 0 && area->helper_pid > 0;
@@ -629,6 +653,7 @@ void hp_ptrace_start_ahead(void)
     if (how && strcmp(how, "signals") == 0)
         return;
     pthread_mutex_lock(&hp_lock);
+    forget_lost_helper();
     if (helper_sock < 0 && spawned_sock < 0)
         spawn_helper(err);
     pthread_mutex_unlock(&hp_lock);
@@ -637,6 +662,7 @@ void hp_ptrace_start_ahead(void)
 /* Stop every other thread with the helper (started on first need). */
 HP_RAW int hp_ptrace_stop(uint64_t deadline_ns, char *err)
 {
+    forget_lost_helper();
     if (helper_sock < 0 && start_helper(err))
         return HP_STOP_REFUSED;
     area->self_tid = hp_gettid();
@@ -661,6 +687,7 @@ HP_RAW int hp_ptrace_stop(uint64_t deadline_ns, char *err)
  * let go.  HP_STOP_CANNOT_WRITE where the helper cannot open that file. */
 HP_RAW int hp_ptrace_write(const struct hp_check *c, uint64_t deadline_ns, char *err)
 {
+    forget_lost_helper();
     if (helper_sock < 0 && start_helper(err))
         return HP_STOP_REFUSED;
     if (!area->mem_ok)
