@@ -659,7 +659,8 @@ def service_section(r: dict, images: str) -> str:
            f"started, {r['loadavg'][1]} when it ended.",
            "- *first register()* is the first patch of the process: libz's `crc32` sent to libz's "
            "`adler32` (loaded objects listed, libz's symbol table read, its branch index built, "
-           "the ptrace helper started, the site written). *import the core* is the first use of "
+           "the loader hook installed, the site written through its hot-patch point: no stop, "
+           "no ptrace helper). *import the core* is the first use of "
            "`hotpatch.register`: `import hotpatch` itself imports only the errors and the lazy "
            "names.",
            "- hotpatch runs from compiled bytecode, as an installed package does (the series "

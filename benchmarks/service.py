@@ -20,10 +20,10 @@ gap overlapping it:
    imports the core (the C core, cffi's backend and capstone's binding
    with it);
 2. the first ``register()`` of the process: one libz function (``crc32``,
-   redirected to libz's own ``adler32``, same signature): the ptrace helper
-   spawned, the loader hook installed, libz's symbol table read (one name
-   looked up), its branch index built, the site planned and written
-   through crc32's hot-patch point, no stop (the loaded objects were
+   redirected to libz's own ``adler32``, same signature): the loader hook
+   installed, libz's symbol table read (one name looked up), its branch
+   index built, the site planned and written through crc32's hot-patch
+   point: no stop, so no ptrace helper spawned (the loaded objects were
    described, and the process registered for membarrier, at the import
    of the core);
 3. disabling and enabling that patch again;
@@ -69,7 +69,7 @@ STEPS = ("import", "import_core", "first_register", "disable_1", "enable_1", "re
 STEP_TITLES = {
     "import": "import hotpatch",
     "import_core": "first use of hotpatch.register (imports the core: C core, cffi, capstone)",
-    "first_register": "first register(): 1 libz function (symbols, index, helper)",
+    "first_register": "first register(): 1 libz function (symbols, index, loader hook)",
     "disable_1": "disable 1 function",
     "enable_1": "enable 1 function",
     "register_1000": "register 1,000 functions (first patch of that library)",
@@ -93,21 +93,21 @@ STEP_CAUSES = {
                    "capstone instead of the binding, fewer modules, or `import hotpatch.core` "
                    "at the service's start-up",
     "first_register": "Python run once (the loader hook installed, libz's tables read and "
-                      "its branch index built, the site planned in C and written through "
-                      "crc32's hot-patch point, no stop), at a 1 ms switch interval, keeping a "
-                      "core busy for 4-6 ms idle; with busy threads the helper spawned ahead, "
-                      "the loader's worker thread and the patching thread wait for a CPU; "
-                      "would close it: no helper spawned where no stop comes, libz's branch "
-                      "index only where a plan asks it, or a first patch at the service's "
-                      "start-up",
+                      "its branch index built -- asked whether libz calls crc32 directly, "
+                      "for the thunk --, the site planned in C and written through crc32's "
+                      "hot-patch point: no stop, no helper spawned), at a 1 ms switch "
+                      "interval, keeping a core busy for 3-5 ms idle; with busy threads the "
+                      "loader's worker thread and the patching thread wait for a CPU; would "
+                      "close it: less Python (libz's tables and the loaded objects read in "
+                      "C), or a first patch at the service's start-up",
     "disable_1": "no stop (the entry's 2 bytes back: one atomic store); the patching "
                  "thread's Python competes with the busy threads for the 2 cores",
     "enable_1": "no stop (through crc32's hot-patch point: one atomic store); the patching "
                 "thread's Python competes with the busy threads for the 2 cores",
-    "load_module": "the module's ELF symbols read, hashlib's OpenSSL initialisation at the "
-                   "first load (about 2 ms with the GIL), the module's registration (the "
-                   "loaded objects described again: the module is new; a stop); would close "
-                   "it: hashlib imported at start-up, the loaded objects' description in C",
+    "load_module": "the module's ELF symbols read, its digest (CPython's own SHA-256, "
+                   "not OpenSSL), the module described among the loaded objects (only it: "
+                   "the others are kept), its registration (adler32's entry: a stop); the "
+                   "patching thread's Python competes with the busy threads for the 2 cores",
 }
 
 _MODULE_SOURCE = r"""

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import compile_library
 from hotpatch import elf, objects, symbols
-from hotpatch.x86_64.xrefs import index_branches
+from hotpatch.x86_64.xrefs import could_branch_to, index_branches
 
 _RELATIVE = {"jmp", "call", "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns",
              "jp", "jnp", "jl", "jge", "jle", "jg", "jrcxz", "jecxz", "loop", "loope",
@@ -73,6 +73,26 @@ def test_branches_into_entries_match_reference_sweep_on_libpython():
             expected = reference[bisect.bisect_left(targets, lo):bisect.bisect_left(targets, hi)]
             assert index.into(lo, hi) == expected
             assert index.any_into(lo, hi) == bool(expected)      # symbols.branched_to
+
+
+@pytest.mark.parametrize("name", ["libc.so.6", "libpython", "libz.so.1"])
+def test_no_candidate_means_no_branch(name):
+    # symbols.branched_to answers False without an index where no bytes
+    # could encode a branch to the entry: every entry the reference sweep
+    # finds a branch to must have candidates, and most entries of an object
+    # nothing calls directly have none (else the shortcut saves nothing).
+    if name == "libpython":
+        name = _libpython()
+        if name is None:
+            pytest.skip("python is not linked against a shared libpython")
+    if name == "libz.so.1":
+        ctypes.CDLL(name)
+    obj = symbols.find_object(name)
+    branched = {b[2] for b in reference_branches(obj.exec_ranges)}
+    entries = sorted({s.address for s in symbols.functions(obj)})
+    without = [e for e in entries if not could_branch_to(obj.exec_ranges, e)]
+    assert not branched.intersection(without)
+    assert len(without) > len(entries) // 10, (len(without), len(entries))
 
 
 def test_index_matches_reference_sweep_with_data_in_code(tmp_path):
