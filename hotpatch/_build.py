@@ -157,7 +157,7 @@ struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
 long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
                           uint64_t *sources, uint64_t *targets, long capacity);
 void hp_branch_index_free(struct hp_branch_index *ix);
-long hp_branch_candidates_to(const uintptr_t *ranges, int n, uintptr_t target);
+long hp_branch_candidates_into(const uintptr_t *ranges, int n, const uintptr_t *into, int k);
 long hp_function_branches(const uint8_t *code, size_t len, uint64_t address, uint64_t stop,
                           uint64_t *decoded_end, uint64_t *sources, uint64_t *targets,
                           long capacity);

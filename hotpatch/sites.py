@@ -43,6 +43,7 @@ from .x86_64 import encode
 from .x86_64.entry import (EntryPlan, analyze_entries, analyze_entry, build_original,
                            check_native_branches_into, native_plan_batch, native_results,
                            original_stub_size_bound, run_native_plans)
+from .x86_64.xrefs import could_branch_into
 
 FORMS = ("direct", "slot", "call")
 
@@ -350,9 +351,11 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
         _free_code[:] = [(block.address, block.size) for block in free[0:len(_free_code)]
                          if block.size]
     # Branches from elsewhere into the replaced bytes: the index in C, else
-    # the Python question per plan.
+    # the Python question per plan.  A small batch asks the object's raw
+    # bytes first: none that could encode such a branch, no index to build.
     ask = several and branches_into is not None and branch_index is None
-    if several and branch_index is not None:
+    if several and branch_index is not None and _may_be_branched_into(batch, len(wanted),
+                                                                       exec_ranges):
         try:
             check_native_branches_into(batch, len(wanted), branch_index())
         except BaseException:
@@ -377,6 +380,24 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
                 _free_code.append((stub, stub_size))    # taken, then left to Python
             made.append(None)
     return made
+
+
+#: Batches up to this size ask the raw bytes before the branch index: one
+#: pass over the object's code for all of them (a third of the index's
+#: build); a bigger batch pays for the index anyway.
+_FEW_FOR_RAW_BYTES = 16
+
+
+def _may_be_branched_into(batch, n: int, exec_ranges) -> bool:
+    """Whether a branch could land inside the bytes a plan of ``batch``
+    replaces (several instructions: no branch lands inside one), as far as
+    the object's raw bytes tell (see :func:`could_branch_into`)."""
+    if n > _FEW_FOR_RAW_BYTES:
+        return True
+    into = [(plan.address + 1, plan.address + plan.length)
+            for status, plan, _, _ in native_results(batch, n)
+            if status == _PLAN_OK and not plan.single_instruction]
+    return bool(into) and could_branch_into(exec_ranges, into)
 
 
 def _foreign_branch_into(branches_into, plan: EntryPlan) -> bool:

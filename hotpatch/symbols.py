@@ -34,7 +34,7 @@ from hotpatch import elf, objects
 from hotpatch.elf import debug_dirs, set_debug_dirs
 from hotpatch.objects import LoadedObject, find_object, loaded_objects
 from hotpatch.x86_64 import clobbers
-from hotpatch.x86_64.xrefs import BranchIndex, could_branch_to, index_branches
+from hotpatch.x86_64.xrefs import BranchIndex, could_branch_into, index_branches
 from hotpatch.errors import (
     AmbiguousSymbol,
     HotpatchError,
@@ -373,7 +373,7 @@ def branched_to(obj: LoadedObject, address: int) -> bool:
     # (capstone through Python, ~15 us each, per function of a big patch).
     # No bytes that could encode such a branch: no index to build (the
     # first patch of an exported function nothing in its object calls).
-    if obj not in _branch_indexes and not could_branch_to(obj.exec_ranges, address):
+    if obj not in _branch_indexes and not could_branch_into(obj.exec_ranges, [(address, address + 1)]):
         return False
     return _branch_index(obj, address).any_into(address, address + 1)
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import compile_library
 from hotpatch import elf, objects, symbols
-from hotpatch.x86_64.xrefs import could_branch_to, index_branches
+from hotpatch.x86_64.xrefs import could_branch_into, index_branches
 
 _RELATIVE = {"jmp", "call", "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns",
              "jp", "jnp", "jl", "jge", "jle", "jg", "jrcxz", "jecxz", "loop", "loope",
@@ -88,11 +88,20 @@ def test_no_candidate_means_no_branch(name):
     if name == "libz.so.1":
         ctypes.CDLL(name)
     obj = symbols.find_object(name)
-    branched = {b[2] for b in reference_branches(obj.exec_ranges)}
+    reference = reference_branches(obj.exec_ranges)
+    branched = {b[2] for b in reference}
     entries = sorted({s.address for s in symbols.functions(obj)})
-    without = [e for e in entries if not could_branch_to(obj.exec_ranges, e)]
+    without = [e for e in entries if not could_branch_into(obj.exec_ranges, [(e, e + 1)])]
     assert not branched.intersection(without)
     assert len(without) > len(entries) // 10, (len(without), len(entries))
+    # The bytes a plan replaces after the first (sites._may_be_branched_into),
+    # asked several at a time.
+    targets = sorted(branched)
+    for k in range(0, len(entries), 97):
+        into = [(e + 1, e + 7) for e in entries[k:k + 4]]
+        if not could_branch_into(obj.exec_ranges, into):
+            assert not any(bisect.bisect_left(targets, lo) < bisect.bisect_left(targets, hi)
+                           for lo, hi in into), into
 
 
 def test_index_matches_reference_sweep_with_data_in_code(tmp_path):

@@ -78,7 +78,7 @@ struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
 long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi,
                           uint64_t *sources, uint64_t *targets, long capacity);
 void hp_branch_index_free(struct hp_branch_index *ix);
-long hp_branch_candidates_to(const uintptr_t *ranges, int n, uintptr_t target);
+long hp_branch_candidates_into(const uintptr_t *ranges, int n, const uintptr_t *into, int k);
 #define HP_INSN_OTHER 0
 #define HP_INSN_LEAVES 1        /* never falls through: ret, jmp, ud2, hlt */
 #define HP_INSN_PADDING 2       /* nop, int3 */

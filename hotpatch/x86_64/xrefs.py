@@ -32,7 +32,7 @@ from hotpatch.errors import HotpatchError
 
 from .decode import sweep
 
-__all__ = ["BranchIndex", "could_branch_to", "index_branches"]
+__all__ = ["BranchIndex", "could_branch_into", "index_branches"]
 
 _MAX_INSTRUCTION = 15
 
@@ -95,10 +95,12 @@ def index_branches(read: Callable[[int, int], bytes],
     return BranchIndex(ffi.gc(handle, lib.hp_branch_index_free), read, exec_ranges)
 
 
-def could_branch_to(exec_ranges: Sequence[tuple[int, int]], target: int) -> bool:
+def could_branch_into(exec_ranges: Sequence[tuple[int, int]],
+                      into: Sequence[tuple[int, int]]) -> bool:
     """Whether any bytes of the code in ``exec_ranges`` could encode a direct
-    branch to ``target`` (the index's candidates, none confirmed): False
-    means nothing branches there, without building an index.  True where
-    the code cannot be read."""
+    branch into one of the intervals ``into`` (the index's candidates, none
+    confirmed): False means nothing branches there, without building an
+    index.  True where the code cannot be read."""
     flat = ffi.new("uintptr_t[]", [a for lo_hi in exec_ranges for a in lo_hi] or [0])
-    return lib.hp_branch_candidates_to(flat, len(exec_ranges), target) != 0
+    wanted = ffi.new("uintptr_t[]", [a for lo_hi in into for a in lo_hi] or [0])
+    return lib.hp_branch_candidates_into(flat, len(exec_ranges), wanted, len(into)) != 0
