@@ -5,8 +5,8 @@
  * The policy (which branches make a redirect unsafe) is in Python
  * (x86_64/xrefs.py, x86_64/entry.py).  This file answers "which relative
  * branches of the object land in [lo, hi)" without sweeping the whole object
- * first: capstone -- the C library the capstone wheel ships, which its
- * Python binding has already loaded -- decodes about 2 instructions a
+ * first: capstone -- the C library the capstone wheel ships, loaded by
+ * hp_capstone_load without its Python binding -- decodes about 2 instructions a
  * microsecond here, so a sweep of libc costs a quarter of a second, and the
  * first patch of a process must cost a few milliseconds.
  *
@@ -75,11 +75,15 @@ static struct {
     cs_insn *(*malloc)(csh);
     bool (*disasm_iter)(csh, const uint8_t **, size_t *, uint64_t *, cs_insn *);
     void (*free)(cs_insn *, size_t);
+    cs_err (*regs_access)(csh, const cs_insn *, cs_regs, uint8_t *, cs_regs, uint8_t *);
+    const char *(*reg_name)(csh, unsigned);
 } cs;
 static pthread_mutex_t cs_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* Load libcapstone from `path` (the file capstone's binding loaded): 0, or
- * -1 with the reason in `err`.  Idempotent. */
+/* Load libcapstone from `path` (the file the capstone wheel ships): 0, or
+ * -1 with the reason in `err`.  Idempotent.  Every function of it the core
+ * calls is looked up here, once: the decoders below run in the loader's
+ * worker too, which must not call the dynamic linker (loader.py). */
 int hp_capstone_load(const char *path, char *err)
 {
     int rc = 0;
@@ -95,9 +99,12 @@ int hp_capstone_load(const char *path, char *err)
             cs.option = dlsym(lib, "cs_option");
             cs.malloc = dlsym(lib, "cs_malloc");
             cs.free = dlsym(lib, "cs_free");
+            cs.regs_access = dlsym(lib, "cs_regs_access");
+            cs.reg_name = dlsym(lib, "cs_reg_name");
             cs.disasm_iter = dlsym(lib, "cs_disasm_iter");
-            if (!cs.open || !cs.close || !cs.option || !cs.malloc || !cs.free || !cs.disasm_iter) {
-                snprintf(err, HP_ERRLEN, "%s lacks the cs_disasm_iter API", path);
+            if (!cs.open || !cs.close || !cs.option || !cs.malloc || !cs.free
+                    || !cs.regs_access || !cs.reg_name || !cs.disasm_iter) {
+                snprintf(err, HP_ERRLEN, "%s lacks the cs_disasm_iter or cs_regs_access API", path);
                 memset(&cs, 0, sizeof cs);
                 rc = -1;
             }
@@ -582,6 +589,47 @@ const cs_insn *hp_decode_detailed(const uint8_t *code, size_t len, uint64_t addr
     if (!insn || !cs.disasm_iter(handle, &code, &len, &address, insn))
         return NULL;
     return insn;
+}
+
+/* The instruction at the start of `code` (placed at `address`) without
+ * operand details, or NULL where it is undecodable or capstone cannot be
+ * used.  Valid until the next call in this thread. */
+const cs_insn *hp_decode_text(const uint8_t *code, size_t len, uint64_t address)
+{
+    csh handle;
+    cs_insn *insn = thread_decoder(&handle);
+
+    if (!insn || !cs.disasm_iter(handle, &code, &len, &address, insn))
+        return NULL;
+    return insn;
+}
+
+/* Whether this thread can decode, with and without details: the two
+ * functions above return NULL then only for bytes that do not decode. */
+int hp_capstone_usable(void)
+{
+    csh handle;
+    return thread_decoder(&handle) && thread_detailed_decoder(&handle);
+}
+
+/* The registers `insn` (from hp_decode_detailed, in this thread) writes,
+ * implicit ones included, as capstone lists them: 0, or -1. */
+int hp_registers_written(const cs_insn *insn, uint16_t *regs, uint8_t *count)
+{
+    csh handle;
+    cs_regs read;
+    uint8_t nread;
+
+    if (!thread_detailed_decoder(&handle))
+        return -1;
+    return cs.regs_access(handle, insn, read, &nread, regs, count) == CS_ERR_OK ? 0 : -1;
+}
+
+/* capstone's name of register `reg` ("rax", "xmm3"), NULL where it has none. */
+const char *hp_register_name(unsigned reg)
+{
+    csh handle;
+    return thread_detailed_decoder(&handle) ? cs.reg_name(handle, reg) : NULL;
 }
 
 /* Linear sweep of `code` (placed at `address`) that stops at the first byte
