@@ -139,16 +139,13 @@ def _records(code: bytes, address: int, mode: int, run: int = _RUN) -> Iterator:
         offset = last.address + last.size - address
 
 
-def _text(record) -> tuple[int, int, str, str]:
-    return (record.address, record.size, ffi.string(record.mnemonic).decode(),
-            ffi.string(record.op_str).decode())
-
-
 def sweep(code: bytes, address: int) -> list[tuple[int, int, str, str]]:
     """Linear sweep without operand details: ``(address, size, mnemonic,
     op_str)`` of each instruction, cheaper than :func:`decode`.  Stops where
     :func:`decode` would."""
-    return [_text(record) for record in _records(bytes(code), address, lib.HP_DECODE_TEXT)]
+    string = ffi.string
+    return [(r.address, r.size, string(r.mnemonic).decode(), string(r.op_str).decode())
+            for r in _records(bytes(code), address, lib.HP_DECODE_TEXT)]
 
 
 def described(swept: tuple[int, int, str, str], raw: bytes) -> Instruction:
