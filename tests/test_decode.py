@@ -203,3 +203,25 @@ def test_a_run_longer_than_one_call_is_decoded_whole():
     assert insns[-1].end == 0x400000 + len(code) - 2     # stopped at the invalid 06
     assert [tuple(i) for i in insns] == reference_decode(code, 0x400000)
     assert boundary_before(code, 0x400000, 0x400000 + len(code) - 3) == insns[-1].address
+
+
+def test_a_thread_s_capstone_handles_are_closed_when_it_exits():
+    # Each decoding thread opens two handles (native/xrefs.c): about 100 KB
+    # of capstone's, which a service creating threads must get back.
+    import threading
+
+    def resident_kb():
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4
+
+    def decodes():
+        assert decode_one(b"\xc3", 0x1000).branch == "ret"
+        assert sweep(b"\x90\xc3", 0x1000)[1][2] == "ret"
+
+    decodes()
+    before = resident_kb()
+    for _ in range(300):
+        thread = threading.Thread(target=decodes)
+        thread.start()
+        thread.join()
+    assert resident_kb() - before < 300 * 20, resident_kb() - before

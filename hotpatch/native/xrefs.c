@@ -500,23 +500,66 @@ out:
 
 /* ---- one function -------------------------------------------------- */
 
-/* One capstone handle per patching thread, kept: opening one costs more
- * than decoding a small function.  NULL where capstone cannot be used. */
-static cs_insn *thread_decoder(csh *out)
-{
-    static __thread csh handle;
-    static __thread cs_insn *insn;
+/* Two capstone handles per decoding thread, without and with operand
+ * details (details slow every decode, and few instructions need them),
+ * kept while the thread lives -- opening one costs more than decoding a
+ * small function -- and closed when it exits: a thread that decoded once
+ * would otherwise leave about 100 KB of capstone's behind. */
+struct decoder {
+    csh handle;
+    cs_insn *insn;
+};
+static __thread struct decoder thread_decoders[2];
+static pthread_key_t decoders_key;
+static int decoders_key_made;
+static pthread_once_t decoders_key_once = PTHREAD_ONCE_INIT;
 
-    if (!insn) {
-        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
+static void close_decoders(void *decoders)
+{
+    for (struct decoder *d = decoders; d < (struct decoder *)decoders + 2; d++)
+        if (d->insn) {
+            cs.free(d->insn, 1);
+            cs.close(&d->handle);
+            d->insn = NULL;
+        }
+}
+
+static void make_decoders_key(void)
+{
+    decoders_key_made = pthread_key_create(&decoders_key, close_decoders) == 0;
+}
+
+/* This thread's decoder (with operand details if `detailed`), opened on
+ * first use; NULL where capstone cannot be used. */
+static cs_insn *open_decoder(int detailed, csh *out)
+{
+    struct decoder *d = &thread_decoders[detailed];
+
+    if (!d->insn) {
+        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &d->handle) != CS_ERR_OK)
             return NULL;
-        if (!(insn = cs.malloc(handle))) {
-            cs.close(&handle);
+        if ((detailed && cs.option(d->handle, CS_OPT_DETAIL, CS_OPT_ON) != CS_ERR_OK)
+                || !(d->insn = cs.malloc(d->handle))) {
+            cs.close(&d->handle);
             return NULL;
         }
+        pthread_once(&decoders_key_once, make_decoders_key);
+        if (decoders_key_made)      /* a value set: close_decoders runs at the thread's exit */
+            pthread_setspecific(decoders_key, thread_decoders);
     }
-    *out = handle;
-    return insn;
+    *out = d->handle;
+    return d->insn;
+}
+
+static cs_insn *thread_decoder(csh *out)
+{
+    return open_decoder(0, out);
+}
+
+/* For the few instructions whose operands matter (plan.c, decode.c). */
+static cs_insn *thread_detailed_decoder(csh *out)
+{
+    return open_decoder(1, out);
 }
 
 /* The instruction at the start of `code` (placed at `address`): its
@@ -556,26 +599,6 @@ size_t hp_padding_over(const uint8_t *code, size_t len, uint64_t address, size_t
         at += (size_t)n;
     }
     return at;
-}
-
-/* The same with operand details, for the few instructions whose operands
- * matter (plan.c): a second handle, as details slow every decode. */
-static cs_insn *thread_detailed_decoder(csh *out)
-{
-    static __thread csh handle;
-    static __thread cs_insn *insn;
-
-    if (!insn) {
-        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
-            return NULL;
-        if (cs.option(handle, CS_OPT_DETAIL, CS_OPT_ON) != CS_ERR_OK
-                || !(insn = cs.malloc(handle))) {
-            cs.close(&handle);
-            return NULL;
-        }
-    }
-    *out = handle;
-    return insn;
 }
 
 /* The instruction at the start of `code` (placed at `address`) with its
