@@ -5,9 +5,9 @@ same bytes, read the way decode.py read it before: address, size, bytes,
 mnemonic, op_str, branch kind and target, the RIP-relative disp32's offset
 and target (and the same refusal where capstone misplaces it), the
 registers written and the first immediate (the clobber analysis).  The
-corpus: every function of libz, the first functions of libpython (a few
-thousand instructions each way), and hand-picked encodings of every branch
-kind.  The binding is a test dependency only.
+corpus: every function of libz, libpython's first functions (6,000
+instructions or more), and hand-picked encodings of every branch kind.
+The binding is a test dependency only.
 """
 from __future__ import annotations
 
