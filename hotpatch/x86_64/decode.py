@@ -6,7 +6,8 @@ and what it refers to), taken from capstone's operand details rather than from
 its text.  The C core drives capstone's C library for all of it: the scans
 below, ``native/plan.c``, and the records of :func:`decode` and the others
 (``native/decode.c``, one call per run of bytes, with the GIL released).
-Nothing here imports capstone's Python binding.
+capstone's Python binding is not imported (unless its library is not in
+its package: ``_load_capstone``).
 """
 
 from __future__ import annotations
