@@ -1133,11 +1133,10 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   hot-patch point (`native/hop.c`); it keeps idle Python threads waiting
   2-3 ms and takes 4-6 ms of wall time over runs (libz's tables, its
   branch index, the PLT slots, the ptrace helper spawned ahead).  The
-  first use of `hotpatch.register` imports the core, capstone's Python
-  binding with it (100-250 ms of Python: the loader's handling of an event
-  must never import it later, `docs/notes.md`), which stalls the ticker
-  4-5 ms idle and 7-9 ms with 2 busy threads, where the ticker waits for a
-  CPU more than for the GIL.  With 8 busy threads on 2 cores the quiet
+  first use of `hotpatch.register` imports the core (about 65 modules, no
+  longer capstone's Python binding: 60 ms idle, 150-190 ms with 2 busy
+  threads), which stalls the ticker 3.5-4 ms idle and 8-15 ms with 2 busy
+  threads, where the ticker waits for a CPU more than for the GIL.  With 8 busy threads on 2 cores the quiet
   window's own stall is 5 ms or more.  The verdict table of section 2d
   says, per step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more

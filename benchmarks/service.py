@@ -17,7 +17,7 @@ Python tick gap, the sleeper's worst lateness and the busy threads' longest
 gap overlapping it:
 
 1. ``import hotpatch``, then the first use of ``hotpatch.register``, which
-   imports the core (the C core, cffi's backend and capstone's binding
+   imports the core (the C core, cffi's backend and capstone's C library
    with it);
 2. the first ``register()`` of the process: one libz function (``crc32``,
    redirected to libz's own ``adler32``, same signature): the loader hook
@@ -83,15 +83,15 @@ STEP_TITLES = {
 STEP_CAUSES = {
     "import": "`import hotpatch` runs Python only (the errors, the lazy names); a longer gap "
               "is the machine delaying the thread",
-    "import_core": "about 130 modules imported (hotpatch's, capstone's binding with "
-                   "ctypes.util and subprocess, typing, logging, dataclasses with inspect): "
-                   "hotpatch gives the GIL up between them and runs them at a 1 ms switch "
+    "import_core": "about 65 modules imported (hotpatch's, typing, logging, ctypes, "
+                   "difflib, dataclasses with inspect; no longer capstone's binding: "
+                   "docs/notes.md) and the C core's and capstone's C libraries mapped: "
+                   "hotpatch gives the GIL up between modules and runs them at a 1 ms switch "
                    "interval, but unmarshalling each module's bytecode and each extension's "
-                   "initialisation hold it, and the step keeps a core busy for 100-250 ms; "
-                   "the binding stays (the loader's handling must never import it, "
-                   "docs/notes.md); would close it: a Python decoder on the C core's "
-                   "capstone instead of the binding, fewer modules, or `import hotpatch.core` "
-                   "at the service's start-up",
+                   "initialisation hold it, and the step keeps a core busy for 60-160 ms; "
+                   "with busy threads the ticker waits for a CPU more than for the GIL; "
+                   "would close it: fewer modules, or `import hotpatch.core` at the "
+                   "service's start-up",
     "first_register": "Python run once (the loader hook installed, libz's tables read and "
                       "its branch index built -- asked whether libz calls crc32 directly, "
                       "for the thunk --, the site planned in C and written through crc32's "

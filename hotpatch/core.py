@@ -24,7 +24,7 @@ work from there too.
 from __future__ import annotations
 
 import contextlib
-import difflib          # at import: messages may be made in the loader's handling (decode.py)
+import difflib          # at import: messages may be made in the loader's handling (loader.py)
 import logging
 import os
 import sys

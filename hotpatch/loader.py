@@ -118,7 +118,7 @@ def _brk_shape(brk: int) -> tuple[str | None, int]:
     instead of from the dynamic linker's symbol tables (a file read, and a
     search for its debug file, in the first patch of a process).  Compared
     as bytes (both have one encoding): decoding is only for saying what is
-    there instead (capstone's binding costs 0.3-0.4 ms at its first use)."""
+    there instead."""
     code = _sites.read_memory(brk, 16)
     size = len(_ENDBR64) if code.startswith(_ENDBR64) else 0
     if code[size:size + 1] == _RET:

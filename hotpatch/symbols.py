@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import difflib          # at import: messages may be made in the loader's handling (decode.py)
+import difflib          # at import: messages may be made in the loader's handling (loader.py)
 import os
 import re
 import struct

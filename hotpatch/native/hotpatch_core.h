@@ -18,6 +18,7 @@
  *   crash.c       the crash report of a live-patched process
  *   loader.c      the loader hook: COMING/GOING events from the dynamic linker
  *   xrefs.c       the direct branches landing in a range (capstone's C library)
+ *   decode.c      runs of instructions decoded for Python (x86_64/decode.py)
  *   plan.c        the plans and original stubs of a batch's common entries
  *   shadow.c      shadow variables, and the table patch modules call the core through
  *
@@ -117,6 +118,46 @@ struct hp_entry_scan {
 long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read);
 struct cs_insn;
 const struct cs_insn *hp_decode_detailed(const uint8_t *code, size_t len, uint64_t address);
+const struct cs_insn *hp_decode_text(const uint8_t *code, size_t len, uint64_t address);
+int hp_capstone_usable(void);
+int hp_registers_written(const struct cs_insn *insn, uint16_t *regs, uint8_t *count);
+const char *hp_register_name(unsigned reg);
+
+/* --- decode.c ------------------------------------------------------ */
+#define HP_DECODE_TEXT 0        /* address, size, mnemonic, op_str */
+#define HP_DECODE_OPERANDS 1    /* and branch and rip, where the text shows they matter */
+#define HP_DECODE_DETAILS 2     /* and branch and rip for every instruction */
+#define HP_DECODE_WRITES 3      /* details, registers written, first operand's immediate */
+#define HP_BRANCH_NONE 0
+#define HP_BRANCH_RET 1         /* ret, retf, iret forms */
+#define HP_BRANCH_JMP 2         /* the relative forms: target set */
+#define HP_BRANCH_JCC 3
+#define HP_BRANCH_CALL 4
+#define HP_BRANCH_LOOP 5        /* loop, loope, loopne, jrcxz, jecxz, jcxz */
+#define HP_BRANCH_XBEGIN 6
+#define HP_BRANCH_JMP_INDIRECT 7 /* through a register or memory, ljmp */
+#define HP_BRANCH_CALL_INDIRECT 8 /* the same for call, lcall */
+#define HP_RIP_NONE 0           /* no RIP-relative memory operand */
+#define HP_RIP_FOUND 1          /* its disp32 at rip_disp_offset, refers to rip_target */
+#define HP_RIP_MISPLACED 2      /* capstone's disp_offset does not hold the displacement */
+#define HP_DECODE_MAX_WRITTEN 64 /* capstone's cs_regs */
+struct hp_decoded_insn {
+    uint64_t address;
+    uint64_t target;            /* a relative branch's (HP_BRANCH_JMP .. XBEGIN) */
+    uint64_t rip_target;
+    int64_t imm;                /* HP_DECODE_WRITES: the first operand's, if has_imm */
+    uint16_t size;
+    uint8_t branch;             /* HP_BRANCH_*, where details were read */
+    uint8_t rip;                /* HP_RIP_*, where details were read */
+    uint8_t rip_disp_offset;
+    uint8_t has_imm;
+    uint8_t nwritten;
+    char mnemonic[32];          /* as capstone's cs_insn has them */
+    char op_str[160];
+    uint16_t written[HP_DECODE_MAX_WRITTEN]; /* HP_DECODE_WRITES: capstone's register ids */
+};
+long hp_decode(const uint8_t *code, size_t len, uint64_t address, int mode,
+               struct hp_decoded_insn *out, long capacity);
 
 /* --- plan.c -------------------------------------------------------- */
 #define HP_PLAN_OK 0

@@ -5,8 +5,8 @@
  * The policy (which branches make a redirect unsafe) is in Python
  * (x86_64/xrefs.py, x86_64/entry.py).  This file answers "which relative
  * branches of the object land in [lo, hi)" without sweeping the whole object
- * first: capstone -- the C library the capstone wheel ships, which its
- * Python binding has already loaded -- decodes about 2 instructions a
+ * first: capstone -- the C library the capstone wheel ships, loaded by
+ * hp_capstone_load without its Python binding -- decodes about 2 instructions a
  * microsecond here, so a sweep of libc costs a quarter of a second, and the
  * first patch of a process must cost a few milliseconds.
  *
@@ -75,11 +75,15 @@ static struct {
     cs_insn *(*malloc)(csh);
     bool (*disasm_iter)(csh, const uint8_t **, size_t *, uint64_t *, cs_insn *);
     void (*free)(cs_insn *, size_t);
+    cs_err (*regs_access)(csh, const cs_insn *, cs_regs, uint8_t *, cs_regs, uint8_t *);
+    const char *(*reg_name)(csh, unsigned);
 } cs;
 static pthread_mutex_t cs_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* Load libcapstone from `path` (the file capstone's binding loaded): 0, or
- * -1 with the reason in `err`.  Idempotent. */
+/* Load libcapstone from `path` (the file the capstone wheel ships): 0, or
+ * -1 with the reason in `err`.  Idempotent.  Every function of it the core
+ * calls is looked up here, once: the decoders below run in the loader's
+ * worker too, which must not call the dynamic linker (loader.py). */
 int hp_capstone_load(const char *path, char *err)
 {
     int rc = 0;
@@ -95,9 +99,12 @@ int hp_capstone_load(const char *path, char *err)
             cs.option = dlsym(lib, "cs_option");
             cs.malloc = dlsym(lib, "cs_malloc");
             cs.free = dlsym(lib, "cs_free");
+            cs.regs_access = dlsym(lib, "cs_regs_access");
+            cs.reg_name = dlsym(lib, "cs_reg_name");
             cs.disasm_iter = dlsym(lib, "cs_disasm_iter");
-            if (!cs.open || !cs.close || !cs.option || !cs.malloc || !cs.free || !cs.disasm_iter) {
-                snprintf(err, HP_ERRLEN, "%s lacks the cs_disasm_iter API", path);
+            if (!cs.open || !cs.close || !cs.option || !cs.malloc || !cs.free
+                    || !cs.regs_access || !cs.reg_name || !cs.disasm_iter) {
+                snprintf(err, HP_ERRLEN, "%s lacks the cs_disasm_iter or cs_regs_access API", path);
                 memset(&cs, 0, sizeof cs);
                 rc = -1;
             }
@@ -576,23 +583,66 @@ out:
 
 /* ---- one function -------------------------------------------------- */
 
-/* One capstone handle per patching thread, kept: opening one costs more
- * than decoding a small function.  NULL where capstone cannot be used. */
-static cs_insn *thread_decoder(csh *out)
-{
-    static __thread csh handle;
-    static __thread cs_insn *insn;
+/* Two capstone handles per decoding thread, without and with operand
+ * details (details slow every decode, and few instructions need them),
+ * kept while the thread lives -- opening one costs more than decoding a
+ * small function -- and closed when it exits: a thread that decoded once
+ * would otherwise leave about 100 KB of capstone's behind. */
+struct decoder {
+    csh handle;
+    cs_insn *insn;
+};
+static __thread struct decoder thread_decoders[2];
+static pthread_key_t decoders_key;
+static int decoders_key_made;
+static pthread_once_t decoders_key_once = PTHREAD_ONCE_INIT;
 
-    if (!insn) {
-        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
+static void close_decoders(void *decoders)
+{
+    for (struct decoder *d = decoders; d < (struct decoder *)decoders + 2; d++)
+        if (d->insn) {
+            cs.free(d->insn, 1);
+            cs.close(&d->handle);
+            d->insn = NULL;
+        }
+}
+
+static void make_decoders_key(void)
+{
+    decoders_key_made = pthread_key_create(&decoders_key, close_decoders) == 0;
+}
+
+/* This thread's decoder (with operand details if `detailed`), opened on
+ * first use; NULL where capstone cannot be used. */
+static cs_insn *open_decoder(int detailed, csh *out)
+{
+    struct decoder *d = &thread_decoders[detailed];
+
+    if (!d->insn) {
+        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &d->handle) != CS_ERR_OK)
             return NULL;
-        if (!(insn = cs.malloc(handle))) {
-            cs.close(&handle);
+        if ((detailed && cs.option(d->handle, CS_OPT_DETAIL, CS_OPT_ON) != CS_ERR_OK)
+                || !(d->insn = cs.malloc(d->handle))) {
+            cs.close(&d->handle);
             return NULL;
         }
+        pthread_once(&decoders_key_once, make_decoders_key);
+        if (decoders_key_made)      /* a value set: close_decoders runs at the thread's exit */
+            pthread_setspecific(decoders_key, thread_decoders);
     }
-    *out = handle;
-    return insn;
+    *out = d->handle;
+    return d->insn;
+}
+
+static cs_insn *thread_decoder(csh *out)
+{
+    return open_decoder(0, out);
+}
+
+/* For the few instructions whose operands matter (plan.c, decode.c). */
+static cs_insn *thread_detailed_decoder(csh *out)
+{
+    return open_decoder(1, out);
 }
 
 /* The instruction at the start of `code` (placed at `address`): its
@@ -634,26 +684,6 @@ size_t hp_padding_over(const uint8_t *code, size_t len, uint64_t address, size_t
     return at;
 }
 
-/* The same with operand details, for the few instructions whose operands
- * matter (plan.c): a second handle, as details slow every decode. */
-static cs_insn *thread_detailed_decoder(csh *out)
-{
-    static __thread csh handle;
-    static __thread cs_insn *insn;
-
-    if (!insn) {
-        if (!cs.disasm_iter || cs.open(CS_ARCH_X86, CS_MODE_64, &handle) != CS_ERR_OK)
-            return NULL;
-        if (cs.option(handle, CS_OPT_DETAIL, CS_OPT_ON) != CS_ERR_OK
-                || !(insn = cs.malloc(handle))) {
-            cs.close(&handle);
-            return NULL;
-        }
-    }
-    *out = handle;
-    return insn;
-}
-
 /* The instruction at the start of `code` (placed at `address`) with its
  * operand details, or NULL where it is undecodable or capstone cannot be
  * used.  Valid until the next call in this thread. */
@@ -665,6 +695,47 @@ const cs_insn *hp_decode_detailed(const uint8_t *code, size_t len, uint64_t addr
     if (!insn || !cs.disasm_iter(handle, &code, &len, &address, insn))
         return NULL;
     return insn;
+}
+
+/* The instruction at the start of `code` (placed at `address`) without
+ * operand details, or NULL where it is undecodable or capstone cannot be
+ * used.  Valid until the next call in this thread. */
+const cs_insn *hp_decode_text(const uint8_t *code, size_t len, uint64_t address)
+{
+    csh handle;
+    cs_insn *insn = thread_decoder(&handle);
+
+    if (!insn || !cs.disasm_iter(handle, &code, &len, &address, insn))
+        return NULL;
+    return insn;
+}
+
+/* Whether this thread can decode, with and without details: the two
+ * functions above return NULL then only for bytes that do not decode. */
+int hp_capstone_usable(void)
+{
+    csh handle;
+    return thread_decoder(&handle) && thread_detailed_decoder(&handle);
+}
+
+/* The registers `insn` (from hp_decode_detailed, in this thread) writes,
+ * implicit ones included, as capstone lists them: 0, or -1. */
+int hp_registers_written(const cs_insn *insn, uint16_t *regs, uint8_t *count)
+{
+    csh handle;
+    cs_regs read;
+    uint8_t nread;
+
+    if (!thread_detailed_decoder(&handle))
+        return -1;
+    return cs.regs_access(handle, insn, read, &nread, regs, count) == CS_ERR_OK ? 0 : -1;
+}
+
+/* capstone's name of register `reg` ("rax", "xmm3"), NULL where it has none. */
+const char *hp_register_name(unsigned reg)
+{
+    csh handle;
+    return thread_detailed_decoder(&handle) ? cs.reg_name(handle, reg) : NULL;
 }
 
 /* Linear sweep of `code` (placed at `address`) that stops at the first byte

@@ -2,8 +2,9 @@
 
 ``decode`` (capstone) turns machine code into :class:`Instruction` records,
 ``encode`` is the writer, ``relocate`` the relocator and ``entry`` the
-analysis of a function's entry.  Nothing here writes to memory.  Where Python was the cost (scanning a whole
-function), capstone's C library is driven from the C core (``native/xrefs.c``).
+analysis of a function's entry.  Nothing here writes to memory.  capstone's
+C library is driven from the C core (``native/decode.c``, ``native/xrefs.c``),
+never through its Python binding.
 """
 
 from .decode import (Instruction, decode, decode_one, described, function_branches, iter_decode,

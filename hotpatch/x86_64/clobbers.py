@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .decode import _binding
+from .decode import register_writes
 
 __all__ = ["CALL_CLOBBERED", "ALL", "never_written"]
 
@@ -60,9 +60,9 @@ def _writes(read, start: int, size: int, callee: Callee, memo: dict) -> frozense
         return memo[start]
     memo[start] = frozenset()       # a recursive call adds nothing more
     written: set[str] = set()
-    for insn in _binding().detailed.disasm(bytes(read(start, size)), start):
-        written |= _written_by(insn)
-        reached = _branch_out(insn, start, start + size)
+    for mnemonic, registers, immediate in register_writes(read(start, size), start):
+        written |= _written_by(mnemonic, registers)
+        reached = _branch_out(mnemonic, immediate, start, start + size)
         if reached is None:
             continue
         if reached == "all":
@@ -78,27 +78,22 @@ def _writes(read, start: int, size: int, callee: Callee, memo: dict) -> frozense
     return memo[start]
 
 
-def _written_by(insn) -> set[str]:
-    implicit = _IMPLICIT.get(insn.mnemonic)
+def _written_by(mnemonic: str, registers: frozenset) -> set[str]:
+    implicit = _IMPLICIT.get(mnemonic)
     if implicit is not None:
         return set(implicit)
-    if insn.mnemonic == "vzeroupper":
+    if mnemonic == "vzeroupper":
         return set()     # the low 128 bits stay
-    _, writes = insn.regs_access()
-    return {_FAMILY[n] for n in map(insn.reg_name, writes) if n in _FAMILY}
+    return {_FAMILY[name] for name in registers if name in _FAMILY}
 
 
-def _branch_out(insn, lo: int, hi: int):
+def _branch_out(mnemonic: str, immediate: int | None, lo: int, hi: int):
     """A call's target, a jump's target outside [lo, hi), "all" for a call
-    through a pointer, else None."""
-    group = insn.mnemonic.split()[-1]    # "notrack call", "bnd jmp"
-    operand = insn.operands[0] if insn.operands else None
-    X86_OP_IMM = _binding().X.X86_OP_IMM
+    through a pointer, else None (``immediate``: the first operand's, if it
+    is one)."""
+    group = mnemonic.split()[-1]    # "notrack call", "bnd jmp"
     if group == "call":
-        if operand is not None and operand.type == X86_OP_IMM:
-            return operand.imm
-        return "all"
-    if group.startswith("j") and operand is not None and operand.type == X86_OP_IMM:
-        target = operand.imm
-        return target if not lo <= target < hi else None
+        return immediate if immediate is not None else "all"
+    if group.startswith("j") and immediate is not None:
+        return immediate if not lo <= immediate < hi else None
     return None

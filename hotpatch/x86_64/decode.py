@@ -3,15 +3,11 @@
 Capstone does the decoding; this module only keeps the facts the relocator and
 the entry analysis need (branch kind and target, the RIP-relative displacement
 and what it refers to), taken from capstone's operand details rather than from
-its text.  The C core drives capstone's C library for the common work (the
-scans below, ``native/plan.c``); capstone's Python binding decodes the rest.
-The binding is imported with this module, at the core's import, though a
-patch planned in C never uses it: its first import calls the dynamic linker
-(``ctypes.util``'s extension modules, a ``dlsym`` per function), which the
-loader's handling of an event must never do (``hotpatch/loader.py``: the
-worker would wait for the linker's lock, GIL held, while a loading thread
-inside it waits for the GIL), and that handling may be the first to plan
-in Python (an object loaded after the patch, a thunk's clobber analysis).
+its text.  The C core drives capstone's C library for all of it: the scans
+below, ``native/plan.c``, and the records of :func:`decode` and the others
+(``native/decode.c``, one call per run of bytes, with the GIL released).
+capstone's Python binding is not imported (unless its library is not in
+its package: ``_load_capstone``).
 """
 
 from __future__ import annotations
@@ -27,14 +23,12 @@ from hotpatch.errors import UnsafeToPatch
 __all__ = ["EntryScan", "Instruction", "boundary_before", "decode", "decode_one",
            "function_branches", "scan_code", "scan_memory"]
 
-_MASK64 = (1 << 64) - 1
-
 
 def _capstone_library() -> str | None:
-    """The ``libcapstone.so`` capstone's binding loads first, found without
-    importing the binding: ``$LIBCAPSTONE_PATH``, else the package's ``lib``
-    directory (its own search order; None when the file is not there, and
-    the binding then searches on as it does)."""
+    """The ``libcapstone.so`` capstone's binding would load first, found
+    without importing the binding: ``$LIBCAPSTONE_PATH``, else the package's
+    ``lib`` directory (its own search order; None when the file is not
+    there)."""
     directory = os.environ.get("LIBCAPSTONE_PATH")
     if directory is None:
         spec = importlib.util.find_spec("capstone")
@@ -46,14 +40,17 @@ def _capstone_library() -> str | None:
 
 
 def _load_capstone() -> None:
-    # The C core drives capstone's C library where Python is the cost: the
-    # very file capstone's binding loads (one copy of the library in the
-    # process, the version the binding was built for).  The C core maps it
-    # in a cffi call, with the GIL released.
+    # The very file capstone's binding loads (one copy of the library in the
+    # process, should the service use the binding too; the version the
+    # binding was built for), mapped by the C core in a cffi call, with the
+    # GIL released.
     binding = sys.modules.get("capstone")
     path = binding._cs._name if binding is not None else _capstone_library()
     if path is None:
-        import capstone     # only the binding's own search finds the file
+        # A capstone whose library is not in its package (built against a
+        # system one): only the binding's own search finds it, at the cost
+        # of its import.
+        import capstone
         path = capstone._cs._name
     err = ffi.new("char[]", 256)
     if lib.hp_capstone_load(path.encode(), err) != 0:
@@ -63,51 +60,21 @@ def _load_capstone() -> None:
 _load_capstone()
 
 # Mnemonics whose kind or target comes from the operand details: branches,
-# returns, and prefixed forms of them ("bnd jmp", "notrack call").
+# returns, and prefixed forms of them ("bnd jmp", "notrack call").  (The C
+# core asks the same of a sweep: native/decode.c, wants_details.)
 _DETAILED_PREFIXES = ("j", "call", "ret", "iret", "loop", "lcall", "ljmp", "xbegin", "bnd",
                       "notrack")
 # Branches after which execution never reaches the next instruction.
 _NO_FALL_THROUGH = frozenset({"jmp", "jmp_indirect", "ret"})
-
-
-class _Binding:
-    """capstone's Python binding and what this module takes from it."""
-
-    def __init__(self) -> None:
-        import capstone
-        from capstone import x86_const as X
-        self.X = X
-        # One handle of each kind for the process: creating a Cs handle costs
-        # far more than decoding a function.
-        self.detailed = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        self.detailed.detail = True
-        # Without operand details, for scanning whole functions: an order of
-        # magnitude faster, and the text of a relative branch's operand is its
-        # absolute target.
-        self.lite = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        self.jcc = frozenset({
-            X.X86_INS_JO, X.X86_INS_JNO, X.X86_INS_JB, X.X86_INS_JAE,
-            X.X86_INS_JE, X.X86_INS_JNE, X.X86_INS_JBE, X.X86_INS_JA,
-            X.X86_INS_JS, X.X86_INS_JNS, X.X86_INS_JP, X.X86_INS_JNP,
-            X.X86_INS_JL, X.X86_INS_JGE, X.X86_INS_JLE, X.X86_INS_JG,
-        })
-        # The rel8-only branches on rcx/ecx.
-        self.loops = frozenset({
-            X.X86_INS_JRCXZ, X.X86_INS_JECXZ, X.X86_INS_JCXZ,
-            X.X86_INS_LOOP, X.X86_INS_LOOPE, X.X86_INS_LOOPNE,
-        })
-        self.returns = frozenset({
-            X.X86_INS_RET, X.X86_INS_RETF, X.X86_INS_RETFQ,
-            X.X86_INS_IRET, X.X86_INS_IRETD, X.X86_INS_IRETQ,
-        })
-
-
-def _binding() -> _Binding:
-    """The :class:`_Binding` (made at this module's import)."""
-    return _the_binding
-
-
-_the_binding = _Binding()
+# The C core's branch kinds (HP_BRANCH_*), and those with a target.
+_BRANCH_KIND = {lib.HP_BRANCH_NONE: None, lib.HP_BRANCH_RET: "ret", lib.HP_BRANCH_JMP: "jmp",
+                lib.HP_BRANCH_JCC: "jcc", lib.HP_BRANCH_CALL: "call", lib.HP_BRANCH_LOOP: "loop",
+                lib.HP_BRANCH_XBEGIN: "xbegin", lib.HP_BRANCH_JMP_INDIRECT: "jmp_indirect",
+                lib.HP_BRANCH_CALL_INDIRECT: "call_indirect"}
+_RELATIVE = frozenset({"jmp", "jcc", "call", "loop", "xbegin"})
+# Records asked of the C core per call: a run of bytes longer than that many
+# instructions is decoded in several calls, as it is consumed.
+_RUN = 256
 
 
 class Instruction(NamedTuple):
@@ -151,19 +118,43 @@ class Instruction(NamedTuple):
         return f"{self.address:#x}: {self.mnemonic} {self.op_str}".rstrip()
 
 
+def _records(code: bytes, address: int, mode: int, run: int = _RUN) -> Iterator:
+    """The C core's records (``struct hp_decoded_insn``) of ``code`` placed
+    at ``address``, decoded by linear sweep in ``mode`` (``HP_DECODE_*``),
+    up to ``run`` instructions per call: until the first byte that does not
+    start a valid instruction, or an instruction cut by the end of ``code``.
+    A record is valid until the next one is asked for."""
+    view = ffi.from_buffer("uint8_t[]", code)
+    offset = 0
+    while offset < len(code):
+        capacity = min(len(code) - offset, run)
+        records = ffi.new("struct hp_decoded_insn[]", capacity)
+        count = lib.hp_decode(view + offset, len(code) - offset, address + offset, mode,
+                              records, capacity)
+        if count < 0:
+            raise UnsafeToPatch(f"{address + offset:#x}: capstone's C library cannot be used")
+        yield from records[0:count]
+        if count < capacity:
+            return
+        last = records[count - 1]
+        offset = last.address + last.size - address
+
+
 def sweep(code: bytes, address: int) -> list[tuple[int, int, str, str]]:
     """Linear sweep without operand details: ``(address, size, mnemonic,
-    op_str)`` of each instruction, an order of magnitude cheaper than
-    :func:`decode`.  Stops where :func:`decode` would."""
-    return list(_binding().lite.disasm_lite(bytes(code), address))
+    op_str)`` of each instruction, cheaper than :func:`decode`.  Stops where
+    :func:`decode` would."""
+    string = ffi.string
+    return [(r.address, r.size, string(r.mnemonic).decode(), string(r.op_str).decode())
+            for r in _records(bytes(code), address, lib.HP_DECODE_TEXT)]
 
 
 def described(swept: tuple[int, int, str, str], raw: bytes) -> Instruction:
     """The :class:`Instruction` for one entry of :func:`sweep` and its bytes.
 
-    Capstone's operand details cost ~20 µs an instruction from Python, so
-    they are read only for instructions whose operands matter (branches and
-    RIP-relative operands); the others are described from the sweep.
+    Operand details slow capstone down, so they are read only for
+    instructions whose operands matter (branches and RIP-relative operands);
+    the others are described from the sweep.
     """
     at, size, mnemonic, op_str = swept
     if "rip" in op_str or mnemonic.startswith(_DETAILED_PREFIXES):
@@ -172,16 +163,18 @@ def described(swept: tuple[int, int, str, str], raw: bytes) -> Instruction:
 
 
 def iter_decode(code: bytes, address: int) -> Iterator[Instruction]:
-    """Decode ``code`` placed at ``address`` by linear sweep, lazily: callers
-    that need the first few instructions pay for those only.
+    """Decode ``code`` placed at ``address`` by linear sweep, lazily, by
+    runs of instructions (a RIP-relative operand whose displacement capstone
+    misplaces is refused when reached).  Operand details are read as
+    :func:`described` reads them.
 
     Stops at the first byte that does not start a valid instruction (or at
     an instruction cut by the end of ``code``): callers compare the end of the
     last instruction with what they asked for.
     """
     code = bytes(code)
-    for swept in _binding().lite.disasm_lite(code, address):
-        yield described(swept, code[swept[0] - address:swept[0] - address + swept[1]])
+    for record in _records(code, address, lib.HP_DECODE_OPERANDS):
+        yield _instruction(record, code, address)
 
 
 def decode(code: bytes, address: int) -> list[Instruction]:
@@ -274,65 +267,59 @@ def boundary_before(code: bytes, start: int, address: int) -> int | None:
     placed at ``start`` (a function's first byte) by linear sweep: ``address``
     itself when it is an instruction boundary; None when decoding stops
     before reaching it."""
-    for at, size, _, _ in _binding().lite.disasm_lite(bytes(code), start):
-        if at <= address < at + size:
+    for record in _records(bytes(code), start, lib.HP_DECODE_TEXT):
+        at = record.address
+        if at > address:
+            return None         # a sweep only goes on
+        if address < at + record.size:
             return at
     return None
 
 
 def decode_one(code: bytes, address: int) -> Instruction | None:
     """The instruction at the start of ``code``, or None if it is undecodable."""
-    for ci in _binding().detailed.disasm(bytes(code[:15]), address, 1):
-        return _instruction(ci)
+    code = bytes(code[:15])
+    for record in _records(code, address, lib.HP_DECODE_DETAILS, run=1):
+        return _instruction(record, code, address)
     return None
 
 
-def _instruction(ci) -> Instruction:
-    branch, target = _branch(ci)
-    disp_offset, rip_target = _rip_operand(ci)
-    return Instruction(ci.address, ci.size, bytes(ci.bytes), ci.mnemonic,
-                       ci.op_str, branch, target, disp_offset, rip_target)
+def _instruction(record, code: bytes, address: int) -> Instruction:
+    """The :class:`Instruction` of a record of ``code`` placed at ``address``."""
+    at, size = record.address, record.size
+    mnemonic = ffi.string(record.mnemonic).decode()
+    op_str = ffi.string(record.op_str).decode()
+    rip = record.rip
+    if rip == lib.HP_RIP_MISPLACED:
+        # capstone 5 misreports disp_size after 66/VEX prefixes: the bytes
+        # at the disp_offset it gives do not hold the displacement, and the
+        # relocator would rewrite the wrong four bytes.
+        raise UnsafeToPatch(f"{at:#x}: cannot locate the disp32 of the RIP-relative "
+                            f"operand of '{mnemonic} {op_str}'")
+    branch = _BRANCH_KIND[record.branch]
+    return Instruction(at, size, code[at - address:at - address + size], mnemonic, op_str,
+                       branch, record.target if branch in _RELATIVE else None,
+                       record.rip_disp_offset if rip == lib.HP_RIP_FOUND else None,
+                       record.rip_target if rip == lib.HP_RIP_FOUND else None)
 
 
-def _branch(ci) -> tuple[str | None, int | None]:
-    """The branch kind of ``ci`` and, for a relative branch, its target."""
-    binding = _binding()
-    X = binding.X
-    iid = ci.id
-    if iid in binding.returns:
-        return "ret", None
-    if iid == X.X86_INS_LJMP:
-        return "jmp_indirect", None
-    if iid == X.X86_INS_LCALL:
-        return "call_indirect", None
-    if iid in (X.X86_INS_JMP, X.X86_INS_CALL):
-        kind = "jmp" if iid == X.X86_INS_JMP else "call"
-        operand = ci.operands[0]
-        if operand.type == X.X86_OP_IMM:
-            return kind, operand.imm & _MASK64
-        return kind + "_indirect", None
-    if iid in binding.jcc:
-        return "jcc", ci.operands[0].imm & _MASK64
-    if iid in binding.loops:
-        return "loop", ci.operands[0].imm & _MASK64
-    if iid == X.X86_INS_XBEGIN:
-        return "xbegin", ci.operands[0].imm & _MASK64
-    return None, None
+def register_writes(code: bytes, address: int) -> Iterator[tuple[str, frozenset, int | None]]:
+    """For the clobber analysis, each instruction of ``code`` placed at
+    ``address`` (linear sweep, stopping as :func:`decode` does):
+    ``(mnemonic, names of the registers it writes as capstone lists them,
+    implicit ones included, its first operand's immediate or None)``."""
+    names = _register_names
+    for record in _records(bytes(code), address, lib.HP_DECODE_WRITES):
+        written = []
+        for register in record.written[0:record.nwritten]:
+            name = names.get(register)
+            if name is None:
+                found = lib.hp_register_name(register)
+                name = names[register] = ffi.string(found).decode() if found else ""
+            written.append(name)
+        yield (ffi.string(record.mnemonic).decode(), frozenset(written),
+               record.imm if record.has_imm else None)
 
 
-def _rip_operand(ci) -> tuple[int | None, int | None]:
-    """Where the disp32 of a RIP-relative operand sits, and what it addresses."""
-    X = _binding().X
-    for operand in ci.operands:
-        if operand.type == X.X86_OP_MEM and operand.mem.base == X.X86_REG_RIP:
-            offset = ci.disp_offset
-            # capstone 5 misreports disp_size after 66/VEX prefixes, so check
-            # the offset against the displacement itself before trusting it:
-            # the relocator rewrites these four bytes.
-            if int.from_bytes(ci.bytes[offset:offset + 4], "little",
-                              signed=True) != operand.mem.disp:
-                raise UnsafeToPatch(f"{ci.address:#x}: cannot locate the disp32 "
-                                    f"of the RIP-relative operand of "
-                                    f"'{ci.mnemonic} {ci.op_str}'")
-            return offset, (ci.address + ci.size + operand.mem.disp) & _MASK64
-    return None, None
+# capstone's register names by id, as they are first asked for.
+_register_names: dict[int, str] = {}
