@@ -16,7 +16,7 @@ import statistics
 from .apply import growth
 from .overhead import BY_KEY, METHODS, VARIANTS
 from .service import SINGLE_STEPS as SERVICE_SINGLE_STEPS
-from .service import STEP_CAUSES as SERVICE_STEP_CAUSES
+from .service import STEP_CAUSES as SERVICE_STEP_CAUSES, STEP_TITLES as SERVICE_STEP_TITLES
 from .stop import pause_key
 
 HOTPATCH_KEYS = ("direct", "slot", "call", "stack1", "stack4", "stack16", "retargets", "python",
@@ -569,6 +569,12 @@ def _service_verdicts(r: dict) -> list[tuple[str, str, str, float, float, bool]]
     return out
 
 
+
+def _step_title(result: dict, step: str) -> str:
+    """A step's title as the series names it now (a result keeps the
+    title of the run that made it; the steps are the same)."""
+    return SERVICE_STEP_TITLES.get(step) or result["step_titles"][step]
+
 def _service_verdict(r: dict, res: dict, step: str) -> str:
     """Met, or for each figure that missed whether the quiet window misses
     too and the step adds no more than the target to it (the machine's) or
@@ -619,7 +625,7 @@ def _service_verdict_tables(r: dict) -> list[str]:
             s = res.get(step)
             if not s:
                 continue
-            cells = [r["step_titles"][step]]
+            cells = [_step_title(r, step)]
             for key in ("tick_gap_ms", "sleeper_late_ms"):
                 figure, control = s.get(key), s.get(f"control_{key}")
                 cells.append(f"{num(figure['median']) if figure else '—'} / "
@@ -682,7 +688,7 @@ def service_section(r: dict, images: str) -> str:
             s = res.get(step)
             if not s:
                 continue
-            rows.append([r["step_titles"][step], _ms(s.get("wall_ms")), _ms(s.get("tick_gap_ms")),
+            rows.append([_step_title(r, step), _ms(s.get("wall_ms")), _ms(s.get("tick_gap_ms")),
                          _ms(s.get("control_tick_gap_ms")), _ms(s.get("sleeper_late_ms")),
                          _ms(s.get("control_sleeper_late_ms")), _ms(s.get("busy_gap_ms")),
                          _ms(s.get("control_busy_gap_ms"))])
@@ -800,7 +806,7 @@ def targets_section(series: dict) -> str:
                 rows.append(_target(
                     f"no step of a 1-function patch stalls the service > {num(worst[4])} ms, "
                     f"{load['label']} (worst median: Python tick gap or native sleeper)",
-                    f"{num(worst[3], ' ms')} ({sv['step_titles'][worst[1]]}; control "
+                    f"{num(worst[3], ' ms')} ({_step_title(sv, worst[1])}; control "
                     f"{num(control['median'], ' ms') if control else '—'})",
                     all(v[5] for v in mine)))
             first = sv["results"].get(load["label"], {}).get("first_register", {}).get("wall_ms")
@@ -996,7 +1002,7 @@ def _plot_service(r: dict, path: str) -> None:
         ax.set_title(f"{load['label']}: ms (log, median)")
         ax.grid(alpha=0.3, axis="x", which="both")
     axes[0].set_yticks(range(len(steps)))
-    axes[0].set_yticklabels([r["step_titles"][s][:48] for s in steps], fontsize=8)
+    axes[0].set_yticklabels([_step_title(r, s)[:48] for s in steps], fontsize=8)
     axes[0].invert_yaxis()
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
@@ -1108,8 +1114,10 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   thunk in place of the shared table lookup, and saving only what an observer
   needs.
 - **Apply is more than 10x Frida's `replace` per function at 100 and
-  10,000 functions in quiet runs, not at 1; 1,000 sites take 9-11 ms
-  over runs, at the 10 ms mark.**  The plans and original stubs of the
+  10,000 functions, with 0, 2 and 8 busy threads in this run (14-28x; the
+  100-function ratio with busy threads has moved between 4x and 28x from
+  run to run), not at 1; 1,000 sites take 9-11 ms over runs, at the 10 ms
+  mark.**  The plans and original stubs of the
   common entry shapes are built by one call of the C core per batch
   (`native/plan.c`), reading a batch's entries as spans; the entry writes
   of a batch by another.  What remains per function: capstone's decode in
@@ -1120,25 +1128,30 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   with busy threads; without busy threads the child has one thread and
   writes with nothing to stop (`stops.alone`).  A single site is
   dominated by fixed costs (a batch's Python, the locks, the page of
-  code written for the first time in the process), 0.4-0.6 ms; Frida's
-  `replace` of one function takes 0.4-0.5 ms, so 10x would mean 40-50
-  µs.  An entry whose first instruction covers the write: 50-70 µs for
-  its write, 110-150 µs for its whole apply (the table after the
-  first-patch one).  The 100-function ratio moves between 4x and 20x
-  from run to run with 2 or 8 busy threads on the 2 cores (the stop, and
-  the busy threads taking the CPU).
-- **What the service feels (section 2d).**  Enabling or disabling one
-  function stalls nothing measurable idle.  The first `register()` of the
-  process (libz's `crc32`) takes no stop now: its entry goes through its
-  hot-patch point (`native/hop.c`); it keeps idle Python threads waiting
-  2-3 ms and takes 4-6 ms of wall time over runs (libz's tables, its
-  branch index, the PLT slots, the ptrace helper spawned ahead).  The
-  first use of `hotpatch.register` imports the core (about 65 modules, no
-  longer capstone's Python binding: 60 ms idle, 150-190 ms with 2 busy
-  threads), which stalls the ticker 3.5-4 ms idle and 8-15 ms with 2 busy
-  threads, where the ticker waits for a CPU more than for the GIL.  With 8 busy threads on 2 cores the quiet
-  window's own stall is 5 ms or more.  The verdict table of section 2d
-  says, per step and load, which and why.
+  code written for the first time in the process: its copy-on-write),
+  0.4-0.6 ms; Frida's `replace` of one function takes 0.4-0.7 ms, so 10x
+  would mean 40-70 µs.  An entry whose first instruction covers the
+  write: 50-70 µs for its write in a fresh process, 30-45 µs once the
+  process has written there before (a prepared site redirected again, in
+  a loop), 110-150 µs for its whole apply (the table after the
+  first-patch one).
+- **What the service feels (section 2d).**  Idle, no step of a
+  one-function patch stalls the service's threads 5 ms (the import of the
+  core 3.5-4 ms at most); with 2 busy threads only the core's import
+  does (6-10 ms over runs).  The first `register()` of the process
+  (libz's `crc32`) takes no stop and spawns no helper: its entry goes
+  through its hot-patch point (`native/hop.c`); it keeps idle Python
+  threads waiting 2-3 ms and takes 4-6 ms of wall time over runs (libz's
+  tables, the loader hook, the PLT slots, and for crc32 libz's branch
+  index: random bytes near its entry could encode a branch into it, which
+  only the index rules out).  The first use of `hotpatch.register`
+  imports the core (about 65 modules, no longer capstone's Python
+  binding: 55-60 ms idle, 130-190 ms with 2 busy threads), where with
+  busy threads the ticker waits for a CPU more than for the GIL.  Loading
+  a C patch module no longer initialises OpenSSL (its digest) or
+  describes every loaded object again: 2-3 ms of Python gap idle.  With 8
+  busy threads on 2 cores the quiet window's own stall is 5 ms or more.
+  The verdict table of section 2d says, per step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more
   with more busy threads than cores.** Restoring or retargeting an entry,
   a first patch of an entry whose first instruction covers the write, and

@@ -68,7 +68,8 @@ STEPS = ("import", "import_core", "first_register", "disable_1", "enable_1", "re
          "disable_1000", "enable_1000", "load_module")
 STEP_TITLES = {
     "import": "import hotpatch",
-    "import_core": "first use of hotpatch.register (imports the core: C core, cffi, capstone)",
+    "import_core": "first use of hotpatch.register (imports the core: the C core with capstone's "
+                   "C library, cffi)",
     "first_register": "first register(): 1 libz function (symbols, index, loader hook)",
     "disable_1": "disable 1 function",
     "enable_1": "enable 1 function",
@@ -92,10 +93,11 @@ STEP_CAUSES = {
                    "with busy threads the ticker waits for a CPU more than for the GIL; "
                    "would close it: fewer modules, or `import hotpatch.core` at the "
                    "service's start-up",
-    "first_register": "Python run once (the loader hook installed, libz's tables read and "
-                      "its branch index built -- asked whether libz calls crc32 directly, "
-                      "for the thunk --, the site planned in C and written through crc32's "
-                      "hot-patch point: no stop, no helper spawned), at a 1 ms switch "
+    "first_register": "Python run once (the loader hook installed, libz's tables read, "
+                      "its raw bytes asked whether a branch lands in crc32's first bytes and, "
+                      "as random bytes nearby could encode one, its branch index built, the "
+                      "site planned in C and written through crc32's hot-patch point: no "
+                      "stop, no helper spawned), at a 1 ms switch "
                       "interval, keeping a core busy for 3-5 ms idle; with busy threads the "
                       "loader's worker thread and the patching thread wait for a CPU; would "
                       "close it: less Python (libz's tables and the loaded objects read in "
