@@ -151,6 +151,7 @@ uintptr_t hp_api_table(void);
 
 struct hp_branch_index;
 int hp_capstone_load(const char *path, char *err);
+int hp_capstone_usable(void);
 struct hp_branch_index *hp_branch_index_build(const uintptr_t *ranges, int n,
                                               const uintptr_t *starts, size_t nstarts,
                                               char *err);

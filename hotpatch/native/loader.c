@@ -72,6 +72,10 @@ static uint64_t done_seq, abandoned_seq;   /* handled up to; given up waiting up
 static uint64_t n_calls, n_events, n_abandoned, n_dropped;
 static int resync;                         /* events were dropped since the last take */
 
+/* Names were asked for since the last diff: the objects of the current
+ * walk they name are tracked at the next one (q_lock). */
+static int retrack;
+
 static int started, wait_ms = 1000;
 static void (*py_callback)(void);
 static void (*brk_original)(void);
@@ -193,6 +197,15 @@ static void went(int lo, int hi)
         }
 }
 
+/* A survivor of the last walk, named by names asked for since: tracked
+ * from now on.  Only an object of the current walk is looked at, in the
+ * dynamic linker's hook: one of the last walk may be unmapped by now. */
+static void track_if_asked(struct map_entry *e)
+{
+    if (retrack && e->tracked < 0 && asked_for(e->map))
+        e->tracked = new_tracked(e->map->l_name);
+}
+
 /* Walk the link maps and diff them with the last walk in the same pass;
  * queue GOING then COMING events.  Returns the seq of the last event
  * queued, 0 if none.  q_lock held.
@@ -218,6 +231,7 @@ static uint64_t diff(void)
             e->tracked = -1;
             if (i < nprev && same(&prev[i], e)) {
                 e->tracked = prev[i++].tracked;
+                track_if_asked(e);
                 continue;
             }
             int k = i + 1;
@@ -229,9 +243,11 @@ static uint64_t diff(void)
             }
             went(i, k);
             e->tracked = prev[k].tracked;
+            track_if_asked(e);
             i = k + 1;
         }
     went(i, nprev);
+    retrack = 0;
     for (int f = 0; f < nfresh; f++) {
         struct map_entry *e = &cur[fresh[f]];
         if (asked_for(e->map)) {
@@ -350,7 +366,7 @@ static uint64_t changes(int late)
 {
     struct r_debug_extended *base = (struct r_debug_extended *)&_r_debug;
     int simple = base->base.r_version < 2 || base->r_next == NULL;
-    simple = simple && ntracked == 0 && nprev > 0 && !late;
+    simple = simple && ntracked == 0 && nprev > 0 && !late && !retrack;
     uint64_t last = 0;
     if (simple && !unloading)
         last = appended();
@@ -374,15 +390,33 @@ static void rescan(int late)
         deliver(last);
 }
 
+/* At a load's or an unload's announcement: the last walk is the list as
+ * it is (every change since was announced first, under the linker's lock,
+ * which is held now), so its objects are all mapped, and those the names
+ * asked for since name are tracked now -- an object unloaded by this very
+ * operation is still mapped, and its GOING is reported at its end. */
+static void track_asked_before_change(void)
+{
+    pthread_mutex_lock(&q_lock);
+    if (retrack && started) {
+        for (int i = 0; i < nprev; i++)
+            track_if_asked(&prev[i]);
+        retrack = 0;
+    }
+    pthread_mutex_unlock(&q_lock);
+}
+
 /* What r_brk is redirected to.  The dynamic linker's lock is held. */
 void hp_loader_brk(void)
 {
     int saved = errno;
-    if (_r_debug.r_state == RT_DELETE)
+    if (_r_debug.r_state == RT_DELETE) {
+        track_asked_before_change();
         unloading = 1;
-    else if (_r_debug.r_state == RT_ADD)
+    } else if (_r_debug.r_state == RT_ADD) {
+        track_asked_before_change();
         loading = 1;
-    else if (consistent())
+    } else if (consistent())
         rescan(0);
     errno = saved;
     if (brk_original)
@@ -449,8 +483,12 @@ void hp_loader_set_original(int which, uintptr_t original)
 }
 
 /* The names asked for, NUL-separated (`len` bytes in all).  Objects loaded
- * before, asked for now, are tracked from the next walk on: Python handles
- * those from the loaded list itself. */
+ * before, asked for now, are tracked from the next walk on (Python
+ * handles those from the loaded list itself): the next diff, in the
+ * dynamic linker's hook, where every object it walks is mapped.  Not
+ * here: an object of the last walk may have been unloaded since, its link
+ * map freed and its dynamic section unmapped (reading them crashed a
+ * process whose threads loaded and unloaded while it registered). */
 int hp_loader_set_wanted(const char *names, size_t len)
 {
     if (len > sizeof wanted)
@@ -458,9 +496,14 @@ int hp_loader_set_wanted(const char *names, size_t len)
     pthread_mutex_lock(&q_lock);
     memcpy(wanted, names, len);
     wanted_len = len;
-    for (int i = 0; i < nprev; i++)
-        if (prev[i].tracked < 0 && asked_for(prev[i].map))
-            prev[i].tracked = new_tracked(prev[i].map->l_name);
+    retrack = 1;
+    if (!brk_original) {
+        /* The fallback (dlopen/dlclose interposed) walks outside the
+         * linker's lock anyway, after each call: track them now. */
+        for (int i = 0; i < nprev; i++)
+            track_if_asked(&prev[i]);
+        retrack = 0;
+    }
     pthread_mutex_unlock(&q_lock);
     return 0;
 }

@@ -55,6 +55,10 @@ def _load_capstone() -> None:
     err = ffi.new("char[]", 256)
     if lib.hp_capstone_load(path.encode(), err) != 0:
         raise ImportError(ffi.string(err).decode(errors="replace"))
+    # This thread's two decoders opened now, the GIL released: opening them
+    # costs 0.4-0.5 ms each, and the thread that imports the core is most
+    # often the one whose first patch would otherwise open them.
+    lib.hp_capstone_usable()
 
 
 _load_capstone()
