@@ -1136,12 +1136,13 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   a loop), 110-150 µs for its whole apply (the table after the
   first-patch one).
 - **What the service feels (section 2d).**  Idle, no step of a
-  one-function patch stalls the service's threads 5 ms (the import of the
-  core 3.5-4 ms at most); with 2 busy threads only the core's import
-  does (6-10 ms over runs).  The first `register()` of the process
+  one-function patch stalls the service's threads 5 ms (3-4 ms at most
+  over runs); with 2 busy threads the core's import, the first
+  `register()` and loading a C patch module stall them 2-6.6 ms, each
+  crossing 5 ms in one run or another (the ticker waits for a CPU).  The first `register()` of the process
   (libz's `crc32`) takes no stop and spawns no helper: its entry goes
   through its hot-patch point (`native/hop.c`); it keeps idle Python
-  threads waiting 2-3 ms and takes 4-6 ms of wall time over runs (libz's
+  threads waiting 2-3 ms and takes 4.4-6 ms of wall time over runs (libz's
   tables, the loader hook, the PLT slots, and for crc32 libz's branch
   index: random bytes near its entry could encode a branch into it, which
   only the index rules out).  The first use of `hotpatch.register`
