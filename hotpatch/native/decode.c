@@ -57,45 +57,53 @@ static int is_loop(unsigned id)
  * prefixed forms ("bnd jmp", "notrack call") and RIP-relative operands,
  * told by the text (details slow capstone down for every instruction). */
 #define PREFIX(text) { text, sizeof text - 1 }
-static int wants_details(const cs_insn *insn)
+int hp_wants_details(const char *mnemonic, const char *op_str)
 {
     static const struct { const char *text; size_t len; } prefixes[] = {
         PREFIX("j"), PREFIX("call"), PREFIX("ret"), PREFIX("iret"), PREFIX("loop"),
         PREFIX("lcall"), PREFIX("ljmp"), PREFIX("xbegin"), PREFIX("bnd"), PREFIX("notrack"),
     };
-    if (strstr(insn->op_str, "rip"))
+    if (strstr(op_str, "rip"))
         return 1;
     for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
-        if (!strncmp(insn->mnemonic, prefixes[i].text, prefixes[i].len))
+        if (!strncmp(mnemonic, prefixes[i].text, prefixes[i].len))
             return 1;
     return 0;
 }
 
-static void describe_branch(const cs_insn *ci, struct hp_decoded_insn *out)
+/* decode.py's branch kind (HP_BRANCH_*) of a detailed instruction: the
+ * one classification, plan.c's too. */
+int hp_branch_kind(const cs_insn *ci)
 {
     const cs_x86 *x = &ci->detail->x86;
     unsigned id = ci->id;
     int immediate = x->op_count && x->operands[0].type == X86_OP_IMM;
 
     if (is_return(id))
-        out->branch = HP_BRANCH_RET;
-    else if (id == X86_INS_LJMP)
-        out->branch = HP_BRANCH_JMP_INDIRECT;
-    else if (id == X86_INS_LCALL)
-        out->branch = HP_BRANCH_CALL_INDIRECT;
-    else if (id == X86_INS_JMP)
-        out->branch = immediate ? HP_BRANCH_JMP : HP_BRANCH_JMP_INDIRECT;
-    else if (id == X86_INS_CALL)
-        out->branch = immediate ? HP_BRANCH_CALL : HP_BRANCH_CALL_INDIRECT;
-    else if (is_jcc(id))
-        out->branch = HP_BRANCH_JCC;
-    else if (is_loop(id))
-        out->branch = HP_BRANCH_LOOP;
-    else if (id == X86_INS_XBEGIN)
-        out->branch = HP_BRANCH_XBEGIN;
+        return HP_BRANCH_RET;
+    if (id == X86_INS_LJMP)
+        return HP_BRANCH_JMP_INDIRECT;
+    if (id == X86_INS_LCALL)
+        return HP_BRANCH_CALL_INDIRECT;
+    if (id == X86_INS_JMP)
+        return immediate ? HP_BRANCH_JMP : HP_BRANCH_JMP_INDIRECT;
+    if (id == X86_INS_CALL)
+        return immediate ? HP_BRANCH_CALL : HP_BRANCH_CALL_INDIRECT;
+    if (is_jcc(id))
+        return HP_BRANCH_JCC;
+    if (is_loop(id))
+        return HP_BRANCH_LOOP;
+    if (id == X86_INS_XBEGIN)
+        return HP_BRANCH_XBEGIN;
+    return HP_BRANCH_NONE;
+}
+
+static void describe_branch(const cs_insn *ci, struct hp_decoded_insn *out)
+{
+    out->branch = (uint8_t)hp_branch_kind(ci);
     if (out->branch == HP_BRANCH_JMP || out->branch == HP_BRANCH_JCC || out->branch == HP_BRANCH_CALL
             || out->branch == HP_BRANCH_LOOP || out->branch == HP_BRANCH_XBEGIN)
-        out->target = (uint64_t)x->operands[0].imm;
+        out->target = (uint64_t)ci->detail->x86.operands[0].imm;
 }
 
 /* The first RIP-relative memory operand.  capstone 5 misreports disp_size
@@ -159,7 +167,7 @@ long hp_decode(const uint8_t *code, size_t len, uint64_t address, int mode,
         if (mode == HP_DECODE_TEXT)
             continue;
         if (mode == HP_DECODE_OPERANDS) {
-            if (!wants_details(insn))
+            if (!hp_wants_details(insn->mnemonic, insn->op_str))
                 continue;
             insn = hp_decode_detailed(code + at - r->size, r->size, r->address);
             if (!insn)

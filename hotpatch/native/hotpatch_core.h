@@ -118,6 +118,7 @@ struct hp_entry_scan {
 long hp_scan_entries(struct hp_entry_scan *scans, long n, uint8_t *buf, int read);
 struct cs_insn;
 const struct cs_insn *hp_decode_detailed(const uint8_t *code, size_t len, uint64_t address);
+int hp_branch_kind(const struct cs_insn *ci);   /* decode.c: HP_BRANCH_* */
 const struct cs_insn *hp_decode_text(const uint8_t *code, size_t len, uint64_t address);
 int hp_capstone_usable(void);
 int hp_registers_written(const struct cs_insn *insn, uint16_t *regs, uint8_t *count);
@@ -158,6 +159,7 @@ struct hp_decoded_insn {
 };
 long hp_decode(const uint8_t *code, size_t len, uint64_t address, int mode,
                struct hp_decoded_insn *out, long capacity);
+int hp_wants_details(const char *mnemonic, const char *op_str);
 
 /* --- plan.c -------------------------------------------------------- */
 #define HP_PLAN_OK 0

@@ -58,46 +58,6 @@ static int can_fall_through(const struct insn *i)
     return i->branch != JMP && i->branch != JMP_INDIRECT && i->branch != RET && !i->ud2;
 }
 
-/* decode.py's described(): operand details only where they matter.  (The
- * prefixes' lengths are the compiler's: this runs for every head
- * instruction of a batch.) */
-#define PREFIX(text) { text, sizeof text - 1 }
-static int wants_details(const struct hp_scanned_insn *h)
-{
-    static const struct { const char *text; size_t len; } prefixes[] = {
-        PREFIX("j"), PREFIX("call"), PREFIX("ret"), PREFIX("iret"), PREFIX("loop"),
-        PREFIX("lcall"), PREFIX("ljmp"), PREFIX("xbegin"), PREFIX("bnd"), PREFIX("notrack"),
-    };
-    if (strstr(h->op_str, "rip"))
-        return 1;
-    for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
-        if (!strncmp(h->mnemonic, prefixes[i].text, prefixes[i].len))
-            return 1;
-    return 0;
-}
-
-static int is_jcc(unsigned id)
-{
-    switch (id) {
-    case X86_INS_JO: case X86_INS_JNO: case X86_INS_JB: case X86_INS_JAE:
-    case X86_INS_JE: case X86_INS_JNE: case X86_INS_JBE: case X86_INS_JA:
-    case X86_INS_JS: case X86_INS_JNS: case X86_INS_JP: case X86_INS_JNP:
-    case X86_INS_JL: case X86_INS_JGE: case X86_INS_JLE: case X86_INS_JG:
-        return 1;
-    }
-    return 0;
-}
-
-static int is_return(unsigned id)
-{
-    switch (id) {
-    case X86_INS_RET: case X86_INS_RETF: case X86_INS_RETFQ:
-    case X86_INS_IRET: case X86_INS_IRETD: case X86_INS_IRETQ:
-        return 1;
-    }
-    return 0;
-}
-
 /* One head instruction as decode.py's _instruction() describes it; 0 where
  * Python must (undecodable, a disp32 capstone misplaces). */
 static int describe(const struct hp_scanned_insn *h, const uint8_t *raw, struct insn *out)
@@ -109,25 +69,21 @@ static int describe(const struct hp_scanned_insn *h, const uint8_t *raw, struct 
     out->branch = NONE;
     out->ud2 = !strcmp(h->mnemonic, "ud2");
     out->rip_disp_offset = -1;
-    if (!wants_details(h))
+    /* decode.py's described(): operand details only where they matter. */
+    if (!hp_wants_details(h->mnemonic, h->op_str))
         return 1;
     const cs_insn *ci = hp_decode_detailed(raw, h->size, h->address);
     if (!ci || ci->size != h->size)
         return 0;
     const cs_x86 *x = &ci->detail->x86;
-    unsigned id = ci->id;
-    if (is_return(id))
-        out->branch = RET;
-    else if (id == X86_INS_LJMP)
-        out->branch = JMP_INDIRECT;
-    else if (id == X86_INS_JMP)
-        out->branch = x->op_count && x->operands[0].type == X86_OP_IMM ? JMP : JMP_INDIRECT;
-    else if (is_jcc(id))
-        out->branch = JCC;
-    else if (id == X86_INS_CALL || id == X86_INS_LCALL || id == X86_INS_XBEGIN
-             || id == X86_INS_JRCXZ || id == X86_INS_JECXZ || id == X86_INS_JCXZ
-             || id == X86_INS_LOOP || id == X86_INS_LOOPE || id == X86_INS_LOOPNE)
-        out->branch = OTHER;
+    switch (hp_branch_kind(ci)) {
+    case HP_BRANCH_RET: out->branch = RET; break;
+    case HP_BRANCH_JMP: out->branch = JMP; break;
+    case HP_BRANCH_JMP_INDIRECT: out->branch = JMP_INDIRECT; break;
+    case HP_BRANCH_JCC: out->branch = JCC; break;
+    case HP_BRANCH_CALL: case HP_BRANCH_CALL_INDIRECT: case HP_BRANCH_LOOP:
+    case HP_BRANCH_XBEGIN: out->branch = OTHER; break;
+    }
     if (out->branch == JMP || out->branch == JCC)
         out->target = (uint64_t)x->operands[0].imm;
     for (int k = 0; k < x->op_count; k++) {
