@@ -65,7 +65,7 @@ _load_capstone()
 
 # Mnemonics whose kind or target comes from the operand details: branches,
 # returns, and prefixed forms of them ("bnd jmp", "notrack call").  (The C
-# core asks the same of a sweep: native/decode.c, wants_details.)
+# core asks the same of a sweep: native/decode.c, hp_wants_details, which plan.c asks too.)
 _DETAILED_PREFIXES = ("j", "call", "ret", "iret", "loop", "lcall", "ljmp", "xbegin", "bnd",
                       "notrack")
 # Branches after which execution never reaches the next instruction.
