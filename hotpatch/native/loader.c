@@ -206,6 +206,15 @@ static void track_if_asked(struct map_entry *e)
         e->tracked = new_tracked(e->map->l_name);
 }
 
+/* track_if_asked() for every object of the last walk, which must all be
+ * mapped still (see its callers). */
+static void track_asked_in_last_walk(void)
+{
+    for (int i = 0; i < nprev; i++)
+        track_if_asked(&prev[i]);
+    retrack = 0;
+}
+
 /* Walk the link maps and diff them with the last walk in the same pass;
  * queue GOING then COMING events.  Returns the seq of the last event
  * queued, 0 if none.  q_lock held.
@@ -398,11 +407,8 @@ static void rescan(int late)
 static void track_asked_before_change(void)
 {
     pthread_mutex_lock(&q_lock);
-    if (retrack && started) {
-        for (int i = 0; i < nprev; i++)
-            track_if_asked(&prev[i]);
-        retrack = 0;
-    }
+    if (retrack && started)
+        track_asked_in_last_walk();
     pthread_mutex_unlock(&q_lock);
 }
 
@@ -497,13 +503,10 @@ int hp_loader_set_wanted(const char *names, size_t len)
     memcpy(wanted, names, len);
     wanted_len = len;
     retrack = 1;
-    if (!brk_original) {
+    if (!brk_original)
         /* The fallback (dlopen/dlclose interposed) walks outside the
          * linker's lock anyway, after each call: track them now. */
-        for (int i = 0; i < nprev; i++)
-            track_if_asked(&prev[i]);
-        retrack = 0;
-    }
+        track_asked_in_last_walk();
     pthread_mutex_unlock(&q_lock);
     return 0;
 }

@@ -597,6 +597,17 @@ static int spawn_helper(char *err)
     return 0;
 }
 
+/* Reap the helper spawned ahead's intermediate process (it exits once it
+ * has cloned the helper): the spawned helper is taken, or forgotten. */
+HP_RAW static void reap_intermediate(void)
+{
+    int status;
+    while (hp_sys(SYS_wait4, spawned_intermediate, &status, __WCLONE, 0) == -EINTR)
+        ;
+    spawned_sock = -1;
+    spawned_intermediate = 0;
+}
+
 /* A socket end the service closed (and whose number it may reuse): the
  * helper on its other end sees it closed and exits, letting go of any
  * thread.  Forget it -- never close, write or read that number again --
@@ -607,13 +618,8 @@ HP_RAW static void forget_lost_helper(void)
         helper_sock = -1;
         helper_pid = 0;     /* not signalled: once gone, its pid may be another's */
     }
-    if (spawned_sock >= 0 && !hp_kept_fd_valid(&spawned_file)) {
-        int status;
-        while (hp_sys(SYS_wait4, spawned_intermediate, &status, __WCLONE, 0) == -EINTR)
-            ;
-        spawned_sock = -1;
-        spawned_intermediate = 0;
-    }
+    if (spawned_sock >= 0 && !hp_kept_fd_valid(&spawned_file))
+        reap_intermediate();
 }
 
 /* The helper ready to serve: spawned now unless it was ahead, and waited
@@ -622,14 +628,9 @@ static int start_helper(char *err)
 {
     if (spawned_sock < 0 && spawn_helper(err))
         return -1;
-    long pid = spawned_intermediate;
-    int status;
-    while (hp_sys(SYS_wait4, pid, &status, __WCLONE, 0) == -EINTR)
-        ;
     helper_sock = spawned_sock;
     helper_file = spawned_file;
-    spawned_sock = -1;
-    spawned_intermediate = 0;
+    reap_intermediate();
     int ok = await_answer('R', hp_now_ns() + 2000000000ull) == 0 && area->helper_pid > 0;
     if (!ok) {
         hp_fmt_str(err, err + HP_ERRLEN, "the ptrace helper did not start");

@@ -157,6 +157,14 @@ static int rel16_target(const struct segment *s, size_t i, uintptr_t *target)
     return 1;
 }
 
+/* Do the bytes at s->code[k] encode a rel8 or rel16 branch into [a, b)? */
+static int near_branch_into(const struct segment *s, size_t k, uintptr_t a, uintptr_t b)
+{
+    uintptr_t t;
+    return (rel8_target(s, k, &t) && a <= t && t < b) ||
+           (rel16_target(s, k, &t) && a <= t && t < b);
+}
+
 static const struct segment *segment_of(const struct hp_branch_index *ix, uintptr_t a)
 {
     for (int i = 0; i < ix->nsegments; i++)
@@ -468,12 +476,9 @@ long hp_branch_candidates_into(const uintptr_t *ranges, int n, const uintptr_t *
                 count = -1;
                 break;
             }
-            for (size_t p = 0; p < to - from; p++) {
-                uintptr_t t;
-                if ((rel8_target(&s, p, &t) && in_intervals(t, into + 2 * i, 1)) ||
-                        (rel16_target(&s, p, &t) && in_intervals(t, into + 2 * i, 1)))
+            for (size_t p = 0; p < to - from; p++)
+                if (near_branch_into(&s, p, into[2 * i], into[2 * i + 1]))
                     count++;
-            }
         }
     }
     free(buf);
@@ -534,7 +539,7 @@ long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi
     pthread_mutex_lock(&ix->lock);
     for (int i = 0; i < ix->nsegments; i++) {
         const struct segment *s = &ix->segments[i];
-        uintptr_t a = lo > s->lo ? lo : s->lo, b = hi < s->hi ? hi : s->hi, t;
+        uintptr_t a = lo > s->lo ? lo : s->lo, b = hi < s->hi ? hi : s->hi;
         if (a >= b)
             continue;
         /* rel32 candidates aimed at [a, b) */
@@ -547,9 +552,7 @@ long hp_branch_index_into(struct hp_branch_index *ix, uintptr_t lo, uintptr_t hi
         size_t from = a - s->lo > REL8_REACH ? a - s->lo - REL8_REACH : 0;
         size_t to = b - s->lo + REL8_REACH < s->hi - s->lo ? b - s->lo + REL8_REACH : s->hi - s->lo;
         for (size_t k = from; k < to; k++)
-            if (((rel8_target(s, k, &t) && a <= t && t < b)
-                 || (rel16_target(s, k, &t) && a <= t && t < b))
-                && want_region(ix, s->lo + k, &wanted))
+            if (near_branch_into(s, k, a, b) && want_region(ix, s->lo + k, &wanted))
                 goto out;
     }
     for (size_t w = 0; w < wanted.n; w++) {
@@ -684,30 +687,28 @@ size_t hp_padding_over(const uint8_t *code, size_t len, uint64_t address, size_t
     return at;
 }
 
-/* The instruction at the start of `code` (placed at `address`) with its
- * operand details, or NULL where it is undecodable or capstone cannot be
- * used.  Valid until the next call in this thread. */
-const cs_insn *hp_decode_detailed(const uint8_t *code, size_t len, uint64_t address)
+/* The instruction at the start of `code` (placed at `address`), with its
+ * operand details if `detailed`, or NULL where it is undecodable or
+ * capstone cannot be used.  Valid until the next call in this thread. */
+static const cs_insn *decode_first(int detailed, const uint8_t *code, size_t len,
+                                   uint64_t address)
 {
     csh handle;
-    cs_insn *insn = thread_detailed_decoder(&handle);
+    cs_insn *insn = open_decoder(detailed, &handle);
 
     if (!insn || !cs.disasm_iter(handle, &code, &len, &address, insn))
         return NULL;
     return insn;
 }
 
-/* The instruction at the start of `code` (placed at `address`) without
- * operand details, or NULL where it is undecodable or capstone cannot be
- * used.  Valid until the next call in this thread. */
+const cs_insn *hp_decode_detailed(const uint8_t *code, size_t len, uint64_t address)
+{
+    return decode_first(1, code, len, address);
+}
+
 const cs_insn *hp_decode_text(const uint8_t *code, size_t len, uint64_t address)
 {
-    csh handle;
-    cs_insn *insn = thread_decoder(&handle);
-
-    if (!insn || !cs.disasm_iter(handle, &code, &len, &address, insn))
-        return NULL;
-    return insn;
+    return decode_first(0, code, len, address);
 }
 
 /* Whether this thread can decode, with and without details: the two
