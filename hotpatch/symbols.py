@@ -373,7 +373,8 @@ def branched_to(obj: LoadedObject, address: int) -> bool:
     # (capstone through Python, ~15 us each, per function of a big patch).
     # No bytes that could encode such a branch: no index to build (the
     # first patch of an exported function nothing in its object calls).
-    if obj not in _branch_indexes and not could_branch_into(obj.exec_ranges, [(address, address + 1)]):
+    if obj not in _branch_indexes and not could_branch_into(obj.exec_ranges,
+                                                            [(address, address + 1)]):
         return False
     return _branch_index(obj, address).any_into(address, address + 1)
 

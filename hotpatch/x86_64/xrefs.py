@@ -86,7 +86,7 @@ def index_branches(read: Callable[[int, int], bytes],
     from each of ``function_starts`` (absolute) to the next is decoded when
     a query first needs it.  ``read(addr, n)`` reads the text of a branch
     found."""
-    flat = ffi.new("uintptr_t[]", [a for lo_hi in exec_ranges for a in lo_hi] or [0])
+    flat = _flat(exec_ranges)
     starts = ffi.new("uintptr_t[]", list(function_starts) or [0])
     err = ffi.new("char[]", 256)
     handle = lib.hp_branch_index_build(flat, len(exec_ranges), starts, len(function_starts), err)
@@ -101,6 +101,10 @@ def could_branch_into(exec_ranges: Sequence[tuple[int, int]],
     branch into one of the intervals ``into`` (the index's candidates, none
     confirmed): False means nothing branches there, without building an
     index.  True where the code cannot be read."""
-    flat = ffi.new("uintptr_t[]", [a for lo_hi in exec_ranges for a in lo_hi] or [0])
-    wanted = ffi.new("uintptr_t[]", [a for lo_hi in into for a in lo_hi] or [0])
-    return lib.hp_branch_candidates_into(flat, len(exec_ranges), wanted, len(into)) != 0
+    return lib.hp_branch_candidates_into(_flat(exec_ranges), len(exec_ranges), _flat(into),
+                                         len(into)) != 0
+
+
+def _flat(pairs: Sequence[tuple[int, int]]):
+    """``[(lo, hi), ...]`` as the C core's ``uintptr_t[]`` of lo, hi, lo, hi..."""
+    return ffi.new("uintptr_t[]", [a for lo_hi in pairs for a in lo_hi] or [0])
