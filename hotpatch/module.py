@@ -10,6 +10,7 @@ file that defines ``patch``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import runpy
 import subprocess
@@ -235,12 +236,14 @@ def _patch_from_python(path: str) -> core.Patch:
 _BUILTIN_SHA256 = ("_sha2", "_sha256")
 
 
+@functools.cache
 def _sha256():
     """A SHA-256 constructor that costs the service no stall: CPython's own
     extension (``_sha2``/``_sha256``), its file mapped first by the core with
     the GIL released so that the import's own dlopen (GIL held) finds it
     mapped.  hashlib would initialise OpenSSL (libcrypto) with the GIL held:
-    2-6 ms at the first load of a process.  hashlib where neither exists."""
+    2-6 ms at the first load of a process.  hashlib where neither exists.
+    Found once: the search for the name a version lacks reads directories."""
     import importlib.util
     for name in _BUILTIN_SHA256:
         if name not in sys.modules:
