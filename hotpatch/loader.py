@@ -25,11 +25,16 @@ Who runs the Python side of an event, and what it may do:
 * the loading thread holds the GIL (an ``import``, ``ctypes.CDLL``): the
   handler runs right there, inside the dynamic linker's lock;
 * otherwise the loading thread waits at most :data:`WAIT_MS` for the worker
-  thread here.  It cannot wait longer: the worker needs the GIL, whose
-  holder may be waiting for the dynamic linker's lock.  Writes into the new
-  object go without a stop only while its loading thread still waits
-  (``hp_loader_write_unreachable``); after that through a stop, and the
-  object is noted as patched late.
+  thread here.  It cannot wait much longer: the worker needs the GIL, whose
+  holder may be waiting for the dynamic linker's lock.  Once it went on,
+  the object may run, and be unloaded again at any time.  So an event the
+  worker has already taken keeps its loading thread (and the object mapped)
+  until it is handled, up to ten times as long; and one the worker takes
+  after its loading thread went on is handled with a reference on the
+  object (``dlopen(RTLD_NOLOAD)``), or not at all if it is gone.  Writes
+  into the new object go without a stop only while its loading thread
+  still waits (``hp_loader_write_unreachable``); after that through a
+  stop, and the object is noted as patched late.
 
 Inside the notification the handler calls no dlopen/dlsym (an IFUNC whose
 slot is not bound yet makes its object patched late, from the worker, with a
@@ -232,9 +237,16 @@ def _step_aside() -> None:
     # event lock only so long, then goes on and leaves its event to it.
     if getattr(_draining, "in_hook", False):
         return
-    deadline = time.monotonic() + STEP_ASIDE_S
-    while lib.hp_loader_busy and time.monotonic() < deadline:
-        time.sleep(0.0002)      # releases the GIL
+    worker = getattr(_draining, "busy", False)
+    if worker:      # the event it holds must not hold its loading thread now
+        lib.hp_loader_worker_aside(1)
+    try:
+        deadline = time.monotonic() + STEP_ASIDE_S
+        while lib.hp_loader_busy and time.monotonic() < deadline:
+            time.sleep(0.0002)      # releases the GIL
+    finally:
+        if worker:
+            lib.hp_loader_worker_aside(0)
 
 
 # ---------------------------------------------------------------------------
@@ -325,11 +337,14 @@ def _handle(event, in_hook: bool) -> None:
                 _say(logging.INFO, "hotpatch: GOING %s at %#x", name, base)
                 core._object_going(base, name)
                 return
+            if not in_hook and lib.hp_loader_went_on(seq):
+                # Its loading thread went on before the worker took the
+                # event: the object may be unloaded while it is read, so
+                # it is handled with a reference on it.
+                _deferred.append((event, f"its loading thread stopped waiting after {WAIT_MS} ms"))
+                return
             loaded = _loaded_at(base, name)
             if loaded is None:      # unloaded again meanwhile: its GOING follows
-                if lib.hp_loader_went_on(seq):
-                    _late.append(f"{name}: its loading thread stopped waiting after {WAIT_MS} ms "
-                                 f"and it was unloaded again before it could be patched")
                 return
             _say(logging.INFO, "hotpatch: COMING %s at %#x", name, base)
 

@@ -420,6 +420,51 @@ report({"cycles": cycles, "errors": errors[:5], "loader": hotpatch.tree()["loade
     assert r["seen"] == [1001] or r["loader"]["late"] or r["loader"]["dropped"], r
 
 
+def test_an_object_unloaded_while_its_late_event_waits_is_never_read(child, libs):
+    """A native thread loads and unloads a patched library while the GIL is
+    held for longer than the loading thread waits for hotpatch's worker: the
+    worker gets each event only after the loading thread went on, and the
+    object may be unloaded (and loaded again at the same address) while it
+    is read.  Such an event is handled with a reference on its object, or
+    not at all; one the worker holds keeps its loading thread waiting.
+    Before, the worker read unmapped code (a SIGSEGV in one CI run; here
+    "24 bytes there are not mapped") and wrote through a stop into an
+    object it held no reference on."""
+    r = child(PRELUDE + """
+import logging, random, time
+spawn.hammer_start.argtypes = [ctypes.c_char_p, ctypes.c_long]
+spawn.hammer_stop.restype = ctypes.c_long
+warnings = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger("hotpatch").addHandler(Keep(logging.WARNING))
+patch = hotpatch.register(coming_patch())
+hold_the_gil = ctypes.PyDLL(None).usleep
+hold_the_gil.argtypes = [ctypes.c_uint]
+path = P["coming"].encode()
+spawn.hammer_start(path, 30)
+for _ in range(8):
+    hold_the_gil(1100000)           # longer than the loading thread's wait
+    # Let the worker take an event and start reading its object, then
+    # hold the GIL again across the loading thread's deadline.
+    time.sleep(random.uniform(0.0002, 0.003))
+cycles = spawn.hammer_stop()
+settled = hotpatch.loader.settle(60)
+h = ctypes.CDLL(P["coming"])        # loaded once more: patched, once
+report({"cycles": cycles, "settled": settled, "late": hotpatch.tree()["loader"]["late"],
+        "abandoned": hotpatch.tree()["loader"]["waits_abandoned"],
+        "warnings": [w for w in warnings if "patched late" not in w and "not loaded" not in w],
+        "value": call(h, "target"), "patched": patch.objects[0].patched})
+""", timeout=200, **libs)[0]
+    assert r["cycles"] == 30 and r["settled"], r
+    assert r["abandoned"] > 0, r        # the case under test happened
+    assert r["warnings"] == [], r
+    assert r["value"] == 1001 and r["patched"], r
+    assert all("stopped waiting" in why or "an earlier event was handled late" in why
+               for why in r["late"]), r
+
+
 def test_the_hook_on_r_brk_reads_no_symbol_table_of_the_dynamic_linker(child, libs):
     """r_brk's size comes from its verified [endbr64;] ret: installing the
     hook reads neither the dynamic linker's file nor a debug file for it

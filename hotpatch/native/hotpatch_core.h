@@ -494,6 +494,7 @@ int hp_loader_take(struct hp_loader_event *out);
 void hp_loader_done(uint64_t seq);
 int hp_loader_take_resync(void);
 int hp_loader_went_on(uint64_t seq);
+void hp_loader_worker_aside(int aside);
 extern int hp_loader_busy;
 int hp_loader_write_unreachable(const struct hp_write *w, size_t n, uint64_t seq, char *err);
 void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *dropped);

@@ -17,10 +17,15 @@
  *    right here, in this thread, through the callback;
  *  - otherwise (a native thread, or a thread that released the GIL around
  *    dlopen): the loading thread wakes hotpatch's worker thread and waits
- *    for it at most `wait_ms`.  Never longer: the worker needs the GIL, and
- *    the GIL's holder may itself be waiting for the lock this thread holds.
- *    Once the wait is over the events are *abandoned*: the object's code
- *    may run from then on, and any write into it must go through a stop.
+ *    for it at most `wait_ms`.  Not much longer: the worker needs the GIL,
+ *    and the GIL's holder may itself be waiting for the lock this thread
+ *    holds.  Once the wait is over the events are *abandoned*: the object's
+ *    code may run from then on, and it may even be unloaded again.  So an
+ *    event the worker has taken already (it is reading the object) keeps
+ *    its loading thread -- and with it the object -- until it is handled,
+ *    for at most `HELD_FACTOR` times as long; and the worker handles an
+ *    event abandoned before it took it only with a reference on its object
+ *    (dlopen RTLD_NOLOAD, loader.py).
  *
  * hp_loader_write_unreachable() is how Python writes into an object still
  * being loaded: under the queue lock, only while the loading thread still
@@ -77,6 +82,13 @@ static int resync;                         /* events were dropped since the last
 static int retrack;
 
 static int started, wait_ms = 1000;
+/* An event the worker has taken holds its loading thread this many times
+ * wait_ms at most: the worker runs Python, so a GIL held into the dynamic
+ * linker by a native caller could still keep it waiting. */
+#define HELD_FACTOR 10
+/* The worker waits, mid-event, for the dynamic linker (loader.py's step
+ * aside): an event it holds keeps nobody then. */
+static int worker_aside;
 static void (*py_callback)(void);
 static void (*brk_original)(void);
 static void *(*real_dlopen)(const char *, int);
@@ -304,8 +316,16 @@ static struct timespec deadline_in(int ms)
  * held by a thread waiting for the lock this thread holds. */
 int hp_loader_busy;
 
+/* Whether the worker is handling an event now (taken, not done): it may be
+ * reading the object, which must stay mapped.  q_lock held. */
+static int worker_holds_one(void)
+{
+    return q_head > done_seq + 1 && !worker_aside;
+}
+
 /* Have the events up to `last` handled: here when this thread holds the
- * GIL, else by the worker, waited for at most wait_ms. */
+ * GIL, else by the worker, waited for at most wait_ms -- longer while the
+ * worker holds one of them. */
 static void deliver(uint64_t last)
 {
     __atomic_add_fetch(&hp_loader_busy, 1, __ATOMIC_SEQ_CST);
@@ -322,9 +342,13 @@ static void deliver(uint64_t last)
     pthread_mutex_lock(&q_lock);
     if (!in_python && py_callback) {
         pthread_cond_broadcast(&q_more);
-        struct timespec deadline = deadline_in(wait_ms);
-        while (done_seq < last && pthread_cond_timedwait(&q_done, &q_lock, &deadline) != ETIMEDOUT)
-            ;
+        struct timespec deadline = deadline_in(wait_ms), held = deadline_in(wait_ms * HELD_FACTOR);
+        while (done_seq < last) {
+            const struct timespec *until = worker_holds_one() ? &held : &deadline;
+            if (pthread_cond_timedwait(&q_done, &q_lock, until) == ETIMEDOUT &&
+                (until == &held || !worker_holds_one()))
+                break;
+        }
     } else {
         pthread_cond_broadcast(&q_more);   /* nested in our own handler, or not started */
     }
@@ -561,8 +585,21 @@ int hp_loader_take(struct hp_loader_event *out)
     return got;
 }
 
+/* The worker steps aside (1) mid-event for a thread inside the dynamic
+ * linker, or is back (0).  While aside it holds no loading thread: both
+ * would wait for each other. */
+void hp_loader_worker_aside(int aside)
+{
+    pthread_mutex_lock(&q_lock);
+    worker_aside = aside;
+    pthread_cond_broadcast(&q_done);
+    pthread_mutex_unlock(&q_lock);
+}
+
 /* Whether the thread that loaded event `seq` went on without waiting for
- * it to be handled: the object's code may have run unpatched. */
+ * it to be handled: the object's code may have run unpatched, and the
+ * object may be unloaded at any time.  Asked right after the event was
+ * taken, a "no" holds until it is done (see worker_holds_one). */
 int hp_loader_went_on(uint64_t seq)
 {
     pthread_mutex_lock(&q_lock);
@@ -641,6 +678,9 @@ static void after_fork_in_child(void)
     pthread_cond_init(&q_more, NULL);
     pthread_cond_init(&q_done, NULL);
     in_python = 0;
+    worker_aside = 0;
+    if (q_head > done_seq + 1)      /* the worker's event died with it */
+        done_seq = q_head - 1;
 }
 
 __attribute__((constructor)) static void hp_loader_init(void)
