@@ -136,7 +136,8 @@ int hp_loader_went_on(uint64_t seq);
 void hp_loader_worker_aside(int aside);
 int hp_loader_busy;
 int hp_loader_write_unreachable(const struct hp_write *w, size_t n, uint64_t seq, char *err);
-void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *dropped);
+void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *held_given_up,
+                     uint64_t *dropped);
 typedef int (*hp_shadow_ctor_t)(void *obj, void *shadow_data, void *ctor_data);
 typedef void (*hp_shadow_dtor_with_t)(void *obj, void *shadow_data, void *dtor_data);
 void *hp_shadow_get(void *obj, unsigned long id);

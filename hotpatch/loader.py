@@ -29,9 +29,11 @@ Who runs the Python side of an event, and what it may do:
   holder may be waiting for the dynamic linker's lock.  Once it went on,
   the object may run, and be unloaded again at any time.  So an event the
   worker has already taken keeps its loading thread (and the object mapped)
-  until it is handled, up to ten times as long; and one the worker takes
-  after its loading thread went on is handled with a reference on the
-  object (``dlopen(RTLD_NOLOAD)``), or not at all if it is gone.  Writes
+  until it is handled, unless another thread waits for the dynamic
+  linker's lock (the GIL's holder may: ``tree()["loader"]["held_given_up"]``
+  counts those); and one the worker takes after its loading thread went on
+  is handled with a reference on the object (``dlopen(RTLD_NOLOAD)``), or
+  not at all if it is gone.  Writes
   into the new object go without a stop only while its loading thread
   still waits (``hp_loader_write_unreachable``); after that through a
   stop, and the object is noted as patched late.
@@ -477,10 +479,11 @@ def sites() -> list:
 
 def info() -> dict:
     """``{"notifier": "r_brk" | "dlopen interposition" | None, "reason",
-    "calls", "events", "waits_abandoned", "dropped", "late": [...]}``."""
-    counts = [ffi.new("uint64_t *") for _ in range(4)]
+    "calls", "events", "waits_abandoned", "held_given_up", "dropped", "late": [...]}``."""
+    counts = [ffi.new("uint64_t *") for _ in range(5)]
     lib.hp_loader_stats(*counts)
-    calls, events, abandoned, dropped = (c[0] for c in counts)
+    calls, events, abandoned, held_given_up, dropped = (c[0] for c in counts)
     return {"notifier": _state["notifier"], "reason": _state["reason"], "calls": calls,
-            "events": events, "waits_abandoned": abandoned, "dropped": dropped,
+            "events": events, "waits_abandoned": abandoned, "held_given_up": held_given_up,
+            "dropped": dropped,
             "late": list(_late)}

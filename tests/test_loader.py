@@ -465,6 +465,48 @@ report({"cycles": cycles, "settled": settled, "late": hotpatch.tree()["loader"][
                for why in r["late"]), r
 
 
+def test_a_gil_held_into_the_dynamic_linker_never_hangs_a_load_the_worker_holds(child, libs):
+    """The one case where a loading thread must stop waiting for an event
+    the worker holds: the GIL's holder waits for the dynamic linker's lock
+    (native code calling dlopen with the GIL held, as NSS lookups do; here
+    through ctypes.PyDLL, which raises no audit event, so nothing steps
+    aside).  The loading thread sees that thread blocked on the linker's
+    lock and goes on after its usual wait, never the hold's 60 s."""
+    r = child(PRELUDE + """
+import threading, time
+in_callback = threading.Event()
+def slow_pre_patch(obj):
+    # The worker holds the load's event here, with the GIL released.
+    in_callback.set()
+    time.sleep(0.05)
+    return 0
+patch = hotpatch.register(coming_patch(pre_patch=slow_pre_patch))
+gil_held = ctypes.PyDLL(None)
+gil_held.dlopen.restype = ctypes.c_void_p
+gil_held.dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
+gil_held.dlclose.argtypes = [ctypes.c_void_p]
+other = P["same_a"].encode()
+stalls = []
+for i in range(3):
+    t0 = time.monotonic()
+    in_callback.clear()
+    loading = threading.Thread(target=lambda: spawn.native_dlclose(spawn.native_dlopen(P["coming"].encode())))
+    loading.start()
+    # Once the worker holds the load's event, call the dynamic linker with
+    # the GIL held: the worker cannot finish it, the loading thread must go.
+    in_callback.wait(10)
+    gil_held.dlclose(gil_held.dlopen(other, 2))
+    loading.join()
+    stalls.append(time.monotonic() - t0)
+hotpatch.loader.settle(30)
+report({"stalls": stalls, "loader": hotpatch.tree()["loader"]})
+""", timeout=300, **libs)[0]
+    # Without the check, a held event kept the load (and the GIL's holder)
+    # waiting for HELD_MAX_MS (60 s).
+    assert max(r["stalls"]) < 10, r
+    assert r["loader"]["held_given_up"] > 0, r     # the case under test happened
+
+
 def test_the_hook_on_r_brk_reads_no_symbol_table_of_the_dynamic_linker(child, libs):
     """r_brk's size comes from its verified [endbr64;] ret: installing the
     hook reads neither the dynamic linker's file nor a debug file for it

@@ -231,6 +231,7 @@ struct hp_thread_status {
 uintptr_t hp_parse_hex(const char **p);
 void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st);
 int hp_list_threads(int *tids, int max);
+int hp_thread_waits_on(int tid, uintptr_t lo, uintptr_t hi);
 int hp_only_thread(void);
 
 /* A descriptor the core keeps across batches: /proc files (opening one
@@ -497,7 +498,8 @@ int hp_loader_went_on(uint64_t seq);
 void hp_loader_worker_aside(int aside);
 extern int hp_loader_busy;
 int hp_loader_write_unreachable(const struct hp_write *w, size_t n, uint64_t seq, char *err);
-void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *dropped);
+void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *held_given_up,
+                     uint64_t *dropped);
 void hp_loader_brk(void);
 
 /* Copy whole words without libc: a struct copy may become a call to

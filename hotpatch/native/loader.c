@@ -23,9 +23,10 @@
  *    code may run from then on, and it may even be unloaded again.  So an
  *    event the worker has taken already (it is reading the object) keeps
  *    its loading thread -- and with it the object -- until it is handled,
- *    for at most `HELD_FACTOR` times as long; and the worker handles an
- *    event abandoned before it took it only with a reference on its object
- *    (dlopen RTLD_NOLOAD, loader.py).
+ *    unless some thread waits for the dynamic linker's lock (which the GIL's
+ *    holder may be doing); and the worker handles an event abandoned before
+ *    it took it only with a reference on its object (dlopen RTLD_NOLOAD,
+ *    loader.py).
  *
  * hp_loader_write_unreachable() is how Python writes into an object still
  * being loaded: under the queue lock, only while the loading thread still
@@ -39,6 +40,7 @@
 #include "hotpatch_core.h"
 
 #include <dlfcn.h>
+#include <link.h>
 #include <errno.h>
 #include <string.h>
 
@@ -72,9 +74,9 @@ static char wanted[WANTED_BYTES];          /* NUL-separated names */
 static size_t wanted_len;
 
 static struct hp_loader_event queue[QUEUE];
-static uint64_t q_head, q_tail;            /* seq of the next event taken / queued (from 1) */
+static uint64_t q_head, q_tail;            /* seq of the last event taken / queued (from 1) */
 static uint64_t done_seq, abandoned_seq;   /* handled up to; given up waiting up to */
-static uint64_t n_calls, n_events, n_abandoned, n_dropped;
+static uint64_t n_calls, n_events, n_abandoned, n_dropped, n_held_given_up;
 static int resync;                         /* events were dropped since the last take */
 
 /* Names were asked for since the last diff: the objects of the current
@@ -82,10 +84,13 @@ static int resync;                         /* events were dropped since the last
 static int retrack;
 
 static int started, wait_ms = 1000;
-/* An event the worker has taken holds its loading thread this many times
- * wait_ms at most: the worker runs Python, so a GIL held into the dynamic
- * linker by a native caller could still keep it waiting. */
-#define HELD_FACTOR 10
+/* An event the worker has taken holds its loading thread this long at
+ * most, checking every HELD_CHECK_MS that no thread waits for the dynamic
+ * linker's lock. */
+#define HELD_MAX_MS 60000
+#define HELD_CHECK_MS 50
+/* The dynamic linker's writable data: its locks are there. */
+static uintptr_t linker_data_lo, linker_data_hi;
 /* The worker waits, mid-event, for the dynamic linker (loader.py's step
  * aside): an event it holds keeps nobody then. */
 static int worker_aside;
@@ -320,12 +325,56 @@ int hp_loader_busy;
  * reading the object, which must stay mapped.  q_lock held. */
 static int worker_holds_one(void)
 {
-    return q_head > done_seq + 1 && !worker_aside;
+    return q_head > done_seq && !worker_aside;
+}
+
+/* Whether another thread is blocked on one of the dynamic linker's locks
+ * (a futex in its data).  This thread holds one, so the GIL's holder may
+ * be that thread, and then the worker could wait for the GIL for ever. */
+static int someone_waits_for_the_linker(void)
+{
+    int tids[1024], self = hp_gettid();
+    int n = hp_list_threads(tids, 1024);
+    if (!linker_data_hi || n == 1024)
+        return 1;       /* cannot tell: assume so */
+    for (int i = 0; i < n; i++)
+        if (tids[i] != self && hp_thread_waits_on(tids[i], linker_data_lo, linker_data_hi))
+            return 1;
+    return 0;
+}
+
+static int passed(const struct timespec *t)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return now.tv_sec > t->tv_sec || (now.tv_sec == t->tv_sec && now.tv_nsec >= t->tv_nsec);
+}
+
+/* Wait for the events up to `last` to be done: `ms` at most, and after
+ * that as long as the worker holds one of them (it may be reading the
+ * object, which stays mapped only while this thread waits), unless someone
+ * waits for the dynamic linker, up to HELD_MAX_MS.  q_lock held. */
+static void wait_for_worker(uint64_t last, int ms)
+{
+    struct timespec deadline = deadline_in(ms), held_max = deadline_in(HELD_MAX_MS);
+    while (done_seq < last) {
+        if (!worker_holds_one()) {
+            if (pthread_cond_timedwait(&q_done, &q_lock, &deadline) == ETIMEDOUT && !worker_holds_one())
+                return;
+        } else {
+            struct timespec check = deadline_in(HELD_CHECK_MS);
+            if (pthread_cond_timedwait(&q_done, &q_lock, &check) == ETIMEDOUT && worker_holds_one() &&
+                passed(&deadline) && (passed(&held_max) || someone_waits_for_the_linker())) {
+                n_held_given_up++;
+                return;
+            }
+        }
+    }
 }
 
 /* Have the events up to `last` handled: here when this thread holds the
  * GIL, else by the worker, waited for at most wait_ms -- longer while the
- * worker holds one of them. */
+ * worker holds one of them (see wait_for_worker). */
 static void deliver(uint64_t last)
 {
     __atomic_add_fetch(&hp_loader_busy, 1, __ATOMIC_SEQ_CST);
@@ -342,13 +391,7 @@ static void deliver(uint64_t last)
     pthread_mutex_lock(&q_lock);
     if (!in_python && py_callback) {
         pthread_cond_broadcast(&q_more);
-        struct timespec deadline = deadline_in(wait_ms), held = deadline_in(wait_ms * HELD_FACTOR);
-        while (done_seq < last) {
-            const struct timespec *until = worker_holds_one() ? &held : &deadline;
-            if (pthread_cond_timedwait(&q_done, &q_lock, until) == ETIMEDOUT &&
-                (until == &held || !worker_holds_one()))
-                break;
-        }
+        wait_for_worker(last, wait_ms);
     } else {
         pthread_cond_broadcast(&q_more);   /* nested in our own handler, or not started */
     }
@@ -537,8 +580,27 @@ int hp_loader_set_wanted(const char *names, size_t len)
 
 /* Take the first walk (objects loaded now are no events) and start
  * delivering to `callback`, which runs with the GIL held by its thread. */
+/* dl_iterate_phdr callback: the dynamic linker's writable segment. */
+static int find_linker_data(struct dl_phdr_info *info, size_t size, void *unused)
+{
+    (void)size, (void)unused;
+    if (info->dlpi_addr != _r_debug.r_ldbase)
+        return 0;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type == PT_LOAD && (ph->p_flags & PF_W)) {
+            uintptr_t lo = info->dlpi_addr + ph->p_vaddr, hi = lo + ph->p_memsz;
+            linker_data_lo = linker_data_lo && linker_data_lo < lo ? linker_data_lo : lo;
+            linker_data_hi = linker_data_hi > hi ? linker_data_hi : hi;
+        }
+    }
+    return 1;
+}
+
 void hp_loader_start(void (*callback)(void), int wait)
 {
+    if (!linker_data_hi)
+        dl_iterate_phdr(find_linker_data, NULL);
     pthread_mutex_lock(&q_lock);
     if (!started) {
         nprev = walk(prev);
@@ -659,14 +721,17 @@ int hp_loader_write_unreachable(const struct hp_write *w, size_t n, uint64_t seq
     return rc;
 }
 
-/* Counters for the tree: r_brk/wrapper calls, events, waits abandoned,
- * events dropped on a full queue. */
-void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *dropped)
+/* Counters for the tree: r_brk/wrapper calls, events, waits abandoned
+ * (of those, waits for an event the worker held, given up because a thread
+ * waited for the dynamic linker), events dropped on a full queue. */
+void hp_loader_stats(uint64_t *calls, uint64_t *events, uint64_t *abandoned, uint64_t *held_given_up,
+                     uint64_t *dropped)
 {
     pthread_mutex_lock(&q_lock);
     *calls = n_calls;
     *events = n_events;
     *abandoned = n_abandoned;
+    *held_given_up = n_held_given_up;
     *dropped = n_dropped;
     pthread_mutex_unlock(&q_lock);
 }
@@ -679,8 +744,8 @@ static void after_fork_in_child(void)
     pthread_cond_init(&q_done, NULL);
     in_python = 0;
     worker_aside = 0;
-    if (q_head > done_seq + 1)      /* the worker's event died with it */
-        done_seq = q_head - 1;
+    if (q_head > done_seq)      /* the worker's event died with it */
+        done_seq = q_head;
 }
 
 __attribute__((constructor)) static void hp_loader_init(void)

@@ -74,6 +74,34 @@ HP_RAW void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st)
     }
 }
 
+/* Whether thread `tid` of this process is blocked in futex() on a word in
+ * [lo, hi): its /proc/self/task/TID/syscall reads "202 0xUADDR ..." then
+ * ("running", or another number, otherwise). */
+HP_RAW int hp_thread_waits_on(int tid, uintptr_t lo, uintptr_t hi)
+{
+    char path[64], text[160];
+    char *at = hp_fmt_str(path, path + sizeof path, "/proc/self/task/");
+    at = hp_fmt_num(at, path + sizeof path, tid);
+    hp_fmt_str(at, path + sizeof path, "/syscall");
+    int fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    long got = hp_sys(SYS_read, fd, text, sizeof text - 1);
+    hp_sys(SYS_close, fd);
+    if (got <= 0)
+        return 0;
+    text[got] = 0;
+    long nr = 0;
+    const char *c = text;
+    for (; hp_is_digit(*c); c++)
+        nr = nr * 10 + (*c - '0');
+    if (c == text || nr != SYS_futex || c[0] != ' ' || c[1] != '0' || c[2] != 'x')
+        return 0;
+    c += 3;
+    uintptr_t word = hp_parse_hex(&c);
+    return word >= lo && word < hi;
+}
+
 /* Thread ids of this process (at most `max` of them), read with raw
  * getdents64.  How many were read. */
 HP_RAW int hp_list_threads(int *tids, int max)
