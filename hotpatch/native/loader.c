@@ -597,21 +597,36 @@ static int find_linker_data(struct dl_phdr_info *info, size_t size, void *unused
     return 1;
 }
 
+/* dl_iterate_phdr callback, run once: the first walk, under the dynamic
+ * linker's write lock (held around the callbacks), which a dlclose takes to
+ * unlink, unmap and free an object: the maps walked are all alive.  Taken
+ * outside that lock, the walk could follow a map a concurrent dlclose just
+ * freed.  Later starts (after a fork) leave the names to the hook, like
+ * hp_loader_set_wanted: the last walk may then hold a map unlinked since,
+ * whose RT_CONSISTENT is still to come. */
+static int start_walk(struct dl_phdr_info *info, size_t size, void *unused)
+{
+    (void)info, (void)size, (void)unused;
+    pthread_mutex_lock(&q_lock);
+    retrack = 1;
+    if (!started) {
+        nprev = walk(prev);
+        started = 1;
+        track_asked_in_last_walk();
+    }
+    pthread_mutex_unlock(&q_lock);
+    return 1;
+}
+
 void hp_loader_start(void (*callback)(void), int wait)
 {
     if (!linker_data_hi)
         dl_iterate_phdr(find_linker_data, NULL);
     pthread_mutex_lock(&q_lock);
-    if (!started) {
-        nprev = walk(prev);
-        started = 1;
-    }
-    for (int i = 0; i < nprev; i++)
-        if (prev[i].tracked < 0 && asked_for(prev[i].map))
-            prev[i].tracked = new_tracked(prev[i].map->l_name);
     py_callback = callback;
     wait_ms = wait;
     pthread_mutex_unlock(&q_lock);
+    dl_iterate_phdr(start_walk, NULL);
 }
 
 /* No more calls into Python (the interpreter is finalising). */
