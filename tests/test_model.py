@@ -2,6 +2,7 @@
 stacking, atomic replace, callbacks, new code of every kind, patch modules,
 taint and the tree.  Every test patches inside a child process."""
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -498,6 +499,11 @@ def test_crash_report_lists_enabled_patches_with_faulthandler(model_lib, faultha
     assert proc.returncode == -11
     assert "Fatal Python error: Segmentation fault" in proc.stderr
     assert "hotpatch: this process is live patched (tainted); enabled patches: crashy [1]" in proc.stderr
+    # and where it died, as an oops gives RIP: string_at(0) reads address 0
+    # (a signal faulthandler raised again after its dump has no address)
+    address = ", address 0x0" if faulthandler_first else ""
+    assert re.search(rf"hotpatch: signal 11 in thread \d+ at pc 0x[0-9a-f]+{address}\n", proc.stderr), \
+        proc.stderr
 
 
 def test_concurrent_lifecycle_while_threads_call(child, model_lib):

@@ -18,6 +18,9 @@
  * restorer, at a frame's alignment, followed by a user code segment and an
  * fpstate pointer just above; from each frame found it walks on from the
  * stack pointer that frame interrupted (nested handlers, alternate stacks).
+ * A thread stopped in the restorer itself (its handler has returned, the
+ * rt_sigreturn is still to come) has popped the frame's first word: the
+ * walk starts one word lower then.
  * Not covered: a handler that has used more than HP_FRAME_WINDOW of stack
  * when the stop comes, and a frame whose action has since been changed to
  * one with another restorer.
@@ -129,6 +132,19 @@ HP_RAW static int frames_inside(const struct hp_check *c, uintptr_t sp, uintptr_
     return 0;
 }
 
+/* Bytes of a restorer a thread may be in before its rt_sigreturn (glibc's
+ * __restore_rt is 9: mov $15, %rax; syscall). */
+#define RESTORER_BYTES 16
+
+/* Is `pc` in a restorer: a handler returned, its frame just below sp? */
+HP_RAW static int in_restorer(const struct hp_check *c, uintptr_t pc)
+{
+    for (int i = 0; i < c->nrestorers; i++)
+        if (pc - c->restorers[i] < RESTORER_BYTES)
+            return 1;
+    return 0;
+}
+
 /* May a thread stopped at (pc, sp) stay stopped while the writes are made?
  * 0 if so; else 1 and the pc that is inside. */
 HP_RAW int hp_check_thread(const struct hp_check *c, uintptr_t pc, uintptr_t sp, uintptr_t *found)
@@ -137,7 +153,9 @@ HP_RAW int hp_check_thread(const struct hp_check *c, uintptr_t pc, uintptr_t sp,
         *found = pc;
         return 1;
     }
-    return c->nrestorers && frames_inside(c, sp, found);
+    if (!c->nrestorers)
+        return 0;
+    return frames_inside(c, in_restorer(c, pc) ? sp - 8 : sp, found);
 }
 
 /* --- spans ------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 /* Hand a signal to the action that was installed before ours.  For the
@@ -36,12 +37,37 @@ static char crash_text[4096];
 static size_t crash_len;   /* atomic */
 static int crash_installed;
 
+/* Where the fatal signal came from, as an oops gives RIP: the signal, the
+ * thread, the pc and (for a fault) the address. */
+static size_t describe_fatal(char *out, size_t size, int sig, const siginfo_t *info,
+                             const void *context)
+{
+    char *end = out + size, *at = hp_fmt_str(out, end, "hotpatch: signal ");
+    at = hp_fmt_num(at, end, sig);
+    at = hp_fmt_str(at, end, " in thread ");
+    at = hp_fmt_num(at, end, hp_gettid());
+    if (context) {
+        at = hp_fmt_str(at, end, " at pc ");
+        at = hp_fmt_hex(at, end, (uintptr_t)((const ucontext_t *)context)->uc_mcontext.gregs[REG_RIP]);
+    }
+    if (info && info->si_code > 0) {     /* a fault the kernel raised: where it was */
+        at = hp_fmt_str(at, end, ", address ");
+        at = hp_fmt_hex(at, end, (uintptr_t)info->si_addr);
+    }
+    at = hp_fmt_str(at, end, "\n");
+    return (size_t)(at - out);
+}
+
 static void on_fatal(int sig, siginfo_t *info, void *context)
 {
     int saved_errno = errno;
     size_t len = __atomic_load_n(&crash_len, __ATOMIC_ACQUIRE);
-    if (len && write(2, crash_text, len) < 0) {
-        /* nothing more can be done about stderr here */
+    if (len) {
+        char where[160];
+        size_t n = describe_fatal(where, sizeof where, sig, info, context);
+        if (write(2, crash_text, len) < 0 || write(2, where, n) < 0) {
+            /* nothing more can be done about stderr here */
+        }
     }
     errno = saved_errno;
     for (size_t i = 0; i < NFATAL; i++)

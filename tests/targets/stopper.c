@@ -465,6 +465,112 @@ EXPORT int st_alarm_start(fn_t f, const long *ok, int nok)
     return timer_settime(alarm_timer, 0, &its, 0) ? -errno : 0;
 }
 
+/* ---- a thread held in its restorer: its handler returned, the
+ * rt_sigreturn that resumes the interrupted code is still to come.  A
+ * timer signals the caller thread until it interrupts st_tiny inside its
+ * first five bytes; that handler run returns into a restorer that waits
+ * until st_restorer_release().  Glibc's __restore_rt is two instructions,
+ * so a stop lands there only now and then; this one waits there. ---- */
+static volatile int restorer_hold, restorer_held, restorer_running;
+static pthread_t restorer_caller;
+static fn_t volatile restorer_fn;
+static timer_t restorer_timer;
+static volatile pid_t restorer_tid;
+static long rcalls, rbad;
+
+void st_slow_restorer(void);
+__asm__(".text\n.type st_slow_restorer,@function\nst_slow_restorer:\n"
+        "1: pause\n  cmpl $0, restorer_hold(%rip)\n  jne 1b\n"
+        "  mov $15, %eax\n  syscall\n"
+        ".size st_slow_restorer, .-st_slow_restorer\n");
+
+static void on_restorer_signal(int sig, siginfo_t *info, void *ctx)
+{
+    (void)sig;
+    (void)info;
+    uintptr_t pc = (uintptr_t)((ucontext_t *)ctx)->uc_mcontext.gregs[REG_RIP];
+    uintptr_t entry = (uintptr_t)st_tiny;
+    if (!restorer_held && pc > entry && pc < entry + 5) {
+        restorer_hold = 1;      /* the restorer waits: we return into it */
+        restorer_held = 1;
+    }
+}
+
+static void *restorer_loop(void *arg)
+{
+    (void)arg;
+    restorer_tid = (pid_t)syscall(SYS_gettid);
+    while (restorer_running) {
+        rbad += !is_allowed(restorer_fn(7));
+        rcalls++;
+    }
+    return 0;
+}
+
+/* The kernel's struct sigaction: glibc's sigaction() sets its own
+ * restorer, this one is ours. */
+struct kernel_sigaction {
+    void (*handler)(int, siginfo_t *, void *);
+    unsigned long flags;
+    void (*restorer)(void);
+    uint64_t mask;
+};
+
+EXPORT int st_restorer_start(fn_t f, const long *ok, int nok)
+{
+    restorer_fn = f;
+    set_allowed(ok, nok);
+    struct kernel_sigaction sa = { on_restorer_signal, SA_SIGINFO | SA_RESTART | 0x04000000,
+                                   st_slow_restorer, 0 };
+    if (syscall(SYS_rt_sigaction, SIGUSR2, &sa, 0, 8))
+        return -errno;
+    restorer_tid = 0;
+    restorer_running = 1;
+    pthread_create(&restorer_caller, 0, restorer_loop, 0);
+    while (!restorer_tid)
+        sched_yield();
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = SIGUSR2;
+    sev._sigev_un._tid = restorer_tid;
+    if (timer_create(CLOCK_MONOTONIC, &sev, &restorer_timer))
+        return -errno;
+    struct itimerspec its = { { 0, 200000 }, { 0, 200000 } };
+    return timer_settime(restorer_timer, 0, &its, 0) ? -errno : 0;
+}
+
+static int restorer_timer_gone;
+
+static void restorer_timer_stop(void)
+{
+    if (!restorer_timer_gone)
+        timer_delete(restorer_timer);
+    restorer_timer_gone = 1;
+}
+
+/* Whether the caller thread waits in the restorer now (the timer is
+ * stopped once it does). */
+EXPORT int st_restorer_held(void)
+{
+    if (restorer_held)
+        restorer_timer_stop();
+    return restorer_held;
+}
+
+EXPORT void st_restorer_release(void) { restorer_hold = 0; }
+
+/* Returns the bad results; out: calls. */
+EXPORT long st_restorer_stop(long *out)
+{
+    restorer_timer_stop();
+    restorer_hold = 0;
+    restorer_running = 0;
+    pthread_join(restorer_caller, 0);
+    out[0] = rcalls;
+    return rbad;
+}
+
 /* Returns the bad results; out: calls, handler runs, runs that interrupted
  * st_tiny inside its first bytes, of those the ones whose bytes changed. */
 EXPORT long st_alarm_stop(long *out)
