@@ -33,10 +33,9 @@ Who runs the Python side of an event, and what it may do:
   linker's lock (the GIL's holder may: ``tree()["loader"]["held_given_up"]``
   counts those); and one the worker takes after its loading thread went on
   is handled with a reference on the object (``dlopen(RTLD_NOLOAD)``), or
-  not at all if it is gone.  Writes
-  into the new object go without a stop only while its loading thread
-  still waits (``hp_loader_write_unreachable``); after that through a
-  stop, and the object is noted as patched late.
+  not at all if it is gone.  Writes into the new object go without a stop
+  only while its loading thread still waits (``hp_loader_write_unreachable``);
+  after that through a stop, and the object is noted as patched late.
 
 Inside the notification the handler calls no dlopen/dlsym (an IFUNC whose
 slot is not bound yet makes its object patched late, from the worker, with a

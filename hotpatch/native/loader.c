@@ -578,8 +578,6 @@ int hp_loader_set_wanted(const char *names, size_t len)
     return 0;
 }
 
-/* Take the first walk (objects loaded now are no events) and start
- * delivering to `callback`, which runs with the GIL held by its thread. */
 /* dl_iterate_phdr callback: the dynamic linker's writable segment. */
 static int find_linker_data(struct dl_phdr_info *info, size_t size, void *unused)
 {
@@ -618,6 +616,8 @@ static int start_walk(struct dl_phdr_info *info, size_t size, void *unused)
     return 1;
 }
 
+/* Take the first walk (objects loaded now are no events) and start
+ * delivering to `callback`, which runs with the GIL held by its thread. */
 void hp_loader_start(void (*callback)(void), int wait)
 {
     if (!linker_data_hi)
