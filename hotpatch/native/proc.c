@@ -30,27 +30,39 @@ HP_RAW static uint64_t hex_field(const char *p)
     return hp_parse_hex(&p);
 }
 
-/* What /proc/PID/task/TID/status says of a thread; state 0 when it is gone. */
-HP_RAW void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st)
+/* /proc/PID/task/TID/`file` read into `text` (NUL-terminated, at most
+ * `size` - 1 bytes): how many bytes, 0 when it cannot be read (the thread
+ * is gone). */
+HP_RAW static long read_task_file(int pid, int tid, const char *file, char *text, size_t size)
 {
-    char path[64], text[2048];
+    char path[64];
     char *at = hp_fmt_str(path, path + sizeof path, "/proc/");
     at = hp_fmt_num(at, path + sizeof path, pid);
     at = hp_fmt_str(at, path + sizeof path, "/task/");
     at = hp_fmt_num(at, path + sizeof path, tid);
-    hp_fmt_str(at, path + sizeof path, "/status");
+    at = hp_fmt_str(at, path + sizeof path, "/");
+    hp_fmt_str(at, path + sizeof path, file);
+    int fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    long got = hp_sys(SYS_read, fd, text, size - 1);
+    hp_sys(SYS_close, fd);
+    if (got <= 0)
+        return 0;
+    text[got] = 0;
+    return got;
+}
+
+/* What /proc/PID/task/TID/status says of a thread; state 0 when it is gone. */
+HP_RAW void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st)
+{
+    char text[2048];
     st->state = 0;
     st->tracer = 0;
     st->pending = st->blocked = 0;
     st->name[0] = 0;
-    int fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (!read_task_file(pid, tid, "status", text, sizeof text))
         return;
-    long got = hp_sys(SYS_read, fd, text, sizeof text - 1);
-    hp_sys(SYS_close, fd);
-    if (got <= 0)
-        return;
-    text[got] = 0;
     for (char *line = text; *line;) {
         if (line[0] == 'N' && line[1] == 'a' && line[4] == ':') {           /* Name: */
             int k = 0;
@@ -75,22 +87,13 @@ HP_RAW void hp_read_thread_status(int pid, int tid, struct hp_thread_status *st)
 }
 
 /* Whether thread `tid` of this process is blocked in futex() on a word in
- * [lo, hi): its /proc/self/task/TID/syscall reads "202 0xUADDR ..." then
+ * [lo, hi): its /proc/PID/task/TID/syscall reads "202 0xUADDR ..." then
  * ("running", or another number, otherwise). */
 HP_RAW int hp_thread_waits_on(int tid, uintptr_t lo, uintptr_t hi)
 {
-    char path[64], text[160];
-    char *at = hp_fmt_str(path, path + sizeof path, "/proc/self/task/");
-    at = hp_fmt_num(at, path + sizeof path, tid);
-    hp_fmt_str(at, path + sizeof path, "/syscall");
-    int fd = (int)hp_sys(SYS_open, path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    char text[160];
+    if (!read_task_file(hp_getpid(), tid, "syscall", text, sizeof text))
         return 0;
-    long got = hp_sys(SYS_read, fd, text, sizeof text - 1);
-    hp_sys(SYS_close, fd);
-    if (got <= 0)
-        return 0;
-    text[got] = 0;
     long nr = 0;
     const char *c = text;
     for (; hp_is_digit(*c); c++)
