@@ -440,6 +440,27 @@ static void *alarm_loop(void *arg)
     return 0;
 }
 
+/* Start a caller thread running `loop` (which stores its tid in `*tid`
+ * first), and a timer of its own that sends it `sig` every `period_ns`
+ * (SIGEV_THREAD_ID).  0, or -errno. */
+static int start_signalled_caller(pthread_t *thread, void *(*loop)(void *), volatile pid_t *tid,
+                                  int sig, long period_ns, timer_t *timer)
+{
+    *tid = 0;
+    pthread_create(thread, 0, loop, 0);
+    while (!*tid)
+        sched_yield();
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = sig;
+    sev._sigev_un._tid = *tid;
+    if (timer_create(CLOCK_MONOTONIC, &sev, timer))
+        return -errno;
+    struct itimerspec its = { { 0, period_ns }, { 0, period_ns } };
+    return timer_settime(*timer, 0, &its, 0) ? -errno : 0;
+}
+
 EXPORT int st_alarm_start(fn_t f, const long *ok, int nok)
 {
     alarm_fn = f;
@@ -449,20 +470,9 @@ EXPORT int st_alarm_start(fn_t f, const long *ok, int nok)
     sa.sa_sigaction = on_alarm;
     sa.sa_flags = SA_SIGINFO | SA_RESTART;
     sigaction(SIGALRM, &sa, 0);
-    alarm_tid = 0;
     alarm_running = 1;
-    pthread_create(&alarm_caller, 0, alarm_loop, 0);
-    while (!alarm_tid)
-        sched_yield();
-    struct sigevent sev;
-    memset(&sev, 0, sizeof sev);
-    sev.sigev_notify = SIGEV_THREAD_ID;
-    sev.sigev_signo = SIGALRM;
-    sev._sigev_un._tid = alarm_tid;
-    if (timer_create(CLOCK_MONOTONIC, &sev, &alarm_timer))
-        return -errno;
-    struct itimerspec its = { { 0, 1000000 }, { 0, 1000000 } };
-    return timer_settime(alarm_timer, 0, &its, 0) ? -errno : 0;
+    return start_signalled_caller(&alarm_caller, alarm_loop, &alarm_tid, SIGALRM, 1000000,
+                                  &alarm_timer);
 }
 
 /* ---- a thread held in its restorer: its handler returned, the
@@ -524,20 +534,9 @@ EXPORT int st_restorer_start(fn_t f, const long *ok, int nok)
                                    st_slow_restorer, 0 };
     if (syscall(SYS_rt_sigaction, SIGUSR2, &sa, 0, 8))
         return -errno;
-    restorer_tid = 0;
     restorer_running = 1;
-    pthread_create(&restorer_caller, 0, restorer_loop, 0);
-    while (!restorer_tid)
-        sched_yield();
-    struct sigevent sev;
-    memset(&sev, 0, sizeof sev);
-    sev.sigev_notify = SIGEV_THREAD_ID;
-    sev.sigev_signo = SIGUSR2;
-    sev._sigev_un._tid = restorer_tid;
-    if (timer_create(CLOCK_MONOTONIC, &sev, &restorer_timer))
-        return -errno;
-    struct itimerspec its = { { 0, 200000 }, { 0, 200000 } };
-    return timer_settime(restorer_timer, 0, &its, 0) ? -errno : 0;
+    return start_signalled_caller(&restorer_caller, restorer_loop, &restorer_tid, SIGUSR2, 200000,
+                                  &restorer_timer);
 }
 
 static int restorer_timer_gone;
