@@ -257,6 +257,18 @@ struct hp_entry_change {
 };
 long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_write *w,
                      uint8_t *rewritten);
+struct hp_first {
+    struct hp_plan plan;
+    uint64_t target;
+    uint64_t hop;
+    uint8_t hop_padding[5];
+    uint8_t stops_plainly;
+    uint8_t hop_known;
+    int8_t written;
+};
+long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
+                       struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
+                       long ntaken, int timeout_ms, char *err);
 #define HP_HOP_ASK_BEFORE ...
 uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before);
 int hp_stop_forced(void);
@@ -302,7 +314,7 @@ CDEF += _patch_module_declarations()
 _native = os.path.join(_here, "native")
 SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "unstopped.c", "ahead.c", "gotslot.c", "stop.c", "check.c", "unwind.c",
            "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c", "xrefs.c",
-           "decode.c", "plan.c", "hop.c", "modload.c"]
+           "decode.c", "plan.c", "hop.c", "first.c", "modload.c"]
 
 
 def _capstone_include() -> str:

@@ -41,8 +41,9 @@ from ._native import ffi, lib
 from .errors import HotpatchError, TransitionError, UnsafeToPatch
 from .x86_64 import encode
 from .x86_64.entry import (EntryPlan, analyze_entries, analyze_entry, build_original,
-                           check_native_branches_into, native_plan_batch, native_results,
-                           original_stub_size_bound, run_native_plans)
+                           check_native_branches_into, native_plan_batch, native_plan_ranges,
+                           native_result, native_results, original_stub_size_bound,
+                           run_native_plans)
 from .x86_64.xrefs import could_branch_into
 
 FORMS = ("direct", "slot", "call")
@@ -62,6 +63,9 @@ def _refused(what: str) -> HotpatchError:
 # batch would plan against entries the first one is about to overwrite.
 _lock = OperationLock(1, _refused)
 _sites: dict[int, "Site"] = {}    # by entry; kept after restore to reuse the stub
+# The same sites by 64-byte block of their entry: the ones near an entry
+# in two lookups (_taken_near).
+_by_block: dict[int, list["Site"]] = {}
 # Pool memory of sites whose object was unloaded (see forget): reused for
 # new stubs and trampolines, so that load/patch/unload cycles stay flat.
 _free_code: list[tuple[int, int]] = []    # (address, size)
@@ -125,6 +129,23 @@ class Site:
         state = f"{self.form} -> {self.target:#x}" if self.installed else "restored"
         via = f" via {self._hop:#x}" if self.hopped else ""
         return f"<Site {self.entry:#x} {self.kind} {state}{via}>"
+
+
+def _keep(site: "Site") -> "Site":
+    """Record ``site`` as the one of its entry (in place of any before)."""
+    old = _sites.get(site.entry)
+    if old is not None:
+        _by_block[old.entry >> 6].remove(old)
+    _sites[site.entry] = site
+    _by_block.setdefault(site.entry >> 6, []).append(site)
+    return site
+
+
+def _drop(site: "Site") -> None:
+    """Forget ``site``'s record, if it is still the one of its entry."""
+    if _sites.get(site.entry) is site:
+        del _sites[site.entry]
+        _by_block[site.entry >> 6].remove(site)
 
 
 # ---------------------------------------------------------------------------
@@ -277,9 +298,7 @@ def _prepare(entry: int, *, size: int | None = None,
         exec_ranges = executable_ranges()
     plan = analyze_entry(read_memory, entry, size=size, exec_ranges=exec_ranges,
                          fentry_targets=fentry_targets, branches_into=branches_into)
-    site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
-    _sites[entry] = site
-    return site
+    return _keep(Site(entry=entry, plan=plan, original=_new_original_stub(plan)))
 
 
 def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
@@ -345,11 +364,9 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
     """The sites of the common shapes among ``wanted``, planned and their
     stubs written by the C core; None for the functions left to Python."""
     batch = native_plan_batch(wanted)
-    free = ffi.new("struct hp_code_block[]", _free_code or 1)
+    free = _free_blocks()
     several = run_native_plans(batch, len(wanted), exec_ranges, 1, free, len(_free_code))
-    if _free_code:
-        _free_code[:] = [(block.address, block.size) for block in free[0:len(_free_code)]
-                         if block.size]
+    _keep_free_blocks(free)
     # Branches from elsewhere into the replaced bytes: the index in C, else
     # the Python question per plan.  A small batch asks the object's raw
     # bytes first: none that could encode such a branch, no index to build.
@@ -370,7 +387,7 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
                 _free_code.append((stub, stub_size))    # Python refuses it, in its words
                 made.append(None)
                 continue
-            site = _sites[plan.entry] = Site(plan.entry, plan, stub, _stub_size=stub_size)
+            site = _keep(Site(plan.entry, plan, stub, _stub_size=stub_size))
             made.append(site)
         elif status == _PLAN_UNWRITTEN:
             made.append(HotpatchError(f"{plan.entry:#x}: cannot write the original stub at "
@@ -380,6 +397,19 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
                 _free_code.append((stub, stub_size))    # taken, then left to Python
             made.append(None)
     return made
+
+
+def _free_blocks():
+    """``_free_code`` as the C core's ``struct hp_code_block[]``, for it to
+    take stubs from (a block taken gets size 0: see :func:`_keep_free_blocks`)."""
+    return ffi.new("struct hp_code_block[]", _free_code or 1)
+
+
+def _keep_free_blocks(free) -> None:
+    """``_free_code`` without the blocks the C core took from ``free``."""
+    if _free_code:
+        _free_code[:] = [(block.address, block.size) for block in free[0:len(_free_code)]
+                         if block.size]
 
 
 #: Batches up to this size ask the raw bytes before the branch index: one
@@ -419,7 +449,7 @@ def _prepare_in_python(wanted: Sequence[tuple[int, int | None]], exec_ranges, fe
         if not isinstance(plan, HotpatchError):
             result = stubs[id(plan)]
             if not isinstance(result, HotpatchError):
-                result = _sites[entry] = Site(entry=entry, plan=plan, original=result)
+                result = _keep(Site(entry=entry, plan=plan, original=result))
         made.append(result)
     return made
 
@@ -875,11 +905,97 @@ def redirect_batch(requests: Sequence[tuple[Site, int]], form: str | None = None
 
 
 def redirect(entry: int, target: int, *, form: str | None = None, **analysis) -> Site:
-    """Prepare the site at ``entry`` and send its calls to ``target``."""
+    """Prepare the site at ``entry`` and send its calls to ``target``.  A
+    function with no site yet, with nothing asked of the analysis but its
+    size and segments, goes the one-call way of the C core
+    (``native/first.c``: the decisions of :func:`prepare` and
+    :func:`update_batch`, for a fraction of their cost) as far as it can."""
+    target = int(target)
     with _lock.operation(f"redirect the function at {entry:#x}"):
-        site = _prepare(entry, **analysis)
-        _update_batch([(site, target)], (), form)
+        site = None
+        if (entry not in _sites and form in (None, "auto") and not analysis.get("fentry_targets")
+                and analysis.get("branches_into") is None):
+            site = _redirect_first(entry, target, analysis.get("size"),
+                                   analysis.get("exec_ranges"))
+        if site is None:
+            site = _prepare(entry, **analysis)
+        if not site.installed:
+            _update_batch([(site, target)], (), form)
         return site
+
+
+# The request and error text of the first redirect in progress (one at a
+# time: the sites lock), made once.
+_first = ffi.new("struct hp_first *")
+_first_plan = ffi.buffer(_first, ffi.sizeof("struct hp_plan"))    # its plan, as bytes
+_first_err = ffi.new("char[256]")
+# The last segments asked for, and their uint64_t[]: a patch's functions
+# are in one object.
+_last_ranges: list = [None, None]
+
+
+def _native_ranges(exec_ranges):
+    """``exec_ranges`` as the C core's ``uint64_t[]``."""
+    if _last_ranges[0] is not exec_ranges and _last_ranges[0] != tuple(exec_ranges):
+        _last_ranges[:] = [tuple(exec_ranges), native_plan_ranges(exec_ranges)]
+    return _last_ranges[1]
+
+
+def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> Site | None:
+    """The first redirect of ``entry`` by ``hp_redirect_first``: the site,
+    installed unless the C core left the write to the batch path; None where
+    the entry's shape is left to Python's analysis."""
+    if exec_ranges is None:
+        exec_ranges = executable_ranges()
+    first, err = _first, _first_err
+    first.plan.entry, first.plan.size, first.target = entry, size or 0, target
+    free = _free_blocks()
+    taken = _taken_near(entry)
+    rc = lib.hp_redirect_first(first, _native_ranges(exec_ranges), len(exec_ranges), free,
+                               len(_free_code), taken, len(taken) // 2, STOP_TIMEOUT_MS, err)
+    _keep_free_blocks(free)
+    if rc < 0:
+        raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
+    status, plan, stub, stub_size = native_result(_first_plan)
+    if status == _PLAN_UNWRITTEN:
+        raise HotpatchError(f"{entry:#x}: cannot write the original stub at {stub:#x}")
+    if status != _PLAN_OK:
+        if stub:
+            _free_code.append((stub, stub_size))    # taken, then left to Python
+        return None
+    site = _keep(Site(entry, plan, stub, _stub_size=stub_size))
+    if first.hop_known:
+        site._hop, site._stops_plainly = first.hop, bool(first.stops_plainly)
+        if first.hop:
+            site._hop_padding = bytes(first.hop_padding)
+    if first.written < 0:
+        raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
+    if first.written:
+        site.form, site.target, site.hopped = "direct", target, bool(first.hop)
+        if first.hop:
+            site._hop_to = target
+            bisect.insort(_hops, first.hop)
+    return site
+
+
+#: How far from an entry another site's bytes may reach the ones its first
+#: redirect writes: the hot-patch point just before it, the 24 bytes at
+#: most a plan replaces.
+_NEAR_BEFORE, _NEAR_AFTER = 2 * _HOP_SIZE + 24, 28
+
+
+def _taken_near(entry: int) -> list[int]:
+    """The ``[lo, hi)`` pairs of the bytes near ``entry`` that other sites
+    write (their entries, their hot-patch points), flat: what a first
+    redirect must leave alone (:func:`_reaches`, :func:`_overlaps_a_hop`)."""
+    taken = []
+    for block in range((entry - _NEAR_BEFORE) >> 6, ((entry + _NEAR_AFTER) >> 6) + 1):
+        for other in _by_block.get(block, ()):
+            taken += (other.plan.address, other.plan.address + other.plan.length)
+    for hop in _hops[bisect.bisect_left(_hops, entry - 2 * _HOP_SIZE):
+                     bisect.bisect_left(_hops, entry + _NEAR_AFTER)]:
+        taken += (hop, hop + _HOP_SIZE)
+    return taken
 
 
 def restore_batch(sites: Sequence[Site]) -> None:
@@ -917,8 +1033,7 @@ def forget(sites: Sequence[Site]) -> None:
     records (caller.c) stay, as they always do."""
     with _lock.operation("forget the sites of an unloaded object"):
         for site in sites:
-            if _sites.get(site.entry) is site:
-                del _sites[site.entry]
+            _drop(site)
             if site.plan.body is None:
                 _free_code.append((site.original,
                                    site._stub_size or original_stub_size_bound(site.plan)))

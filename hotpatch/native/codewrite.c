@@ -248,11 +248,11 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
     if (check_batch(w, n, err))
         return -1;
     uint64_t mask, deadline = enter_batch(timeout_ms, &mask);
-    int rc, forced = hp_stop_forced();
+    int rc, forced = hp_stop_forced(), alone = !forced && hp_only_thread();
     size_t failed = 0;
-    /* The atomic stores first: they hold no thread, so no thread needs
-     * counting (listing the threads costs as many system calls). */
-    int how = forced ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
+    /* Alone first: one fstat tells, and a plain write is cheaper than the
+     * atomic stores' mprotect window. */
+    int how = forced || alone ? HP_UNSTOPPED_NEEDS_STOP : hp_write_unstopped(w, n, &failed);
     if (how == HP_UNSTOPPED_DONE) {
         hp_stats.unstopped++;
         rc = 0;
@@ -260,7 +260,7 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
         undo_unstopped(w, failed, deadline);
         hp_fmt_code_changed(err, w[failed].address, 0);
         rc = -1;
-    } else if (!forced && hp_only_thread()) {
+    } else if (alone) {
         rc = hp_write_alone(w, n, err);
     } else {
         rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
@@ -321,6 +321,7 @@ static void after_fork_in_child(void)
     hp_kept_fd_forget(&mem_file);
     mem_fd = -1;
     hp_unstopped_after_fork();
+    hp_proc_after_fork();
     sync_core_ready = 0;
     hp_stop_after_fork();
     pthread_mutex_init(&hp_lock, NULL);

@@ -30,9 +30,9 @@
 
 #include <string.h>
 
-#define HOP_SEARCH 128          /* bytes before the entry that may be padding */
-#define HOP_BEHIND 16           /* and before those, for the instruction before the run */
-#define HOP_SIZE 5              /* the jmp rel32 written in the padding */
+#define HOP_SEARCH HP_HOP_SEARCH
+#define HOP_BEHIND HP_HOP_BEHIND
+#define HOP_SIZE HP_HOP_SIZE
 #define LONGEST_INSTRUCTION 15
 #define SWEEP_LIMIT 4096        /* bytes swept from the function before, at most */
 
@@ -102,14 +102,25 @@ static int swept_to_an_end(uint64_t from, uint64_t at)
 uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before)
 {
     uint8_t buf[HOP_BEHIND + HOP_SEARCH], first[LONGEST_INSTRUCTION];
-    uint64_t base = entry - sizeof buf;
+    if (address < entry ||
+            hp_read_own(hp_gettid(), first, address, sizeof first) != (long)sizeof first ||
+            hp_read_own(hp_gettid(), buf, entry - sizeof buf, sizeof buf) != (long)sizeof buf)
+        return 0;
+    return hp_hop_in(entry, address, before, first, buf);
+}
+
+/* hp_hop_of(), from the bytes read already: `first`, the 15 at `address`,
+ * and `behind`, the HP_HOP_BEHIND + HP_HOP_SEARCH just before the entry. */
+uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint8_t *first,
+                   const uint8_t *behind)
+{
+    const uint8_t *buf = behind;
+    uint64_t base = entry - (HOP_BEHIND + HOP_SEARCH);
     int kind;
     if (address < entry || address + 2 - (entry - HOP_SIZE) > 128 ||
-            hp_read_own(hp_gettid(), first, address, sizeof first) != (long)sizeof first ||
-            hp_instruction_kind(first, sizeof first, address, &kind) < 2 ||
-            hp_read_own(hp_gettid(), buf, base, sizeof buf) != (long)sizeof buf)
+            hp_instruction_kind(first, LONGEST_INSTRUCTION, address, &kind) < 2)
         return 0;
-    long end = sizeof buf, run = end;
+    long end = HOP_BEHIND + HOP_SEARCH, run = end;
     while (run > HOP_BEHIND && padding_byte(buf[run - 1]))
         run--;
     /* The run may have taken the last bytes of the instruction before it

@@ -20,6 +20,7 @@
  *   xrefs.c       the direct branches landing in a range (capstone's C library)
  *   decode.c      runs of instructions decoded for Python (x86_64/decode.py)
  *   plan.c        the plans and original stubs of a batch's common entries
+ *   first.c       a function's first redirect in one call (plan, hop, write)
  *   shadow.c      shadow variables, and the table patch modules call the core through
  *
  * Policy (what to patch, the bytes, the stacks of patches) lives in Python.
@@ -162,6 +163,7 @@ long hp_decode(const uint8_t *code, size_t len, uint64_t address, int mode,
 int hp_wants_details(const char *mnemonic, const char *op_str);
 
 /* --- plan.c -------------------------------------------------------- */
+#define HP_HOP_SIZE 5           /* a hot-patch point's jmp rel32 (hop.c) */
 #define HP_PLAN_OK 0
 #define HP_PLAN_PYTHON 1        /* not a shape plan.c handles: Python plans it */
 #define HP_PLAN_UNWRITTEN 2     /* planned, but its stub could not be written */
@@ -185,6 +187,9 @@ struct hp_code_block {
 };
 long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long nranges,
                      int place, struct hp_code_block *free_blocks, size_t nfree);
+long hp_plan_entries_from(struct hp_plan *plans, long n, const uint64_t *ranges, long nranges,
+                          int place, struct hp_code_block *free_blocks, size_t nfree,
+                          const uint8_t *code, size_t len);
 long hp_plan_branched_into(struct hp_plan *plans, long n, struct hp_branch_index *ix);
 /* One site of a batch of entry writes: what is at its entry now and what
  * it gets, each `op` (0xE9 jmp, 0xE8 call) rel32 to `to`, or its original
@@ -205,9 +210,27 @@ struct hp_write;
 long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_write *w,
                      uint8_t *rewritten);
 
+/* --- first.c ------------------------------------------------------- */
+struct hp_first {
+    struct hp_plan plan;            /* in: its entry and size; out: as hp_plan_entries plans it */
+    uint64_t target;                /* in: where the entry's calls go */
+    uint64_t hop;                   /* the hot-patch point taken, 0: none */
+    uint8_t hop_padding[HP_HOP_SIZE];   /* its bytes before */
+    uint8_t stops_plainly;          /* a jmp rel32 at the entry needs a stop */
+    uint8_t hop_known;              /* hop and stops_plainly are set */
+    int8_t written;                 /* 1 redirected, 0 left to the batch path, -1 failed */
+};
+long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
+                       struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
+                       long ntaken, int timeout_ms, char *err);
+
 /* --- hop.c --------------------------------------------------------- */
 #define HP_HOP_ASK_BEFORE 1
 uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before);
+#define HP_HOP_SEARCH 128       /* bytes before the entry that may be padding */
+#define HP_HOP_BEHIND 16        /* and before those, for the instruction before the run */
+uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint8_t *first,
+                   const uint8_t *behind);
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);
 
 /* --- maps.c -------------------------------------------------------- */
@@ -248,7 +271,10 @@ struct hp_kept_fd {
 int hp_kept_fd_open(struct hp_kept_fd *k, const char *path, int flags);
 int hp_kept_fd_keep(struct hp_kept_fd *k, int fd);
 int hp_kept_fd_valid(struct hp_kept_fd *k);
+struct stat;
+int hp_kept_fd_stat(struct hp_kept_fd *k, const char *path, int flags, struct stat *st);
 void hp_kept_fd_forget(struct hp_kept_fd *k);
+void hp_proc_after_fork(void);
 
 /* Gone, a zombie (a main thread ended with pthread_exit) or dead: nothing
  * that a stop can hold or needs to. */
@@ -346,6 +372,7 @@ void hp_sync_cores(void);
 int hp_write_unstopped(const struct hp_write *w, size_t n, size_t *failed);
 void hp_unstopped_after_fork(void);
 int hp_write_needs_stop(uintptr_t address, uint32_t len);
+int hp_write_needs_stop_over(uintptr_t address, uint32_t len, const uint8_t *now);
 
 /* --- gotslot.c ----------------------------------------------------- */
 #define HP_GOT_STORED 0

@@ -374,6 +374,16 @@ static int append_run(struct run *r, const struct hp_plan *plan, long k)
 long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long nranges,
                      int place, struct hp_code_block *free_blocks, size_t nfree)
 {
+    return hp_plan_entries_from(plans, n, ranges, nranges, place, free_blocks, nfree, NULL, 0);
+}
+
+/* hp_plan_entries(), where `code` (NULL: read them) holds the `len` bytes
+ * from the first plan's entry on: a caller that read them already (first.c)
+ * spares a read of its own memory, a system call. */
+long hp_plan_entries_from(struct hp_plan *plans, long n, const uint64_t *ranges, long nranges,
+                          int place, struct hp_code_block *free_blocks, size_t nfree,
+                          const uint8_t *code, size_t len)
+{
     /* A scan is 2 KiB: as many as a chunk needs, not a whole chunk's for a
      * batch of one (its page faults would cost more than planning it). */
     struct hp_entry_scan *scans = malloc((n < CHUNK ? (n ? n : 1) : CHUNK) * sizeof *scans);
@@ -423,7 +433,10 @@ long hp_plan_entries(struct hp_plan *plans, long n, const uint64_t *ranges, long
             buf = more;
             buf_room = offset;
         }
-        if (count && hp_scan_entries(scans, count, buf, 1) < 0)
+        int given = code && count == 1 && first == 0 && sized[0] == 0 && offset <= len;
+        if (given)
+            memcpy(buf, code, offset);
+        if (count && hp_scan_entries(scans, count, buf, !given) < 0)
             goto out;
         for (long c = 0; c < count; c++) {
             struct hp_plan *plan = &plans[sized[c]];

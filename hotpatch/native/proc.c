@@ -135,31 +135,74 @@ HP_RAW int hp_list_threads(int *tids, int max)
  * meanwhile either, since only a thread of the process creates one and this
  * one is here, signals blocked.  (The ptrace helper shares the memory but
  * runs only the core's own code.)  0 where the task list cannot be read. */
+static struct hp_kept_fd task_dir = HP_KEPT_FD_NONE;
+
 HP_RAW int hp_only_thread(void)
 {
+    /* The task directory's link count is 2 + the process's threads (the
+     * kernel's proc_task_getattr): one fstat of a kept descriptor, where a
+     * listing costs an open, two getdents and a close (6 us here). */
+    struct stat st;
+    if (hp_kept_fd_stat(&task_dir, "/proc/self/task", O_RDONLY | O_DIRECTORY, &st) >= 0 &&
+            st.st_nlink >= 3)
+        return st.st_nlink == 3;
     int tids[2];
     return hp_list_threads(tids, 2) == 1;
 }
 
-/* Remember that `fd` is ours (0), or -1 where it cannot be looked at. */
-HP_RAW int hp_kept_fd_keep(struct hp_kept_fd *k, int fd)
+/* A forked child's threads are not the parent's: its own task directory. */
+void hp_proc_after_fork(void)
 {
-    struct stat st;
-    if (hp_sys(SYS_fstat, fd, &st) != 0)
+    hp_kept_fd_forget(&task_dir);
+}
+
+/* Remember that `fd` is ours (0), or -1 where it cannot be looked at;
+ * `st`: its status. */
+HP_RAW static int keep_fd(struct hp_kept_fd *k, int fd, struct stat *st)
+{
+    if (hp_sys(SYS_fstat, fd, st) != 0)
         return -1;
-    *k = (struct hp_kept_fd){ fd, (uint64_t)st.st_dev, (uint64_t)st.st_ino };
+    *k = (struct hp_kept_fd){ fd, (uint64_t)st->st_dev, (uint64_t)st->st_ino };
     return 0;
 }
 
-/* Is `k`'s descriptor still the file it was kept on?  If not (closed by
- * the service, its number maybe reused), it is forgotten: -1. */
+HP_RAW int hp_kept_fd_keep(struct hp_kept_fd *k, int fd)
+{
+    struct stat st;
+    return keep_fd(k, fd, &st);
+}
+
+/* Is `k`'s descriptor still the file it was kept on (`st`: its status)?
+ * If not (closed by the service, its number maybe reused), it is
+ * forgotten: 0. */
+HP_RAW static int valid_fd(struct hp_kept_fd *k, struct stat *st)
+{
+    if (k->fd >= 0 && (hp_sys(SYS_fstat, k->fd, st) != 0 || (uint64_t)st->st_dev != k->dev ||
+                       (uint64_t)st->st_ino != k->ino))
+        k->fd = -1;
+    return k->fd >= 0;
+}
+
 HP_RAW int hp_kept_fd_valid(struct hp_kept_fd *k)
 {
     struct stat st;
-    if (k->fd >= 0 && (hp_sys(SYS_fstat, k->fd, &st) != 0 || (uint64_t)st.st_dev != k->dev ||
-                       (uint64_t)st.st_ino != k->ino))
-        k->fd = -1;
-    return k->fd >= 0;
+    return valid_fd(k, &st);
+}
+
+/* hp_kept_fd_open(), with the status of the file the descriptor names
+ * (the fstat that checks it, no second one). */
+HP_RAW int hp_kept_fd_stat(struct hp_kept_fd *k, const char *path, int flags, struct stat *st)
+{
+    if (!valid_fd(k, st)) {
+        int fd = (int)hp_sys(SYS_openat, AT_FDCWD, path, flags | O_CLOEXEC);
+        if (fd < 0)
+            return -1;
+        if (keep_fd(k, fd, st)) {
+            hp_sys(SYS_close, fd);
+            return -1;
+        }
+    }
+    return k->fd;
 }
 
 /* `k`'s descriptor, still the file it was opened on, else `path` opened
@@ -167,16 +210,8 @@ HP_RAW int hp_kept_fd_valid(struct hp_kept_fd *k)
  * have replaced libc's open or fstat. */
 HP_RAW int hp_kept_fd_open(struct hp_kept_fd *k, const char *path, int flags)
 {
-    if (!hp_kept_fd_valid(k)) {
-        int fd = (int)hp_sys(SYS_openat, AT_FDCWD, path, flags | O_CLOEXEC);
-        if (fd < 0)
-            return -1;
-        if (hp_kept_fd_keep(k, fd)) {
-            hp_sys(SYS_close, fd);
-            return -1;
-        }
-    }
-    return k->fd;
+    struct stat st;
+    return hp_kept_fd_stat(k, path, flags, &st);
 }
 
 /* Drop `k` in a forked child: the inherited descriptor names the parent's

@@ -122,12 +122,23 @@ static int batch_qualifies(const struct hp_write *w, size_t n)
  * which functions can be patched without one. */
 int hp_write_needs_stop(uintptr_t address, uint32_t len)
 {
-    struct hp_write w = { .address = address, .len = len };
-    if (len > sizeof w.old || hp_read_own(hp_gettid(), w.old, address, len) != (long)len)
+    uint8_t now[16];
+    if (hp_read_own(hp_gettid(), now, address, sizeof now) != (long)sizeof now)
         return 1;
+    return hp_write_needs_stop_over(address, len, now);
+}
+
+/* hp_write_needs_stop(), `now` holding the 16 bytes at `address`. */
+int hp_write_needs_stop_over(uintptr_t address, uint32_t len, const uint8_t *now)
+{
+    struct hp_write w = { .address = address, .len = len };
+    uintptr_t word;
+    if (len > sizeof w.old)
+        return 1;
+    memcpy(w.old, now, len);
     for (uint32_t k = 0; k < len; k++)
         w.bytes[k] = (uint8_t)~w.old[k];
-    return !batch_qualifies(&w, 1);
+    return !write_word(&w, &word) || !holds_one_instruction(&w, now);
 }
 
 /* --- the pages' protection --------------------------------------------- */

@@ -202,12 +202,25 @@ def native_results(batch, n: int) -> Iterator[tuple[int, EntryPlan | None, int, 
     batch the C core planned (plan only where status is HP_PLAN_OK or
     HP_PLAN_UNWRITTEN), one at a time: a big batch's sites are made as its
     plans are read, with no list of them in between."""
-    python = lib.HP_PLAN_PYTHON
-    for (entry, stub, address, status, length, stub_size, endbr, single, falls, ninsns,
-         original) in struct.iter_unpack(_PLAN_RECORD, ffi.buffer(batch, n * ffi.sizeof(batch[0]))):
-        yield (status, EntryPlan(entry, address, length, original[:length], "generic", endbr,
-                                 single, ninsns, None, falls) if status != python else None,
-               stub, stub_size)
+    for fields in _PLAN.iter_unpack(ffi.buffer(batch, n * _PLAN.size)):
+        yield _result(*fields)
+
+
+def native_result(plan_buffer) -> tuple[int, EntryPlan | None, int, int]:
+    """:func:`native_results` of the one ``struct hp_plan`` that
+    ``plan_buffer`` (an ``ffi.buffer``, or any buffer) holds."""
+    return _result(*_PLAN.unpack_from(plan_buffer))
+
+
+_PLAN = struct.Struct(_PLAN_RECORD)
+_PYTHON = lib.HP_PLAN_PYTHON
+
+
+def _result(entry, stub, address, status, length, stub_size, endbr, single, falls, ninsns,
+            original) -> tuple[int, EntryPlan | None, int, int]:
+    return (status, EntryPlan(entry, address, length, original[:length], "generic", endbr,
+                              single, ninsns, None, falls) if status != _PYTHON else None,
+            stub, stub_size)
 
 
 def native_plans(functions: Sequence[tuple[int, int | None]], stubs: Sequence[int], *,

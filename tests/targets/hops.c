@@ -14,7 +14,11 @@
  *    padding is dead.
  *  - hop_falls(x): -1 for x < 0, else it falls through its padding into
  *    hop_fallen_into(x) = x + 5, as glibc's __memmove_chk falls into
- *    memmove: that padding is run, it is no hot-patch point. */
+ *    memmove: that padding is run, it is no hot-patch point.
+ *  - hop_short(x) = 0, 3 bytes (after int3s: its ret is the only way to
+ *    decode the bytes before the padding), then a 5-byte NOP and
+ *    hop_after_short(x) = hop_plain's: hop_short's site replaces its bytes
+ *    and 2 of the NOP's, where hop_after_short's hot-patch point is. */
 __asm__(".text\n"
         ".p2align 6\n"
         "hop_before:\n"
@@ -78,4 +82,23 @@ __asm__(".text\n"
         "    lea 5(%rdi), %rax\n"
         "    add $0, %rax\n"
         "1:  ret\n"
-        ".size hop_fallen_into, .-hop_fallen_into\n");
+        ".size hop_fallen_into, .-hop_fallen_into\n"
+
+        ".p2align 6\n"
+        "    .fill 16, 1, 0xcc\n"
+        ".globl hop_short\n"
+        ".type hop_short, @function\n"
+        "hop_short:\n"
+        "    xor %eax, %eax\n"
+        "    ret\n"
+        ".size hop_short, .-hop_short\n"
+        "    .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"
+        ".globl hop_after_short\n"
+        ".type hop_after_short, @function\n"
+        "hop_after_short:\n"
+        "    mov %rdi, %rax\n"
+        "    sar $7, %rax\n"
+        "    xor %rdi, %rax\n"
+        "    lea 1(%rax,%rax,2), %rax\n"
+        "    ret\n"
+        ".size hop_after_short, .-hop_after_short\n");

@@ -1,0 +1,160 @@
+/*
+ * A function's first redirect in one call: its plan and original stub
+ * (plan.c), whether the jmp at its entry needs a stop (unstopped.c), its
+ * hot-patch point (hop.c) and the entry write (codewrite.c), from one read
+ * of the bytes around the entry.
+ *
+ * The batch path asks each of these in a call of its own, and each reads
+ * the bytes it needs again (a process_vm_readv, about 2 us here); with the
+ * Python between the calls, that was most of a single site's apply.  This
+ * is sites.redirect()'s way for the common case: a function with no site
+ * yet, sent to a target within reach.  Every decision is the batch path's
+ * (the same functions take it); where this path cannot take one, it stops
+ * and says how far it went, and sites.py goes on the batch way from there.
+ */
+#include "hotpatch_core.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define JMP_REL32 5
+#define BEHIND (HP_HOP_BEHIND + HP_HOP_SEARCH)
+#define LONGEST_INSTRUCTION 15
+
+static int in_reach(uint64_t from_end, uint64_t to)
+{
+    int64_t d = (int64_t)(to - from_end);
+    return d >= INT32_MIN && d <= INT32_MAX;
+}
+
+/* plan.c's window: the function (at least its head), never past its segment;
+ * 0 where the entry is in none of `ranges`. */
+static uint64_t plan_window(const struct hp_first *f, const uint64_t *ranges, long nranges)
+{
+    uint64_t window = f->plan.size > HP_SCAN_AHEAD ? f->plan.size : HP_SCAN_AHEAD;
+    for (long r = 0; r < nranges; r++)
+        if (ranges[2 * r] <= f->plan.entry && f->plan.entry < ranges[2 * r + 1])
+            return window < ranges[2 * r + 1] - f->plan.entry ? window : ranges[2 * r + 1] - f->plan.entry;
+    return nranges ? 0 : window;
+}
+
+/* Does [lo, hi) overlap one of the `ntaken` [lo, hi) pairs of `taken`? */
+static int overlaps(uint64_t lo, uint64_t hi, const uint64_t *taken, long ntaken)
+{
+    for (long k = 0; k < ntaken; k++)
+        if (lo < taken[2 * k + 1] && taken[2 * k] < hi)
+            return 1;
+    return 0;
+}
+
+/* The hot-patch point the batch path would take for the first install of
+ * the planned entry (sites.py's hot_patch_point): 0 where the jmp rel32
+ * needs no stop or there is none.  `bytes` starts BEHIND bytes before the
+ * entry. */
+static uint64_t first_hop(struct hp_first *f, const uint8_t *bytes, const uint64_t *taken,
+                          long ntaken)
+{
+    const struct hp_plan *p = &f->plan;
+    const uint8_t *at = bytes + BEHIND + (p->address - f->plan.entry);
+    f->stops_plainly = (uint8_t)hp_write_needs_stop_over(p->address, p->length, at);
+    if (!f->stops_plainly || hp_stop_forced())
+        return 0;
+    uint64_t hop = hp_hop_in(f->plan.entry, p->address, 0, at, bytes);
+    /* No symbol table here to sweep from the function before: as the batch
+     * path without one, no hot-patch point.  Nor where another site's
+     * entry write reaches (sites.py's _reaches). */
+    if (hop == HP_HOP_ASK_BEFORE || (hop && overlaps(hop, hop + HP_HOP_SIZE, taken, ntaken)))
+        return 0;
+    if (hop)
+        memcpy(f->hop_padding, bytes + BEHIND - (f->plan.entry - hop), HP_HOP_SIZE);
+    return hop;
+}
+
+/* Write the entry: through the hot-patch point (its jmp rel32 first, then
+ * the jmp rel8 to it at the entry), else the jmp rel32 at the entry.
+ * 0, or -1 with `err` and nothing left written. */
+static int write_entry(struct hp_first *f, int timeout_ms, char *err)
+{
+    const struct hp_plan *p = &f->plan;
+    struct hp_entry_change c = {
+        .address = p->address, .new_op = 0xE9, .new_to = f->target, .length = p->length,
+        .hop = f->hop, .hop_to = f->hop ? f->target : 0, .new_hop = f->hop != 0,
+    };
+    struct hp_write w[2];
+    uint8_t rewritten, jump[JMP_REL32] = { 0xE9 };
+    memcpy(c.original, p->original, p->length);
+    long n = hp_entry_writes(&c, 1, w, &rewritten);
+    if (n < 0) {
+        hp_fmt_str(err, err + HP_ERRLEN, "an entry write does not fit hotpatch's writes");
+        return -1;
+    }
+    if (f->hop) {
+        int32_t rel = (int32_t)(f->target - (f->hop + JMP_REL32));
+        memcpy(jump + 1, &rel, sizeof rel);
+        if (hp_hop_put(f->hop, f->hop_padding, jump)) {
+            char *end = hp_fmt_hex(err, err + HP_ERRLEN, f->plan.entry);
+            hp_fmt_str(end, err + HP_ERRLEN, ": the padding before the entry changed: its "
+                       "hot-patch point cannot be used");
+            return -1;
+        }
+    }
+    if (hp_write_batch(w, (size_t)n, timeout_ms, err)) {
+        if (f->hop)
+            hp_hop_put(f->hop, jump, f->hop_padding);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * The first redirect of the function at f->plan.entry (f->plan.size bytes,
+ * 0: unknown) to f->target.  `ranges`: as hp_plan_entries'; `free_blocks`:
+ * pool blocks to reuse for the stub (the one taken gets size 0); `taken`:
+ * the [lo, hi) pairs of the bytes near the entry that other sites write
+ * (their entries, their hot-patch points).
+ *
+ * f->plan is planned as hp_plan_entries plans it, its stub written; where
+ * its status is not HP_PLAN_OK, nothing else is done.  Then f->written:
+ *   1  the entry redirected, through f->hop where that is not 0;
+ *   0  not written: the target is out of reach of a jmp rel32, or the jmp
+ *      would cover bytes in `taken` -- the batch path decides;
+ *  -1  the write failed, `err` says why; nothing is left written.
+ * f->stops_plainly and f->hop are set where f->hop_known is.  Returns 0, or
+ * -1 where capstone cannot be used or memory is short.
+ */
+long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
+                       struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
+                       long ntaken, int timeout_ms, char *err)
+{
+    uint64_t window = plan_window(f, ranges, nranges);
+    size_t ahead = window > HP_SCAN_AHEAD ? window : HP_SCAN_AHEAD;
+    uint8_t *bytes = malloc(BEHIND + ahead);
+    long rc = -1;
+    err[0] = 0;
+    f->written = 0;
+    f->hop_known = 0;
+    f->hop = 0;
+    if (!bytes)
+        return -1;
+    /* One read for all: where the bytes before the entry are not mapped,
+     * the plan reads for itself and the batch path does the rest. */
+    int have = f->plan.entry >= BEHIND &&
+               hp_read_memory(f->plan.entry - BEHIND, bytes, BEHIND + ahead) == (long)(BEHIND + ahead);
+    if (hp_plan_entries_from(&f->plan, 1, ranges, nranges, 1, free_blocks, nfree,
+                             have ? bytes + BEHIND : NULL, window) < 0)
+        goto out;
+    rc = 0;
+    const struct hp_plan *p = &f->plan;
+    if (!have || p->status != HP_PLAN_OK || !in_reach(p->address + JMP_REL32, f->target))
+        goto out;
+    uint64_t hop = first_hop(f, bytes, taken, ntaken);
+    f->hop = hop;
+    f->hop_known = 1;
+    if (overlaps(p->address, p->address + p->length, taken, ntaken) ||
+            (hop && !in_reach(hop + JMP_REL32, f->target)))
+        goto out;
+    f->written = write_entry(f, timeout_ms, err) ? -1 : 1;
+out:
+    free(bytes);
+    return rc;
+}

@@ -1,0 +1,191 @@
+"""A function's first redirect in one call of the C core (native/first.c,
+``sites.redirect``): the decisions of the batch path (prepare, then
+redirect_batch) for every entry shape, its neighbours' bytes left alone,
+and native threads that block every signal calling the function while it
+is redirected and restored hundreds of times.
+
+Every test runs in a child process with faulthandler's watchdog blocking
+every signal (conftest.run_child)."""
+import os
+
+import pytest
+
+from conftest import STOPS_PRELUDE, compile_library, symbol_sizes
+
+
+@pytest.fixture(scope="session")
+def first_lib(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("first"))
+    lib = compile_library(os.path.join(out, "libfirst.so"),
+                          ["targets/stopper.c", "targets/shapes.c", "targets/hops.c",
+                           "targets/unstopped.c"], flags=["-pthread"])
+    return {"lib": lib, "sizes": symbol_sizes(lib)}
+
+
+PRELUDE = STOPS_PRELUDE + """
+RANGES = hotpatch.symbols.find_object(OBJ).exec_ranges
+def size(name):
+    return P["sizes"][name]
+# How many sites the batch path prepared (sites.redirect falls back to it).
+batch_prepared = [0]
+_prepare = sites._prepare
+def _counting_prepare(*args, **kwargs):
+    batch_prepared[0] += 1
+    return _prepare(*args, **kwargs)
+sites._prepare = _counting_prepare
+def first_redirect(name, to="replacement"):
+    return sites.redirect(addr(name), addr(to), size=size(name), exec_ranges=RANGES)
+def batch_redirect(name, to="replacement"):
+    site = sites.prepare(addr(name), size=size(name), exec_ranges=RANGES)
+    sites.redirect_batch([(site, addr(to))])
+    return site
+"""
+
+# Each shape the one-call path decides for: a hot-patch point taken
+# (hop_plain, hop_after_short), none where the first instruction is 1 byte
+# (hop_push), where only the function before could tell (hop_swept) or
+# where a function falls through the padding (hop_fallen_into); an entry
+# whose first instruction covers the jmp (us_long_first: one atomic
+# store); a function shorter than the jmp, padding after it (short_padded).
+SHAPES = ["hop_plain", "hop_after_short", "hop_push", "hop_swept", "hop_fallen_into",
+          "us_long_first", "short_padded"]
+
+DECIDE = PRELUDE + """
+redirect = first_redirect if P["mode"] == "first" else batch_redirect
+out = {}
+for name in P["shapes"]:
+    before = sites.read_memory(addr(name) - 8, 24)
+    old = call(name)
+    holder = []
+    took_ = took(lambda: holder.append(redirect(name)))
+    site = holder[0]
+    out[name] = {"took": took_, "old": old, "patched": call(name), "form": site.form,
+                 "hopped": site.hopped, "hop": site._hop and site._hop - addr(name),
+                 "length": site.plan.length, "entry": sites.read_memory(site.address, 2).hex()}
+    sites.restore(site)
+    after = sites.read_memory(addr(name) - 8, 24)
+    out[name].update(restored=call(name), entry_back=after[8:] == before[8:])
+out["batch_prepared"] = batch_prepared[0]
+report(out)
+"""
+
+
+def test_one_call_decides_as_the_batch_path(child, first_lib):
+    batch = child(DECIDE, mode="batch", shapes=SHAPES, **first_lib)[0]
+    first = child(DECIDE, mode="first", shapes=SHAPES, **first_lib)[0]
+    # the one-call path took every shape without the batch path
+    assert first.pop("batch_prepared") == 0, first
+    assert batch.pop("batch_prepared") == len(SHAPES), batch
+    assert first == batch
+    for name, r in first.items():
+        assert r["patched"] == 1007 and r["restored"] == r["old"] != 1007, (name, r)
+        assert r["form"] == "direct" and r["entry_back"], (name, r)
+    for name in ("hop_plain", "hop_after_short"):
+        assert first[name]["hopped"] and first[name]["hop"] == -5, (name, first[name])
+        assert first[name]["took"] == [0, 1] and first[name]["entry"] == "ebf9", first[name]
+    for name in ("hop_push", "hop_swept", "hop_fallen_into", "short_padded"):
+        assert not first[name]["hopped"] and first[name]["took"] == [1, 0], (name, first[name])
+    assert first["us_long_first"]["took"] == [0, 1] and not first["us_long_first"]["hopped"]
+    assert first["short_padded"]["length"] == 5, first["short_padded"]
+
+
+def test_one_call_leaves_a_neighbours_bytes_alone(child, first_lib):
+    # hop_short's site replaces the bytes where hop_after_short's hot-patch
+    # point would be: with that site kept (restored, its stub kept for
+    # next time), hop_after_short takes the stop instead.  The other way
+    # round, hop_after_short redirected through its point: the padding
+    # after hop_short is that point's jmp now, so hop_short is refused,
+    # with nothing written.
+    r = child(PRELUDE + """
+out = {}
+short = first_redirect("hop_short")
+out["short"] = [short.plan.length, call("hop_short")]
+sites.restore(short)
+after = first_redirect("hop_after_short")
+out["beside_a_site"] = [after.hopped, call("hop_after_short")]
+report(out)
+""", **first_lib)[0]
+    assert r["short"] == [5, 1007] and r["beside_a_site"] == [False, 1007], r
+    r = child(PRELUDE + """
+from hotpatch.errors import UnsafeToPatch
+after = first_redirect("hop_after_short")
+before = sites.read_memory(addr("hop_short"), 16)
+try:
+    first_redirect("hop_short")
+    refused = None
+except UnsafeToPatch as e:
+    refused = str(e)
+report({"hopped": after.hopped, "refused": refused, "short": call("hop_short"),
+        "after": call("hop_after_short"),
+        "unchanged": sites.read_memory(addr("hop_short"), 16) == before})
+""", **first_lib)[0]
+    assert r["hopped"] and r["after"] == 1007, r
+    assert "3 bytes, too short" in r["refused"] and "no padding follows it" in r["refused"], r
+    assert r["short"] == 0 and r["unchanged"], r
+
+
+def test_a_target_out_of_reach_goes_through_a_slot(child, first_lib):
+    # Beyond +-2 GiB of the entry: the one-call path plans, the batch path
+    # writes the slot form.
+    r = child(PRELUDE + """
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+# 16 GiB away, above or below (a hint the kernel takes where it is free)
+for hint in (addr("hop_plain") + (1 << 34), addr("hop_plain") - (1 << 34)):
+    where = libc.mmap(hint & ~0xfff, 4096, 7, 0x22, -1, 0)     # rwx, private anonymous
+    if abs(where - addr("hop_plain")) > 1 << 32:
+        break
+ctypes.memmove(where, bytes.fromhex("48c7c0e9030000c3"), 8)    # mov $1001, %rax; ret
+site = sites.redirect(addr("hop_plain"), where, size=size("hop_plain"), exec_ranges=RANGES)
+report({"far": abs(where - addr("hop_plain")) > 1 << 32, "form": site.form,
+        "patched": call("hop_plain"), "batch_prepared": batch_prepared[0]})
+sites.restore(site)
+""", **first_lib)[0]
+    assert r["far"], r
+    assert r["form"] == "slot" and r["patched"] == 1001 and r["batch_prepared"] == 0, r
+
+
+def test_callers_and_sleepers_while_redirected_again_and_again(child, first_lib):
+    # Native threads that block every signal call the function in a loop
+    # while it is redirected in one call, restored and its site forgotten
+    # (the next redirect is a first one again, its stub from the freed
+    # blocks), 200 times: only the old or the new result, and sleepers in
+    # read, poll, epoll, nanosleep and sem_timedwait never woken early.
+    r = child(PRELUDE + """
+name = P["name"]
+lib.st_callers_start(ctypes.c_void_p(addr(name)), 2, (ctypes.c_long * 2)(22, 1007), 2, 1)
+lib.st_sleepers_start()
+time.sleep(0.02)
+before = sites.read_memory(addr(name), 16)
+def retries():
+    return hotpatch.tree()["core"]["stops"]["retries"]
+stops0, unstopped0, retries0 = *counts(), retries()
+for i in range(P["cycles"]):
+    site = first_redirect(name)
+    sites.restore(site)
+    sites.forget([site])
+stops1, unstopped1, retries1 = *counts(), retries()
+total, a_bad = ctypes.c_long(), ctypes.c_long()
+bad = lib.st_callers_stop(ctypes.byref(total), ctypes.byref(a_bad))
+out = (ctypes.c_long * 25)()
+lib.st_sleepers_finish(out)
+report({"bad": bad, "calls": total.value, "stops": stops1 - stops0,
+        "retries": retries1 - retries0,
+        "unstopped": unstopped1 - unstopped0, "batch_prepared": batch_prepared[0],
+        "free": len(sites._free_code),
+        "sleepers": [list(out[k * 5:k * 5 + 4]) for k in range(5)],
+        "identical": sites.read_memory(addr(name), 16) == before, "final": call(name)})
+""", name="hop_plain", cycles=200, timeout=300, **first_lib)[0]
+    assert r["bad"] == 0 and r["calls"] > 10_000, r
+    assert r["batch_prepared"] == 0 and r["free"] <= 2, r
+    # the first redirect through the hot-patch point; after it the padding
+    # holds a jmp (a thread may be on it): the others take a stop (tried
+    # again where it held a caller inside the bytes)
+    assert r["stops"] - r["retries"] == 199 and r["unstopped"] == 200 + 1, r
+    assert r["identical"] and r["final"] == 22, r
+    read, poll, epoll, nano, sem = r["sleepers"]
+    for got, byte in ((read, "r"), (poll, "p"), (epoll, "e")):
+        assert got[0] == 1 and got[1] == 0 and got[2] == ord(byte), r
+    assert nano[0] == 0 and nano[3] >= 1_500_000_000, r
