@@ -19,7 +19,10 @@ same functions in a child of the same shape, timed inside the process.
 The generated functions' entries are several instructions, so their first
 patch takes a stop of the other threads.  After the counts, each hotpatch
 child also patches, one at a time, functions whose entry needs no stop
-(``u_*``: one atomic store), checked to have taken none.
+(``u_*``: one atomic store), checked to have taken none.  Last, it
+redirects functions of both kinds, never patched before, one at a time by
+the one-call path (``sites.redirect``, ``native/first.c``): what Frida's
+``replace`` of one function is, an address and a replacement.
 
 ``python -m benchmarks.apply PARAMS`` is the child.
 """
@@ -39,6 +42,9 @@ from .common import (Options, child_params, emit, exit_after_frida, finish_child
 from .frida_peer import frida_reason
 
 HOTPATCH_PHASES = ("prepare", "write", "apply", "revert", "reapply", "retarget")
+#: The one-call path's functions: f_* (several instructions at the entry:
+#: a stop where other threads run) and u_* (one atomic store).
+ONE_CALL_KINDS = ("stopped", "unstopped")
 FRIDA_METHODS = ("replace", "replaceFast")
 
 
@@ -59,7 +65,7 @@ def run(opts: Options) -> dict:
     """Every count under every number of busy threads, hotpatch and Frida
     alternating, each in fresh processes."""
     counts = opts.counts
-    library = native.build_generated(sum(counts))
+    library = native.build_generated(sum(counts) + native.ONE_CALL)
     starts = _ranges(counts)
     runs = {"hotpatch": {t: [] for t in opts.threads}, "frida": {t: [] for t in opts.threads}}
     failures = []      # a run that crashed or failed is a result too
@@ -82,7 +88,10 @@ def run(opts: Options) -> dict:
               "hotpatch_first": _summarize_first(runs["hotpatch"]),
               "hotpatch_unstopped": {str(t): {phase: summary([r["unstopped"][phase] for r in rs])
                                               for phase in HOTPATCH_PHASES}
-                                     for t, rs in runs["hotpatch"].items() if rs}}
+                                     for t, rs in runs["hotpatch"].items() if rs},
+              "hotpatch_one_call": {str(t): {kind: summary([r["one_call"][kind] for r in rs])
+                                             for kind in ONE_CALL_KINDS}
+                                    for t, rs in runs["hotpatch"].items() if rs}}
     if frida_peer.available():
         result["frida"] = _summarize(runs["frida"], [f"{m}_{s}" for m in FRIDA_METHODS
                                                     for s in ("install", "revert")])
@@ -238,8 +247,9 @@ def _patch_counts(ffi, params, functions, symbols) -> dict:
         chosen = [(base + off, size) for off, size in functions[start:start + count]]
         for phase, value in _patch_once(sites, library, chosen, g, g2, ffi).items():
             us[phase][str(count)] = value
-    return {"us": us, "first": first, "unstopped": _unstopped(sites, library, symbols, base, g,
-                                                              g2, ffi)}
+    return {"us": us, "first": first,
+            "unstopped": _unstopped(sites, library, symbols, base, g, g2, ffi),
+            "one_call": _one_call(sites, library, symbols, base, g, ffi, len(functions))}
 
 
 def _unstopped(sites, library: str, symbols, base: int, g: int, g2: int, ffi) -> dict:
@@ -252,6 +262,36 @@ def _unstopped(sites, library: str, symbols, base: int, g: int, g2: int, ffi) ->
     if hotpatch.tree()["core"]["stops"]["count"] != stops:
         raise RuntimeError("a u_* function took a stop: its entry is not the shape expected")
     return {phase: statistics.median(r[phase] for r in runs) for phase in HOTPATCH_PHASES}
+
+
+def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int) -> dict:
+    """Functions never patched before, each redirected by one call of
+    ``sites.redirect`` (its object's segments looked up first, as
+    ``prepare`` is timed with them), checked to take effect, then
+    restored: the median µs of each kind (see ONE_CALL_KINDS).  The u_*
+    are checked to have taken no stop."""
+    import hotpatch
+    from hotpatch import symbols as loaded
+    clock = time.perf_counter
+    kinds = {"stopped": [f"f_{first_f + i}" for i in range(native.ONE_CALL)],
+             "unstopped": [f"u_{native.UNSTOPPED + i}" for i in range(native.ONE_CALL)]}
+    out = {}
+    for kind, names in kinds.items():
+        stops = hotpatch.tree()["core"]["stops"]["count"]
+        times = []
+        for name in names:
+            entry, size = base + symbols[name][0], symbols[name][1]
+            t0 = clock()
+            ranges = loaded.find_object(library).exec_ranges
+            site = sites.redirect(entry, g, size=size, exec_ranges=ranges)
+            t1 = clock()
+            _check(ffi, entry, lambda x: x + 1)
+            sites.restore(site)
+            times.append((t1 - t0) * 1e6)
+        if kind == "unstopped" and hotpatch.tree()["core"]["stops"]["count"] != stops:
+            raise RuntimeError("a u_* function took a stop: its entry is not the shape expected")
+        out[kind] = statistics.median(times)
+    return out
 
 
 def _patch_once(sites, library: str, chosen, g: int, g2: int, ffi) -> dict:

@@ -115,9 +115,9 @@ _described_lock = OperationLock(
 
 
 def _generation() -> tuple[int, int]:
-    adds, subs = ffi.new("unsigned long long *"), ffi.new("unsigned long long *")
-    lib.hp_loaded_generation(adds, subs)
-    return adds[0], subs[0]
+    counts = ffi.new("unsigned long long[2]")
+    lib.hp_loaded_generation(counts, counts + 1)
+    return counts[0], counts[1]
 
 
 def loaded_objects() -> list[LoadedObject]:
@@ -128,6 +128,12 @@ def loaded_objects() -> list[LoadedObject]:
     until the dynamic linker's load or unload count changes, and then only
     the objects not mapped before are described.
     """
+    return list(_loaded())
+
+
+def _loaded() -> tuple[LoadedObject, ...]:
+    """:func:`loaded_objects`, as the tuple kept for this generation (the
+    same object until a load or unload)."""
     global _described
     # Read before listing: a load in between makes the next call list again.
     generation = _generation()
@@ -137,13 +143,13 @@ def loaded_objects() -> list[LoadedObject]:
     # the list for it.
     described = _described
     if described[0] == generation:
-        return list(described[1])
+        return described[1]
     with _described_lock.query() as held:
         if not held:
-            return _describe_loaded()
+            return tuple(_describe_loaded())
         if _described[0] != generation:
             _described = (generation, tuple(_describe_loaded(_described[1])))
-        return list(_described[1])
+        return _described[1]
 
 
 def loaded_entries() -> Iterator:
@@ -313,6 +319,12 @@ def _build_id_in_notes(notes: bytes, align: int) -> bytes | None:
     return None
 
 
+# The list of objects find_object last answered from, and its answers by
+# name: a patch of many functions, or one redirected function at a time,
+# asks for its object again and again.
+_found: tuple[tuple, dict] = ((), {})
+
+
 def find_object(name: str | None) -> LoadedObject | None:
     """The loaded object an ``Object.name`` means, or None if it is not loaded.
 
@@ -320,7 +332,20 @@ def find_object(name: str | None) -> LoadedObject | None:
     dynamic linker has it, or of the real file), the DT_SONAME, or an
     absolute path.  Two objects matching one name is a HotpatchError.
     """
-    objects = loaded_objects()
+    global _found
+    objects = _loaded()
+    found = _found
+    if found[0] is objects and name in found[1]:
+        return found[1][name]
+    obj = _find_in(objects, name)
+    if not (name and os.path.isabs(name)):    # a path is resolved each time: links change
+        if found[0] is not objects:
+            found = _found = (objects, {})
+        found[1][name] = obj
+    return obj
+
+
+def _find_in(objects, name: str | None) -> LoadedObject | None:
     if name is None:
         return next((o for o in objects if o.name is None), None)
     if os.path.isabs(name):

@@ -904,30 +904,41 @@ def redirect_batch(requests: Sequence[tuple[Site, int]], form: str | None = None
     update_batch(redirects=requests, form=form)
 
 
-def redirect(entry: int, target: int, *, form: str | None = None, **analysis) -> Site:
-    """Prepare the site at ``entry`` and send its calls to ``target``.  A
-    function with no site yet, with nothing asked of the analysis but its
-    size and segments, goes the one-call way of the C core
-    (``native/first.c``: the decisions of :func:`prepare` and
-    :func:`update_batch`, for a fraction of their cost) as far as it can."""
+def redirect(entry: int, target: int, *, form: str | None = None, size: int | None = None,
+             exec_ranges: Sequence[tuple[int, int]] | None = None, fentry_targets=(),
+             branches_into=None) -> Site:
+    """Prepare the site at ``entry`` (the analysis as :func:`prepare`'s) and
+    send its calls to ``target``.  A function with no site yet, with
+    nothing asked of the analysis but its size and segments, goes the
+    one-call way of the C core (``native/first.c``: the decisions of
+    :func:`prepare` and :func:`update_batch`, for a fraction of their
+    cost) as far as it can."""
     target = int(target)
     with _lock.operation(f"redirect the function at {entry:#x}"):
         site = None
-        if (entry not in _sites and form in (None, "auto") and not analysis.get("fentry_targets")
-                and analysis.get("branches_into") is None):
-            site = _redirect_first(entry, target, analysis.get("size"),
-                                   analysis.get("exec_ranges"))
+        if entry not in _sites and form in (None, "auto") and not fentry_targets \
+                and branches_into is None:
+            site = _redirect_first(entry, target, size, exec_ranges)
         if site is None:
-            site = _prepare(entry, **analysis)
+            site = _prepare(entry, size=size, exec_ranges=exec_ranges,
+                            fentry_targets=fentry_targets, branches_into=branches_into)
         if not site.installed:
             _update_batch([(site, target)], (), form)
         return site
 
 
-# The request and error text of the first redirect in progress (one at a
-# time: the sites lock), made once.
+# The request of the first redirect in progress (one at a time: the sites
+# lock), made once: its plan as the C core's plans are read
+# (native_result), its words for the entry, size and target, and what
+# follows the target.
 _first = ffi.new("struct hp_first *")
-_first_plan = ffi.buffer(_first, ffi.sizeof("struct hp_plan"))    # its plan, as bytes
+_first_plan = ffi.buffer(_first, ffi.sizeof("struct hp_plan"))
+_first_words = memoryview(ffi.buffer(_first)).cast("Q")
+_FIRST_TARGET = ffi.offsetof("struct hp_first", "target") // 8
+_FIRST_OUT = struct.Struct(f"<{ffi.offsetof('struct hp_first', 'hop')}xQ5sBBb")
+if ffi.offsetof("struct hp_first", "written") != _FIRST_OUT.size - 1:
+    raise ImportError("struct hp_first's layout is not the one sites.py reads")
+_first_out = ffi.buffer(_first)
 _first_err = ffi.new("char[256]")
 # The last segments asked for, and their uint64_t[]: a patch's functions
 # are in one object.
@@ -947,12 +958,13 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> S
     the entry's shape is left to Python's analysis."""
     if exec_ranges is None:
         exec_ranges = executable_ranges()
-    first, err = _first, _first_err
-    first.plan.entry, first.plan.size, first.target = entry, size or 0, target
-    free = _free_blocks()
+    words = _first_words
+    words[0], words[1], words[_FIRST_TARGET] = entry, size or 0, target
+    free = _free_blocks() if _free_code else ffi.NULL
     taken = _taken_near(entry)
-    rc = lib.hp_redirect_first(first, _native_ranges(exec_ranges), len(exec_ranges), free,
-                               len(_free_code), taken, len(taken) // 2, STOP_TIMEOUT_MS, err)
+    rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges), free,
+                               len(_free_code), taken, len(taken) // 2, STOP_TIMEOUT_MS,
+                               _first_err)
     _keep_free_blocks(free)
     if rc < 0:
         raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
@@ -964,17 +976,18 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> S
             _free_code.append((stub, stub_size))    # taken, then left to Python
         return None
     site = _keep(Site(entry, plan, stub, _stub_size=stub_size))
-    if first.hop_known:
-        site._hop, site._stops_plainly = first.hop, bool(first.stops_plainly)
-        if first.hop:
-            site._hop_padding = bytes(first.hop_padding)
-    if first.written < 0:
-        raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
-    if first.written:
-        site.form, site.target, site.hopped = "direct", target, bool(first.hop)
-        if first.hop:
+    hop, padding, stops_plainly, hop_known, written = _FIRST_OUT.unpack_from(_first_out)
+    if hop_known:
+        site._hop, site._stops_plainly = hop, bool(stops_plainly)
+        if hop:
+            site._hop_padding = padding
+    if written < 0:
+        raise TransitionError(ffi.string(_first_err).decode() + _procfs.exited_main_thread_note())
+    if written:
+        site.form, site.target, site.hopped = "direct", target, bool(hop)
+        if hop:
             site._hop_to = target
-            bisect.insort(_hops, first.hop)
+            bisect.insort(_hops, hop)
     return site
 
 
