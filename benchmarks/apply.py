@@ -268,8 +268,11 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int
     """Functions never patched before, each redirected by one call of
     ``sites.redirect`` (its object's segments looked up first, as
     ``prepare`` is timed with them), checked to take effect, then
-    restored: the median µs of each kind (see ONE_CALL_KINDS).  The u_*
-    are checked to have taken no stop."""
+    restored: the median µs of each kind (see ONE_CALL_KINDS) over the
+    second half of its functions.  The first half warms the path up:
+    Python's adaptive interpreter specializes a function's bytecode over
+    its first calls, the first call of a path is twice its later ones.
+    The u_* are checked to have taken no stop."""
     import hotpatch
     from hotpatch import symbols as loaded
     clock = time.perf_counter
@@ -290,7 +293,7 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int
             times.append((t1 - t0) * 1e6)
         if kind == "unstopped" and hotpatch.tree()["core"]["stops"]["count"] != stops:
             raise RuntimeError("a u_* function took a stop: its entry is not the shape expected")
-        out[kind] = statistics.median(times)
+        out[kind] = statistics.median(times[len(times) // 2:])
     return out
 
 

@@ -100,8 +100,9 @@ def build_stop_threads() -> str:
 #: Functions of the generated library whose first patch needs no stop.
 UNSTOPPED = 8
 #: Functions of each kind (f_*, u_*) redirected by the one-call path
-#: (``sites.redirect``) in the apply series, after the others.
-ONE_CALL = 8
+#: (``sites.redirect``) in the apply series, after the others: the first
+#: half warms the path up, the second is timed.
+ONE_CALL = 16
 
 
 def _generated_source(count: int) -> str:

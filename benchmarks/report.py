@@ -271,9 +271,10 @@ def apply_section(r: dict, images: str) -> str:
         out += ["One function's first redirect in one call, `sites.redirect(entry, target)` "
                 "(`native/first.c`: plan, original stub, hot-patch point and entry write from "
                 "one read of the entry's bytes), as Frida's `replace` is one call: the object's "
-                "segments looked up, the call, timed; 8 functions of each kind never patched "
-                "before, after the tables above in the same processes, the median per process, "
-                "then median [quartiles] over the processes. *f_\**: several instructions at "
+                "segments looked up, the call, timed; 16 functions of each kind never patched "
+                "before, after the tables above in the same processes, the first 8 warming the "
+                "path up, the median of the next 8 per process, then median [quartiles] over the "
+                "processes. *f_\**: several instructions at "
                 "the entry (a stop where other threads run, none in a process of one thread); "
                 "*u_\**: one atomic store, checked to have taken no stop.", "",
                 table(["busy threads", "f_* µs", "u_* µs", "Frida replace µs (1 function)",

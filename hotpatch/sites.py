@@ -963,8 +963,8 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> S
     free = _free_blocks() if _free_code else ffi.NULL
     taken = _taken_near(entry)
     rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges), free,
-                               len(_free_code), taken, len(taken) // 2, STOP_TIMEOUT_MS,
-                               _first_err)
+                               len(_free_code), taken or ffi.NULL, len(taken) // 2,
+                               STOP_TIMEOUT_MS, _first_err)
     _keep_free_blocks(free)
     if rc < 0:
         raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
@@ -991,22 +991,26 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> S
     return site
 
 
-#: How far from an entry another site's bytes may reach the ones its first
-#: redirect writes: the hot-patch point just before it, the 24 bytes at
-#: most a plan replaces.
-_NEAR_BEFORE, _NEAR_AFTER = 2 * _HOP_SIZE + 24, 28
+#: The bytes a first redirect of an entry may write: the hot-patch point
+#: just before it, the 24 at most a plan replaces after the endbr64.
+_FIRST_WRITES_BEFORE, _FIRST_WRITES_AFTER = _HOP_SIZE, 28
+#: How far before an entry another site may start and still write there.
+_REACH_BEFORE = _FIRST_WRITES_BEFORE + 28
 
 
 def _taken_near(entry: int) -> list[int]:
-    """The ``[lo, hi)`` pairs of the bytes near ``entry`` that other sites
-    write (their entries, their hot-patch points), flat: what a first
-    redirect must leave alone (:func:`_reaches`, :func:`_overlaps_a_hop`)."""
+    """The ``[lo, hi)`` pairs of the bytes that other sites write (their
+    entries, their hot-patch points) among those a first redirect of
+    ``entry`` may write, flat: what it must leave alone (:func:`_reaches`,
+    :func:`_overlaps_a_hop`)."""
+    lo, hi = entry - _FIRST_WRITES_BEFORE, entry + _FIRST_WRITES_AFTER
     taken = []
-    for block in range((entry - _NEAR_BEFORE) >> 6, ((entry + _NEAR_AFTER) >> 6) + 1):
+    for block in range((entry - _REACH_BEFORE) >> 6, ((hi - 1) >> 6) + 1):
         for other in _by_block.get(block, ()):
-            taken += (other.plan.address, other.plan.address + other.plan.length)
-    for hop in _hops[bisect.bisect_left(_hops, entry - 2 * _HOP_SIZE):
-                     bisect.bisect_left(_hops, entry + _NEAR_AFTER)]:
+            plan = other.plan
+            if plan.address < hi and plan.address + plan.length > lo:
+                taken += (plan.address, plan.address + plan.length)
+    for hop in _hops[bisect.bisect_left(_hops, lo - _HOP_SIZE + 1):bisect.bisect_left(_hops, hi)]:
         taken += (hop, hop + _HOP_SIZE)
     return taken
 
