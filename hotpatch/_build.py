@@ -32,7 +32,7 @@ struct hp_loaded_object {
     uint8_t build_id[...];
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
-void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
+unsigned long long hp_loaded_generation(void);
 long hp_read_memory(uintptr_t address, void *out, size_t len);
 
 int hp_write_code(uintptr_t addr, const void *src, size_t len);
@@ -272,6 +272,7 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
 #define HP_HOP_ASK_BEFORE ...
 uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before);
 int hp_stop_forced(void);
+int hp_alone(void);
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);
 void hp_sync_cores(void);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);

@@ -106,7 +106,7 @@ def libc_function(name: str, restype, *argtypes):
 _VDSO = libc_function("getauxval", ctypes.c_ulong, ctypes.c_ulong)(AT_SYSINFO_EHDR)
 
 
-_described: tuple[tuple[int, int] | None, tuple[LoadedObject, ...]] = (None, ())
+_described: tuple[int | None, tuple[LoadedObject, ...]] = (None, ())
 # Only ever taken as a query: the list is a cache, and a thread that cannot
 # wait for it (a signal handler that interrupted the describing) describes
 # the objects again without it.
@@ -114,10 +114,6 @@ _described_lock = OperationLock(
     2, lambda what: HotpatchError(f"{what}: already listing loaded objects in this thread"))
 
 
-def _generation() -> tuple[int, int]:
-    counts = ffi.new("unsigned long long[2]")
-    lib.hp_loaded_generation(counts, counts + 1)
-    return counts[0], counts[1]
 
 
 def loaded_objects() -> list[LoadedObject]:
@@ -136,7 +132,7 @@ def _loaded() -> tuple[LoadedObject, ...]:
     same object until a load or unload)."""
     global _described
     # Read before listing: a load in between makes the next call list again.
-    generation = _generation()
+    generation = lib.hp_loaded_generation()
     # The common case without the lock (a query costs more than the rest of
     # this call; a patch of 1,000 functions asks once per function): the
     # pair is replaced as one tuple, so a snapshot for this generation is

@@ -678,7 +678,8 @@ def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) 
     hot-patch points: where one of their entry writes needs a stop and every
     one that does has a point, so that the batch needs none.  Elsewhere the
     jmp rel32 at the entry is the better write: one jump per call, not two.
-    A form named by the caller is written as named: no point."""
+    A form named by the caller is written as named: no point.  Nor in a
+    process of one thread: nothing to stop there."""
     if not redirects or form not in (None, "auto") or lib.hp_stop_forced():
         return False        # HOTPATCH_STOP=always: every batch takes the stop
     wanted = False
@@ -688,17 +689,19 @@ def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) 
                 wanted = True
             elif site._stops_plainly:
                 return False
-    return wanted
+    return wanted and not lib.hp_alone()
 
 
 def first_installs_stop(sites: Iterable[Site]) -> bool:
     """Whether a batch installing ``sites`` for the first time is likely to
     take a stop: one's jmp rel32 needs one and it has no hot-patch point
     (see :func:`_hops_spare_a_stop`), or every batch takes one
-    (``HOTPATCH_STOP=always``).  A guess for starting the stopper ahead:
-    the C core decides at the write."""
+    (``HOTPATCH_STOP=always``); never in a process of one thread.  A guess
+    for starting the stopper ahead: the C core decides at the write."""
     if lib.hp_stop_forced():
         return True
+    if lib.hp_alone():
+        return False
     with _lock.operation("look for hot-patch points"):
         return any(site.form is None and not hot_patch_point(site) and site._stops_plainly
                    for site in sites)
@@ -965,7 +968,8 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> S
     rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges), free,
                                len(_free_code), taken or ffi.NULL, len(taken) // 2,
                                STOP_TIMEOUT_MS, _first_err)
-    _keep_free_blocks(free)
+    if _free_code:
+        _keep_free_blocks(free)
     if rc < 0:
         raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
     status, plan, stub, stub_size = native_result(_first_plan)

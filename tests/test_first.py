@@ -189,3 +189,39 @@ report({"bad": bad, "calls": total.value, "stops": stops1 - stops0,
     for got, byte in ((read, "r"), (poll, "p"), (epoll, "e")):
         assert got[0] == 1 and got[1] == 0 and got[2] == ord(byte), r
     assert nano[0] == 0 and nano[3] >= 1_500_000_000, r
+
+
+def test_a_process_of_one_thread_takes_no_hot_patch_point(child, first_lib):
+    # With the watchdog gone the calling thread is the process's only one:
+    # the jmp rel32 at hop_plain's entry needs no stop there, so neither
+    # path takes its hot-patch point (it would add a jump to every call).
+    # With a second thread the point is looked for, and taken, again.
+    r = child(PRELUDE + """
+import faulthandler, threading
+faulthandler.cancel_dump_traceback_later()
+deadline = time.monotonic() + 5
+while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
+def alone():
+    return hotpatch.tree()["core"]["stops"]["alone"]
+out = {"threads": len(os.listdir("/proc/self/task"))}
+for name, redirect in (("hop_plain", first_redirect), ("hop_after_short", batch_redirect)):
+    a0 = alone()
+    site = redirect(name)
+    out[name] = [site.hopped, sites.read_memory(site.address, 1).hex(), alone() - a0,
+                 call(name)]
+    sites.restore(site)
+release = threading.Event()
+t = threading.Thread(target=release.wait)
+t.start()
+site = first_redirect("hop_plain")
+out["two_threads"] = [site.hopped, site._hop - addr("hop_plain"), call("hop_plain")]
+sites.restore(site)
+release.set()
+t.join()
+report(out)
+""", **first_lib)[0]
+    assert r["threads"] == 1, r
+    assert r["hop_plain"] == [False, "e9", 1, 1007], r
+    assert r["hop_after_short"] == [False, "e9", 1, 1007], r
+    assert r["two_threads"] == [True, -5, 1007], r

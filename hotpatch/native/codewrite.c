@@ -183,6 +183,17 @@ static int check_batch(struct hp_write *w, size_t n, char *err)
     return 0;
 }
 
+/* Is the calling thread the process's only one (hp_only_thread), asked
+ * outside a batch?  Then no write needs a stop, and a hot-patch point
+ * would spare none: it would only add a jump to every call. */
+int hp_alone(void)
+{
+    pthread_mutex_lock(&hp_lock);
+    int alone = hp_only_thread();
+    pthread_mutex_unlock(&hp_lock);
+    return alone;
+}
+
 /* HOTPATCH_STOP=always sends every batch to the stop, even one that needs
  * none (in a process of one thread, too): to test the stop, and to rule out
  * the other ways when diagnosing. */

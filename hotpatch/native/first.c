@@ -119,7 +119,8 @@ static int write_entry(struct hp_first *f, int timeout_ms, char *err)
  *   0  not written: the target is out of reach of a jmp rel32, or the jmp
  *      would cover bytes in `taken` -- the batch path decides;
  *  -1  the write failed, `err` says why; nothing is left written.
- * f->stops_plainly and f->hop are set where f->hop_known is.  Returns 0, or
+ * f->stops_plainly and f->hop are set where f->hop_known is (not in a
+ * process of one thread, which takes no point).  Returns 0, or
  * -1 where capstone cannot be used or memory is short.
  */
 long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
@@ -147,9 +148,13 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
     const struct hp_plan *p = &f->plan;
     if (!have || p->status != HP_PLAN_OK || !in_reach(p->address + JMP_REL32, f->target))
         goto out;
-    uint64_t hop = first_hop(f, bytes, taken, ntaken);
+    /* A process of one thread needs no stop, so no point (sites.py's
+     * _hops_spare_a_stop): not looked for, the batch path looks for it
+     * when it is asked again with other threads there. */
+    int alone = hp_alone();
+    uint64_t hop = alone ? 0 : first_hop(f, bytes, taken, ntaken);
     f->hop = hop;
-    f->hop_known = 1;
+    f->hop_known = !alone;
     if (overlaps(p->address, p->address + p->length, taken, ntaken) ||
             (hop && !in_reach(hop + JMP_REL32, f->target)))
         goto out;

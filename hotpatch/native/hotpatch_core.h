@@ -68,7 +68,7 @@ struct hp_loaded_object {
     uint8_t build_id[64];
 };
 int hp_loaded_objects(struct hp_loaded_object *out, int capacity);
-void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs);
+unsigned long long hp_loaded_generation(void);
 long hp_read_memory(uintptr_t address, void *out, size_t len);
 
 /* --- xrefs.c ------------------------------------------------------- */
@@ -372,6 +372,7 @@ void hp_sync_cores(void);
 int hp_write_unstopped(const struct hp_write *w, size_t n, size_t *failed);
 void hp_unstopped_after_fork(void);
 int hp_write_needs_stop(uintptr_t address, uint32_t len);
+int hp_alone(void);
 int hp_write_needs_stop_over(uintptr_t address, uint32_t len, const uint8_t *now);
 
 /* --- gotslot.c ----------------------------------------------------- */

@@ -141,14 +141,14 @@ static int read_generation(struct dl_phdr_info *info, size_t size, void *data)
     return 1;   /* the counts are the same in every entry: one is enough */
 }
 
-/* How many objects the dynamic linker has loaded and unloaded so far: the
- * list of loaded objects changed exactly when these did. */
-void hp_loaded_generation(unsigned long long *adds, unsigned long long *subs)
+/* How many objects the dynamic linker has loaded and unloaded so far, as
+ * one count: both only grow, so the list of loaded objects changed exactly
+ * when their sum did. */
+unsigned long long hp_loaded_generation(void)
 {
     unsigned long long counts[2] = { 0, 0 };
     dl_iterate_phdr(read_generation, counts);
-    *adds = counts[0];
-    *subs = counts[1];
+    return counts[0] + counts[1];
 }
 
 /* Copy `len` bytes of this process's memory at `address` into `out` without
