@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -256,7 +257,21 @@ def _stack_patches(d: "Driver", function: str, replacements: list[int]) -> None:
 
 def _redirect_hotpatch_variants(d: Driver, retargets: int) -> dict:
     """Redirect every hotpatch target; returns what was set up (forms chosen,
-    retarget latencies)."""
+    retarget latencies).  A thread of the service waits meanwhile: in a
+    process of one thread nothing needs a stop, so the core takes no
+    hot-patch point, and the rows through one would measure the entry's
+    jmp instead."""
+    service = threading.Event()
+    waiting = threading.Thread(target=service.wait)
+    waiting.start()
+    try:
+        return _redirect_in_a_service(d, retargets)
+    finally:
+        service.set()
+        waiting.join()
+
+
+def _redirect_in_a_service(d: Driver, retargets: int) -> dict:
     from hotpatch import sites
     ranges = sites.executable_ranges()
 
