@@ -63,9 +63,6 @@ def _refused(what: str) -> HotpatchError:
 # batch would plan against entries the first one is about to overwrite.
 _lock = OperationLock(1, _refused)
 _sites: dict[int, "Site"] = {}    # by entry; kept after restore to reuse the stub
-# The same sites by 64-byte block of their entry: the ones near an entry
-# in two lookups (_taken_near).
-_by_block: dict[int, list["Site"]] = {}
 # Pool memory of sites whose object was unloaded (see forget): reused for
 # new stubs and trampolines, so that load/patch/unload cycles stay flat.
 _free_code: list[tuple[int, int]] = []    # (address, size)
@@ -129,23 +126,6 @@ class Site:
         state = f"{self.form} -> {self.target:#x}" if self.installed else "restored"
         via = f" via {self._hop:#x}" if self.hopped else ""
         return f"<Site {self.entry:#x} {self.kind} {state}{via}>"
-
-
-def _keep(site: "Site") -> "Site":
-    """Record ``site`` as the one of its entry (in place of any before)."""
-    old = _sites.get(site.entry)
-    if old is not None:
-        _by_block[old.entry >> 6].remove(old)
-    _sites[site.entry] = site
-    _by_block.setdefault(site.entry >> 6, []).append(site)
-    return site
-
-
-def _drop(site: "Site") -> None:
-    """Forget ``site``'s record, if it is still the one of its entry."""
-    if _sites.get(site.entry) is site:
-        del _sites[site.entry]
-        _by_block[site.entry >> 6].remove(site)
 
 
 # ---------------------------------------------------------------------------
@@ -298,7 +278,9 @@ def _prepare(entry: int, *, size: int | None = None,
         exec_ranges = executable_ranges()
     plan = analyze_entry(read_memory, entry, size=size, exec_ranges=exec_ranges,
                          fentry_targets=fentry_targets, branches_into=branches_into)
-    return _keep(Site(entry=entry, plan=plan, original=_new_original_stub(plan)))
+    site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
+    _sites[entry] = site
+    return site
 
 
 def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
@@ -387,7 +369,7 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
                 _free_code.append((stub, stub_size))    # Python refuses it, in its words
                 made.append(None)
                 continue
-            site = _keep(Site(plan.entry, plan, stub, _stub_size=stub_size))
+            site = _sites[plan.entry] = Site(plan.entry, plan, stub, _stub_size=stub_size)
             made.append(site)
         elif status == _PLAN_UNWRITTEN:
             made.append(HotpatchError(f"{plan.entry:#x}: cannot write the original stub at "
@@ -449,7 +431,7 @@ def _prepare_in_python(wanted: Sequence[tuple[int, int | None]], exec_ranges, fe
         if not isinstance(plan, HotpatchError):
             result = stubs[id(plan)]
             if not isinstance(result, HotpatchError):
-                result = _keep(Site(entry=entry, plan=plan, original=result))
+                result = _sites[entry] = Site(entry=entry, plan=plan, original=result)
         made.append(result)
     return made
 
@@ -979,7 +961,7 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> S
         if stub:
             _free_code.append((stub, stub_size))    # taken, then left to Python
         return None
-    site = _keep(Site(entry, plan, stub, _stub_size=stub_size))
+    site = _sites[entry] = Site(entry, plan, stub, _stub_size=stub_size)
     hop, padding, stops_plainly, hop_known, written = _FIRST_OUT.unpack_from(_first_out)
     if hop_known:
         site._hop, site._stops_plainly = hop, bool(stops_plainly)
@@ -995,22 +977,22 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> S
     return site
 
 
-#: The bytes a first redirect of an entry may write: the hot-patch point
-#: just before it, the 24 at most a plan replaces after the endbr64.
-_FIRST_WRITES_BEFORE, _FIRST_WRITES_AFTER = _HOP_SIZE, 28
-#: How far before an entry another site may start and still write there.
-_REACH_BEFORE = _FIRST_WRITES_BEFORE + 28
+#: How far after an entry a site's bytes may reach: an endbr64, then the
+#: instructions that cover a jmp rel32 (the last of them starts within its
+#: 5 bytes and is 15 at most).
+_SPAN_AFTER = 4 + 4 + 15
 
 
 def _taken_near(entry: int) -> list[int]:
     """The ``[lo, hi)`` pairs of the bytes that other sites write (their
     entries, their hot-patch points) among those a first redirect of
-    ``entry`` may write, flat: what it must leave alone (:func:`_reaches`,
-    :func:`_overlaps_a_hop`)."""
-    lo, hi = entry - _FIRST_WRITES_BEFORE, entry + _FIRST_WRITES_AFTER
+    ``entry`` may write (its hot-patch point, its entry's bytes), flat:
+    what it must leave alone (:func:`_reaches`, :func:`_overlaps_a_hop`)."""
+    lo, hi = entry - _HOP_SIZE, entry + _SPAN_AFTER
     taken = []
-    for block in range((entry - _REACH_BEFORE) >> 6, ((hi - 1) >> 6) + 1):
-        for other in _by_block.get(block, ()):
+    starts = range(lo - _SPAN_AFTER + 1, hi)      # of the sites that may reach [lo, hi)
+    if not _sites.keys().isdisjoint(starts):
+        for other in filter(None, map(_sites.get, starts)):
             plan = other.plan
             if plan.address < hi and plan.address + plan.length > lo:
                 taken += (plan.address, plan.address + plan.length)
@@ -1054,7 +1036,8 @@ def forget(sites: Sequence[Site]) -> None:
     records (caller.c) stay, as they always do."""
     with _lock.operation("forget the sites of an unloaded object"):
         for site in sites:
-            _drop(site)
+            if _sites.get(site.entry) is site:
+                del _sites[site.entry]
             if site.plan.body is None:
                 _free_code.append((site.original,
                                    site._stub_size or original_stub_size_bound(site.plan)))

@@ -202,25 +202,25 @@ def native_results(batch, n: int) -> Iterator[tuple[int, EntryPlan | None, int, 
     batch the C core planned (plan only where status is HP_PLAN_OK or
     HP_PLAN_UNWRITTEN), one at a time: a big batch's sites are made as its
     plans are read, with no list of them in between."""
-    for fields in _PLAN.iter_unpack(ffi.buffer(batch, n * _PLAN.size)):
-        yield _result(*fields)
+    return _results(ffi.buffer(batch, n * _PLAN.size))
 
 
 def native_result(plan_buffer) -> tuple[int, EntryPlan | None, int, int]:
     """:func:`native_results` of the one ``struct hp_plan`` that
-    ``plan_buffer`` (an ``ffi.buffer``, or any buffer) holds."""
-    return _result(*_PLAN.unpack_from(plan_buffer))
+    ``plan_buffer`` (an ``ffi.buffer``, or any buffer of its size) holds."""
+    return next(_results(plan_buffer))
 
 
 _PLAN = struct.Struct(_PLAN_RECORD)
-_PYTHON = lib.HP_PLAN_PYTHON
 
 
-def _result(entry, stub, address, status, length, stub_size, endbr, single, falls, ninsns,
-            original) -> tuple[int, EntryPlan | None, int, int]:
-    return (status, EntryPlan(entry, address, length, original[:length], "generic", endbr,
-                              single, ninsns, None, falls) if status != _PYTHON else None,
-            stub, stub_size)
+def _results(plans) -> Iterator[tuple[int, EntryPlan | None, int, int]]:
+    python = lib.HP_PLAN_PYTHON
+    for (entry, stub, address, status, length, stub_size, endbr, single, falls, ninsns,
+         original) in _PLAN.iter_unpack(plans):
+        yield (status, EntryPlan(entry, address, length, original[:length], "generic", endbr,
+                                 single, ninsns, None, falls) if status != python else None,
+               stub, stub_size)
 
 
 def native_plans(functions: Sequence[tuple[int, int | None]], stubs: Sequence[int], *,
