@@ -43,8 +43,9 @@ from .frida_peer import frida_reason
 
 HOTPATCH_PHASES = ("prepare", "write", "apply", "revert", "reapply", "retarget")
 #: The one-call path's functions: f_* (several instructions at the entry:
-#: a stop where other threads run) and u_* (one atomic store).
-ONE_CALL_KINDS = ("stopped", "unstopped")
+#: through its hot-patch point where other threads run) and u_* (one
+#: atomic store).
+ONE_CALL_KINDS = ("hop", "unstopped")
 FRIDA_METHODS = ("replace", "replaceFast")
 
 
@@ -267,7 +268,8 @@ def _unstopped(sites, library: str, symbols, base: int, g: int, g2: int, ffi) ->
 def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int) -> dict:
     """Functions never patched before, each redirected by one call of
     ``sites.redirect`` (its object's segments looked up first, as
-    ``prepare`` is timed with them), checked to take effect, then
+    ``prepare`` is timed with them; the symbol table's function before
+    given, as the livepatch model gives it), checked to take effect, then
     restored: the median µs of each kind (see ONE_CALL_KINDS) over the
     second half of its functions.  The first half warms the path up:
     Python's adaptive interpreter specializes a function's bytecode over
@@ -276,7 +278,7 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int
     import hotpatch
     from hotpatch import symbols as loaded
     clock = time.perf_counter
-    kinds = {"stopped": [f"f_{first_f + i}" for i in range(native.ONE_CALL)],
+    kinds = {"hop": [f"f_{first_f + i}" for i in range(native.ONE_CALL)],
              "unstopped": [f"u_{native.UNSTOPPED + i}" for i in range(native.ONE_CALL)]}
     out = {}
     for kind, names in kinds.items():
@@ -285,14 +287,16 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int
         for name in names:
             entry, size = base + symbols[name][0], symbols[name][1]
             t0 = clock()
-            ranges = loaded.find_object(library).exec_ranges
-            site = sites.redirect(entry, g, size=size, exec_ranges=ranges)
+            obj = loaded.find_object(library)
+            site = sites.redirect(entry, g, size=size, exec_ranges=obj.exec_ranges,
+                                  function_before=lambda a: loaded.function_before(obj, a))
             t1 = clock()
             _check(ffi, entry, lambda x: x + 1)
             sites.restore(site)
             times.append((t1 - t0) * 1e6)
-        if kind == "unstopped" and hotpatch.tree()["core"]["stops"]["count"] != stops:
-            raise RuntimeError("a u_* function took a stop: its entry is not the shape expected")
+        if hotpatch.tree()["core"]["stops"]["count"] != stops:
+            raise RuntimeError(f"a {names[0][0]}_* function took a stop: its entry is not the "
+                               "shape expected")
         out[kind] = statistics.median(times[len(times) // 2:])
     return out
 

@@ -274,9 +274,11 @@ def apply_section(r: dict, images: str) -> str:
                 "segments looked up, the call, timed; 16 functions of each kind never patched "
                 "before, after the tables above in the same processes, the first 8 warming the "
                 "path up, the median of the next 8 per process, then median [quartiles] over the "
-                "processes. *f_\**: several instructions at "
-                "the entry (a stop where other threads run, none in a process of one thread); "
-                "*u_\**: one atomic store, checked to have taken no stop.", "",
+                "processes. The symbol table's function before is given, as the livepatch "
+                "model gives it. *f_\**: several instructions at the entry, through its "
+                "hot-patch point where other threads run (the `jmp` at the entry in a process "
+                "of one thread); *u_\**: one atomic store. Both checked to have taken no "
+                "stop.", "",
                 table(["busy threads", "f_* µs", "u_* µs", "Frida replace µs (1 function)",
                        "Frida ÷ hotpatch, f_*", "Frida ÷ hotpatch, u_*"], rows), ""]
     for line in r.get("frida_refused", []):
@@ -754,7 +756,7 @@ def _target(name: str, measured: str, met: bool | None) -> list[str]:
     return [name, measured, "—" if met is None else ("met" if met else "**not met**")]
 
 
-_ONE_CALL_WHAT = {"stopped": "an entry of several instructions (f_*)",
+_ONE_CALL_WHAT = {"hop": "an entry of several instructions (f_*)",
                   "unstopped": "an entry that needs no stop (u_*)"}
 
 

@@ -260,6 +260,7 @@ long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_wr
 struct hp_first {
     struct hp_plan plan;
     uint64_t target;
+    uint64_t before;
     uint64_t hop;
     uint8_t hop_padding[5];
     uint8_t stops_plainly;

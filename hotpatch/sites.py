@@ -891,22 +891,24 @@ def redirect_batch(requests: Sequence[tuple[Site, int]], form: str | None = None
 
 def redirect(entry: int, target: int, *, form: str | None = None, size: int | None = None,
              exec_ranges: Sequence[tuple[int, int]] | None = None, fentry_targets=(),
-             branches_into=None) -> Site:
-    """Prepare the site at ``entry`` (the analysis as :func:`prepare`'s) and
-    send its calls to ``target``.  A function with no site yet, with
-    nothing asked of the analysis but its size and segments, goes the
-    one-call way of the C core (``native/first.c``: the decisions of
-    :func:`prepare` and :func:`update_batch`, for a fraction of their
-    cost) as far as it can."""
+             branches_into=None, function_before=None) -> Site:
+    """Prepare the site at ``entry`` (the analysis as :func:`prepare`'s;
+    ``function_before`` as :func:`prepare_batch`'s) and send its calls to
+    ``target``.  A function with no site yet, with nothing asked of the
+    analysis but its size and segments, goes the one-call way of the C core
+    (``native/first.c``: the decisions of :func:`prepare_batch` and
+    :func:`update_batch`, for a fraction of their cost) as far as it can."""
     target = int(target)
     with _lock.operation(f"redirect the function at {entry:#x}"):
         site = None
         if entry not in _sites and form in (None, "auto") and not fentry_targets \
                 and branches_into is None:
-            site = _redirect_first(entry, target, size, exec_ranges)
+            site = _redirect_first(entry, target, size, exec_ranges, function_before)
         if site is None:
             site = _prepare(entry, size=size, exec_ranges=exec_ranges,
                             fentry_targets=fentry_targets, branches_into=branches_into)
+            if function_before is not None:
+                site._function_before = function_before
         if not site.installed:
             _update_batch([(site, target)], (), form)
         return site
@@ -937,7 +939,8 @@ def _native_ranges(exec_ranges):
     return _last_ranges[1]
 
 
-def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> Site | None:
+def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
+                    function_before) -> Site | None:
     """The first redirect of ``entry`` by ``hp_redirect_first``: the site,
     installed unless the C core left the write to the batch path; None where
     the entry's shape is left to Python's analysis."""
@@ -945,6 +948,8 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> S
         exec_ranges = executable_ranges()
     words = _first_words
     words[0], words[1], words[_FIRST_TARGET] = entry, size or 0, target
+    # The function before, for a hot-patch point only a sweep from it finds.
+    words[_FIRST_TARGET + 1] = function_before(entry - 1) or 0 if function_before else 0
     free = _free_blocks() if _free_code else ffi.NULL
     taken = _taken_near(entry)
     rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges), free,
@@ -961,7 +966,8 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges) -> S
         if stub:
             _free_code.append((stub, stub_size))    # taken, then left to Python
         return None
-    site = _sites[entry] = Site(entry, plan, stub, _stub_size=stub_size)
+    site = _sites[entry] = Site(entry, plan, stub, _stub_size=stub_size,
+                                _function_before=function_before)
     hop, padding, stops_plainly, hop_known, written = _FIRST_OUT.unpack_from(_first_out)
     if hop_known:
         site._hop, site._stops_plainly = hop, bool(stops_plainly)

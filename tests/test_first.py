@@ -225,3 +225,35 @@ report(out)
     assert r["hop_plain"] == [False, "e9", 1, 1007], r
     assert r["hop_after_short"] == [False, "e9", 1, 1007], r
     assert r["two_threads"] == [True, -5, 1007], r
+
+
+SWEPT = PRELUDE + """
+obj = hotpatch.symbols.find_object(OBJ)
+def before(address):
+    return hotpatch.symbols.function_before(obj, address)
+holder = []
+def redirect():
+    if P["mode"] == "first":
+        holder.append(sites.redirect(addr("hop_swept"), addr("replacement"),
+                                     size=size("hop_swept"), exec_ranges=RANGES,
+                                     function_before=before))
+    else:
+        site, = sites.prepare_batch([(addr("hop_swept"), size("hop_swept"))],
+                                    exec_ranges=RANGES, function_before=before)
+        sites.redirect_batch([(site, addr("replacement"))])
+        holder.append(site)
+took_ = took(redirect)
+report({"took": took_, "hopped": holder[0].hopped, "patched": call("hop_swept"),
+        "batch_prepared": batch_prepared[0]})
+"""
+
+
+def test_the_function_before_finds_a_hot_patch_point_in_one_call(child, first_lib):
+    # hop_swept's padding follows bytes that decode two ways: only a sweep
+    # from the function before (the symbol table's) shows it is dead.  Given
+    # that function, the one-call path takes the point as the batch path
+    # does: no stop.
+    first = child(SWEPT, mode="first", **first_lib)[0]
+    batch = child(SWEPT, mode="batch", **first_lib)[0]
+    assert first == {**batch, "batch_prepared": 0}, (first, batch)
+    assert first["took"] == [0, 1] and first["hopped"] and first["patched"] == 1007, first

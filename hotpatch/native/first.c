@@ -59,10 +59,11 @@ static uint64_t first_hop(struct hp_first *f, const uint8_t *bytes, const uint64
     f->stops_plainly = (uint8_t)hp_write_needs_stop_over(p->address, p->length, at);
     if (!f->stops_plainly || hp_stop_forced())
         return 0;
-    uint64_t hop = hp_hop_in(f->plan.entry, p->address, 0, at, bytes);
-    /* No symbol table here to sweep from the function before: as the batch
-     * path without one, no hot-patch point.  Nor where another site's
-     * entry write reaches (sites.py's _reaches). */
+    uint64_t hop = hp_hop_in(f->plan.entry, p->address, f->before, at, bytes);
+    /* Where only a sweep from the function before could tell and its start
+     * is not known: as the batch path without a symbol table, no hot-patch
+     * point.  Nor where another site's entry write reaches (sites.py's
+     * _reaches). */
     if (hop == HP_HOP_ASK_BEFORE || (hop && overlaps(hop, hop + HP_HOP_SIZE, taken, ntaken)))
         return 0;
     if (hop)
@@ -108,7 +109,8 @@ static int write_entry(struct hp_first *f, int timeout_ms, char *err)
 
 /*
  * The first redirect of the function at f->plan.entry (f->plan.size bytes,
- * 0: unknown) to f->target.  `ranges`: as hp_plan_entries'; `free_blocks`:
+ * 0: unknown) to f->target; f->before: the start of the function before it,
+ * for its hot-patch point (hop.c), 0 where not known.  `ranges`: as hp_plan_entries'; `free_blocks`:
  * pool blocks to reuse for the stub (the one taken gets size 0); `taken`:
  * the [lo, hi) pairs of the bytes near the entry that other sites write
  * (their entries, their hot-patch points).

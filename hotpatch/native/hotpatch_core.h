@@ -214,6 +214,7 @@ long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_wr
 struct hp_first {
     struct hp_plan plan;            /* in: its entry and size; out: as hp_plan_entries plans it */
     uint64_t target;                /* in: where the entry's calls go */
+    uint64_t before;                /* in: the start of the function before, 0: not known */
     uint64_t hop;                   /* the hot-patch point taken, 0: none */
     uint8_t hop_padding[HP_HOP_SIZE];   /* its bytes before */
     uint8_t stops_plainly;          /* a jmp rel32 at the entry needs a stop */
