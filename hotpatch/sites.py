@@ -922,6 +922,8 @@ _first = ffi.new("struct hp_first *")
 _first_plan = ffi.buffer(_first, ffi.sizeof("struct hp_plan"))
 _first_words = memoryview(ffi.buffer(_first)).cast("Q")
 _FIRST_TARGET = ffi.offsetof("struct hp_first", "target") // 8
+_FIRST_BEFORE = ffi.offsetof("struct hp_first", "before") // 8
+_BEFORE_ASK, _BEFORE_NONE = 0, lib.HP_BEFORE_NONE
 _FIRST_OUT = struct.Struct(f"<{ffi.offsetof('struct hp_first', 'hop')}xQ5sBBb")
 if ffi.offsetof("struct hp_first", "written") != _FIRST_OUT.size - 1:
     raise ImportError("struct hp_first's layout is not the one sites.py reads")
@@ -948,15 +950,21 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
         exec_ranges = executable_ranges()
     words = _first_words
     words[0], words[1], words[_FIRST_TARGET] = entry, size or 0, target
-    # The function before, for a hot-patch point only a sweep from it finds.
-    words[_FIRST_TARGET + 1] = function_before(entry - 1) or 0 if function_before else 0
+    # The function before: asked for only where a hot-patch point needs it.
+    words[_FIRST_BEFORE] = _BEFORE_ASK if function_before is not None else _BEFORE_NONE
     free = _free_blocks() if _free_code else ffi.NULL
-    taken = _taken_near(entry)
-    rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges), free,
-                               len(_free_code), taken or ffi.NULL, len(taken) // 2,
-                               STOP_TIMEOUT_MS, _first_err)
+    taken = _taken_near(entry) or ffi.NULL
+    ranges = _native_ranges(exec_ranges)
+    rc = lib.hp_redirect_first(_first, ranges, len(exec_ranges), free, len(_free_code), taken,
+                               len(taken) // 2 if taken else 0, STOP_TIMEOUT_MS, _first_err)
     if _free_code:
         _keep_free_blocks(free)
+    if rc >= 0 and _first.wants_before:
+        words[_FIRST_BEFORE] = function_before(entry - 1) or _BEFORE_NONE
+        _first.planned = 1
+        rc = lib.hp_redirect_first(_first, ranges, len(exec_ranges), ffi.NULL, 0, taken,
+                                   len(taken) // 2 if taken else 0, STOP_TIMEOUT_MS,
+                                   _first_err)
     if rc < 0:
         raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
     status, plan, stub, stub_size = native_result(_first_plan)

@@ -49,8 +49,9 @@ static int overlaps(uint64_t lo, uint64_t hi, const uint64_t *taken, long ntaken
 
 /* The hot-patch point the batch path would take for the first install of
  * the planned entry (sites.py's hot_patch_point): 0 where the jmp rel32
- * needs no stop or there is none.  `bytes` starts BEHIND bytes before the
- * entry. */
+ * needs no stop or there is none; HP_HOP_ASK_BEFORE where the function
+ * before must tell and f->before is HP_BEFORE_ASK.  `bytes` starts BEHIND
+ * bytes before the entry. */
 static uint64_t first_hop(struct hp_first *f, const uint8_t *bytes, const uint64_t *taken,
                           long ntaken)
 {
@@ -59,12 +60,14 @@ static uint64_t first_hop(struct hp_first *f, const uint8_t *bytes, const uint64
     f->stops_plainly = (uint8_t)hp_write_needs_stop_over(p->address, p->length, at);
     if (!f->stops_plainly || hp_stop_forced())
         return 0;
+    /* HP_HOP_ASK_BEFORE only where f->before is HP_BEFORE_ASK: only a sweep
+     * from the function before can tell (HP_BEFORE_NONE: no point, as the
+     * batch path without a symbol table). */
     uint64_t hop = hp_hop_in(f->plan.entry, p->address, f->before, at, bytes);
-    /* Where only a sweep from the function before could tell and its start
-     * is not known: as the batch path without a symbol table, no hot-patch
-     * point.  Nor where another site's entry write reaches (sites.py's
-     * _reaches). */
-    if (hop == HP_HOP_ASK_BEFORE || (hop && overlaps(hop, hop + HP_HOP_SIZE, taken, ntaken)))
+    if (hop == HP_HOP_ASK_BEFORE)
+        return hop;
+    /* Not where another site's entry write reaches (sites.py's _reaches). */
+    if (hop && overlaps(hop, hop + HP_HOP_SIZE, taken, ntaken))
         return 0;
     if (hop)
         memcpy(f->hop_padding, bytes + BEHIND - (f->plan.entry - hop), HP_HOP_SIZE);
@@ -109,8 +112,12 @@ static int write_entry(struct hp_first *f, int timeout_ms, char *err)
 
 /*
  * The first redirect of the function at f->plan.entry (f->plan.size bytes,
- * 0: unknown) to f->target; f->before: the start of the function before it,
- * for its hot-patch point (hop.c), 0 where not known.  `ranges`: as hp_plan_entries'; `free_blocks`:
+ * 0: unknown) to f->target.  f->before: the start of the function before
+ * it, for a hot-patch point that only a sweep from there shows (hop.c);
+ * HP_BEFORE_ASK to ask for it only then (its lookup, in the symbol table,
+ * costs more than the rest), HP_BEFORE_NONE where there is none to ask.
+ * Asked, the call returns with f->wants_before set and nothing written
+ * but the stub: call again with f->before and f->planned set.  `ranges`: as hp_plan_entries'; `free_blocks`:
  * pool blocks to reuse for the stub (the one taken gets size 0); `taken`:
  * the [lo, hi) pairs of the bytes near the entry that other sites write
  * (their entries, their hot-patch points).
@@ -133,18 +140,21 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
     size_t ahead = window > HP_SCAN_AHEAD ? window : HP_SCAN_AHEAD;
     uint8_t *bytes = malloc(BEHIND + ahead);
     long rc = -1;
+    int planned = f->planned;
     err[0] = 0;
     f->written = 0;
     f->hop_known = 0;
     f->hop = 0;
+    f->planned = 0;
+    f->wants_before = 0;
     if (!bytes)
         return -1;
     /* One read for all: where the bytes before the entry are not mapped,
      * the plan reads for itself and the batch path does the rest. */
     int have = f->plan.entry >= BEHIND &&
                hp_read_memory(f->plan.entry - BEHIND, bytes, BEHIND + ahead) == (long)(BEHIND + ahead);
-    if (hp_plan_entries_from(&f->plan, 1, ranges, nranges, 1, free_blocks, nfree,
-                             have ? bytes + BEHIND : NULL, window) < 0)
+    if (!planned && hp_plan_entries_from(&f->plan, 1, ranges, nranges, 1, free_blocks, nfree,
+                                         have ? bytes + BEHIND : NULL, window) < 0)
         goto out;
     rc = 0;
     const struct hp_plan *p = &f->plan;
@@ -155,6 +165,10 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
      * when it is asked again with other threads there. */
     int alone = hp_alone();
     uint64_t hop = alone ? 0 : first_hop(f, bytes, taken, ntaken);
+    if (hop == HP_HOP_ASK_BEFORE) {
+        f->wants_before = 1;
+        goto out;
+    }
     f->hop = hop;
     f->hop_known = !alone;
     if (overlaps(p->address, p->address + p->length, taken, ntaken) ||
