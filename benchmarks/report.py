@@ -1164,27 +1164,32 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   thunk in place of the shared table lookup, and saving only what an observer
   needs.
 - **Apply is more than 10x Frida's `replace` per function at 100 and
-  10,000 functions, with 0, 2 and 8 busy threads in this run (14-28x; the
-  100-function ratio with busy threads has moved between 4x and 28x from
-  run to run), not at 1; 1,000 sites take 9-11 ms over runs, at the 10 ms
-  mark.**  The plans and original stubs of the
+  10,000 functions, with 0, 2 and 8 busy threads (10-39x over runs; the
+  100-function ratio with busy threads has moved between 4x and 39x from
+  run to run); at 1 function by one call with no busy thread (8-18x over
+  runs), not with busy threads (3-8x); 1,000 sites take 8-12 ms over runs,
+  at the 10 ms mark.**  The plans and original stubs of the
   common entry shapes are built by one call of the C core per batch
   (`native/plan.c`), reading a batch's entries as spans; the entry writes
   of a batch by another.  What remains per function: capstone's decode in
   the C scan (it formats every instruction's text, which capstone 5.0
   cannot turn off), two Python objects and a packed record per site.
-  The generated functions of this series are 16 bytes with no padding
-  between them: no hot-patch point, so their first patch needs a stop
-  with busy threads; without busy threads the child has one thread and
-  writes with nothing to stop (`stops.alone`).  A single site is
-  dominated by fixed costs (a batch's Python, the locks, the page of
-  code written for the first time in the process: its copy-on-write),
-  0.4-0.6 ms; Frida's `replace` of one function takes 0.4-0.7 ms, so 10x
-  would mean 40-70 µs.  An entry whose first instruction covers the
-  write: 50-70 µs for its write in a fresh process, 30-45 µs once the
-  process has written there before (a prepared site redirected again, in
-  a loop), 110-150 µs for its whole apply (the table after the
-  first-patch one).
+  The generated functions of this series are 19 bytes with padding
+  after them whose last instruction's bytes decode two ways: only the
+  symbol table's function before shows their hot-patch point, which the
+  counts' batches are not given, so their first patch needs a stop with
+  busy threads; without busy threads the child has one thread and writes
+  with nothing to stop (`stops.alone`).  A batch of one site is dominated
+  by fixed costs (the batch's Python, the locks, the page of code written
+  for the first time in the process: its copy-on-write), 0.3-0.6 ms.  One
+  function's first redirect by one call (`sites.redirect`,
+  `native/first.c`: the table after the first-patch one) is 31-67 µs over
+  this session's runs with no busy thread (one process measures about 36
+  µs or 55-70 µs depending on the moment: the machine's noise), 8-18x
+  Frida's `replace` of one function (0.4-0.6 ms).  With busy threads it
+  is 78-140 µs (3-8x Frida): the atomic store's `mprotect` window and the
+  core sync interrupt the cores the busy threads run on, and the patching
+  thread shares 2 cores with them.
 - **What the service feels (section 2d).**  Idle, no step of a
   one-function patch stalls the service's threads 5 ms (3-4 ms at most
   over runs); with 2 busy threads the core's import, the first
