@@ -119,6 +119,19 @@ def took(action):
     return after[0] - before[0], after[1] - before[1]
 """
 
+# The child's side of a test of a process of one thread: the watchdog
+# cancelled and gone (the calling thread is the only one), and the batches
+# written alone so far.
+ALONE = """
+import faulthandler, threading
+faulthandler.cancel_dump_traceback_later()
+deadline = time.monotonic() + 5
+while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
+def alone():
+    return hotpatch.tree()["core"]["stops"]["alone"]
+"""
+
 # Native callers that block every signal call P["name"] in a loop while it
 # is patched, stacked and restored P["cycles"] times (P["results"]: the old
 # result and the replacements', for x = 7); sleepers in read, poll, epoll,

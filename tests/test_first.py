@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import STOPS_PRELUDE, compile_library, symbol_sizes
+from conftest import ALONE, STOPS_PRELUDE, compile_library, symbol_sizes
 
 
 @pytest.fixture(scope="session")
@@ -196,14 +196,7 @@ def test_a_process_of_one_thread_takes_no_hot_patch_point(child, first_lib):
     # the jmp rel32 at hop_plain's entry needs no stop there, so neither
     # path takes its hot-patch point (it would add a jump to every call).
     # With a second thread the point is looked for, and taken, again.
-    r = child(PRELUDE + """
-import faulthandler, threading
-faulthandler.cancel_dump_traceback_later()
-deadline = time.monotonic() + 5
-while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
-    time.sleep(0.01)
-def alone():
-    return hotpatch.tree()["core"]["stops"]["alone"]
+    r = child(PRELUDE + ALONE + """
 out = {"threads": len(os.listdir("/proc/self/task"))}
 for name, redirect in (("hop_plain", first_redirect), ("hop_after_short", batch_redirect)):
     a0 = alone()

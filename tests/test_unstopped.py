@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import (CALLERS_AND_SLEEPERS, STOPS_PRELUDE, check_callers_and_sleepers,
+from conftest import (ALONE, CALLERS_AND_SLEEPERS, STOPS_PRELUDE, check_callers_and_sleepers,
                       compile_library)
 
 
@@ -192,14 +192,7 @@ def test_a_process_of_one_thread_stops_nothing(child, unstopped_lib):
     # (sites used directly: no loader worker): an entry of several
     # instructions with a 1-byte first instruction (no hot-patch point) is
     # written with nothing to stop.  A second thread brings the stop back.
-    r = child(PRELUDE + """
-import faulthandler, threading
-faulthandler.cancel_dump_traceback_later()
-deadline = time.monotonic() + 5
-while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
-    time.sleep(0.01)
-def alone():
-    return hotpatch.tree()["core"]["stops"]["alone"]
+    r = child(PRELUDE + ALONE + """
 site = sites.prepare(addr("patchable"))
 before = sites.read_memory(addr("patchable"), 16)
 out = {"threads": len(os.listdir("/proc/self/task"))}
