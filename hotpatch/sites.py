@@ -24,7 +24,9 @@ other threads and the hot-patch points make the whole batch need none.
 Every operation takes a batch and is all-or-nothing: the whole batch is
 analysed and prepared first (nothing written), then the entries are written
 in one stop of the other threads by the C core (see
-``hotpatch/native/codewrite.c``).  Analysis of the
+``hotpatch/native/codewrite.c``).  :func:`redirect` of a function with no
+site yet is one call of the C core instead (``native/first.c``), taking the
+same decisions.  Analysis of the
 bytes is :mod:`hotpatch.x86_64`'s; this module decides forms and never
 encodes an instruction itself.
 """
