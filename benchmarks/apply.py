@@ -91,7 +91,7 @@ def run(opts: Options) -> dict:
                                               for phase in HOTPATCH_PHASES}
                                      for t, rs in runs["hotpatch"].items() if rs},
               "hotpatch_one_call": {str(t): {kind: summary([r["one_call"][kind] for r in rs])
-                                             for kind in ONE_CALL_KINDS}
+                                             for kind in ONE_CALL_KINDS + ("control",)}
                                     for t, rs in runs["hotpatch"].items() if rs}}
     if frida_peer.available():
         result["frida"] = _summarize(runs["frida"], [f"{m}_{s}" for m in FRIDA_METHODS
@@ -274,13 +274,15 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int
     second half of its functions.  The first half warms the path up:
     Python's adaptive interpreter specializes a function's bytecode over
     its first calls, the first call of a path is twice its later ones.
-    The u_* are checked to have taken no stop."""
+    Every redirect is checked to have taken no stop.  ``control``: the
+    median of :func:`_control`, timed after each redirect: the same work
+    takes longer when the machine is slow."""
     import hotpatch
     from hotpatch import symbols as loaded
     clock = time.perf_counter
     kinds = {"hop": [f"f_{first_f + i}" for i in range(native.ONE_CALL)],
              "unstopped": [f"u_{native.UNSTOPPED + i}" for i in range(native.ONE_CALL)]}
-    out = {}
+    out, controls = {}, []
     for kind, names in kinds.items():
         stops = hotpatch.tree()["core"]["stops"]["count"]
         times = []
@@ -294,11 +296,23 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int
             _check(ffi, entry, lambda x: x + 1)
             sites.restore(site)
             times.append((t1 - t0) * 1e6)
+            controls.append(_control())
         if hotpatch.tree()["core"]["stops"]["count"] != stops:
             raise RuntimeError(f"a {names[0][0]}_* function took a stop: its entry is not the "
                                "shape expected")
         out[kind] = statistics.median(times[len(times) // 2:])
+    out["control"] = statistics.median(controls)
     return out
+
+
+def _control() -> float:
+    """µs of a fixed piece of work: system calls and Python, about a third
+    of one redirect's on a quiet machine here."""
+    t0 = time.perf_counter()
+    for _ in range(12):
+        os.getppid()
+    sum(i * i for i in range(200))
+    return (time.perf_counter() - t0) * 1e6
 
 
 def _patch_once(sites, library: str, chosen, g: int, g2: int, ffi) -> dict:

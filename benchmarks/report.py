@@ -264,7 +264,7 @@ def apply_section(r: dict, images: str) -> str:
         for t in one_call:
             theirs = frida.get(t, {}).get("replace_install", {}).get("1")
             rows.append([t] + [spread(one_call[t].get(kind)) for kind in ONE_CALL_KINDS]
-                        + [spread(theirs)]
+                        + [spread(one_call[t].get("control")), spread(theirs)]
                         + [f"{num(theirs['median'] / one_call[t][kind]['median'])}x"
                            if theirs and one_call[t].get(kind) else "—"
                            for kind in ONE_CALL_KINDS])
@@ -278,8 +278,12 @@ def apply_section(r: dict, images: str) -> str:
                 "model gives it. *f_\**: several instructions at the entry, through its "
                 "hot-patch point where other threads run (the `jmp` at the entry in a process "
                 "of one thread); *u_\**: one atomic store. Both checked to have taken no "
-                "stop.", "",
-                table(["busy threads", "f_* µs", "u_* µs", "Frida replace µs (1 function)",
+                "stop. *Control*: a fixed piece of work (12 system calls and a Python loop) "
+                "timed after each redirect in the same process: this machine has quiet and "
+                "noisy moments, and everything, the control included, takes longer in the "
+                "noisy ones.", "",
+                table(["busy threads", "f_* µs", "u_* µs", "control µs",
+                       "Frida replace µs (1 function)",
                        "Frida ÷ hotpatch, f_*", "Frida ÷ hotpatch, u_*"], rows), ""]
     for line in r.get("frida_refused", []):
         out.append(f"- Frida refused {line}")
