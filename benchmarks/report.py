@@ -1171,7 +1171,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   10,000 functions, with 0, 2 and 8 busy threads (10-39x over runs; the
   100-function ratio with busy threads has moved between 4x and 39x from
   run to run); at 1 function by one call with no busy thread (7-18x over
-  runs), not with busy threads (3-8x); 1,000 sites take 8-12 ms over runs,
+  runs), not with busy threads (3-8x); 1,000 sites take 8-12.5 ms over runs,
   at the 10 ms mark.**  The plans and original stubs of the
   common entry shapes are built by one call of the C core per batch
   (`native/plan.c`), reading a batch's entries as spans; the entry writes
@@ -1191,7 +1191,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   this session's runs with no busy thread (one process measures about 36
   µs or 55-70 µs depending on the moment: the machine's noise), 7-18x
   Frida's `replace` of one function (0.4-0.6 ms).  With busy threads it
-  is 78-140 µs (3-8x Frida): the atomic store's `mprotect` window and the
+  is 78-160 µs (3-8x Frida): the atomic store's `mprotect` window and the
   core sync interrupt the cores the busy threads run on, and the patching
   thread shares 2 cores with them.
 - **What the service feels (section 2d).**  Idle, no step of a
