@@ -1189,7 +1189,8 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   function's first redirect by one call (`sites.redirect`,
   `native/first.c`: the table after the first-patch one) is 31-68 µs over
   this session's runs with no busy thread (one process measures about 36
-  µs or 55-70 µs depending on the moment: the machine's noise), 7-18x
+  µs or 50-70 µs depending on the moment, as the control beside it
+  shows: the machine's noise), 7-18x
   Frida's `replace` of one function (0.4-0.6 ms).  With busy threads it
   is 78-160 µs (3-8x Frida): the atomic store's `mprotect` window and the
   core sync interrupt the cores the busy threads run on, and the patching
