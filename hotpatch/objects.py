@@ -50,6 +50,16 @@ class LoadedObject:
     #: what a relative Object.name may say: the basenames and the soname
     names: frozenset = frozenset()
 
+    def __hash__(self) -> int:
+        """The fields' hash, computed once: an object is a dictionary key
+        for every symbol lookup in its table (hashing the fields each time
+        was most of such a lookup)."""
+        value = self.__dict__.get("_hash")
+        if value is None:
+            value = hash((self.name, self.base, self.exec_ranges, self.build_id))
+            object.__setattr__(self, "_hash", value)
+        return value
+
     @property
     def path(self) -> str:
         """The file (realpath); /proc/thread-self/exe resolved for the main
