@@ -19,24 +19,6 @@
 
 #define JMP_REL32 5
 #define BEHIND (HP_HOP_BEHIND + HP_HOP_SEARCH)
-#define LONGEST_INSTRUCTION 15
-
-static int in_reach(uint64_t from_end, uint64_t to)
-{
-    int64_t d = (int64_t)(to - from_end);
-    return d >= INT32_MIN && d <= INT32_MAX;
-}
-
-/* plan.c's window: the function (at least its head), never past its segment;
- * 0 where the entry is in none of `ranges`. */
-static uint64_t plan_window(const struct hp_first *f, const uint64_t *ranges, long nranges)
-{
-    uint64_t window = f->plan.size > HP_SCAN_AHEAD ? f->plan.size : HP_SCAN_AHEAD;
-    for (long r = 0; r < nranges; r++)
-        if (ranges[2 * r] <= f->plan.entry && f->plan.entry < ranges[2 * r + 1])
-            return window < ranges[2 * r + 1] - f->plan.entry ? window : ranges[2 * r + 1] - f->plan.entry;
-    return nranges ? 0 : window;
-}
 
 /* Does [lo, hi) overlap one of the `ntaken` [lo, hi) pairs of `taken`? */
 static int overlaps(uint64_t lo, uint64_t hi, const uint64_t *taken, long ntaken)
@@ -93,8 +75,7 @@ static int write_entry(struct hp_first *f, int timeout_ms, char *err)
         return -1;
     }
     if (f->hop) {
-        int32_t rel = (int32_t)(f->target - (f->hop + JMP_REL32));
-        memcpy(jump + 1, &rel, sizeof rel);
+        hp_put_rel32(jump + 1, f->hop + JMP_REL32, f->target);
         if (hp_hop_put(f->hop, f->hop_padding, jump)) {
             char *end = hp_fmt_hex(err, err + HP_ERRLEN, f->plan.entry);
             hp_fmt_str(end, err + HP_ERRLEN, ": the padding before the entry changed: its "
@@ -117,9 +98,9 @@ static int write_entry(struct hp_first *f, int timeout_ms, char *err)
  * HP_BEFORE_ASK to ask for it only then (its lookup, in the symbol table,
  * costs more than the rest), HP_BEFORE_NONE where there is none to ask.
  * Asked, the call returns with f->wants_before set and nothing written
- * but the stub: call again with f->before and f->planned set.  `ranges`: as hp_plan_entries'; `free_blocks`:
- * pool blocks to reuse for the stub (the one taken gets size 0); `taken`:
- * the [lo, hi) pairs of the bytes near the entry that other sites write
+ * but the stub: call again with f->before and f->planned set.  `ranges`:
+ * as hp_plan_entries'; `free_blocks`: pool blocks to reuse for the stub
+ * (the one taken gets size 0); `taken`: the [lo, hi) pairs of the bytes near the entry that other sites write
  * (their entries, their hot-patch points).
  *
  * f->plan is planned as hp_plan_entries plans it, its stub written; where
@@ -136,9 +117,9 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
                        struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
                        long ntaken, int timeout_ms, char *err)
 {
-    uint64_t window = plan_window(f, ranges, nranges);
-    size_t ahead = window > HP_SCAN_AHEAD ? window : HP_SCAN_AHEAD;
-    uint8_t *bytes = malloc(BEHIND + ahead);
+    uint64_t end, window = hp_plan_window(&f->plan, ranges, nranges, &end);
+    size_t len = BEHIND + (window > HP_SCAN_AHEAD ? window : HP_SCAN_AHEAD);
+    uint8_t *bytes = malloc(len);
     long rc = -1;
     int planned = f->planned;
     err[0] = 0;
@@ -152,13 +133,13 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
     /* One read for all: where the bytes before the entry are not mapped,
      * the plan reads for itself and the batch path does the rest. */
     int have = f->plan.entry >= BEHIND &&
-               hp_read_memory(f->plan.entry - BEHIND, bytes, BEHIND + ahead) == (long)(BEHIND + ahead);
+               hp_read_memory(f->plan.entry - BEHIND, bytes, len) == (long)len;
     if (!planned && hp_plan_entries_from(&f->plan, 1, ranges, nranges, 1, free_blocks, nfree,
                                          have ? bytes + BEHIND : NULL, window) < 0)
         goto out;
     rc = 0;
     const struct hp_plan *p = &f->plan;
-    if (!have || p->status != HP_PLAN_OK || !in_reach(p->address + JMP_REL32, f->target))
+    if (!have || p->status != HP_PLAN_OK || !hp_in_reach(p->address, f->target, JMP_REL32))
         goto out;
     /* A process of one thread needs no stop, so no point (sites.py's
      * _hops_spare_a_stop): not looked for, the batch path looks for it
@@ -172,7 +153,7 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
     f->hop = hop;
     f->hop_known = !alone;
     if (overlaps(p->address, p->address + p->length, taken, ntaken) ||
-            (hop && !in_reach(hop + JMP_REL32, f->target)))
+            (hop && !hp_in_reach(hop, f->target, JMP_REL32)))
         goto out;
     f->written = write_entry(f, timeout_ms, err) ? -1 : 1;
 out:

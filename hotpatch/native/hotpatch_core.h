@@ -191,6 +191,10 @@ long hp_plan_entries_from(struct hp_plan *plans, long n, const uint64_t *ranges,
                           int place, struct hp_code_block *free_blocks, size_t nfree,
                           const uint8_t *code, size_t len);
 long hp_plan_branched_into(struct hp_plan *plans, long n, struct hp_branch_index *ix);
+uint64_t hp_plan_window(const struct hp_plan *plan, const uint64_t *ranges, long nranges,
+                        uint64_t *end);
+int hp_in_reach(uint64_t src, uint64_t dst, unsigned size);
+uint8_t *hp_put_rel32(uint8_t *p, uint64_t at_end, uint64_t target);
 /* One site of a batch of entry writes: what is at its entry now and what
  * it gets, each `op` (0xE9 jmp, 0xE8 call) rel32 to `to`, or its original
  * bytes where op is 0. */

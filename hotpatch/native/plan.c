@@ -47,7 +47,8 @@ struct insn {
     uint64_t rip_target;
 };
 
-static int in_reach(uint64_t src, uint64_t dst, unsigned size)
+/* Can an instruction of `size` bytes at `src` reach `dst` with a rel32? */
+int hp_in_reach(uint64_t src, uint64_t dst, unsigned size)
 {
     int64_t d = (int64_t)(dst - (src + size));
     return d >= INT32_MIN && d <= INT32_MAX;
@@ -116,7 +117,8 @@ static unsigned stub_size(const struct insn *i, int far)
     return i->size;
 }
 
-static uint8_t *put_rel32(uint8_t *p, uint64_t at_end, uint64_t target)
+/* The rel32 from `at_end` (the instruction's end) to `target`, at p. */
+uint8_t *hp_put_rel32(uint8_t *p, uint64_t at_end, uint64_t target)
 {
     int32_t d = (int32_t)(int64_t)(target - at_end);
     memcpy(p, &d, 4);
@@ -170,7 +172,7 @@ static int encode_stub(struct hp_plan *plan, const struct insn *insns, int n)
             unsigned size = insns[k].branch == JCC ? JCC_REL32 : JMP_REL32;
             if (!far[k] && insns[k].rip_disp_offset < 0
                     && (insns[k].branch == JMP || insns[k].branch == JCC)
-                    && !in_reach(at + offsets[k], insns[k].target, size))
+                    && !hp_in_reach(at + offsets[k], insns[k].target, size))
                 far[k] = changed = 1;
         }
         if (!changed)
@@ -191,7 +193,7 @@ static int encode_stub(struct hp_plan *plan, const struct insn *insns, int n)
             p = put_jmp_abs(p, i->target);
         } else if (i->branch == JMP) {
             *p++ = 0xE9;
-            p = put_rel32(p, here + JMP_REL32, i->target);
+            p = hp_put_rel32(p, here + JMP_REL32, i->target);
         } else if (i->branch == JCC && far[k]) {
             *p++ = (uint8_t)(0x70 | (condition_code(i) ^ 1));   /* skips the jump */
             *p++ = JMP_ABS;
@@ -199,7 +201,7 @@ static int encode_stub(struct hp_plan *plan, const struct insn *insns, int n)
         } else if (i->branch == JCC) {
             *p++ = 0x0F;
             *p++ = (uint8_t)(0x80 | condition_code(i));
-            p = put_rel32(p, here + JCC_REL32, i->target);
+            p = hp_put_rel32(p, here + JCC_REL32, i->target);
         } else {
             memcpy(p, i->raw, i->size);
             p += i->size;
@@ -207,9 +209,9 @@ static int encode_stub(struct hp_plan *plan, const struct insn *insns, int n)
     }
     if (plan->falls_through) {
         uint64_t here = plan->stub + (uint64_t)(p - plan->code), resume = plan->address + plan->length;
-        if (in_reach(here, resume, JMP_REL32)) {
+        if (hp_in_reach(here, resume, JMP_REL32)) {
             *p++ = 0xE9;
-            p = put_rel32(p, here + JMP_REL32, resume);
+            p = hp_put_rel32(p, here + JMP_REL32, resume);
         } else {
             p = put_jmp_abs(p, resume);
         }
@@ -299,14 +301,31 @@ static int plan_one(struct hp_plan *plan, const struct hp_entry_scan *s, const u
     return 1;
 }
 
+/* entry.py's _window(): the bytes from the plan's entry that its analysis
+ * reads (the function, at least its head, never past its segment); 0 where
+ * the entry is in none of `ranges` (nranges 0: not checked).  `*end`: its
+ * segment's end, 0 where not checked. */
+uint64_t hp_plan_window(const struct hp_plan *plan, const uint64_t *ranges, long nranges,
+                        uint64_t *end)
+{
+    uint64_t window = plan->size > HP_SCAN_AHEAD ? plan->size : HP_SCAN_AHEAD;
+    *end = 0;
+    for (long r = 0; r < nranges; r++)
+        if (ranges[2 * r] <= plan->entry && plan->entry < ranges[2 * r + 1])
+            *end = ranges[2 * r + 1];
+    if (nranges && !*end)
+        return 0;
+    return *end && window > *end - plan->entry ? *end - plan->entry : window;
+}
+
 /* sites.py's _alloc_code(): a free block within reach first, else new. */
 static uint64_t alloc_stub(uint64_t near, uint32_t size, struct hp_code_block *free_blocks,
                            size_t nfree)
 {
     for (size_t k = 0; k < nfree; k++) {
         struct hp_code_block *b = &free_blocks[k];
-        if (b->size >= size && in_reach(near, b->address, JMP_REL32)
-                && in_reach(near, b->address + b->size, JMP_REL32)) {
+        if (b->size >= size && hp_in_reach(near, b->address, JMP_REL32)
+                && hp_in_reach(near, b->address + b->size, JMP_REL32)) {
             uint64_t at = b->address;
             b->size = 0;            /* taken */
             return at;
@@ -400,22 +419,16 @@ long hp_plan_entries_from(struct hp_plan *plans, long n, const uint64_t *ranges,
     for (long first = 0; first < n; first += CHUNK) {
         long count = 0;
         size_t offset = 0;
-        /* entry.py's _window(): the function (at least its head), never
-         * past its segment; functions longer than the buffer keeps are
+        /* Each function's window (hp_plan_window); one in no segment is
          * left to Python. */
         for (long i = first; i < n && i < first + CHUNK; i++) {
             struct hp_plan *plan = &plans[i];
-            uint64_t end = 0, window = plan->size > HP_SCAN_AHEAD ? plan->size : HP_SCAN_AHEAD;
+            uint64_t end, window = hp_plan_window(plan, ranges, nranges, &end);
             plan->status = HP_PLAN_PYTHON;
             if (place)
                 plan->stub = 0;
-            for (long r = 0; r < nranges; r++)
-                if (ranges[2 * r] <= plan->entry && plan->entry < ranges[2 * r + 1])
-                    end = ranges[2 * r + 1];
-            if (nranges && !end)
+            if (!window)
                 continue;
-            if (end && window > end - plan->entry)
-                window = end - plan->entry;
             /* Field by field: a compound literal would clear all 2 KiB of
              * the scan, most of it for hp_scan_entries to fill. */
             scans[count].entry = plan->entry;
@@ -511,16 +524,16 @@ static int entry_bytes(uint8_t *out, const struct hp_entry_change *c, uint8_t op
         return 1;
     if (via_hop) {
         int64_t rel8 = (int64_t)(c->hop - (c->address + 2));
-        if (op != 0xE9 || rel8 < -128 || rel8 > 127 || !in_reach(c->hop, to, JMP_REL32))
+        if (op != 0xE9 || rel8 < -128 || rel8 > 127 || !hp_in_reach(c->hop, to, JMP_REL32))
             return 0;
         out[0] = JMP_REL8;
         out[1] = (uint8_t)(int8_t)rel8;
         return 1;
     }
-    if (!in_reach(c->address, to, JMP_REL32))
+    if (!hp_in_reach(c->address, to, JMP_REL32))
         return 0;
     out[0] = op;
-    put_rel32(out + 1, c->address + JMP_REL32, to);
+    hp_put_rel32(out + 1, c->address + JMP_REL32, to);
     memset(out + JMP_REL32, 0xCC, c->length - JMP_REL32);
     return 1;
 }
@@ -531,8 +544,8 @@ static void hop_write(struct hp_write *out, const struct hp_entry_change *c, uin
     out->address = c->hop;
     out->len = JMP_REL32;
     out->old[0] = out->bytes[0] = 0xE9;
-    put_rel32(out->old + 1, c->hop + JMP_REL32, c->hop_to);
-    put_rel32(out->bytes + 1, c->hop + JMP_REL32, new_to);
+    hp_put_rel32(out->old + 1, c->hop + JMP_REL32, c->hop_to);
+    hp_put_rel32(out->bytes + 1, c->hop + JMP_REL32, new_to);
 }
 
 /*
