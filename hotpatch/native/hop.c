@@ -30,9 +30,6 @@
 
 #include <string.h>
 
-#define HOP_SEARCH HP_HOP_SEARCH
-#define HOP_BEHIND HP_HOP_BEHIND
-#define HOP_SIZE HP_HOP_SIZE
 #define LONGEST_INSTRUCTION 15
 #define SWEEP_LIMIT 4096        /* bytes swept from the function before, at most */
 
@@ -101,7 +98,7 @@ static int swept_to_an_end(uint64_t from, uint64_t at)
  * tell whether it is dead. */
 uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before)
 {
-    uint8_t buf[HOP_BEHIND + HOP_SEARCH], first[LONGEST_INSTRUCTION];
+    uint8_t buf[HP_HOP_BEHIND + HP_HOP_SEARCH], first[LONGEST_INSTRUCTION];
     if (address < entry ||
             hp_read_own(hp_gettid(), first, address, sizeof first) != (long)sizeof first ||
             hp_read_own(hp_gettid(), buf, entry - sizeof buf, sizeof buf) != (long)sizeof buf)
@@ -114,27 +111,26 @@ uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before)
 uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint8_t *first,
                    const uint8_t *behind)
 {
-    const uint8_t *buf = behind;
-    uint64_t base = entry - (HOP_BEHIND + HOP_SEARCH);
+    uint64_t base = entry - (HP_HOP_BEHIND + HP_HOP_SEARCH);
     int kind;
-    if (address < entry || address + 2 - (entry - HOP_SIZE) > 128 ||
+    if (address < entry || address + 2 - (entry - HP_HOP_SIZE) > 128 ||
             hp_instruction_kind(first, LONGEST_INSTRUCTION, address, &kind) < 2)
         return 0;
-    long end = HOP_BEHIND + HOP_SEARCH, run = end;
-    while (run > HOP_BEHIND && padding_byte(buf[run - 1]))
+    long end = HP_HOP_BEHIND + HP_HOP_SEARCH, run = end;
+    while (run > HP_HOP_BEHIND && padding_byte(behind[run - 1]))
         run--;
     /* The run may have taken the last bytes of the instruction before it
      * (a displacement of zeros): the padding starts at the first byte from
      * which it decodes as padding. */
-    for (long start = run; end - start >= HOP_SIZE; start++)
-        if (hp_padding_over(buf + start, end - start, base + start, end - start)) {
+    for (long start = run; end - start >= HP_HOP_SIZE; start++)
+        if (hp_padding_over(behind + start, end - start, base + start, end - start)) {
             uint64_t at = base + start;
-            if (nothing_falls_into(buf, base, start))
-                return entry - HOP_SIZE;
+            if (nothing_falls_into(behind, base, start))
+                return entry - HP_HOP_SIZE;
             if (!before)
                 return HP_HOP_ASK_BEFORE;
             return before < at && at - before <= SWEEP_LIMIT && swept_to_an_end(before, at)
-                ? entry - HOP_SIZE : 0;
+                ? entry - HP_HOP_SIZE : 0;
         }
     return 0;
 }
@@ -146,11 +142,12 @@ uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint
  * are not `old` or cannot be written. */
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes)
 {
-    uint8_t now[HOP_SIZE];
+    uint8_t now[HP_HOP_SIZE];
     pthread_mutex_lock(&hp_lock);
     int rc = -1;
-    if (hp_read_own(hp_gettid(), now, hop, HOP_SIZE) == HOP_SIZE && !memcmp(now, old, HOP_SIZE) &&
-            hp_write_code_locked(hop, bytes, HOP_SIZE) == 0) {
+    if (hp_read_own(hp_gettid(), now, hop, HP_HOP_SIZE) == HP_HOP_SIZE &&
+            !memcmp(now, old, HP_HOP_SIZE) &&
+            hp_write_code_locked(hop, bytes, HP_HOP_SIZE) == 0) {
         hp_sync_cores();
         rc = 0;
     }
