@@ -124,8 +124,6 @@ _described_lock = OperationLock(
     2, lambda what: HotpatchError(f"{what}: already listing loaded objects in this thread"))
 
 
-
-
 def loaded_objects() -> list[LoadedObject]:
     """Every object mapped in the process, in the dynamic linker's order.
 

@@ -130,13 +130,14 @@ HP_RAW int hp_list_threads(int *tids, int max)
     return n;
 }
 
+static struct hp_kept_fd task_dir = HP_KEPT_FD_NONE;   /* /proc/self/task */
+
 /* Is the calling thread the process's only one?  Then nothing else can run
  * the bytes while they are written: no thread to stop.  No other can start
  * meanwhile either, since only a thread of the process creates one and this
  * one is here, signals blocked.  (The ptrace helper shares the memory but
- * runs only the core's own code.)  0 where the task list cannot be read. */
-static struct hp_kept_fd task_dir = HP_KEPT_FD_NONE;
-
+ * runs only the core's own code.)  0 where the task list cannot be read.
+ * hp_lock held: it guards the kept descriptor. */
 HP_RAW int hp_only_thread(void)
 {
     /* The task directory's link count is 2 + the process's threads (the
