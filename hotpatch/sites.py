@@ -954,19 +954,23 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
     words[0], words[1], words[_FIRST_TARGET] = entry, size or 0, target
     # The function before: asked for only where a hot-patch point needs it.
     words[_FIRST_BEFORE] = _BEFORE_ASK if function_before is not None else _BEFORE_NONE
-    free = _free_blocks() if _free_code else ffi.NULL
-    taken = _taken_near(entry) or ffi.NULL
-    ranges = _native_ranges(exec_ranges)
-    rc = lib.hp_redirect_first(_first, ranges, len(exec_ranges), free, len(_free_code), taken,
-                               len(taken) // 2 if taken else 0, STOP_TIMEOUT_MS, _first_err)
+    taken = _taken_near(entry)
+
+    def redirect_first(free, nfree: int) -> int:
+        return lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges),
+                                     free, nfree, taken or ffi.NULL, len(taken) // 2,
+                                     STOP_TIMEOUT_MS, _first_err)
+
     if _free_code:
+        free = _free_blocks()
+        rc = redirect_first(free, len(_free_code))
         _keep_free_blocks(free)
+    else:
+        rc = redirect_first(ffi.NULL, 0)
     if rc >= 0 and _first.wants_before:
         words[_FIRST_BEFORE] = function_before(entry - 1) or _BEFORE_NONE
-        _first.planned = 1
-        rc = lib.hp_redirect_first(_first, ranges, len(exec_ranges), ffi.NULL, 0, taken,
-                                   len(taken) // 2 if taken else 0, STOP_TIMEOUT_MS,
-                                   _first_err)
+        _first.planned = 1          # the stub is made: no block to take
+        rc = redirect_first(ffi.NULL, 0)
     if rc < 0:
         raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
     status, plan, stub, stub_size = native_result(_first_plan)
