@@ -467,17 +467,23 @@ report(out)
 
 # A signal handler running at the stop ------------------------------------
 
+# The child's start: a caller thread signalled while it calls st_tiny (by
+# P["start"], st_alarm_start or st_restorer_start), and two patches of
+# st_tiny.  The signal stop needs every other thread to take its signal.
+SIGNALLED_TINY = PRELUDE + """
+if P["stopper"] == "signals":
+    only_me_blocking()
+p1, p2 = two_patches("st_tiny")
+rc = getattr(lib, P["start"])(fnptr("st_tiny"), allowed("st_tiny"), 3)
+assert rc == 0, rc
+"""
+
 @pytest.mark.parametrize("stopper", ["ptrace", "signals"])
 def test_thread_in_a_signal_handler_interrupted_inside_the_bytes(child, stopper_lib, stopper):
     # The interrupted context (saved in the signal frame) may be inside the
     # replaced bytes while the thread itself runs its handler: when the
     # handler returns it resumes there.
-    r = child(PRELUDE + """
-if P["stopper"] == "signals":
-    only_me_blocking()
-p1, p2 = two_patches("st_tiny")
-rc = lib.st_alarm_start(fnptr("st_tiny"), allowed("st_tiny"), 3)
-assert rc == 0, rc
+    r = child(SIGNALLED_TINY + """
 time.sleep(0.02)
 t0, i = time.monotonic(), 0
 while i < 500 or (time.monotonic() - t0 < 2.0 and i < 20_000):
@@ -487,7 +493,8 @@ out = (ctypes.c_long * 4)()
 bad = lib.st_alarm_stop(out)
 report({"bad": bad, "calls": out[0], "handled": out[1], "inside": out[2], "changed": out[3],
         "cycles": i, "final": call("st_tiny"), "method": (stopper() or {}).get("method")})
-""", stopper=stopper, timeout=300, env={"HOTPATCH_STOPPER": stopper}, **stopper_lib)[0]
+""", stopper=stopper, start="st_alarm_start", timeout=300, env={"HOTPATCH_STOPPER": stopper},
+              **stopper_lib)[0]
     print(r)   # "changed": handler runs that returned into bytes rewritten meanwhile
     assert r["handled"] > 500 and r["inside"] > 0, ("the handler never interrupted st_tiny", r)
     assert r["bad"] == 0 and r["final"] == 8, r
@@ -502,13 +509,8 @@ def test_thread_in_its_restorer_returning_into_the_bytes(child, stopper_lib, sto
     # above wrote the jmp and the thread resumed in its middle (the SIGSEGV
     # of the test above, once in about twenty runs).  Here the restorer
     # waits, so the stop comes there every time.
-    r = child(PRELUDE + """
+    r = child(SIGNALLED_TINY + """
 import threading
-if P["stopper"] == "signals":
-    only_me_blocking()
-p1, _ = two_patches("st_tiny")
-rc = lib.st_restorer_start(fnptr("st_tiny"), allowed("st_tiny"), 3)
-assert rc == 0, rc
 deadline = time.monotonic() + 60
 while not lib.st_restorer_held() and time.monotonic() < deadline:
     time.sleep(0.001)
@@ -525,7 +527,8 @@ out = (ctypes.c_long * 1)()
 bad = lib.st_restorer_stop(out)
 report({"held": held, "waited": waited, "bad": bad, "calls": out[0], "final": call("st_tiny"),
         "method": (stopper() or {}).get("method")})
-""", stopper=stopper, timeout=300, env={"HOTPATCH_STOPPER": stopper}, **stopper_lib)[0]
+""", stopper=stopper, start="st_restorer_start", timeout=300,
+              env={"HOTPATCH_STOPPER": stopper}, **stopper_lib)[0]
     assert r["held"], r
     # The stop waited for the thread to leave the restorer (released at 0.3 s).
     assert r["waited"] >= 0.25, r

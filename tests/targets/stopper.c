@@ -393,15 +393,65 @@ EXPORT int st_tracer_release(void)
     return status;
 }
 
+/* A caller thread signalled by a timer of its own (SIGEV_THREAD_ID): it
+ * calls `fn` until `running` drops, counting its calls and bad results. */
+struct signalled_caller {
+    fn_t volatile fn;
+    volatile int running;
+    volatile pid_t tid;
+    long calls, bad;
+    pthread_t thread;
+    timer_t timer;
+};
+
+static void *signalled_loop(void *arg)
+{
+    struct signalled_caller *c = arg;
+    c->tid = (pid_t)syscall(SYS_gettid);
+    while (c->running) {
+        c->bad += !is_allowed(c->fn(7));
+        c->calls++;
+    }
+    return 0;
+}
+
+/* Start `c` calling `f`, and its timer sending it `sig` every `period_ns`.
+ * 0, or -errno. */
+static int start_signalled_caller(struct signalled_caller *c, fn_t f, int sig, long period_ns)
+{
+    c->fn = f;
+    c->calls = c->bad = 0;
+    c->tid = 0;
+    c->running = 1;
+    pthread_create(&c->thread, 0, signalled_loop, c);
+    while (!c->tid)
+        sched_yield();
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = sig;
+    sev._sigev_un._tid = c->tid;
+    if (timer_create(CLOCK_MONOTONIC, &sev, &c->timer))
+        return -errno;
+    struct itimerspec its = { { 0, period_ns }, { 0, period_ns } };
+    return timer_settime(c->timer, 0, &its, 0) ? -errno : 0;
+}
+
+/* Join `c` (its timer deleted already): its bad results, its calls in
+ * `*calls`. */
+static long stop_signalled_caller(struct signalled_caller *c, long *calls)
+{
+    c->running = 0;
+    pthread_join(c->thread, 0);
+    *calls = c->calls;
+    return c->bad;
+}
+
 /* ---- item 7: a caller interrupted by a signal whose handler is still
  * running when the stop happens: SIGALRM every 1 ms delivered to the caller
- * thread itself (SIGEV_THREAD_ID), the handler busy-waits 300 us ---- */
-static volatile int alarm_running;
-static pthread_t alarm_caller;
-static fn_t volatile alarm_fn;
-static long acalls, abad, ahandled;
-static timer_t alarm_timer;
-static volatile pid_t alarm_tid;
+ * thread itself, the handler busy-waits 300 us ---- */
+static struct signalled_caller alarm_caller;
+static long ahandled;
 
 /* inside: the handler interrupted st_tiny strictly inside its first five
  * (replaced) bytes; changed: and those bytes changed while it ran, so it
@@ -429,50 +479,15 @@ static void on_alarm(int sig, siginfo_t *info, void *ctx)
     errno = saved;
 }
 
-static void *alarm_loop(void *arg)
-{
-    (void)arg;
-    alarm_tid = (pid_t)syscall(SYS_gettid);
-    while (alarm_running) {
-        abad += !is_allowed(alarm_fn(7));
-        acalls++;
-    }
-    return 0;
-}
-
-/* Start a caller thread running `loop` (which stores its tid in `*tid`
- * first), and a timer of its own that sends it `sig` every `period_ns`
- * (SIGEV_THREAD_ID).  0, or -errno. */
-static int start_signalled_caller(pthread_t *thread, void *(*loop)(void *), volatile pid_t *tid,
-                                  int sig, long period_ns, timer_t *timer)
-{
-    *tid = 0;
-    pthread_create(thread, 0, loop, 0);
-    while (!*tid)
-        sched_yield();
-    struct sigevent sev;
-    memset(&sev, 0, sizeof sev);
-    sev.sigev_notify = SIGEV_THREAD_ID;
-    sev.sigev_signo = sig;
-    sev._sigev_un._tid = *tid;
-    if (timer_create(CLOCK_MONOTONIC, &sev, timer))
-        return -errno;
-    struct itimerspec its = { { 0, period_ns }, { 0, period_ns } };
-    return timer_settime(*timer, 0, &its, 0) ? -errno : 0;
-}
-
 EXPORT int st_alarm_start(fn_t f, const long *ok, int nok)
 {
-    alarm_fn = f;
     set_allowed(ok, nok);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_alarm;
     sa.sa_flags = SA_SIGINFO | SA_RESTART;
     sigaction(SIGALRM, &sa, 0);
-    alarm_running = 1;
-    return start_signalled_caller(&alarm_caller, alarm_loop, &alarm_tid, SIGALRM, 1000000,
-                                  &alarm_timer);
+    return start_signalled_caller(&alarm_caller, f, SIGALRM, 1000000);
 }
 
 /* ---- a thread held in its restorer: its handler returned, the
@@ -481,12 +496,8 @@ EXPORT int st_alarm_start(fn_t f, const long *ok, int nok)
  * first five bytes; that handler run returns into a restorer that waits
  * until st_restorer_release().  Glibc's __restore_rt is two instructions,
  * so a stop lands there only now and then; this one waits there. ---- */
-static volatile int restorer_hold, restorer_held, restorer_running;
-static pthread_t restorer_caller;
-static fn_t volatile restorer_fn;
-static timer_t restorer_timer;
-static volatile pid_t restorer_tid;
-static long rcalls, rbad;
+static volatile int restorer_hold, restorer_held;
+static struct signalled_caller restorer_caller;
 
 void st_slow_restorer(void);
 __asm__(".text\n.type st_slow_restorer,@function\nst_slow_restorer:\n"
@@ -506,17 +517,6 @@ static void on_restorer_signal(int sig, siginfo_t *info, void *ctx)
     }
 }
 
-static void *restorer_loop(void *arg)
-{
-    (void)arg;
-    restorer_tid = (pid_t)syscall(SYS_gettid);
-    while (restorer_running) {
-        rbad += !is_allowed(restorer_fn(7));
-        rcalls++;
-    }
-    return 0;
-}
-
 /* The kernel's struct sigaction: glibc's sigaction() sets its own
  * restorer, this one is ours. */
 struct kernel_sigaction {
@@ -528,15 +528,12 @@ struct kernel_sigaction {
 
 EXPORT int st_restorer_start(fn_t f, const long *ok, int nok)
 {
-    restorer_fn = f;
     set_allowed(ok, nok);
     struct kernel_sigaction sa = { on_restorer_signal, SA_SIGINFO | SA_RESTART | 0x04000000,
                                    st_slow_restorer, 0 };
     if (syscall(SYS_rt_sigaction, SIGUSR2, &sa, 0, 8))
         return -errno;
-    restorer_running = 1;
-    return start_signalled_caller(&restorer_caller, restorer_loop, &restorer_tid, SIGUSR2, 200000,
-                                  &restorer_timer);
+    return start_signalled_caller(&restorer_caller, f, SIGUSR2, 200000);
 }
 
 static int restorer_timer_gone;
@@ -544,7 +541,7 @@ static int restorer_timer_gone;
 static void restorer_timer_stop(void)
 {
     if (!restorer_timer_gone)
-        timer_delete(restorer_timer);
+        timer_delete(restorer_caller.timer);
     restorer_timer_gone = 1;
 }
 
@@ -564,24 +561,19 @@ EXPORT long st_restorer_stop(long *out)
 {
     restorer_timer_stop();
     restorer_hold = 0;
-    restorer_running = 0;
-    pthread_join(restorer_caller, 0);
-    out[0] = rcalls;
-    return rbad;
+    return stop_signalled_caller(&restorer_caller, &out[0]);
 }
 
 /* Returns the bad results; out: calls, handler runs, runs that interrupted
  * st_tiny inside its first bytes, of those the ones whose bytes changed. */
 EXPORT long st_alarm_stop(long *out)
 {
-    timer_delete(alarm_timer);
-    alarm_running = 0;
-    pthread_join(alarm_caller, 0);
-    out[0] = acalls;
+    timer_delete(alarm_caller.timer);
+    long bad = stop_signalled_caller(&alarm_caller, &out[0]);
     out[1] = ahandled;
     out[2] = ainside;
     out[3] = achanged;
-    return abad;
+    return bad;
 }
 
 /* ---- an application's own SA_SIGINFO handler on a signal ---- */
