@@ -250,3 +250,31 @@ def test_the_function_before_finds_a_hot_patch_point_in_one_call(child, first_li
     batch = child(SWEPT, mode="batch", **first_lib)[0]
     assert first == {**batch, "batch_prepared": 0}, (first, batch)
     assert first["took"] == [0, 1] and first["hopped"] and first["patched"] == 1007, first
+
+
+def test_a_library_nobody_here_wrote_in_one_call(child, first_lib):
+    # libz's crc32 sent to adler32 by one call, with the function before
+    # from libz's symbol table as the model gives it: no stop, the batch
+    # path never asked, and its entry's bytes back exactly after.
+    r = child(PRELUDE + """
+libz = ctypes.CDLL("libz.so.1")
+libz.crc32.restype = libz.adler32.restype = ctypes.c_ulong
+crc, adler = (ctypes.cast(libz.crc32, ctypes.c_void_p).value,
+              ctypes.cast(libz.adler32, ctypes.c_void_p).value)
+obj = hotpatch.symbols.find_object("libz.so.1")
+size = next(s.size for s in hotpatch.symbols.functions(obj) if s.address == crc)
+before = sites.read_memory(crc, 16)
+want = {"crc": libz.crc32(0, b"abc", 3), "adler": libz.adler32(0, b"abc", 3)}
+holder = []
+took_ = took(lambda: holder.append(sites.redirect(
+    crc, adler, size=size, exec_ranges=obj.exec_ranges,
+    function_before=lambda a: hotpatch.symbols.function_before(obj, a))))
+out = {"want": want, "took": took_, "patched": libz.crc32(0, b"abc", 3),
+       "hopped": holder[0].hopped, "batch_prepared": batch_prepared[0]}
+sites.restore(holder[0])
+out.update(restored=libz.crc32(0, b"abc", 3), identical=sites.read_memory(crc, 16) == before)
+report(out)
+""", **first_lib)[0]
+    assert r["patched"] == r["want"]["adler"] != r["want"]["crc"], r
+    assert r["took"] == [0, 1] and r["hopped"] and r["batch_prepared"] == 0, r
+    assert r["restored"] == r["want"]["crc"] and r["identical"], r
