@@ -46,6 +46,8 @@ HOTPATCH_PHASES = ("prepare", "write", "apply", "revert", "reapply", "retarget")
 #: through its hot-patch point where other threads run) and u_* (one
 #: atomic store).
 ONE_CALL_KINDS = ("hop", "unstopped")
+#: Timed beside each one-call redirect (see _one_call).
+ONE_CALL_BESIDE = ("control", "kernel_floor")
 FRIDA_METHODS = ("replace", "replaceFast")
 
 
@@ -91,7 +93,7 @@ def run(opts: Options) -> dict:
                                               for phase in HOTPATCH_PHASES}
                                      for t, rs in runs["hotpatch"].items() if rs},
               "hotpatch_one_call": {str(t): {kind: summary([r["one_call"][kind] for r in rs])
-                                             for kind in ONE_CALL_KINDS + ("control",)}
+                                             for kind in ONE_CALL_KINDS + ONE_CALL_BESIDE}
                                     for t, rs in runs["hotpatch"].items() if rs}}
     if frida_peer.available():
         result["frida"] = _summarize(runs["frida"], [f"{m}_{s}" for m in FRIDA_METHODS
@@ -210,7 +212,8 @@ def growth(us_by_count: dict[str, float]) -> float | None:
 def _load(library: str):
     import cffi
     ffi = cffi.FFI()
-    ffi.cdef("int gen_start_callers(int n); void gen_stop_callers(void);")
+    ffi.cdef("int gen_start_callers(int n); void gen_stop_callers(void); "
+             "long gen_kernel_floor_ns(void);")
     lib = ffi.dlopen(library)
     symbols = {name: (offset, size) for name, offset, size in function_symbols(library)[0]}
     return ffi, lib, symbols
@@ -231,11 +234,11 @@ def child() -> None:
         receive()
         lib.gen_stop_callers()
         exit_after_frida()
-    emit(_patch_counts(ffi, params, functions, symbols))
+    emit(_patch_counts(ffi, lib, params, functions, symbols))
     lib.gen_stop_callers()
 
 
-def _patch_counts(ffi, params, functions, symbols) -> dict:
+def _patch_counts(ffi, lib, params, functions, symbols) -> dict:
     from hotpatch import sites
     base = load_base(os.path.realpath(params["library"]))
     g, g2 = base + symbols["g"][0], base + symbols["g2"][0]
@@ -250,7 +253,7 @@ def _patch_counts(ffi, params, functions, symbols) -> dict:
             us[phase][str(count)] = value
     return {"us": us, "first": first,
             "unstopped": _unstopped(sites, library, symbols, base, g, g2, ffi),
-            "one_call": _one_call(sites, library, symbols, base, g, ffi, len(functions))}
+            "one_call": _one_call(sites, library, symbols, base, g, ffi, lib, len(functions))}
 
 
 def _unstopped(sites, library: str, symbols, base: int, g: int, g2: int, ffi) -> dict:
@@ -265,7 +268,7 @@ def _unstopped(sites, library: str, symbols, base: int, g: int, g2: int, ffi) ->
     return {phase: statistics.median(r[phase] for r in runs) for phase in HOTPATCH_PHASES}
 
 
-def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int) -> dict:
+def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f: int) -> dict:
     """Functions never patched before, each redirected by one call of
     ``sites.redirect`` (its object's segments looked up first, as
     ``prepare`` is timed with them; the symbol table's function before
@@ -276,13 +279,16 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int
     its first calls, the first call of a path is twice its later ones.
     Every redirect is checked to have taken no stop.  ``control``: the
     median of :func:`_control`, timed after each redirect: the same work
-    takes longer when the machine is slow."""
+    takes longer when the machine is slow.  ``kernel_floor``: the median
+    of ``gen_kernel_floor_ns`` (the system calls that serialize a write
+    through a hot-patch point, on a page nothing runs), timed after each
+    redirect too: what no redirect that syncs the cores can go under."""
     import hotpatch
     from hotpatch import symbols as loaded
     clock = time.perf_counter
     kinds = {"hop": [f"f_{first_f + i}" for i in range(native.ONE_CALL)],
              "unstopped": [f"u_{native.UNSTOPPED + i}" for i in range(native.ONE_CALL)]}
-    out, controls = {}, []
+    out, controls, floors = {}, [], []
     for kind, names in kinds.items():
         stops = hotpatch.tree()["core"]["stops"]["count"]
         times = []
@@ -297,11 +303,13 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, first_f: int
             sites.restore(site)
             times.append((t1 - t0) * 1e6)
             controls.append(_control())
+            floors.append(lib.gen_kernel_floor_ns() / 1e3)
         if hotpatch.tree()["core"]["stops"]["count"] != stops:
             raise RuntimeError(f"a {names[0][0]}_* function took a stop: its entry is not the "
                                "shape expected")
         out[kind] = statistics.median(times[len(times) // 2:])
     out["control"] = statistics.median(controls)
+    out["kernel_floor"] = statistics.median(floors)
     return out
 
 

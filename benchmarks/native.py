@@ -113,7 +113,8 @@ def _generated_source(count: int) -> str:
     to patch (their first instruction, a load of a volatile, covers the
     write), the table ``gen_functions`` and busy caller threads."""
     parts = [
-        "#include <pthread.h>\n#include <stdint.h>\n#include <time.h>\n",
+        "#include <pthread.h>\n#include <stdint.h>\n#include <time.h>\n#include <unistd.h>\n"
+        "#include <linux/membarrier.h>\n#include <sys/mman.h>\n#include <sys/syscall.h>\n",
         "#define FUNC __attribute__((noipa))\n",
         "FUNC long g(long x) { return x + 1; }\n",
         "FUNC long g2(long x) { return x + 1; }\n",
@@ -168,6 +169,33 @@ void gen_stop_callers(void)
     for (int i = 0; i < gen_nthreads; i++)
         pthread_join(gen_threads[i], 0);
     gen_nthreads = 0;
+}
+
+/* A page of code that nothing runs, aligned: gen_kernel_floor_ns() writes it. */
+__attribute__((aligned(4096), noipa, used)) void gen_unrun_page(void)
+{
+    __asm__ volatile(".fill 4096, 1, 0xcc");
+}
+
+/* ns of what a first redirect through a hot-patch point asks of the kernel
+ * to serialize, besides reading and writing bytes: a core sync after the
+ * point's jmp (membarrier SYNC_CORE), the mprotect window of the entry's
+ * atomic store, a core sync after it; made here on a page nothing runs.
+ * With other threads of the process running, each is an interrupt of
+ * their CPUs that this thread waits for. */
+long gen_kernel_floor_ns(void)
+{
+    char *page = (char *)gen_unrun_page;
+    struct timespec a, b;
+    syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0);
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0);
+    mprotect(page, 4096, PROT_READ | PROT_WRITE | PROT_EXEC);
+    ((volatile char *)page)[2048] = (char)0xcc;
+    mprotect(page, 4096, PROT_READ | PROT_EXEC);
+    syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    return (b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec);
 }
 
 /* A monotonic clock for Frida scripts (double: no UInt64 boxing). */

@@ -264,7 +264,8 @@ def apply_section(r: dict, images: str) -> str:
         for t in one_call:
             theirs = frida.get(t, {}).get("replace_install", {}).get("1")
             rows.append([t] + [spread(one_call[t].get(kind)) for kind in ONE_CALL_KINDS]
-                        + [spread(one_call[t].get("control")), spread(theirs)]
+                        + [spread(one_call[t].get("control")),
+                           spread(one_call[t].get("kernel_floor")), spread(theirs)]
                         + [f"{num(theirs['median'] / one_call[t][kind]['median'])}x"
                            if theirs and one_call[t].get(kind) else "—"
                            for kind in ONE_CALL_KINDS])
@@ -281,8 +282,13 @@ def apply_section(r: dict, images: str) -> str:
                 "stop. *Control*: a fixed piece of work (12 system calls and a Python loop) "
                 "timed after each redirect in the same process: this machine has quiet and "
                 "noisy moments, and everything, the control included, takes longer in the "
-                "noisy ones.", "",
-                table(["busy threads", "f_* µs", "u_* µs", "control µs",
+                "noisy ones. *Kernel floor*: the system calls that make a write through a "
+                "hot-patch point safe for running threads (a core sync after the point's "
+                "`jmp`, the `mprotect` window of the entry's atomic store, a core sync after "
+                "it), made on a page nothing runs and timed after each redirect: with busy "
+                "threads in the process each one interrupts their CPUs and waits for them, "
+                "and no redirect that syncs the cores goes under it.", "",
+                table(["busy threads", "f_* µs", "u_* µs", "control µs", "kernel floor µs",
                        "Frida replace µs (1 function)",
                        "Frida ÷ hotpatch, f_*", "Frida ÷ hotpatch, u_*"], rows), ""]
     for line in r.get("frida_refused", []):
