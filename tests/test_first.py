@@ -122,6 +122,21 @@ report({"hopped": after.hopped, "refused": refused, "short": call("hop_short"),
     assert r["hopped"] and r["after"] == 1007, r
     assert "3 bytes, too short" in r["refused"] and "no padding follows it" in r["refused"], r
     assert r["short"] == 0 and r["unchanged"], r
+    # A neighbour prepared by a batch counts too (its entry is filed for
+    # the one-call path only when that next asks), and a forgotten one no
+    # longer does.
+    r = child(PRELUDE + """
+out = {}
+short, = sites.prepare_batch([(addr("hop_short"), size("hop_short"))], exec_ranges=RANGES)
+after = first_redirect("hop_after_short")
+out["beside_a_batch_site"] = [after.hopped, call("hop_after_short")]
+sites.restore(after)
+sites.forget([short, after])
+again = first_redirect("hop_after_short")
+out["once_forgotten"] = [again.hopped, call("hop_after_short")]
+report(out)
+""", **first_lib)[0]
+    assert r == {"beside_a_batch_site": [False, 1007], "once_forgotten": [True, 1007]}, r
 
 
 def test_a_target_out_of_reach_goes_through_a_slot(child, first_lib):
