@@ -42,7 +42,7 @@ from ._locks import OperationLock
 from ._native import ffi, lib
 from .errors import HotpatchError, TransitionError, UnsafeToPatch
 from .x86_64 import encode
-from .x86_64.entry import (EntryPlan, analyze_entries, analyze_entry, build_original,
+from .x86_64.entry import (NATIVE_PLAN, EntryPlan, analyze_entries, analyze_entry, build_original,
                            check_native_branches_into, native_plan_batch, native_plan_ranges,
                            native_result, native_results, original_stub_size_bound,
                            run_native_plans)
@@ -975,7 +975,7 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
         rc = redirect_first(ffi.NULL, 0)
     if rc < 0:
         raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
-    status, plan, stub, stub_size = native_result(_first_plan)
+    status, plan, stub, stub_size = native_result(*NATIVE_PLAN.unpack_from(_first_plan))
     if status == _PLAN_UNWRITTEN:
         raise HotpatchError(f"{entry:#x}: cannot write the original stub at {stub:#x}")
     if status != _PLAN_OK:

@@ -19,6 +19,7 @@ told apart from the next function.  Branches from outside the function (a
 
 from __future__ import annotations
 
+import itertools
 import struct
 from array import array
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
@@ -197,30 +198,29 @@ def native_plan_ranges(exec_ranges: Sequence[tuple[int, int]]):
     return ffi.new("uint64_t[]", [a for lo_hi in exec_ranges for a in lo_hi] or 1)
 
 
+#: One ``struct hp_plan`` as :func:`native_result` takes it, unpacked.
+NATIVE_PLAN = struct.Struct(_PLAN_RECORD)
+_PLAN_PYTHON = lib.HP_PLAN_PYTHON
+
+
 def native_results(batch, n: int) -> Iterator[tuple[int, EntryPlan | None, int, int]]:
-    """``(status, plan or None, stub, stub_size)`` of each function of a
-    batch the C core planned (plan only where status is HP_PLAN_OK or
-    HP_PLAN_UNWRITTEN), one at a time: a big batch's sites are made as its
-    plans are read, with no list of them in between."""
-    return _results(ffi.buffer(batch, n * _PLAN.size))
+    """:func:`native_result` of each function of a batch the C core
+    planned, one at a time: a big batch's sites are made as its plans are
+    read, with no list of them in between."""
+    # starmap: no generator frame to resume per plan.
+    return itertools.starmap(native_result,
+                             NATIVE_PLAN.iter_unpack(ffi.buffer(batch, n * NATIVE_PLAN.size)))
 
 
-def native_result(plan_buffer) -> tuple[int, EntryPlan | None, int, int]:
-    """:func:`native_results` of the one ``struct hp_plan`` that
-    ``plan_buffer`` (an ``ffi.buffer``, or any buffer of its size) holds."""
-    return next(_results(plan_buffer))
-
-
-_PLAN = struct.Struct(_PLAN_RECORD)
-
-
-def _results(plans) -> Iterator[tuple[int, EntryPlan | None, int, int]]:
-    python = lib.HP_PLAN_PYTHON
-    for (entry, stub, address, status, length, stub_size, endbr, single, falls, ninsns,
-         original) in _PLAN.iter_unpack(plans):
-        yield (status, EntryPlan(entry, address, length, original[:length], "generic", endbr,
-                                 single, ninsns, None, falls) if status != python else None,
-               stub, stub_size)
+def native_result(entry: int, stub: int, address: int, status: int, length: int, stub_size: int,
+                  endbr: bool, single: bool, falls: bool, ninsns: int,
+                  original: bytes) -> tuple[int, EntryPlan | None, int, int]:
+    """``(status, plan or None, stub, stub_size)`` of one ``struct hp_plan``
+    unpacked by :data:`NATIVE_PLAN` (plan only where status is HP_PLAN_OK or
+    HP_PLAN_UNWRITTEN)."""
+    return (status, EntryPlan(entry, address, length, original[:length], "generic", endbr,
+                              single, ninsns, None, falls) if status != _PLAN_PYTHON else None,
+            stub, stub_size)
 
 
 def native_plans(functions: Sequence[tuple[int, int | None]], stubs: Sequence[int], *,
