@@ -668,6 +668,10 @@ def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) 
     process of one thread: nothing to stop there."""
     if not redirects or form not in (None, "auto") or lib.hp_stop_forced():
         return False        # HOTPATCH_STOP=always: every batch takes the stop
+    # Alone first: one fstat, where looking for a point reads and decodes
+    # each entry's neighbourhood.
+    if lib.hp_alone():
+        return False
     wanted = False
     for site, _ in redirects:
         if site.form is None:
@@ -675,7 +679,7 @@ def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) 
                 wanted = True
             elif site._stops_plainly:
                 return False
-    return wanted and not lib.hp_alone()
+    return wanted
 
 
 def first_installs_stop(sites: Iterable[Site]) -> bool:
