@@ -274,7 +274,19 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
                        struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
                        long ntaken, int timeout_ms, char *err);
 #define HP_HOP_ASK_BEFORE ...
-uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before);
+struct hp_hop_query {
+    uint64_t entry, address, length, before, hop;
+    uint8_t stops_plainly;
+    uint8_t padding[5];
+    uint8_t unused[2];
+};
+void hp_hops_find(struct hp_hop_query *q, size_t n);
+struct hp_hop_write {
+    uint64_t hop;
+    uint8_t old[5], bytes[5];
+    uint8_t unused[6];
+};
+size_t hp_hops_put(const struct hp_hop_write *w, size_t n);
 int hp_stop_forced(void);
 int hp_alone(void);
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import bisect
 import struct
+from array import array
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from . import _procfs
 from ._locks import OperationLock
@@ -623,9 +624,8 @@ def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
 #: write may cover one.
 _hops: list[int] = []
 
-#: A hot-patch point's jmp rel32, and the bytes before an entry that may hold one.
+#: A hot-patch point's jmp rel32.
 _HOP_SIZE = encode.JMP_REL32_SIZE
-_HOP_NEAR = 24
 
 
 def hot_patch_point(site: Site) -> int:
@@ -633,30 +633,72 @@ def hot_patch_point(site: Site) -> int:
     its entry needs none (the first instruction covers the jmp rel32: one
     atomic store) or has none."""
     if site._hop is None:
-        plan = site.plan
-        hop = 0
-        site._stops_plainly = bool(lib.hp_write_needs_stop(plan.address, plan.length))
-        if site._stops_plainly:
-            hop = lib.hp_hop_of(site.entry, plan.address, 0)
-            if hop == lib.HP_HOP_ASK_BEFORE:
-                before = site._function_before(site.entry - 1) if site._function_before else None
-                hop = lib.hp_hop_of(site.entry, plan.address, before) if before else 0
-            # Not where another site's entry write reaches: a function
-            # shorter than the jump, with padding after it, is planned with
-            # that padding in its replaced bytes.
-            if hop and any(_reaches(_sites.get(at), site, hop)
-                           for at in range(hop - _HOP_NEAR, hop + _HOP_SIZE)):
-                hop = 0
-            if hop:
-                site._hop_padding = read_memory(hop, _HOP_SIZE)
-        site._hop = hop
+        _find_hops([site])
     return site._hop
 
 
-def _reaches(other: Site | None, site: Site, hop: int) -> bool:
-    """Whether ``other`` (a site, or None) writes into the 5 bytes at ``hop``."""
-    return (other is not None and other is not site and
-            other.plan.address < hop + _HOP_SIZE and other.plan.address + other.plan.length > hop)
+def _with_hops(sites: Iterable[Site]) -> Iterator[Site]:
+    """``sites``, each with its hot-patch point looked for (see
+    :func:`_find_hops`) by the time it comes: a batch's in chunks, doubling
+    from 8, so that a caller who stops at the first site without a point
+    has not had a thousand looked for."""
+    chunk_size, chunk = 8, []
+    for site in sites:
+        chunk.append(site)
+        if len(chunk) == chunk_size:
+            _find_hops([s for s in chunk if s._hop is None])
+            yield from chunk
+            chunk_size, chunk = min(2 * chunk_size, 512), []
+    _find_hops([s for s in chunk if s._hop is None])
+    yield from chunk
+
+
+def _find_hops(sites: Sequence[Site]) -> None:
+    """The hot-patch points of ``sites`` (native/hop.c: from one read of each
+    entry's bytes, one call for all), and whether each one's jmp rel32
+    needs a stop.  Where only a sweep from the function before can tell
+    whether the padding is dead, a second call asks again with it, for
+    those only (its symbol-table lookup costs more than the rest)."""
+    found = _query_hops(sites, [0] * len(sites))
+    asking = [k for k, (hop, _, _) in enumerate(found) if hop == lib.HP_HOP_ASK_BEFORE]
+    befores = {k: sites[k]._function_before(sites[k].entry - 1)
+               for k in asking if sites[k]._function_before is not None}
+    known = [k for k in asking if befores.get(k)]
+    for k, result in zip(known, _query_hops([sites[k] for k in known],
+                                            [befores[k] for k in known])):
+        found[k] = result
+    for site, (hop, stops_plainly, padding) in zip(sites, found):
+        # Not where another site's entry write reaches: a function shorter
+        # than the jump, with padding after it, is planned with that
+        # padding in its replaced bytes.
+        if hop == lib.HP_HOP_ASK_BEFORE or (
+                hop and any(other is not site for other in _sites_reaching(hop, hop + _HOP_SIZE))):
+            hop = 0
+        site._hop, site._stops_plainly = hop, bool(stops_plainly)
+        if hop:
+            site._hop_padding = padding
+
+
+# struct hp_hop_query as words (entry, address, length, before lead it), and what follows.
+_QUERY_WORDS = ffi.sizeof("struct hp_hop_query") // 8
+_QUERY_OUT = struct.Struct(f"<{ffi.offsetof('struct hp_hop_query', 'hop')}xQB5s2x")
+if _QUERY_OUT.size != ffi.sizeof("struct hp_hop_query"):
+    raise ImportError("struct hp_hop_query's layout is not the one sites.py reads")
+
+
+def _query_hops(sites: Sequence[Site], befores: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """``hp_hops_find`` of ``sites``: ``(hop, stops_plainly, padding)`` each."""
+    if not sites:
+        return []
+    n = len(sites)
+    queries = ffi.new("struct hp_hop_query[]", n)
+    words, end = memoryview(ffi.buffer(queries)).cast("Q"), n * _QUERY_WORDS
+    words[0:end:_QUERY_WORDS] = array("Q", [site.entry for site in sites])
+    words[1:end:_QUERY_WORDS] = array("Q", [site.plan.address for site in sites])
+    words[2:end:_QUERY_WORDS] = array("Q", [site.plan.length for site in sites])
+    words[3:end:_QUERY_WORDS] = array("Q", befores)
+    lib.hp_hops_find(queries, n)
+    return list(_QUERY_OUT.iter_unpack(ffi.buffer(queries)))
 
 
 def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) -> bool:
@@ -673,12 +715,11 @@ def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) 
     if lib.hp_alone():
         return False
     wanted = False
-    for site, _ in redirects:
-        if site.form is None:
-            if hot_patch_point(site):
-                wanted = True
-            elif site._stops_plainly:
-                return False
+    for site in _with_hops(site for site, _ in redirects if site.form is None):
+        if site._hop:
+            wanted = True
+        elif site._stops_plainly:
+            return False
     return wanted
 
 
@@ -693,8 +734,8 @@ def first_installs_stop(sites: Iterable[Site]) -> bool:
     if lib.hp_alone():
         return False
     with _lock.operation("look for hot-patch points"):
-        return any(site.form is None and not hot_patch_point(site) and site._stops_plainly
-                   for site in sites)
+        return any(not site._hop and site._stops_plainly
+                   for site in _with_hops(site for site in sites if site.form is None))
 
 
 def _overlaps_a_hop(plan: EntryPlan) -> bool:
@@ -721,25 +762,40 @@ def _point_hops(changes: _Changes) -> list[Site]:
             continue
         jump = encode.jmp_rel32(site._hop, to)
         if not site._hop_to:
-            if lib.hp_hop_put(site._hop, site._hop_padding, jump):
-                raise TransitionError(f"{site.entry:#x}: the padding at {site._hop:#x} before "
-                                      f"the entry changed: its hot-patch point cannot be used")
-            bisect.insort(_hops, site._hop)
-            fresh.append(site)
+            fresh.append((site, to, jump))
         else:
-            retargets.append((site, site._hop_to, jump))
-        site._hop_to = to
+            retargets.append((site, site._hop_to, jump, to))
+    _put_hops(fresh)
+    fresh = [site for site, _, _ in fresh]
     if retargets:
         writes = ffi.new("struct hp_write[]", [
             (site._hop, encode.jmp_rel32(site._hop, was), jump, _HOP_SIZE)
-            for site, was, jump in retargets])
+            for site, was, jump, _ in retargets])
         err = ffi.new("char[256]")
         if lib.hp_write_batch(writes, len(retargets), STOP_TIMEOUT_MS, err):
-            for site, was, _ in retargets:
-                site._hop_to = was
             _unpoint_hops(fresh)
             raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
+        for site, _, _, to in retargets:
+            site._hop_to = to
     return fresh
+
+
+def _put_hops(fresh: Sequence[tuple[Site, int, bytes]]) -> None:
+    """Write the jmp of each ``(site, destination, jmp)`` at its site's
+    hot-patch point, whose padding no entry leads to yet: one call, one
+    sync of the cores for all.  All or nothing."""
+    if not fresh:
+        return
+    writes = ffi.new("struct hp_hop_write[]", [(site._hop, list(site._hop_padding), list(jump))
+                                              for site, _, jump in fresh])
+    done = lib.hp_hops_put(writes, len(fresh))
+    if done < len(fresh):
+        site = fresh[done][0]
+        raise TransitionError(f"{site.entry:#x}: the padding at {site._hop:#x} before "
+                              f"the entry changed: its hot-patch point cannot be used")
+    for site, to, _ in fresh:
+        bisect.insort(_hops, site._hop)
+        site._hop_to = to
 
 
 def _unpoint_hops(fresh: list[Site]) -> None:
@@ -1016,16 +1072,9 @@ def _taken_near(entry: int) -> list[int]:
     ``entry`` may write (its hot-patch point, its entry's bytes), flat:
     what it must leave alone (:func:`_reaches`, :func:`_overlaps_a_hop`)."""
     lo, hi = entry - _HOP_SIZE, entry + _SPAN_AFTER
-    first = lo - _SPAN_AFTER + 1        # the lowest start of a site that may reach [lo, hi)
-    if _unfiled:
-        _file_unfiled()
     taken = []
-    for block in range(first >> _BLOCK_SHIFT, ((hi - 1) >> _BLOCK_SHIFT) + 1):
-        for start in _near.get(block, ()):
-            if first <= start < hi:
-                plan = _sites[start].plan
-                if plan.address < hi and plan.address + plan.length > lo:
-                    taken += (plan.address, plan.address + plan.length)
+    for other in _sites_reaching(lo, hi):
+        taken += (other.plan.address, other.plan.address + other.plan.length)
     for hop in _hops[bisect.bisect_left(_hops, lo - _HOP_SIZE + 1):bisect.bisect_left(_hops, hi)]:
         taken += (hop, hop + _HOP_SIZE)
     return taken
@@ -1041,6 +1090,22 @@ def _taken_near(entry: int) -> list[int]:
 _BLOCK_SHIFT = 6
 _near: dict[int, list[int]] = {}
 _unfiled: list[int] = []
+
+
+def _sites_reaching(lo: int, hi: int) -> list[Site]:
+    """The sites whose entry writes reach into ``[lo, hi)`` (a span of at
+    most a block)."""
+    first = lo - _SPAN_AFTER + 1        # the lowest start of a site that may reach [lo, hi)
+    if _unfiled:
+        _file_unfiled()
+    reaching = []
+    for block in range(first >> _BLOCK_SHIFT, ((hi - 1) >> _BLOCK_SHIFT) + 1):
+        for start in _near.get(block, ()):
+            if first <= start < hi:
+                plan = _sites[start].plan
+                if plan.address < hi and plan.address + plan.length > lo:
+                    reaching.append(_sites[start])
+    return reaching
 
 
 def _file_near(entry: int) -> None:

@@ -174,3 +174,72 @@ report(out)
     assert r["patched"] == r["want"]["adler"] != r["want"]["crc"], r
     assert r["hopped"] and r["enable"] == [0, 1] and r["disable"] == [0, 1], r
     assert r["restored"] == r["want"]["crc"] and r["identical"], r
+
+
+# Functions of several instructions with padding before each (hb_first
+# only puts a function's end before hb_0), as many as a patch of a real fix
+# may hold: their points looked for in one call of the C core
+# (hp_hops_find), their jmps put by one (hp_hops_put).
+MANY = 48
+MANY_SOURCE = "".join(
+    f"__attribute__((noipa)) long hb_{i}(long x) {{ return ((x ^ (x >> 7)) * 3) + {1000 + i}; }}\n"
+    for i in range(-1, MANY)).replace("hb_-1", "hb_first") \
+    + "__attribute__((noipa)) long hb_new(long x) { return x + 1000000; }\n"
+
+
+@pytest.fixture(scope="session")
+def many_lib(tmp_path_factory):
+    out = tmp_path_factory.mktemp("many")
+    source = out / "many.c"
+    source.write_text(MANY_SOURCE)
+    return {"lib": compile_library(os.path.join(out, "libmany.so"),
+                                   ["targets/stopper.c", str(source)], flags=["-pthread"]),
+            "many": MANY}
+
+
+def test_a_batch_of_many_goes_through_their_points_at_once(child, many_lib):
+    r = child(PRELUDE + """
+names = [f"hb_{i}" for i in range(P["many"])]
+p = hotpatch.register(Patch("many", [Object(OBJ, [Func(n, addr("hb_new")) for n in names])]),
+                      enable=False)
+old = [call(n) for n in names]
+enable = took(lambda: hotpatch.enable(p))
+out = {"enable": enable, "patched": sorted({call(n) for n in names}),
+       "hopped": all(site_of(n).hopped for n in names)}
+out.update(disable=took(lambda: hotpatch.disable(p)), restored=[call(n) for n in names] == old)
+report(out)
+""", **many_lib)[0]
+    assert r["enable"] == [0, 1] and r["disable"] == [0, 1], r
+    assert r["patched"] == [1000007] and r["hopped"] and r["restored"], r
+
+
+def test_a_changed_padding_leaves_the_whole_batch_unwritten(child, many_lib):
+    # Every point looked for (its padding's bytes kept), then one padding
+    # changes before the write: the batch is refused, naming that entry,
+    # and no point's bytes and no entry's bytes have changed.
+    r = child(PRELUDE + """
+from hotpatch.errors import TransitionError
+from hotpatch import symbols
+obj = symbols.find_object(OBJ)
+names = [f"hb_{i}" for i in range(P["many"])]
+prepared = sites.prepare_batch([(addr(n), None) for n in names], exec_ranges=obj.exec_ranges,
+                               function_before=lambda a: symbols.function_before(obj, a))
+points = [sites.hot_patch_point(s) for s in prepared]
+spans = [(p, 5) for p in points] + [(s.entry, 8) for s in prepared]
+before = [sites.read_memory(a, n) for a, n in spans]
+victim = prepared[30]
+sites.lib.hp_write_code(points[30], b"\\x90" * 5, 5)
+before[30] = sites.read_memory(points[30], 5)
+try:
+    sites.redirect_batch([(s, addr("hb_new")) for s in prepared])
+    refused = None
+except TransitionError as e:
+    refused = str(e)
+out = {"points": all(points), "refused": refused, "victim": f"{victim.entry:#x}",
+       "unchanged": [sites.read_memory(a, n) for a, n in spans] == before,
+       "results": [call(n) for n in names] == [1021 + i for i in range(P["many"])]}
+report(out)
+""", **many_lib)[0]
+    assert r["points"], r
+    assert r["refused"] and r["victim"] in r["refused"] and "padding" in r["refused"], r
+    assert r["unchanged"] and r["results"], r

@@ -32,6 +32,8 @@
 
 #define LONGEST_INSTRUCTION 15
 #define SWEEP_LIMIT 4096        /* bytes swept from the function before, at most */
+#define QUERY_BEHIND (HP_HOP_BEHIND + HP_HOP_SEARCH)
+#define QUERY_AHEAD 32          /* an endbr64, then the 16 bytes at the address */
 
 /* Bytes of the padding between functions: the NOP forms gas and the
  * linkers emit (90; 66 90; 0f 1f 00; 0f 1f 40 00; 0f 1f 44 00 00; ...;
@@ -95,19 +97,9 @@ static int swept_to_an_end(uint64_t from, uint64_t at)
  * 1-byte push would run the jump's second byte).  `before`: the start of
  * the function before the entry, 0 where not looked up yet: then
  * HP_HOP_ASK_BEFORE where the padding is there but only a sweep from it can
- * tell whether it is dead. */
-uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before)
-{
-    uint8_t buf[HP_HOP_BEHIND + HP_HOP_SEARCH], first[LONGEST_INSTRUCTION];
-    if (address < entry ||
-            hp_read_own(hp_gettid(), first, address, sizeof first) != (long)sizeof first ||
-            hp_read_own(hp_gettid(), buf, entry - sizeof buf, sizeof buf) != (long)sizeof buf)
-        return 0;
-    return hp_hop_in(entry, address, before, first, buf);
-}
-
-/* hp_hop_of(), from the bytes read already: `first`, the 15 at `address`,
- * and `behind`, the HP_HOP_BEHIND + HP_HOP_SEARCH just before the entry. */
+ * tell whether it is dead.  From the bytes read already: `first`, the 15
+ * at `address`, and `behind`, the HP_HOP_BEHIND + HP_HOP_SEARCH just
+ * before the entry. */
 uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint8_t *first,
                    const uint8_t *behind)
 {
@@ -135,22 +127,69 @@ uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint
     return 0;
 }
 
-/* Put `bytes` at a hot-patch point that no entry leads to yet (dead: no
- * stop, no atomic store needed), if `old` is there, and sync the cores: a
- * thread that takes the entry's short jump right after must find the jmp
- * rel32, not what its core fetched before.  0, or -1 if the bytes there
- * are not `old` or cannot be written. */
+/* hp_write_needs_stop() and hp_hop_of() of each of `n` entries, from one
+ * read of each one's bytes (see struct hp_hop_query).  An entry too near
+ * the start of its mapping for that read is asked hp_write_needs_stop()
+ * alone: no point. */
+void hp_hops_find(struct hp_hop_query *q, size_t n)
+{
+    int tid = hp_gettid();
+    for (; n--; q++) {
+        uint8_t bytes[QUERY_BEHIND + QUERY_AHEAD];
+        uint64_t ahead = q->address - q->entry + 16;
+        q->hop = 0;
+        q->stops_plainly = 1;
+        if (q->address < q->entry || ahead > QUERY_AHEAD)
+            continue;
+        if (q->entry < QUERY_BEHIND ||
+                hp_read_own(tid, bytes, q->entry - QUERY_BEHIND, QUERY_BEHIND + ahead) !=
+                (long)(QUERY_BEHIND + ahead)) {
+            q->stops_plainly = (uint8_t)hp_write_needs_stop(q->address, (uint32_t)q->length);
+            continue;
+        }
+        const uint8_t *at = bytes + QUERY_BEHIND + (q->address - q->entry);
+        q->stops_plainly = (uint8_t)hp_write_needs_stop_over(q->address, (uint32_t)q->length, at);
+        if (!q->stops_plainly)
+            continue;
+        q->hop = hp_hop_in(q->entry, q->address, q->before, at, bytes);
+        if (q->hop && q->hop != HP_HOP_ASK_BEFORE)
+            memcpy(q->padding, bytes + QUERY_BEHIND - (q->entry - q->hop), HP_HOP_SIZE);
+    }
+}
+
+/* Put each point's `bytes` where no entry leads yet (dead padding: no
+ * stop, no atomic store needed), if its `old` bytes are there, then sync
+ * the cores once: a thread that takes an entry's short jump right after
+ * must find the jmp rel32, not what its core fetched before.  Returns `n`,
+ * or the index of the first point whose bytes were not `old` or could not
+ * be written; the ones before it have their `old` bytes back. */
+size_t hp_hops_put(const struct hp_hop_write *w, size_t n)
+{
+    int tid = hp_gettid();
+    size_t i;
+    pthread_mutex_lock(&hp_lock);
+    for (i = 0; i < n; i++) {
+        uint8_t now[HP_HOP_SIZE];
+        if (hp_read_own(tid, now, w[i].hop, HP_HOP_SIZE) != HP_HOP_SIZE ||
+                memcmp(now, w[i].old, HP_HOP_SIZE) ||
+                hp_write_code_locked(w[i].hop, w[i].bytes, HP_HOP_SIZE))
+            break;
+    }
+    if (i < n)
+        for (size_t k = 0; k < i; k++)
+            hp_write_code_locked(w[k].hop, w[k].old, HP_HOP_SIZE);
+    if (i)
+        hp_sync_cores();
+    pthread_mutex_unlock(&hp_lock);
+    return i;
+}
+
+/* hp_hops_put() of one point: 0, or -1 if the bytes there are not `old`
+ * or cannot be written. */
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes)
 {
-    uint8_t now[HP_HOP_SIZE];
-    pthread_mutex_lock(&hp_lock);
-    int rc = -1;
-    if (hp_read_own(hp_gettid(), now, hop, HP_HOP_SIZE) == HP_HOP_SIZE &&
-            !memcmp(now, old, HP_HOP_SIZE) &&
-            hp_write_code_locked(hop, bytes, HP_HOP_SIZE) == 0) {
-        hp_sync_cores();
-        rc = 0;
-    }
-    pthread_mutex_unlock(&hp_lock);
-    return rc;
+    struct hp_hop_write w = { .hop = hop };
+    memcpy(w.old, old, HP_HOP_SIZE);
+    memcpy(w.bytes, bytes, HP_HOP_SIZE);
+    return hp_hops_put(&w, 1) == 1 ? 0 : -1;
 }

@@ -235,11 +235,27 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
 
 /* --- hop.c --------------------------------------------------------- */
 #define HP_HOP_ASK_BEFORE 1
-uint64_t hp_hop_of(uint64_t entry, uint64_t address, uint64_t before);
 #define HP_HOP_SEARCH 128       /* bytes before the entry that may be padding */
 #define HP_HOP_BEHIND 16        /* and before those, for the instruction before the run */
 uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint8_t *first,
                    const uint8_t *behind);
+/* An entry asked for its hot-patch point (hp_hops_find). */
+struct hp_hop_query {
+    uint64_t entry, address, length;    /* the entry, its plan's address and length */
+    uint64_t before;                    /* as hp_hop_in's */
+    uint64_t hop;                       /* out: as hp_hop_in's; 0 where stops_plainly is 0 */
+    uint8_t stops_plainly;              /* out: the jmp rel32 at address needs a stop */
+    uint8_t padding[HP_HOP_SIZE];       /* out: the bytes at hop, where there is one */
+    uint8_t unused[2];
+};
+void hp_hops_find(struct hp_hop_query *q, size_t n);
+/* A hot-patch point's jmp to put where its padding is (hp_hops_put). */
+struct hp_hop_write {
+    uint64_t hop;
+    uint8_t old[HP_HOP_SIZE], bytes[HP_HOP_SIZE];
+    uint8_t unused[6];
+};
+size_t hp_hops_put(const struct hp_hop_write *w, size_t n);
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);
 
 /* --- maps.c -------------------------------------------------------- */
