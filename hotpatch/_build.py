@@ -57,6 +57,7 @@ struct hp_write {
     uint32_t len;
 };
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
+int hp_write_dead(struct hp_write *w, size_t n, char *err);
 int hp_write_needs_stop(uintptr_t address, uint32_t len);
 #define HP_GOT_STORED ...
 #define HP_GOT_CHANGED ...
@@ -281,12 +282,6 @@ struct hp_hop_query {
     uint8_t unused[2];
 };
 void hp_hops_find(struct hp_hop_query *q, size_t n);
-struct hp_hop_write {
-    uint64_t hop;
-    uint8_t old[5], bytes[5];
-    uint8_t unused[6];
-};
-size_t hp_hops_put(const struct hp_hop_write *w, size_t n);
 int hp_stop_forced(void);
 int hp_alone(void);
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);

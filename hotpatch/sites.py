@@ -783,16 +783,22 @@ def _point_hops(changes: _Changes) -> list[Site]:
 def _put_hops(fresh: Sequence[tuple[Site, int, bytes]]) -> None:
     """Write the jmp of each ``(site, destination, jmp)`` at its site's
     hot-patch point, whose padding no entry leads to yet: one call, one
-    sync of the cores for all.  All or nothing."""
+    sync of the cores for all (``hp_write_dead``).  All or nothing."""
     if not fresh:
         return
-    writes = ffi.new("struct hp_hop_write[]", [(site._hop, list(site._hop_padding), list(jump))
-                                              for site, _, jump in fresh])
-    done = lib.hp_hops_put(writes, len(fresh))
-    if done < len(fresh):
-        site = fresh[done][0]
-        raise TransitionError(f"{site.entry:#x}: the padding at {site._hop:#x} before "
-                              f"the entry changed: its hot-patch point cannot be used")
+    writes = ffi.new("struct hp_write[]", [(site._hop, site._hop_padding, jump, _HOP_SIZE)
+                                           for site, _, jump in fresh])
+    err = ffi.new("char[256]")
+    if lib.hp_write_dead(writes, len(fresh), err):
+        for site, _, _ in fresh:        # which one, in the words of the site
+            try:
+                same = read_memory(site._hop, _HOP_SIZE) == site._hop_padding
+            except HotpatchError:
+                same = False
+            if not same:
+                raise TransitionError(f"{site.entry:#x}: the padding at {site._hop:#x} before "
+                                      f"the entry changed: its hot-patch point cannot be used")
+        raise TransitionError(ffi.string(err).decode())
     for site, to, _ in fresh:
         bisect.insort(_hops, site._hop)
         site._hop_to = to

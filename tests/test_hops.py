@@ -179,7 +179,7 @@ report(out)
 # Functions of several instructions with padding before each (hb_first
 # only puts a function's end before hb_0), as many as a patch of a real fix
 # may hold: their points looked for in one call of the C core
-# (hp_hops_find), their jmps put by one (hp_hops_put).
+# (hp_hops_find), their jmps put by one (hp_write_dead).
 MANY = 48
 MANY_SOURCE = "".join(
     f"__attribute__((noipa)) long hb_{i}(long x) {{ return ((x ^ (x >> 7)) * 3) + {1000 + i}; }}\n"

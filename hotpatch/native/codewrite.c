@@ -272,11 +272,37 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
         hp_fmt_code_changed(err, w[failed].address, 0);
         rc = -1;
     } else if (alone) {
-        rc = hp_write_alone(w, n, err);
+        hp_stats.alone++;
+        rc = hp_write_checked(w, n, err);
     } else {
         rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
     }
     leave_batch(mask);
+    return rc;
+}
+
+/* Write bytes that no thread runs yet: hot-patch points' padding, which
+ * no entry leads to.  By spans (check.c), the bytes between two writes
+ * written back as they are (a thread running them meanwhile finds the same
+ * bytes), then one sync of the cores: a thread that takes an entry's short
+ * jump once the entry is written must find the point's jmp rel32, not what
+ * its core fetched before.  0, or -1 with `err` and nothing written (some
+ * write's old bytes were not there). */
+int hp_write_dead(struct hp_write *w, size_t n, char *err)
+{
+    err[0] = 0;
+    if (n == 0)
+        return 0;
+    if (check_batch(w, n, err))
+        return -1;
+    pthread_mutex_lock(&hp_lock);
+    open_mem_fd();
+    if (mem_fd < 0)
+        hp_read_mappings();  /* the protections the window gives back */
+    int rc = hp_write_checked(w, n, err);
+    if (rc == 0)
+        hp_sync_cores();
+    pthread_mutex_unlock(&hp_lock);
     return rc;
 }
 

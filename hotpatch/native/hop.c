@@ -157,39 +157,14 @@ void hp_hops_find(struct hp_hop_query *q, size_t n)
     }
 }
 
-/* Put each point's `bytes` where no entry leads yet (dead padding: no
- * stop, no atomic store needed), if its `old` bytes are there, then sync
- * the cores once: a thread that takes an entry's short jump right after
- * must find the jmp rel32, not what its core fetched before.  Returns `n`,
- * or the index of the first point whose bytes were not `old` or could not
- * be written; the ones before it have their `old` bytes back. */
-size_t hp_hops_put(const struct hp_hop_write *w, size_t n)
-{
-    int tid = hp_gettid();
-    size_t i;
-    pthread_mutex_lock(&hp_lock);
-    for (i = 0; i < n; i++) {
-        uint8_t now[HP_HOP_SIZE];
-        if (hp_read_own(tid, now, w[i].hop, HP_HOP_SIZE) != HP_HOP_SIZE ||
-                memcmp(now, w[i].old, HP_HOP_SIZE) ||
-                hp_write_code_locked(w[i].hop, w[i].bytes, HP_HOP_SIZE))
-            break;
-    }
-    if (i < n)
-        for (size_t k = 0; k < i; k++)
-            hp_write_code_locked(w[k].hop, w[k].old, HP_HOP_SIZE);
-    if (i)
-        hp_sync_cores();
-    pthread_mutex_unlock(&hp_lock);
-    return i;
-}
-
-/* hp_hops_put() of one point: 0, or -1 if the bytes there are not `old`
- * or cannot be written. */
+/* Put `bytes` at a hot-patch point that no entry leads to yet, if `old`
+ * is there (hp_write_dead).  0, or -1 if the bytes there are not `old` or
+ * cannot be written. */
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes)
 {
-    struct hp_hop_write w = { .hop = hop };
+    struct hp_write w = { .address = hop, .len = HP_HOP_SIZE };
+    char err[HP_ERRLEN];
     memcpy(w.old, old, HP_HOP_SIZE);
     memcpy(w.bytes, bytes, HP_HOP_SIZE);
-    return hp_hops_put(&w, 1) == 1 ? 0 : -1;
+    return hp_write_dead(&w, 1, err);
 }

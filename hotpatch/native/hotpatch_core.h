@@ -249,13 +249,6 @@ struct hp_hop_query {
     uint8_t unused[2];
 };
 void hp_hops_find(struct hp_hop_query *q, size_t n);
-/* A hot-patch point's jmp to put where its padding is (hp_hops_put). */
-struct hp_hop_write {
-    uint64_t hop;
-    uint8_t old[HP_HOP_SIZE], bytes[HP_HOP_SIZE];
-    uint8_t unused[6];
-};
-size_t hp_hops_put(const struct hp_hop_write *w, size_t n);
 int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);
 
 /* --- maps.c -------------------------------------------------------- */
@@ -374,6 +367,7 @@ struct hp_write {
 int hp_write_code(uintptr_t addr, const void *src, size_t len);
 void hp_store_slot(uint64_t *slot, uint64_t value);
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
+int hp_write_dead(struct hp_write *w, size_t n, char *err);
 struct hp_store;
 struct hp_code_range;
 struct hp_stack_hit;
@@ -502,7 +496,7 @@ int hp_stop_forced(void);
 extern struct hp_stop_stats hp_stats;
 
 int hp_stop_write(struct hp_write *w, size_t n, uint64_t deadline_ns, int helper_may_write, char *err);
-int hp_write_alone(struct hp_write *w, size_t n, char *err);
+int hp_write_checked(struct hp_write *w, size_t n, char *err);
 int hp_stop_stack_round(struct hp_write *w, size_t n, const struct hp_store *stores, size_t nstores,
                         const struct hp_code_range *ranges, size_t nranges, int force,
                         uint64_t deadline_ns, struct hp_stack_hit *hit, char *err);

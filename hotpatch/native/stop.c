@@ -86,15 +86,14 @@ HP_RAW static int stopped_round(const struct hp_check *c, int kind, uint64_t dea
     }
 }
 
-/* Write a batch (sorted by address) in a process where the calling thread
- * is the only one (hp_only_thread): nothing to stop, no stack to look at.
- * 0, or -1 with `err` filled and nothing written.  hp_lock held, signals
- * blocked. */
-HP_RAW int hp_write_alone(struct hp_write *w, size_t n, char *err)
+/* Write a batch (sorted by address) with nothing to stop: in a process
+ * where the calling thread is the only one (hp_only_thread), or bytes that
+ * no thread runs (hp_write_dead).  The old bytes checked, then written by
+ * spans.  0, or -1 with `err` filled and nothing written.  hp_lock held. */
+HP_RAW int hp_write_checked(struct hp_write *w, size_t n, char *err)
 {
     struct hp_check c = { .pid = hp_gettid(), .writes = w, .nwrites = n,
                           .scratch = stack_words, .scratch_bytes = sizeof stack_words };
-    hp_stats.alone++;
     return hp_check_old_bytes(&c, err) || hp_write_stopped(&c, err) ? -1 : 0;
 }
 
