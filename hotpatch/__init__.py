@@ -91,7 +91,8 @@ class _GivingUp:
         """``importlib.import_module(name)``, giving the GIL up as it goes
         (when no other thread is already importing through this).  Before
         the core, the shared objects its import would map with the GIL held
-        are mapped with it released (``_ahead``)."""
+        are mapped with it released, and what its first code write asks of
+        the kernel is asked (``_ahead``)."""
         if not self.lock.acquire(False):
             return importlib.import_module(name, __name__)
         try:
@@ -101,8 +102,9 @@ class _GivingUp:
             from ._gil import short_switch_interval     # not at `import hotpatch`: 0.6 ms
             with short_switch_interval():
                 if name in _NEEDS_THE_CORE and f"{__name__}.core" not in sys.modules:
-                    from ._ahead import map_core_objects
+                    from ._ahead import ask_first_write_ahead, map_core_objects
                     map_core_objects()
+                    ask_first_write_ahead()
                 return importlib.import_module(name, __name__)
         finally:
             self.thread = None

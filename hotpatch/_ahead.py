@@ -1,5 +1,6 @@
-"""Shared objects that importing the core maps, mapped ahead with the GIL
-released.
+"""What importing the core and its first code write would wait for, started
+ahead: the shared objects the import maps, mapped with the GIL released,
+and the C core's thread that asks the kernel for the first write's needs.
 
 An import maps an extension module, and ``ctypes.CDLL`` a library, with the
 GIL held (CPython 3.11): every Python thread of the service waits while the
@@ -41,3 +42,15 @@ def map_core_objects() -> None:
         # RTLD_NOW | RTLD_LOCAL, as imports (sys.getdlopenflags()) and
         # ctypes.CDLL open them.  A failure is the import's to report.
         dlopen(os.fsencode(path), os.RTLD_NOW)
+
+
+def ask_first_write_ahead() -> None:
+    """Start the C core's thread that asks the kernel, ahead, what the first
+    code write needs (``native/ahead.c``): its membarrier registration waits
+    for an RCU grace period (5-25 ms here) in a process with threads.
+    Started before the core's modules are imported (55-85 ms), it is over
+    by the first write of ``import hotpatch; hotpatch.register(patch)``;
+    started where core.py asks (its modules imported), that write waited
+    for the rest of it (6-14 ms of a first register() here)."""
+    from ._native import lib
+    lib.hp_first_write_ahead()

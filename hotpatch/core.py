@@ -50,8 +50,9 @@ def _refused(what: str) -> PatchStateError:
 
 _mutex = OperationLock(0, _refused)
 # What the first code write asks of the kernel (an RCU grace period in a
-# process with threads, the pool's first chunk) is asked now, by a thread of
-# the C core's: see native/ahead.c.
+# process with threads, the pool's first chunk) is asked by a thread of the
+# C core's (native/ahead.c): at the start of the import, where it went
+# through hotpatch.__getattr__ (_ahead.py), else now.
 lib.hp_first_write_ahead()
 #: Every enable, disable, COMING and GOING is logged at INFO, as the kernel
 #: logs its transitions.

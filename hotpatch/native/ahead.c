@@ -36,7 +36,18 @@ static void *ask_ahead(void *unused)
     return NULL;
 }
 
+static void start_ahead(void);
+
+/* Once per process: the import of the core asks as it starts (__init__.py,
+ * before its 60 modules), and core.py again for an import that did not go
+ * that way. */
 void hp_first_write_ahead(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, start_ahead);
+}
+
+static void start_ahead(void)
 {
     pthread_attr_t attr;
     pthread_t thread;
