@@ -1176,9 +1176,10 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
 - **Apply is more than 10x Frida's `replace` per function at 100 and
   10,000 functions, with 0, 2 and 8 busy threads (10-39x over runs; the
   100-function ratio with busy threads has moved between 4x and 39x from
-  run to run); at 1 function by one call with no busy thread (7-18x over
-  runs), not with busy threads (3-8x); 1,000 sites take 8-12.5 ms over runs,
-  at the 10 ms mark.**  The plans and original stubs of the
+  run to run); at 1 function by one call with no busy thread (8.5-12.4x
+  over session 9's runs), not with busy threads (2-7x); 1,000 sites take
+  10.7-13.6 ms over session 9's runs (5.5-8 ms in a process a bigger
+  batch has warmed), at the 10 ms mark.**  The plans and original stubs of the
   common entry shapes are built by one call of the C core per batch
   (`native/plan.c`), reading a batch's entries as spans; the entry writes
   of a batch by another.  What remains per function: capstone's decode in
@@ -1193,25 +1194,33 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   by fixed costs (the batch's Python, the locks, the page of code written
   for the first time in the process: its copy-on-write), 0.3-0.6 ms.  One
   function's first redirect by one call (`sites.redirect`,
-  `native/first.c`: the table after the first-patch one) is 31-68 µs over
-  this session's runs with no busy thread (one process measures about 36
-  µs or 50-70 µs depending on the moment, as the control beside it
-  shows: the machine's noise), 7-18x
-  Frida's `replace` of one function (0.4-0.6 ms).  With busy threads it
-  is 78-160 µs (3-8x Frida): the atomic store's `mprotect` window and the
-  core sync interrupt the cores the busy threads run on, and the patching
-  thread shares 2 cores with them.
+  `native/first.c`: the table after the first-patch one) is 37-39 µs in
+  the processes where the control beside it measures the machine quiet
+  (16 µs) and 47-60 µs where it measures it noisy (23-26 µs), over
+  session 9's runs with no busy thread: 8.5-12.4x Frida's `replace` of one
+  function (0.4-0.6 ms).  Its C call is 19-25 µs, 18.6 of them 13 system
+  calls (two `pwrite`s to `/proc/self/mem`, 4.8 µs each: DESIGN.md keeps
+  code pages from ever being writable); the rest is Python.  With busy
+  threads it is 98-172 µs (2-7x Frida): the core syncs and the atomic
+  store's `mprotect` window interrupt the cores the busy threads run on
+  and wait for them, 35-46 µs by themselves (the *kernel floor* column:
+  the same system calls on a page nothing runs), and the patching thread
+  shares 2 cores with them.
 - **What the service feels (section 2d).**  Idle, no step of a
-  one-function patch stalls the service's threads 5 ms (3-4 ms at most
+  one-function patch stalls the service's threads 5 ms (3-4.7 ms at most
   over runs); with 2 busy threads the core's import, the first
-  `register()` and loading a C patch module stall them 2-6.6 ms, each
+  `register()` and loading a C patch module stall them 2-7.3 ms, each
   crossing 5 ms in one run or another (the ticker waits for a CPU).  The first `register()` of the process
   (libz's `crc32`) takes no stop and spawns no helper: its entry goes
   through its hot-patch point (`native/hop.c`); it keeps idle Python
   threads waiting 2-3 ms and takes 4.4-6 ms of wall time over runs (libz's
   tables, the loader hook, the PLT slots, and for crc32 libz's branch
   index: random bytes near its entry could encode a branch into it, which
-  only the index rules out).  The first use of `hotpatch.register`
+  only the index rules out), 4.5-6 ms of it on the CPU: with busy threads
+  on 2 cores it gets a share of one and takes 13-29 ms.  Its first code
+  write no longer waits for the rest of an RCU grace period (the
+  membarrier registration, `native/ahead.c`, now started where the core's
+  import starts).  The first use of `hotpatch.register`
   imports the core (about 65 modules, no longer capstone's Python
   binding: 55-60 ms idle, 130-190 ms with 2 busy threads), where with
   busy threads the ticker waits for a CPU more than for the GIL.  Loading
