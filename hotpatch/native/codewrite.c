@@ -32,13 +32,26 @@ static struct hp_kept_fd mem_file = HP_KEPT_FD_NONE;
 static int mem_fd = -1;            /* /proc/self/mem of *this* process, for this batch */
 static int sync_core_ready;        /* membarrier SYNC_CORE registered for this mm */
 
+/* Whether the environment variable `name` is `value`, read once (the
+ * first time a process asks): getenv walks the whole environment, a
+ * thousand instructions a call here, twice in each first redirect.  The
+ * switches below are for tests and diagnosis, set when a process starts. */
+static int env_is(const char *name, const char *value, int *known)
+{
+    if (*known < 0) {
+        const char *now = getenv(name);
+        *known = now && strcmp(now, value) == 0;
+    }
+    return *known;
+}
+
 /* HOTPATCH_CODE_WRITES=mprotect selects the mprotect window even where
  * /proc/self/mem would work: what kernels that refuse /proc/self/mem writes
  * (proc_mem.force_override=never) get anyway, so that it can be tested. */
 static void open_mem_fd(void)
 {
-    const char *how = getenv("HOTPATCH_CODE_WRITES");
-    if (!(how && strcmp(how, "mprotect") == 0))     /* self fails once the main thread exited */
+    static int by_window = -1;
+    if (!env_is("HOTPATCH_CODE_WRITES", "mprotect", &by_window))   /* self fails once the main thread exited */
         mem_fd = hp_kept_fd_open(&mem_file, "/proc/thread-self/mem", O_RDWR);
     if (!sync_core_ready)
         sync_core_ready = hp_sys(SYS_membarrier,
@@ -199,8 +212,8 @@ int hp_alone(void)
  * the other ways when diagnosing. */
 int hp_stop_forced(void)
 {
-    const char *how = getenv("HOTPATCH_STOP");
-    return how && strcmp(how, "always") == 0;
+    static int forced = -1;
+    return env_is("HOTPATCH_STOP", "always", &forced);
 }
 
 /* The first `n` writes of a batch were made without a stop, then the next
