@@ -1176,9 +1176,9 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
 - **Apply is more than 10x Frida's `replace` per function at 100 and
   10,000 functions, with 0, 2 and 8 busy threads (10-39x over runs; the
   100-function ratio with busy threads has moved between 4x and 39x from
-  run to run); at 1 function by one call with no busy thread (8.5-12.4x
+  run to run); at 1 function by one call with no busy thread (6.5-12.4x
   over session 9's runs), not with busy threads (2-7x); 1,000 sites take
-  10.7-13.6 ms over session 9's runs (5.5-8 ms in a process a bigger
+  10.6-13.6 ms over session 9's runs (5.5-8 ms in a process a bigger
   batch has warmed), at the 10 ms mark.**  The plans and original stubs of the
   common entry shapes are built by one call of the C core per batch
   (`native/plan.c`), reading a batch's entries as spans; the entry writes
@@ -1196,14 +1196,14 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   function's first redirect by one call (`sites.redirect`,
   `native/first.c`: the table after the first-patch one) is 37-39 µs in
   the processes where the control beside it measures the machine quiet
-  (16 µs) and 47-60 µs where it measures it noisy (23-26 µs), over
-  session 9's runs with no busy thread: 8.5-12.4x Frida's `replace` of one
+  (16 µs) and 47-70 µs where it measures it noisy (23-26 µs), over
+  session 9's runs with no busy thread: 6.5-12.4x Frida's `replace` of one
   function (0.4-0.6 ms).  Its C call is 19-25 µs, 18.6 of them 13 system
   calls (two `pwrite`s to `/proc/self/mem`, 4.8 µs each: DESIGN.md keeps
   code pages from ever being writable); the rest is Python.  With busy
-  threads it is 98-172 µs (2-7x Frida): the core syncs and the atomic
+  threads it is 90-172 µs (2-7x Frida): the core syncs and the atomic
   store's `mprotect` window interrupt the cores the busy threads run on
-  and wait for them, 35-46 µs by themselves (the *kernel floor* column:
+  and wait for them, 33-46 µs by themselves (the *kernel floor* column:
   the same system calls on a page nothing runs), and the patching thread
   shares 2 cores with them.
 - **What the service feels (section 2d).**  Idle, no step of a
