@@ -1209,7 +1209,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
 - **What the service feels (section 2d).**  Idle, no step of a
   one-function patch stalls the service's threads 5 ms (3-4.7 ms at most
   over runs); with 2 busy threads the core's import, the first
-  `register()` and loading a C patch module stall them 2-7.3 ms, each
+  `register()` and loading a C patch module stall them 2-8.8 ms, each
   crossing 5 ms in one run or another (the ticker waits for a CPU).  The first `register()` of the process
   (libz's `crc32`) takes no stop and spawns no helper: its entry goes
   through its hot-patch point (`native/hop.c`); it keeps idle Python
