@@ -127,7 +127,7 @@ uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint
     return 0;
 }
 
-/* hp_write_needs_stop() and hp_hop_of() of each of `n` entries, from one
+/* hp_write_needs_stop() and hp_hop_in() of each of `n` entries, from one
  * read of each one's bytes (see struct hp_hop_query).  An entry too near
  * the start of its mapping for that read is asked hp_write_needs_stop()
  * alone: no point. */
