@@ -18,7 +18,7 @@
 #include <string.h>
 
 #define JMP_REL32 5
-#define BEHIND (HP_HOP_BEHIND + HP_HOP_SEARCH)
+#define BEHIND HP_HOP_READ_BEHIND
 
 /* Does [lo, hi) overlap one of the `ntaken` [lo, hi) pairs of `taken`? */
 static int overlaps(uint64_t lo, uint64_t hi, const uint64_t *taken, long ntaken)
@@ -38,22 +38,17 @@ static uint64_t first_hop(struct hp_first *f, const uint8_t *bytes, const uint64
                           long ntaken)
 {
     const struct hp_plan *p = &f->plan;
-    const uint8_t *at = bytes + BEHIND + (p->address - f->plan.entry);
-    f->stops_plainly = (uint8_t)hp_write_needs_stop_over(p->address, p->length, at);
-    if (!f->stops_plainly || hp_stop_forced())
-        return 0;
     /* HP_HOP_ASK_BEFORE only where f->before is HP_BEFORE_ASK: only a sweep
      * from the function before can tell (HP_BEFORE_NONE: no point, as the
      * batch path without a symbol table). */
-    uint64_t hop = hp_hop_in(f->plan.entry, p->address, f->before, at, bytes);
+    uint64_t hop = hp_hop_over(p->entry, p->address, p->length, f->before, bytes,
+                               &f->stops_plainly, f->hop_padding);
+    if (!hop || hp_stop_forced())
+        return 0;
     if (hop == HP_HOP_ASK_BEFORE)
         return hop;
-    /* Not where another site's entry write reaches (sites.py's _reaches). */
-    if (hop && overlaps(hop, hop + HP_HOP_SIZE, taken, ntaken))
-        return 0;
-    if (hop)
-        memcpy(f->hop_padding, bytes + BEHIND - (f->plan.entry - hop), HP_HOP_SIZE);
-    return hop;
+    /* Not where another site's entry write reaches (sites.py's _sites_reaching). */
+    return overlaps(hop, hop + HP_HOP_SIZE, taken, ntaken) ? 0 : hop;
 }
 
 /* Write the entry: through the hot-patch point (its jmp rel32 first, then

@@ -32,7 +32,6 @@
 
 #define LONGEST_INSTRUCTION 15
 #define SWEEP_LIMIT 4096        /* bytes swept from the function before, at most */
-#define QUERY_BEHIND (HP_HOP_BEHIND + HP_HOP_SEARCH)
 #define QUERY_AHEAD 32          /* an endbr64, then the 16 bytes at the address */
 
 /* Bytes of the padding between functions: the NOP forms gas and the
@@ -127,6 +126,25 @@ uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint
     return 0;
 }
 
+/* Whether a jmp rel32 replacing the `length` bytes at `address` needs a
+ * stop (hp_write_needs_stop_over, into *stops_plainly) and, where it does,
+ * the entry's hot-patch point (as hp_hop_in's; 0 where it needs none), its
+ * bytes into `padding`.  `bytes`: the HP_HOP_READ_BEHIND before `entry`,
+ * then those from `entry` to 16 past `address`.  hp_hops_find's and
+ * first.c's one decision. */
+uint64_t hp_hop_over(uint64_t entry, uint64_t address, uint32_t length, uint64_t before,
+                     const uint8_t *bytes, uint8_t *stops_plainly, uint8_t *padding)
+{
+    const uint8_t *at = bytes + HP_HOP_READ_BEHIND + (address - entry);
+    *stops_plainly = (uint8_t)hp_write_needs_stop_over(address, length, at);
+    if (!*stops_plainly)
+        return 0;
+    uint64_t hop = hp_hop_in(entry, address, before, at, bytes);
+    if (hop && hop != HP_HOP_ASK_BEFORE)
+        memcpy(padding, bytes + HP_HOP_READ_BEHIND - (entry - hop), HP_HOP_SIZE);
+    return hop;
+}
+
 /* hp_write_needs_stop() and hp_hop_in() of each of `n` entries, from one
  * read of each one's bytes (see struct hp_hop_query).  An entry too near
  * the start of its mapping for that read is asked hp_write_needs_stop()
@@ -135,25 +153,20 @@ void hp_hops_find(struct hp_hop_query *q, size_t n)
 {
     int tid = hp_gettid();
     for (; n--; q++) {
-        uint8_t bytes[QUERY_BEHIND + QUERY_AHEAD];
+        uint8_t bytes[HP_HOP_READ_BEHIND + QUERY_AHEAD];
         uint64_t ahead = q->address - q->entry + 16;
         q->hop = 0;
         q->stops_plainly = 1;
         if (q->address < q->entry || ahead > QUERY_AHEAD)
             continue;
-        if (q->entry < QUERY_BEHIND ||
-                hp_read_own(tid, bytes, q->entry - QUERY_BEHIND, QUERY_BEHIND + ahead) !=
-                (long)(QUERY_BEHIND + ahead)) {
+        if (q->entry < HP_HOP_READ_BEHIND ||
+                hp_read_own(tid, bytes, q->entry - HP_HOP_READ_BEHIND, HP_HOP_READ_BEHIND + ahead) !=
+                (long)(HP_HOP_READ_BEHIND + ahead)) {
             q->stops_plainly = (uint8_t)hp_write_needs_stop(q->address, (uint32_t)q->length);
             continue;
         }
-        const uint8_t *at = bytes + QUERY_BEHIND + (q->address - q->entry);
-        q->stops_plainly = (uint8_t)hp_write_needs_stop_over(q->address, (uint32_t)q->length, at);
-        if (!q->stops_plainly)
-            continue;
-        q->hop = hp_hop_in(q->entry, q->address, q->before, at, bytes);
-        if (q->hop && q->hop != HP_HOP_ASK_BEFORE)
-            memcpy(q->padding, bytes + QUERY_BEHIND - (q->entry - q->hop), HP_HOP_SIZE);
+        q->hop = hp_hop_over(q->entry, q->address, (uint32_t)q->length, q->before, bytes,
+                             &q->stops_plainly, q->padding);
     }
 }
 

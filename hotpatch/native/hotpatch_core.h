@@ -239,6 +239,10 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
 #define HP_HOP_BEHIND 16        /* and before those, for the instruction before the run */
 uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint8_t *first,
                    const uint8_t *behind);
+/* The bytes read before an entry to look for its point (hp_hop_over). */
+#define HP_HOP_READ_BEHIND (HP_HOP_BEHIND + HP_HOP_SEARCH)
+uint64_t hp_hop_over(uint64_t entry, uint64_t address, uint32_t length, uint64_t before,
+                     const uint8_t *bytes, uint8_t *stops_plainly, uint8_t *padding);
 /* An entry asked for its hot-patch point (hp_hops_find). */
 struct hp_hop_query {
     uint64_t entry, address, length;    /* the entry, its plan's address and length */
