@@ -1083,7 +1083,7 @@ def _taken_near(entry: int) -> list[int]:
     """The ``[lo, hi)`` pairs of the bytes that other sites write (their
     entries, their hot-patch points) among those a first redirect of
     ``entry`` may write (its hot-patch point, its entry's bytes), flat:
-    what it must leave alone (:func:`_reaches`, :func:`_overlaps_a_hop`)."""
+    what it must leave alone (:func:`_sites_reaching`, :func:`_overlaps_a_hop`)."""
     lo, hi = entry - _HOP_SIZE, entry + _SPAN_AFTER
     taken = []
     for other in _sites_reaching(lo, hi):

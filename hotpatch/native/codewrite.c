@@ -58,6 +58,15 @@ static void open_mem_fd(void)
                                  MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0;
 }
 
+/* Ready for this batch's code writes: the descriptor, or (without one)
+ * the protections the mprotect window gives back.  hp_lock held. */
+static void ready_code_writes(void)
+{
+    open_mem_fd();
+    if (mem_fd < 0)
+        hp_read_mappings();
+}
+
 /* --- the mprotect window ------------------------------------------- */
 
 /* The window gives each page back exactly the protection it had (a JIT's
@@ -119,9 +128,7 @@ HP_RAW void hp_sync_cores(void)
 
 int hp_write_code_locked(uintptr_t addr, const void *src, size_t len)
 {
-    open_mem_fd();
-    if (mem_fd < 0)
-        hp_read_mappings();
+    ready_code_writes();
     return write_code(addr, src, len);
 }
 
@@ -245,9 +252,7 @@ static uint64_t enter_batch(int timeout_ms, uint64_t *mask)
     uint64_t all = ~0ull;
     pthread_mutex_lock(&hp_lock);
     hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, mask, 8);
-    open_mem_fd();
-    if (mem_fd < 0)
-        hp_read_mappings();  /* the protections the window gives back */
+    ready_code_writes();
     return hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
 }
 
@@ -309,9 +314,7 @@ int hp_write_dead(struct hp_write *w, size_t n, char *err)
     if (check_batch(w, n, err))
         return -1;
     pthread_mutex_lock(&hp_lock);
-    open_mem_fd();
-    if (mem_fd < 0)
-        hp_read_mappings();  /* the protections the window gives back */
+    ready_code_writes();
     int rc = hp_write_checked(w, n, err);
     if (rc == 0)
         hp_sync_cores();
