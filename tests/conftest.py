@@ -119,6 +119,18 @@ def took(action):
     return after[0] - before[0], after[1] - before[1]
 """
 
+# The child's side of the tests on libz, a library nobody here wrote (after
+# STOPS_PRELUDE): crc32 and adler32, one signature; crc32's first bytes
+# before any patch, and what each returns for "abc".
+LIBZ = """
+libz = ctypes.CDLL("libz.so.1")
+libz.crc32.restype = libz.adler32.restype = ctypes.c_ulong
+crc, adler = (ctypes.cast(libz.crc32, ctypes.c_void_p).value,
+              ctypes.cast(libz.adler32, ctypes.c_void_p).value)
+before = sites.read_memory(crc, 16)
+want = {"crc": libz.crc32(0, b"abc", 3), "adler": libz.adler32(0, b"abc", 3)}
+"""
+
 # The child's side of a test of a process of one thread: the watchdog
 # cancelled and gone (the calling thread is the only one), and the batches
 # written alone so far.

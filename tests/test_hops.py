@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import (CALLERS_AND_SLEEPERS, STOPS_PRELUDE, check_callers_and_sleepers,
+from conftest import (CALLERS_AND_SLEEPERS, LIBZ, STOPS_PRELUDE, check_callers_and_sleepers,
                       compile_library)
 
 
@@ -156,14 +156,8 @@ def test_a_library_nobody_here_wrote(child, hops_lib):
     # libz's crc32 (two instructions at its entry, padding before it) sent
     # to adler32 and back through its hot-patch point with no stop; its
     # entry's bytes come back exactly.
-    r = child(PRELUDE + """
-libz = ctypes.CDLL("libz.so.1")
-libz.crc32.restype = libz.adler32.restype = ctypes.c_ulong
-crc, adler = (ctypes.cast(libz.crc32, ctypes.c_void_p).value,
-              ctypes.cast(libz.adler32, ctypes.c_void_p).value)
-before = sites.read_memory(crc, 16)
+    r = child(PRELUDE + LIBZ + """
 p = hotpatch.register(Patch("z", [Object("libz.so.1", [Func("crc32", adler)])]), enable=False)
-want = {"crc": libz.crc32(0, b"abc", 3), "adler": libz.adler32(0, b"abc", 3)}
 enable = took(lambda: hotpatch.enable(p))
 out = {"want": want, "enable": enable, "patched": libz.crc32(0, b"abc", 3),
        "hopped": next(s for s in sites.installed_sites() if s.entry == crc).hopped}
