@@ -342,9 +342,9 @@ def containing_function(obj: LoadedObject, offset: int) -> tuple[str, int, int] 
 def function_before(obj: LoadedObject, address: int) -> int | None:
     """The start of the function symbol holding ``address``, else of the
     last one starting before it; None where none does."""
-    entry = elf.table_of(obj, f"the function before {address:#x}").function_before(
+    start = elf.table_of(obj, f"the function before {address:#x}").start_before(
         address - obj.base)
-    return obj.base + entry.value if entry is not None else None
+    return obj.base + start if start is not None else None
 
 
 def functions(obj: LoadedObject) -> list[Symbol]:
