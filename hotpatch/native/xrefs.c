@@ -414,6 +414,60 @@ static int in_intervals(uintptr_t t, const uintptr_t *in, int k)
     return 0;
 }
 
+/* A vector of 4 displacements (SSE2, the x86-64 baseline; GCC's vector
+ * extensions, no intrinsics). */
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+
+/* Could one of the 16 displacements starting at p[0..15] lead into the
+ * span of `span` bytes, where the one at p[0] counts from `from` bytes
+ * before the span?  In 32-bit arithmetic: never false where the exact
+ * test (see hp_branch_candidates_into) is true, sometimes true where it is
+ * false, which the exact test then sorts out.  p[0..18] are read. */
+static int any_rel32_into(const uint8_t *p, uint32_t from, uint32_t span)
+{
+    static const u32x4 lanes[4] = { { 0, 4, 8, 12 }, { 1, 5, 9, 13 }, { 2, 6, 10, 14 },
+                                    { 3, 7, 11, 15 } };
+    const u32x4 spans = { span, span, span, span }, froms = { from, from, from, from };
+    u32x4 hit = { 0, 0, 0, 0 };
+    for (int k = 0; k < 4; k++) {
+        u32x4 v;
+        memcpy(&v, p + k, sizeof v);     /* the displacements at p[k], p[k + 4], ... */
+        hit |= (u32x4)(v + froms + lanes[k] < spans);
+    }
+    return (hit[0] | hit[1] | hit[2] | hit[3]) != 0;
+}
+
+/* The rel32 forms among the `len` bytes of `buf` (read from `at`; those
+ * past `opcodes` only complete a form that starts before) whose target
+ * falls into one of the `k` intervals of `into`, all within [first, last):
+ * at each j, where a displacement starting there would lead (almost never
+ * into the span), then the opcode before it, at j - 1 (E8, E9) or j - 2
+ * (0F 8x, C7 F8).  16 displacements at a time where none can lead there:
+ * libc's code in 0.5 ms, not 1.5. */
+static long rel32_candidates(const uint8_t *buf, size_t len, size_t opcodes, uintptr_t at,
+                             uintptr_t first, uintptr_t last, const uintptr_t *into, int k)
+{
+    long count = 0;
+    size_t end = len < 4 ? 0 : (opcodes + 2 < len - 3 ? opcodes + 2 : len - 3);  /* j < end */
+    int by16 = last - first < UINT32_MAX;
+    for (size_t j = 1; j < end; j++) {
+        if (by16 && j % 16 == 0) {
+            while (j + 19 <= len && j + 16 <= end &&
+                   !any_rel32_into(buf + j, (uint32_t)(at + j + 4 - first), (uint32_t)(last - first)))
+                j += 16;
+            if (j >= end)
+                break;
+        }
+        uintptr_t t = at + j + 4 + (uintptr_t)(int64_t)rel32_at(buf + j);
+        if (t - first >= last - first || !in_intervals(t, into, k))
+            continue;
+        if ((j - 1 < opcodes && rel32_end(buf, len, j - 1) == j + 4) ||
+                (j >= 2 && rel32_end(buf, len, j - 2) == j + 4))
+            count++;
+    }
+    return count;
+}
+
 /* How many byte sequences of the code in `ranges` could encode a direct
  * branch into one of the `k` intervals [lo, hi) of `into`, counted as the
  * index finds its candidates (rel32 forms from anywhere in the interval's
@@ -443,10 +497,6 @@ long hp_branch_candidates_into(const uintptr_t *ranges, int n, const uintptr_t *
         }
         if (first >= last)
             continue;       /* as the index: no candidate from another segment */
-        /* By displacement first: at each j, where a displacement starting
-         * there would lead (one load; almost never into the span), then
-         * the opcode before it, at j - 1 (E8, E9) or j - 2 (0F 8x, C7 F8),
-         * in this chunk. */
         for (uintptr_t at = lo; at < hi && count >= 0; at += CHUNK) {
             size_t len = hi - at < CHUNK + OVERLAP ? hi - at : CHUNK + OVERLAP;
             size_t opcodes = len < CHUNK ? len : CHUNK;
@@ -454,14 +504,7 @@ long hp_branch_candidates_into(const uintptr_t *ranges, int n, const uintptr_t *
                 count = -1;
                 break;
             }
-            for (size_t j = 1; j <= opcodes + 1 && j + 4 <= len; j++) {
-                uintptr_t t = at + j + 4 + (uintptr_t)(int64_t)rel32_at(buf + j);
-                if (t - first >= last - first || !in_intervals(t, into, k))
-                    continue;
-                if ((j - 1 < opcodes && rel32_end(buf, len, j - 1) == j + 4) ||
-                        (j >= 2 && rel32_end(buf, len, j - 2) == j + 4))
-                    count++;
-            }
+            count += rel32_candidates(buf, len, opcodes, at, first, last, into, k);
         }
         /* rel8 and rel16 forms: only within reach of each interval */
         for (int i = 0; i < k && count >= 0; i++) {
