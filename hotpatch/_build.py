@@ -267,10 +267,7 @@ struct hp_first {
     uint8_t stops_plainly;
     uint8_t hop_known;
     int8_t written;
-    uint8_t planned;
-    uint8_t wants_before;
 };
-#define HP_BEFORE_NONE ...
 long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
                        struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
                        long ntaken, int timeout_ms, char *err);

@@ -35,7 +35,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import struct
-from array import array
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -663,18 +662,14 @@ def _with_hops(sites: Iterable[Site]) -> Iterator[Site]:
 def _find_hops(sites: Sequence[Site]) -> None:
     """The hot-patch points of ``sites`` (native/hop.c: from one read of each
     entry's bytes, one call for all), and whether each one's jmp rel32
-    needs a stop.  Where only a sweep from the function before can tell
-    whether the padding is dead, a second call asks again with it, for
-    those only (its symbol-table lookup costs more than the rest)."""
-    found = _query_hops(sites, [0] * len(sites))
-    asking = [k for k, (hop, _, _) in enumerate(found) if hop == lib.HP_HOP_ASK_BEFORE]
-    befores = {k: sites[k]._function_before(sites[k].entry - 1)
-               for k in asking if sites[k]._function_before is not None}
-    known = [k for k in asking if befores.get(k)]
-    for k, result in zip(known, _query_hops([sites[k] for k in known],
-                                            [befores[k] for k in known])):
-        found[k] = result
-    for site, (hop, stops_plainly, padding) in zip(sites, found):
+    needs a stop.  Each with the start of the function before it, from the
+    symbol table (a bisect: see elf.SymbolTable.start_before), for where
+    only a sweep from there can tell whether the padding is dead; none
+    without a ``function_before``: then no point where that sweep is
+    needed."""
+    befores = [site._function_before(site.entry - 1) or 0
+               if site._function_before is not None else 0 for site in sites]
+    for site, (hop, stops_plainly, padding) in zip(sites, _query_hops(sites, befores)):
         # Not where another site's entry write reaches: a function shorter
         # than the jump, with padding after it, is planned with that
         # padding in its replaced bytes.
@@ -686,10 +681,11 @@ def _find_hops(sites: Sequence[Site]) -> None:
             site._hop_padding = padding
 
 
-# struct hp_hop_query as words (entry, address, length, before lead it), and what follows.
-_QUERY_WORDS = ffi.sizeof("struct hp_hop_query") // 8
+# struct hp_hop_query: what is asked (entry, address, length, before) and what follows.
+_QUERY_IN = struct.Struct(f"<4Q{ffi.offsetof('struct hp_hop_query', 'hop') - 32}x"
+                          f"{ffi.sizeof('struct hp_hop_query') - ffi.offsetof('struct hp_hop_query', 'hop')}x")
 _QUERY_OUT = struct.Struct(f"<{ffi.offsetof('struct hp_hop_query', 'hop')}xQB5s2x")
-if _QUERY_OUT.size != ffi.sizeof("struct hp_hop_query"):
+if _QUERY_OUT.size != ffi.sizeof("struct hp_hop_query") or _QUERY_IN.size != _QUERY_OUT.size:
     raise ImportError("struct hp_hop_query's layout is not the one sites.py reads")
 
 
@@ -697,15 +693,12 @@ def _query_hops(sites: Sequence[Site], befores: Sequence[int]) -> list[tuple[int
     """``hp_hops_find`` of ``sites``: ``(hop, stops_plainly, padding)`` each."""
     if not sites:
         return []
-    n = len(sites)
-    queries = ffi.new("struct hp_hop_query[]", n)
-    words, end = memoryview(ffi.buffer(queries)).cast("Q"), n * _QUERY_WORDS
-    words[0:end:_QUERY_WORDS] = array("Q", [site.entry for site in sites])
-    words[1:end:_QUERY_WORDS] = array("Q", [site.plan.address for site in sites])
-    words[2:end:_QUERY_WORDS] = array("Q", [site.plan.length for site in sites])
-    words[3:end:_QUERY_WORDS] = array("Q", befores)
-    lib.hp_hops_find(queries, n)
-    return list(_QUERY_OUT.iter_unpack(ffi.buffer(queries)))
+    # Packed by struct into a buffer the C core fills in: for one query a
+    # third of cffi's struct array and strided columns, the same for 1,000.
+    packed = bytearray(b"".join([_QUERY_IN.pack(site.entry, site.plan.address, site.plan.length,
+                                                before) for site, before in zip(sites, befores)]))
+    lib.hp_hops_find(ffi.from_buffer("struct hp_hop_query[]", packed), len(sites))
+    return list(_QUERY_OUT.iter_unpack(packed))
 
 
 def _hops_spare_a_stop(redirects: Sequence[tuple[Site, int]], form: str | None) -> bool:
@@ -1000,7 +993,6 @@ _first_plan = ffi.buffer(_first, ffi.sizeof("struct hp_plan"))
 _first_words = memoryview(ffi.buffer(_first)).cast("Q")
 _FIRST_TARGET = ffi.offsetof("struct hp_first", "target") // 8
 _FIRST_BEFORE = ffi.offsetof("struct hp_first", "before") // 8
-_BEFORE_ASK, _BEFORE_NONE = 0, lib.HP_BEFORE_NONE
 _FIRST_OUT = struct.Struct(f"<{ffi.offsetof('struct hp_first', 'hop')}xQ5sBBb")
 if ffi.offsetof("struct hp_first", "written") != _FIRST_OUT.size - 1:
     raise ImportError("struct hp_first's layout is not the one sites.py reads")
@@ -1027,25 +1019,17 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
         exec_ranges = executable_ranges()
     words = _first_words
     words[0], words[1], words[_FIRST_TARGET] = entry, size or 0, target
-    # The function before: asked for only where a hot-patch point needs it.
-    words[_FIRST_BEFORE] = _BEFORE_ASK if function_before is not None else _BEFORE_NONE
+    # The function before, for a hot-patch point only a sweep from it shows
+    # (a bisect; see _find_hops).  A process of one thread takes no point.
+    words[_FIRST_BEFORE] = function_before(entry - 1) or 0 \
+        if function_before is not None and not lib.hp_alone() else 0
     taken = _taken_near(entry)
-
-    def redirect_first(free, nfree: int) -> int:
-        return lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges),
-                                     free, nfree, taken or ffi.NULL, len(taken) // 2,
-                                     STOP_TIMEOUT_MS, _first_err)
-
+    free = _free_blocks() if _free_code else ffi.NULL
+    rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges),
+                               free, len(_free_code), taken or ffi.NULL, len(taken) // 2,
+                               STOP_TIMEOUT_MS, _first_err)
     if _free_code:
-        free = _free_blocks()
-        rc = redirect_first(free, len(_free_code))
         _keep_free_blocks(free)
-    else:
-        rc = redirect_first(ffi.NULL, 0)
-    if rc >= 0 and _first.wants_before:
-        words[_FIRST_BEFORE] = function_before(entry - 1) or _BEFORE_NONE
-        _first.planned = 1          # the stub is made: no block to take
-        rc = redirect_first(ffi.NULL, 0)
     if rc < 0:
         raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
     status, plan, stub, stub_size = native_result(*NATIVE_PLAN.unpack_from(_first_plan))

@@ -31,22 +31,18 @@ static int overlaps(uint64_t lo, uint64_t hi, const uint64_t *taken, long ntaken
 
 /* The hot-patch point the batch path would take for the first install of
  * the planned entry (sites.py's hot_patch_point): 0 where the jmp rel32
- * needs no stop or there is none; HP_HOP_ASK_BEFORE where the function
- * before must tell and f->before is HP_BEFORE_ASK.  `bytes` starts BEHIND
- * bytes before the entry. */
+ * needs no stop or there is none.  `bytes` starts BEHIND bytes before the
+ * entry. */
 static uint64_t first_hop(struct hp_first *f, const uint8_t *bytes, const uint64_t *taken,
                           long ntaken)
 {
     const struct hp_plan *p = &f->plan;
-    /* HP_HOP_ASK_BEFORE only where f->before is HP_BEFORE_ASK: only a sweep
-     * from the function before can tell (HP_BEFORE_NONE: no point, as the
-     * batch path without a symbol table). */
     uint64_t hop = hp_hop_over(p->entry, p->address, p->length, f->before, bytes,
                                &f->stops_plainly, f->hop_padding);
-    if (!hop || hp_stop_forced())
+    /* HP_HOP_ASK_BEFORE: only a sweep from the function before could tell,
+     * and there is none (f->before 0): no point, as the batch path. */
+    if (!hop || hop == HP_HOP_ASK_BEFORE || hp_stop_forced())
         return 0;
-    if (hop == HP_HOP_ASK_BEFORE)
-        return hop;
     /* Not where another site's entry write reaches (sites.py's _sites_reaching). */
     return overlaps(hop, hop + HP_HOP_SIZE, taken, ntaken) ? 0 : hop;
 }
@@ -89,14 +85,11 @@ static int write_entry(struct hp_first *f, int timeout_ms, char *err)
 /*
  * The first redirect of the function at f->plan.entry (f->plan.size bytes,
  * 0: unknown) to f->target.  f->before: the start of the function before
- * it, for a hot-patch point that only a sweep from there shows (hop.c);
- * HP_BEFORE_ASK to ask for it only then (its lookup, in the symbol table,
- * costs more than the rest), HP_BEFORE_NONE where there is none to ask.
- * Asked, the call returns with f->wants_before set and nothing written
- * but the stub: call again with f->before and f->planned set.  `ranges`:
- * as hp_plan_entries'; `free_blocks`: pool blocks to reuse for the stub
- * (the one taken gets size 0); `taken`: the [lo, hi) pairs of the bytes near the entry that other sites write
- * (their entries, their hot-patch points).
+ * it, for a hot-patch point that only a sweep from there shows (hop.c); 0
+ * where there is none.  `ranges`: as hp_plan_entries'; `free_blocks`: pool
+ * blocks to reuse for the stub (the one taken gets size 0); `taken`: the
+ * [lo, hi) pairs of the bytes near the entry that other sites write (their
+ * entries, their hot-patch points).
  *
  * f->plan is planned as hp_plan_entries plans it, its stub written; where
  * its status is not HP_PLAN_OK, nothing else is done.  Then f->written:
@@ -116,21 +109,18 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
     size_t len = BEHIND + (window > HP_SCAN_AHEAD ? window : HP_SCAN_AHEAD);
     uint8_t *bytes = malloc(len);
     long rc = -1;
-    int planned = f->planned;
     err[0] = 0;
     f->written = 0;
     f->hop_known = 0;
     f->hop = 0;
-    f->planned = 0;
-    f->wants_before = 0;
     if (!bytes)
         return -1;
     /* One read for all: where the bytes before the entry are not mapped,
      * the plan reads for itself and the batch path does the rest. */
     int have = f->plan.entry >= BEHIND &&
                hp_read_memory(f->plan.entry - BEHIND, bytes, len) == (long)len;
-    if (!planned && hp_plan_entries_from(&f->plan, 1, ranges, nranges, 1, free_blocks, nfree,
-                                         have ? bytes + BEHIND : NULL, window) < 0)
+    if (hp_plan_entries_from(&f->plan, 1, ranges, nranges, 1, free_blocks, nfree,
+                             have ? bytes + BEHIND : NULL, window) < 0)
         goto out;
     rc = 0;
     const struct hp_plan *p = &f->plan;
@@ -141,10 +131,6 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
      * when it is asked again with other threads there. */
     int alone = hp_alone();
     uint64_t hop = alone ? 0 : first_hop(f, bytes, taken, ntaken);
-    if (hop == HP_HOP_ASK_BEFORE) {
-        f->wants_before = 1;
-        goto out;
-    }
     f->hop = hop;
     f->hop_known = !alone;
     if (overlaps(p->address, p->address + p->length, taken, ntaken) ||

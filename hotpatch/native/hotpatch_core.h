@@ -218,17 +218,13 @@ long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_wr
 struct hp_first {
     struct hp_plan plan;            /* in: its entry and size; out: as hp_plan_entries plans it */
     uint64_t target;                /* in: where the entry's calls go */
-    uint64_t before;                /* in: the function before's start (see first.c) */
+    uint64_t before;                /* in: the function before's start, 0: none (first.c) */
     uint64_t hop;                   /* the hot-patch point taken, 0: none */
     uint8_t hop_padding[HP_HOP_SIZE];   /* its bytes before */
     uint8_t stops_plainly;          /* a jmp rel32 at the entry needs a stop */
     uint8_t hop_known;              /* hop and stops_plainly are set */
     int8_t written;                 /* 1 redirected, 0 left to the batch path, -1 failed */
-    uint8_t planned;                /* in: plan is the one a call before made */
-    uint8_t wants_before;           /* out: call again with `before`, planned */
 };
-#define HP_BEFORE_ASK 0             /* f->before: ask for it where it is needed */
-#define HP_BEFORE_NONE UINT64_MAX   /* f->before: not known, no sweep */
 long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
                        struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
                        long ntaken, int timeout_ms, char *err);
