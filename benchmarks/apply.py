@@ -44,8 +44,11 @@ from .frida_peer import frida_reason
 HOTPATCH_PHASES = ("prepare", "write", "apply", "revert", "reapply", "retarget")
 #: The one-call path's functions: f_* (several instructions at the entry:
 #: through its hot-patch point where other threads run) and u_* (one
-#: atomic store).
-ONE_CALL_KINDS = ("hop", "unstopped")
+#: atomic store); each also with an idle thread in the process, as real
+#: services have (faulthandler's watchdog, a pool's idle worker): where
+#: the process would otherwise have one thread, the write is no longer
+#: alone.
+ONE_CALL_KINDS = ("hop", "unstopped", "hop_idle", "unstopped_idle")
 #: Timed beside each one-call redirect (see _one_call).
 ONE_CALL_BESIDE = ("control", "kernel_floor")
 FRIDA_METHODS = ("replace", "replaceFast")
@@ -68,7 +71,7 @@ def run(opts: Options) -> dict:
     """Every count under every number of busy threads, hotpatch and Frida
     alternating, each in fresh processes."""
     counts = opts.counts
-    library = native.build_generated(sum(counts) + native.ONE_CALL)
+    library = native.build_generated(sum(counts) + 2 * native.ONE_CALL)
     starts = _ranges(counts)
     runs = {"hotpatch": {t: [] for t in opts.threads}, "frida": {t: [] for t in opts.threads}}
     failures = []      # a run that crashed or failed is a result too
@@ -286,10 +289,16 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f
     import hotpatch
     from hotpatch import symbols as loaded
     clock = time.perf_counter
-    kinds = {"hop": [f"f_{first_f + i}" for i in range(native.ONE_CALL)],
-             "unstopped": [f"u_{native.UNSTOPPED + i}" for i in range(native.ONE_CALL)]}
+    n = native.ONE_CALL
+    kinds = {"hop": [f"f_{first_f + i}" for i in range(n)],
+             "unstopped": [f"u_{native.UNSTOPPED + i}" for i in range(n)],
+             "hop_idle": [f"f_{first_f + n + i}" for i in range(n)],
+             "unstopped_idle": [f"u_{native.UNSTOPPED + n + i}" for i in range(n)]}
     out, controls, floors = {}, [], []
+    idle = None
     for kind, names in kinds.items():
+        if kind.endswith("_idle") and idle is None:
+            idle = _IdleThread()
         stops = hotpatch.tree()["core"]["stops"]["count"]
         times = []
         for name in names:
@@ -305,12 +314,37 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f
             controls.append(_control())
             floors.append(lib.gen_kernel_floor_ns() / 1e3)
         if hotpatch.tree()["core"]["stops"]["count"] != stops:
-            raise RuntimeError(f"a {names[0][0]}_* function took a stop: its entry is not the "
-                               "shape expected")
+            raise RuntimeError(f"a {names[0][0]}_* function took a stop ({kind}): its entry is "
+                               "not the shape expected")
         out[kind] = statistics.median(times[len(times) // 2:])
+    idle.stop()
     out["control"] = statistics.median(controls)
     out["kernel_floor"] = statistics.median(floors)
     return out
+
+
+class _IdleThread:
+    """A thread that blocks every signal and sleeps, as faulthandler's
+    watchdog and glibc's timer thread do."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+        self._wake = threading.Event()
+        ready = threading.Event()
+
+        def sleep() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            ready.set()
+            self._wake.wait()
+
+        self._thread = threading.Thread(target=sleep, name="idle", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def stop(self) -> None:
+        self._wake.set()
+        self._thread.join()
 
 
 def _control() -> float:

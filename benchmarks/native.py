@@ -100,8 +100,9 @@ def build_stop_threads() -> str:
 #: Functions of the generated library whose first patch needs no stop.
 UNSTOPPED = 8
 #: Functions of each kind (f_*, u_*) redirected by the one-call path
-#: (``sites.redirect``) in the apply series, after the others: the first
-#: half warms the path up, the second is timed.
+#: (``sites.redirect``) in the apply series, after the others, once alone
+#: and once with an idle thread: the first half warms the path up, the
+#: second is timed.
 ONE_CALL = 16
 
 
@@ -109,7 +110,7 @@ def _generated_source(count: int) -> str:
     """C source of ``count`` distinct functions f_0.. (each at least 16 bytes,
     so that Frida's replaceFast takes them too), ``warm`` of the same shape
     (patched first, to take the one-time costs), the replacements ``g`` and
-    ``g2``, UNSTOPPED + ONE_CALL functions u_0.. whose entry needs no stop
+    ``g2``, UNSTOPPED + 2 * ONE_CALL functions u_0.. whose entry needs no stop
     to patch (their first instruction, a load of a volatile, covers the
     write), the table ``gen_functions`` and busy caller threads."""
     parts = [
@@ -124,7 +125,7 @@ def _generated_source(count: int) -> str:
               for i in range(count)]
     parts.append("static volatile long ubase = 0;\n")
     parts += [f"FUNC long u_{i}(long x) {{ long b = ubase; return b + x + {i + 2}; }}\n"
-              for i in range(UNSTOPPED + ONE_CALL)]
+              for i in range(UNSTOPPED + 2 * ONE_CALL)]
     parts.append("long (*const gen_functions[])(long) = {\n")
     parts += [f"f_{i},\n" for i in range(count)]
     parts.append("};\n")
