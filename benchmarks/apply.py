@@ -306,7 +306,7 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f
             t0 = clock()
             obj = loaded.find_object(library)
             site = sites.redirect(entry, g, size=size, exec_ranges=obj.exec_ranges,
-                                  function_before=lambda a: loaded.function_before(obj, a))
+                                  function_before=loaded.function_before_of(obj))
             t1 = clock()
             _check(ffi, entry, lambda x: x + 1)
             sites.restore(site)

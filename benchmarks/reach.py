@@ -168,7 +168,7 @@ def _hotpatch_outcome(obj, functions) -> dict:
         try:
             site, = sites.prepare_batch(
                 [(obj.base + offset, size)], exec_ranges=obj.exec_ranges,
-                function_before=lambda address: symbols.function_before(obj, address))
+                function_before=symbols.function_before_of(obj))
             if not isinstance(site, sites.Site):
                 raise site
             reasons.append(None)

@@ -258,10 +258,19 @@ struct hp_entry_change {
 };
 long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_write *w,
                      uint8_t *rewritten);
+struct hp_function_starts {
+    uint64_t base;
+    const uint64_t *starts;
+    uint64_t nstarts;
+    const uint64_t *sized;
+    uint64_t nsized;
+};
+uint64_t hp_function_before(const struct hp_function_starts *f, uint64_t address);
 struct hp_first {
     struct hp_plan plan;
     uint64_t target;
     uint64_t before;
+    const struct hp_function_starts *starts;
     uint64_t hop;
     uint8_t hop_padding[5];
     uint8_t stops_plainly;
@@ -273,7 +282,9 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
                        long ntaken, int timeout_ms, char *err);
 #define HP_HOP_ASK_BEFORE ...
 struct hp_hop_query {
-    uint64_t entry, address, length, before, hop;
+    uint64_t entry, address, length, before;
+    const struct hp_function_starts *starts;
+    uint64_t hop;
     uint8_t stops_plainly;
     uint8_t padding[5];
     uint8_t unused[2];

@@ -347,7 +347,7 @@ def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) 
         fentry_targets=_FentryTargets(loaded),
         branches_into=lambda lo, hi: symbols.branches_into(loaded, lo, hi),
         branch_index=lambda: symbols.branch_index(loaded),
-        function_before=lambda address: symbols.function_before(loaded, address)) if new else []
+        function_before=symbols.function_before_of(loaded)) if new else []
     for func, site in zip(new, made):
         if isinstance(site, HotpatchError):
             failed[id(func)] = site

@@ -224,23 +224,31 @@ class SymbolTable:
         self._all_starts = sorted(at_start)
         self._at_start = at_start
 
-    def start_before(self, offset: int) -> int | None:
-        """Where :meth:`function_before`'s function starts, from an index of
-        the starts alone (see FunctionSymbols.sizes_by_start): the hot-patch
-        point search asks it of every entry it looks at."""
+    def start_index(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """The index :meth:`start_before` answers from: every start, sorted,
+        and the ``(start, end)`` of the sized ones, by start (see
+        FunctionSymbols.sizes_by_start).  Built on first use."""
         if self._starts is None:
             sizes = self.functions.sizes_by_start()
             self._starts = sorted(sizes)
             self._sized_ends = [(start, start + sizes[start]) for start in self._starts
                                 if sizes[start]]
             self._sized_starts_only = [start for start, _ in self._sized_ends]
-        i = bisect.bisect_right(self._starts, offset) - 1
-        if i >= 0 and self._starts[i] == offset:
+        return self._starts, self._sized_ends
+
+    def start_before(self, offset: int) -> int | None:
+        """Where :meth:`function_before`'s function starts, from an index of
+        the starts alone (:meth:`start_index`): the hot-patch point search
+        asks it of entries it looks at (and the C core of its own copy:
+        symbols.FunctionBefore)."""
+        starts, sized = self.start_index()
+        i = bisect.bisect_right(starts, offset) - 1
+        if i >= 0 and starts[i] == offset:
             return offset
         k = bisect.bisect_right(self._sized_starts_only, offset) - 1
-        if k >= 0 and offset < self._sized_ends[k][1]:
-            return self._sized_ends[k][0]
-        return self._starts[i] if i >= 0 else None
+        if k >= 0 and offset < sized[k][1]:
+            return sized[k][0]
+        return starts[i] if i >= 0 else None
 
     def function_before(self, offset: int) -> FuncSym | None:
         """The function holding ``offset``, else the last one starting before

@@ -304,7 +304,8 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
     returning the start of the function symbol holding an address, else of
     the last one before it (or None): where the bytes before an entry do not
     tell whether its padding is dead, a sweep from there does (see
-    :func:`hot_patch_point`).  For each function, its site
+    :func:`hot_patch_point`); a :class:`~hotpatch.symbols.FunctionBefore`
+    (the livepatch model's) is looked up by the C core, only there.  For each function, its site
     or the error refusing it: the caller decides whether one refusal fails
     the batch."""
     with _lock.operation(f"prepare a batch of {len(functions)} sites"):
@@ -662,14 +663,12 @@ def _with_hops(sites: Iterable[Site]) -> Iterator[Site]:
 def _find_hops(sites: Sequence[Site]) -> None:
     """The hot-patch points of ``sites`` (native/hop.c: from one read of each
     entry's bytes, one call for all), and whether each one's jmp rel32
-    needs a stop.  Each with the start of the function before it, from the
-    symbol table (a bisect: see elf.SymbolTable.start_before), for where
-    only a sweep from there can tell whether the padding is dead; none
-    without a ``function_before``: then no point where that sweep is
-    needed."""
-    befores = [site._function_before(site.entry - 1) or 0
-               if site._function_before is not None else 0 for site in sites]
-    for site, (hop, stops_plainly, padding) in zip(sites, _query_hops(sites, befores)):
+    needs a stop.  Where only a sweep from the function before can tell
+    whether the padding is dead, the C core looks that function up in the
+    index of a :class:`~hotpatch.symbols.FunctionBefore`; another
+    ``function_before`` is asked for every site first.  Without one, no
+    point where that sweep is needed."""
+    for site, (hop, stops_plainly, padding) in zip(sites, _query_hops(sites)):
         # Not where another site's entry write reaches: a function shorter
         # than the jump, with padding after it, is planned with that
         # padding in its replaced bytes.
@@ -681,22 +680,36 @@ def _find_hops(sites: Sequence[Site]) -> None:
             site._hop_padding = padding
 
 
-# struct hp_hop_query: what is asked (entry, address, length, before) and what follows.
-_QUERY_IN = struct.Struct(f"<4Q{ffi.offsetof('struct hp_hop_query', 'hop') - 32}x"
+def _before(site: Site) -> tuple[int, int]:
+    """``(before, starts)`` of ``site`` for ``hp_hops_find`` (as hp_hop_in
+    takes them): the address of its function before's C index, else the
+    function before itself, else nothing."""
+    function_before = site._function_before
+    if function_before is None:
+        return 0, 0
+    native = getattr(function_before, "native", None)
+    if native is not None:
+        return 0, int(ffi.cast("uintptr_t", native))
+    return function_before(site.entry - 1) or 0, 0
+
+
+# struct hp_hop_query: what is asked (entry, address, length, before,
+# starts) and what follows.
+_QUERY_IN = struct.Struct(f"<5Q{ffi.offsetof('struct hp_hop_query', 'hop') - 40}x"
                           f"{ffi.sizeof('struct hp_hop_query') - ffi.offsetof('struct hp_hop_query', 'hop')}x")
 _QUERY_OUT = struct.Struct(f"<{ffi.offsetof('struct hp_hop_query', 'hop')}xQB5s2x")
 if _QUERY_OUT.size != ffi.sizeof("struct hp_hop_query") or _QUERY_IN.size != _QUERY_OUT.size:
     raise ImportError("struct hp_hop_query's layout is not the one sites.py reads")
 
 
-def _query_hops(sites: Sequence[Site], befores: Sequence[int]) -> list[tuple[int, int, bytes]]:
+def _query_hops(sites: Sequence[Site]) -> list[tuple[int, int, bytes]]:
     """``hp_hops_find`` of ``sites``: ``(hop, stops_plainly, padding)`` each."""
     if not sites:
         return []
     # Packed by struct into a buffer the C core fills in: for one query a
     # third of cffi's struct array and strided columns, the same for 1,000.
     packed = bytearray(b"".join([_QUERY_IN.pack(site.entry, site.plan.address, site.plan.length,
-                                                before) for site, before in zip(sites, befores)]))
+                                                *_before(site)) for site in sites]))
     lib.hp_hops_find(ffi.from_buffer("struct hp_hop_query[]", packed), len(sites))
     return list(_QUERY_OUT.iter_unpack(packed))
 
@@ -1019,10 +1032,13 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
         exec_ranges = executable_ranges()
     words = _first_words
     words[0], words[1], words[_FIRST_TARGET] = entry, size or 0, target
-    # The function before, for a hot-patch point only a sweep from it shows
-    # (a bisect; see _find_hops).  A process of one thread takes no point.
+    # The function before, for a hot-patch point only a sweep from it shows:
+    # looked up by the C core where that is needed (see _before), else
+    # asked now but for a process of one thread, which takes no point.
+    native = getattr(function_before, "native", None)
+    _first.starts = native if native is not None else ffi.NULL
     words[_FIRST_BEFORE] = function_before(entry - 1) or 0 \
-        if function_before is not None and not lib.hp_alone() else 0
+        if native is None and function_before is not None and not lib.hp_alone() else 0
     taken = _taken_near(entry)
     free = _free_blocks() if _free_code else ffi.NULL
     rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges),

@@ -237,8 +237,11 @@ report(out)
 
 SWEPT = PRELUDE + """
 obj = hotpatch.symbols.find_object(OBJ)
-def before(address):
+def asked(address):
     return hotpatch.symbols.function_before(obj, address)
+# Asked of a callable before the C call, or looked up by the C core in its
+# index (the livepatch model's FunctionBefore).
+before = asked if P["before"] == "callable" else hotpatch.symbols.function_before_of(obj)
 holder = []
 def redirect():
     if P["mode"] == "first":
@@ -256,13 +259,14 @@ report({"took": took_, "hopped": holder[0].hopped, "patched": call("hop_swept"),
 """
 
 
-def test_the_function_before_finds_a_hot_patch_point_in_one_call(child, first_lib):
+@pytest.mark.parametrize("before", ["callable", "index"])
+def test_the_function_before_finds_a_hot_patch_point_in_one_call(child, first_lib, before):
     # hop_swept's padding follows bytes that decode two ways: only a sweep
     # from the function before (the symbol table's) shows it is dead.  Given
     # that function, the one-call path takes the point as the batch path
     # does: no stop.
-    first = child(SWEPT, mode="first", **first_lib)[0]
-    batch = child(SWEPT, mode="batch", **first_lib)[0]
+    first = child(SWEPT, mode="first", before=before, **first_lib)[0]
+    batch = child(SWEPT, mode="batch", before=before, **first_lib)[0]
     assert first == {**batch, "batch_prepared": 0}, (first, batch)
     assert first["took"] == [0, 1] and first["hopped"] and first["patched"] == 1007, first
 

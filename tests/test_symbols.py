@@ -252,6 +252,26 @@ def test_functions_lists_every_function_by_address(dup):
     assert sorted(s.sympos for s in listing if s.name == "helper") == [1, 2]
 
 
+@pytest.mark.parametrize("name", ["libc.so.6", "libz.so.1", "libdup"])
+def test_the_function_before_is_one_answer_three_ways(name, dup):
+    # symbols.function_before answers from an index of the starts alone,
+    # and the C core from its copy (FunctionBefore, for the hot-patch point
+    # search): both as the FuncSym index answers, around every start and
+    # between them, aliases included.
+    from hotpatch._native import lib
+    obj = dup[1] if name == "libdup" else symbols.find_object(name)
+    table = elf.table_of(obj, "a test")
+    native = symbols.function_before_of(obj).native
+    starts = sorted({s.address - obj.base for s in symbols.functions(obj)})
+    offsets = {max(0, start + d) for start in starts for d in (-17, -1, 0, 1, 2, 40)}
+    offsets |= set(range(0, starts[-1] + 64, max(1, starts[-1] // 5000)))
+    for offset in sorted(offsets):
+        held = table.function_before(offset)
+        want = obj.base + held.value if held is not None else None
+        assert symbols.function_before(obj, obj.base + offset) == want, hex(offset)
+        assert (lib.hp_function_before(native, obj.base + offset) or None) == want, hex(offset)
+
+
 def test_second_lookup_reads_no_file(build, monkeypatch):
     path = cc(build / "libcached.so", "dup_a.c")
     obj = load(path)

@@ -37,10 +37,11 @@ static uint64_t first_hop(struct hp_first *f, const uint8_t *bytes, const uint64
                           long ntaken)
 {
     const struct hp_plan *p = &f->plan;
-    uint64_t hop = hp_hop_over(p->entry, p->address, p->length, f->before, bytes,
+    uint64_t hop = hp_hop_over(p->entry, p->address, p->length, f->before, f->starts, bytes,
                                &f->stops_plainly, f->hop_padding);
     /* HP_HOP_ASK_BEFORE: only a sweep from the function before could tell,
-     * and there is none (f->before 0): no point, as the batch path. */
+     * and there is none (f->before 0, no f->starts): no point, as the
+     * batch path. */
     if (!hop || hop == HP_HOP_ASK_BEFORE || hp_stop_forced())
         return 0;
     /* Not where another site's entry write reaches (sites.py's _sites_reaching). */
@@ -86,7 +87,8 @@ static int write_entry(struct hp_first *f, int timeout_ms, char *err)
  * The first redirect of the function at f->plan.entry (f->plan.size bytes,
  * 0: unknown) to f->target.  f->before: the start of the function before
  * it, for a hot-patch point that only a sweep from there shows (hop.c); 0
- * where there is none.  `ranges`: as hp_plan_entries'; `free_blocks`: pool
+ * where there is none, or where f->starts is given to look it up in, only
+ * if it is needed.  `ranges`: as hp_plan_entries'; `free_blocks`: pool
  * blocks to reuse for the stub (the one taken gets size 0); `taken`: the
  * [lo, hi) pairs of the bytes near the entry that other sites write (their
  * entries, their hot-patch points).

@@ -89,17 +89,51 @@ static int swept_to_an_end(uint64_t from, uint64_t at)
     return from == at && (kind == HP_INSN_LEAVES || kind == HP_INSN_CALL);
 }
 
+/* The last index in `v` (n sorted values) whose value is <= x, -1 if none. */
+static long last_at_most(const uint64_t *v, uint64_t n, uint64_t x, size_t stride)
+{
+    long lo = 0, hi = (long)n;      /* the answer + 1 is in [lo, hi] */
+    while (lo < hi) {
+        long mid = lo + (hi - lo) / 2;
+        if (v[(size_t)mid * stride] <= x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo - 1;
+}
+
+/* Where the function holding `address` starts, else the last one starting
+ * before it; 0 where none does: elf.SymbolTable.start_before's answer,
+ * from the same index (symbols.FunctionBefore).  The symbol starting
+ * exactly there first, then a sized one holding it, then the nearest
+ * start before. */
+uint64_t hp_function_before(const struct hp_function_starts *f, uint64_t address)
+{
+    if (address < f->base)
+        return 0;
+    uint64_t offset = address - f->base;
+    long i = last_at_most(f->starts, f->nstarts, offset, 1);
+    if (i >= 0 && f->starts[i] == offset)
+        return address;
+    long k = last_at_most(f->sized, f->nsized, offset, 2);
+    if (k >= 0 && offset < f->sized[2 * k + 1])
+        return f->base + f->sized[2 * k];
+    return i >= 0 ? f->base + f->starts[i] : 0;
+}
+
 /* The hot-patch point of the function at `entry` whose redirecting jump
  * goes at `address` (after any endbr64): the 5 bytes of dead padding just
  * before the entry, within a short jump of it, or 0 if there are none or
  * the first instruction is shorter than the short jump (a thread past a
  * 1-byte push would run the jump's second byte).  `before`: the start of
- * the function before the entry, 0 where not looked up yet: then
- * HP_HOP_ASK_BEFORE where the padding is there but only a sweep from it can
- * tell whether it is dead.  From the bytes read already: `first`, the 15
- * at `address`, and `behind`, the HP_HOP_BEHIND + HP_HOP_SEARCH just
- * before the entry. */
-uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint8_t *first,
+ * the function before the entry, else 0 and `starts`, where to look it up
+ * only if the padding is there but only a sweep from it can tell whether
+ * it is dead (NULL: HP_HOP_ASK_BEFORE then, the caller has none).  From the
+ * bytes read already: `first`, the 15 at `address`, and `behind`, the
+ * HP_HOP_BEHIND + HP_HOP_SEARCH just before the entry. */
+uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before,
+                   const struct hp_function_starts *starts, const uint8_t *first,
                    const uint8_t *behind)
 {
     uint64_t base = entry - (HP_HOP_BEHIND + HP_HOP_SEARCH);
@@ -118,6 +152,8 @@ uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint
             uint64_t at = base + start;
             if (nothing_falls_into(behind, base, start))
                 return entry - HP_HOP_SIZE;
+            if (!before && starts)
+                before = hp_function_before(starts, entry - 1);
             if (!before)
                 return HP_HOP_ASK_BEFORE;
             return before < at && at - before <= SWEEP_LIMIT && swept_to_an_end(before, at)
@@ -133,13 +169,14 @@ uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint
  * then those from `entry` to 16 past `address`.  hp_hops_find's and
  * first.c's one decision. */
 uint64_t hp_hop_over(uint64_t entry, uint64_t address, uint32_t length, uint64_t before,
-                     const uint8_t *bytes, uint8_t *stops_plainly, uint8_t *padding)
+                     const struct hp_function_starts *starts, const uint8_t *bytes,
+                     uint8_t *stops_plainly, uint8_t *padding)
 {
     const uint8_t *at = bytes + HP_HOP_READ_BEHIND + (address - entry);
     *stops_plainly = (uint8_t)hp_write_needs_stop_over(address, length, at);
     if (!*stops_plainly)
         return 0;
-    uint64_t hop = hp_hop_in(entry, address, before, at, bytes);
+    uint64_t hop = hp_hop_in(entry, address, before, starts, at, bytes);
     if (hop && hop != HP_HOP_ASK_BEFORE)
         memcpy(padding, bytes + HP_HOP_READ_BEHIND - (entry - hop), HP_HOP_SIZE);
     return hop;
@@ -165,8 +202,8 @@ void hp_hops_find(struct hp_hop_query *q, size_t n)
             q->stops_plainly = (uint8_t)hp_write_needs_stop(q->address, (uint32_t)q->length);
             continue;
         }
-        q->hop = hp_hop_over(q->entry, q->address, (uint32_t)q->length, q->before, bytes,
-                             &q->stops_plainly, q->padding);
+        q->hop = hp_hop_over(q->entry, q->address, (uint32_t)q->length, q->before, q->starts,
+                             bytes, &q->stops_plainly, q->padding);
     }
 }
 

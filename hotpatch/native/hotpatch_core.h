@@ -215,10 +215,24 @@ long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_wr
                      uint8_t *rewritten);
 
 /* --- first.c ------------------------------------------------------- */
+/* An object's function symbols by start, for the function before an entry
+ * (hop.c, hp_function_before): offsets from `base`, sorted; `sized`: the
+ * [start, end) pairs of those with a size, by start.  symbols.py's
+ * FunctionBefore builds it once per object. */
+struct hp_function_starts {
+    uint64_t base;
+    const uint64_t *starts;
+    uint64_t nstarts;
+    const uint64_t *sized;
+    uint64_t nsized;
+};
+uint64_t hp_function_before(const struct hp_function_starts *f, uint64_t address);
+
 struct hp_first {
     struct hp_plan plan;            /* in: its entry and size; out: as hp_plan_entries plans it */
     uint64_t target;                /* in: where the entry's calls go */
     uint64_t before;                /* in: the function before's start, 0: none (first.c) */
+    const struct hp_function_starts *starts;   /* in: else where to look it up, or NULL */
     uint64_t hop;                   /* the hot-patch point taken, 0: none */
     uint8_t hop_padding[HP_HOP_SIZE];   /* its bytes before */
     uint8_t stops_plainly;          /* a jmp rel32 at the entry needs a stop */
@@ -233,16 +247,19 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
 #define HP_HOP_ASK_BEFORE 1
 #define HP_HOP_SEARCH 128       /* bytes before the entry that may be padding */
 #define HP_HOP_BEHIND 16        /* and before those, for the instruction before the run */
-uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before, const uint8_t *first,
+uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before,
+                   const struct hp_function_starts *starts, const uint8_t *first,
                    const uint8_t *behind);
 /* The bytes read before an entry to look for its point (hp_hop_over). */
 #define HP_HOP_READ_BEHIND (HP_HOP_BEHIND + HP_HOP_SEARCH)
 uint64_t hp_hop_over(uint64_t entry, uint64_t address, uint32_t length, uint64_t before,
-                     const uint8_t *bytes, uint8_t *stops_plainly, uint8_t *padding);
+                     const struct hp_function_starts *starts, const uint8_t *bytes,
+                     uint8_t *stops_plainly, uint8_t *padding);
 /* An entry asked for its hot-patch point (hp_hops_find). */
 struct hp_hop_query {
     uint64_t entry, address, length;    /* the entry, its plan's address and length */
     uint64_t before;                    /* as hp_hop_in's */
+    const struct hp_function_starts *starts;    /* as hp_hop_in's */
     uint64_t hop;                       /* out: as hp_hop_in's; 0 where stops_plainly is 0 */
     uint8_t stops_plainly;              /* out: the jmp rel32 at address needs a stop */
     uint8_t padding[HP_HOP_SIZE];       /* out: the bytes at hop, where there is one */
