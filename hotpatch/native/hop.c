@@ -65,14 +65,17 @@ static int nothing_falls_into(const uint8_t *buf, uint64_t base, long at)
 
 /* Does the linear sweep from `from` (an instruction boundary: a function's
  * start) land exactly on `at` with an instruction that never falls
- * through? */
-static int swept_to_an_end(uint64_t from, uint64_t at)
+ * through?  `read` holds the bytes from `read_at` up to `at`, read
+ * already: a function before that starts there is swept from them. */
+static int swept_to_an_end(uint64_t from, uint64_t at, const uint8_t *read, uint64_t read_at)
 {
     uint8_t code[256];
     int kind = HP_INSN_OTHER;
     while (from < at) {
         size_t len = at - from < sizeof code ? at - from : sizeof code;
-        if (hp_read_own(hp_gettid(), code, from, len) != (long)len)
+        if (from >= read_at)
+            memcpy(code, read + (from - read_at), len);
+        else if (hp_read_own(hp_gettid(), code, from, len) != (long)len)
             return 0;
         size_t done = 0;
         /* an instruction cut by the window's end is decoded again in the next one */
@@ -156,8 +159,8 @@ uint64_t hp_hop_in(uint64_t entry, uint64_t address, uint64_t before,
                 before = hp_function_before(starts, entry - 1);
             if (!before)
                 return HP_HOP_ASK_BEFORE;
-            return before < at && at - before <= SWEEP_LIMIT && swept_to_an_end(before, at)
-                ? entry - HP_HOP_SIZE : 0;
+            return before < at && at - before <= SWEEP_LIMIT &&
+                   swept_to_an_end(before, at, behind, base) ? entry - HP_HOP_SIZE : 0;
         }
     return 0;
 }
