@@ -367,8 +367,16 @@ class FunctionBefore:
 
     @property
     def native(self):
+        """The index for the C core; NULL where the object's symbol table
+        cannot be read (no point then where only a sweep shows one, as
+        without a function before: the entry's write takes the stop)."""
         if self._native is None:
-            starts, sized = elf.table_of(self._obj, "the functions before entries").start_index()
+            try:
+                table = elf.table_of(self._obj, "the functions before entries")
+            except HotpatchError:
+                self._native = ffi.NULL
+                return self._native
+            starts, sized = table.start_index()
             self._arrays = (ffi.new("uint64_t[]", starts or [0]),
                             ffi.new("uint64_t[]", [v for pair in sized for v in pair] or [0]))
             self._native = ffi.new("struct hp_function_starts *", {

@@ -272,6 +272,19 @@ def test_the_function_before_is_one_answer_three_ways(name, dup):
         assert (lib.hp_function_before(native, obj.base + offset) or None) == want, hex(offset)
 
 
+def test_an_unreadable_table_gives_the_c_core_no_index(build):
+    # FunctionBefore's index for the C core, where the object's file is gone:
+    # none (no hot-patch point where only a sweep would show one), not an
+    # error for every entry asked about, most of which need no sweep.
+    import dataclasses
+    from hotpatch._native import ffi
+    path = cc(build / "libgone.so", "dup_a.c")
+    gone = dataclasses.replace(load(path), name=str(build / "libnowhere.so"))
+    assert symbols.function_before_of(gone).native == ffi.NULL
+    with pytest.raises(HotpatchError, match="libnowhere.so"):
+        symbols.function_before_of(gone)(gone.base + 16)
+
+
 def test_second_lookup_reads_no_file(build, monkeypatch):
     path = cc(build / "libcached.so", "dup_a.c")
     obj = load(path)
