@@ -245,22 +245,30 @@ static void undo_unstopped(const struct hp_write *w, size_t n, uint64_t deadline
 
 /* What every batch holds while it writes: the core's lock, and every signal
  * of this thread blocked (a handler running here could otherwise run the
- * code being written).  Returns the batch's deadline; `mask` is the signal
- * mask to give back in leave_batch(). */
-static uint64_t enter_batch(int timeout_ms, uint64_t *mask)
+ * code being written).  `mask` is the signal mask to give back in
+ * leave_batch(). */
+static void enter_batch(uint64_t *mask)
 {
     uint64_t all = ~0ull;
     pthread_mutex_lock(&hp_lock);
     hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, mask, 8);
     ready_code_writes();
+}
+
+/* When a stop that starts now must be over. */
+static uint64_t deadline_in(int timeout_ms)
+{
     return hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
 }
 
 /* Write, sync, let go: no thread runs an old instruction once a batch
- * returns. */
-static void leave_batch(uint64_t mask)
+ * returns.  `alone`: the process had no other thread to run one (the
+ * ptrace helper, which shares the memory, runs only the core's own code):
+ * no sync. */
+static void leave_batch(uint64_t mask, int alone)
 {
-    hp_sync_cores();
+    if (!alone)
+        hp_sync_cores();
     hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
     pthread_mutex_unlock(&hp_lock);
 }
@@ -276,7 +284,8 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
         return 0;
     if (check_batch(w, n, err))
         return -1;
-    uint64_t mask, deadline = enter_batch(timeout_ms, &mask);
+    uint64_t mask;
+    enter_batch(&mask);
     int rc, forced = hp_stop_forced(), alone = !forced && hp_only_thread();
     size_t failed = 0;
     /* Alone first: one fstat tells, and a plain write is cheaper than the
@@ -286,16 +295,16 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
         hp_stats.unstopped++;
         rc = 0;
     } else if (how == HP_UNSTOPPED_CHANGED) {
-        undo_unstopped(w, failed, deadline);
+        undo_unstopped(w, failed, deadline_in(timeout_ms));
         hp_fmt_code_changed(err, w[failed].address, 0);
         rc = -1;
     } else if (alone) {
         hp_stats.alone++;
         rc = hp_write_checked(w, n, err);
     } else {
-        rc = hp_stop_write(w, n, deadline, mem_fd >= 0, err);
+        rc = hp_stop_write(w, n, deadline_in(timeout_ms), mem_fd >= 0, err);
     }
-    leave_batch(mask);
+    leave_batch(mask, alone);
     return rc;
 }
 
@@ -343,9 +352,11 @@ int hp_write_batch_stack(struct hp_write *w, size_t n, const struct hp_store *st
     if (rc == HP_STOP_OK && hp_unwind_check_self(ranges, nranges, hit) && !force)
         rc = HP_STOP_BUSY;
     if (rc == HP_STOP_OK) {
-        uint64_t mask, deadline = enter_batch(timeout_ms, &mask);
-        rc = hp_stop_stack_round(w, n, stores, nstores, ranges, nranges, force, deadline, hit, err);
-        leave_batch(mask);
+        uint64_t mask;
+        enter_batch(&mask);
+        rc = hp_stop_stack_round(w, n, stores, nstores, ranges, nranges, force,
+                                 deadline_in(timeout_ms), hit, err);
+        leave_batch(mask, 0);
     }
     pthread_mutex_unlock(&hp_unwind_lock);
     return rc;
