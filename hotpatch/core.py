@@ -346,7 +346,7 @@ def _prepare_object(patch: Patch, obj: Object, prepared: dict[int, sites.Site]) 
         [(func.old_addr, func.old_size) for func in new], exec_ranges=loaded.exec_ranges,
         fentry_targets=_FentryTargets(loaded),
         branches_into=lambda lo, hi: symbols.branches_into(loaded, lo, hi),
-        branch_index=lambda: symbols.branch_index(loaded),
+        branch_index=symbols.branch_index_of(loaded),
         function_before=symbols.function_before_of(loaded)) if new else []
     for func, site in zip(new, made):
         if isinstance(site, HotpatchError):

@@ -300,7 +300,9 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
     their bytes read and decoded in one call too.  ``branch_index``: the
     callable returning the object's :class:`~hotpatch.x86_64.xrefs.BranchIndex`
     (called only where a plan needs it), which lets the C core answer what
-    ``branches_into`` answers.  ``function_before``: the callable
+    ``branches_into`` answers; a :class:`~hotpatch.symbols.BranchIndexOf`
+    (the livepatch model's) also says whether a small batch should scan the
+    object's code first or ask the index.  ``function_before``: the callable
     returning the start of the function symbol holding an address, else of
     the last one before it (or None): where the bytes before an entry do not
     tell whether its padding is dead, a sweep from there does (see
@@ -361,8 +363,8 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
     # the Python question per plan.  A small batch asks the object's raw
     # bytes first: none that could encode such a branch, no index to build.
     ask = several and branches_into is not None and branch_index is None
-    if several and branch_index is not None and _may_be_branched_into(batch, len(wanted),
-                                                                       exec_ranges):
+    if several and branch_index is not None and _may_be_branched_into(
+            batch, len(wanted), exec_ranges, branch_index):
         try:
             check_native_branches_into(batch, len(wanted), branch_index())
         except BaseException:
@@ -408,16 +410,23 @@ def _keep_free_blocks(free) -> None:
 _FEW_FOR_RAW_BYTES = 16
 
 
-def _may_be_branched_into(batch, n: int, exec_ranges) -> bool:
+def _may_be_branched_into(batch, n: int, exec_ranges, branch_index) -> bool:
     """Whether a branch could land inside the bytes a plan of ``batch``
     replaces (several instructions: no branch lands inside one), as far as
-    the object's raw bytes tell (see :func:`could_branch_into`)."""
+    the object's raw bytes tell (see :func:`could_branch_into`); True, for
+    the index to tell, where a scan is not worth it: a big batch, or the
+    model's :class:`~hotpatch.symbols.BranchIndexOf` says so (its index is
+    built, or small batches scanned the object often enough)."""
     if n > _FEW_FOR_RAW_BYTES:
         return True
     into = [(plan.address + 1, plan.address + plan.length)
             for status, plan, _, _ in native_results(batch, n)
             if status == _PLAN_OK and not plan.single_instruction]
-    return bool(into) and could_branch_into(exec_ranges, into)
+    if not into:
+        return False
+    worth_a_scan = getattr(branch_index, "worth_a_scan", None)
+    return (worth_a_scan is not None and not worth_a_scan()) or \
+        could_branch_into(exec_ranges, into)
 
 
 def _foreign_branch_into(branches_into, plan: EntryPlan) -> bool:

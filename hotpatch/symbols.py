@@ -64,6 +64,8 @@ __all__ = [
     "FunctionBefore",
     "resolve_any",
     "branches_into",
+    "branch_index_of",
+    "BranchIndexOf",
 ]
 
 RTLD_LAZY, RTLD_NOLOAD = 0x1, 0x4
@@ -73,6 +75,8 @@ _JMP_RIP = re.compile(rb"\xff\x25")  # jmp *disp32(%rip): a PLT entry
 
 # The direct branches of each loaded object, found on demand (see x86_64.xrefs).
 _branch_indexes: dict[LoadedObject, BranchIndex] = {}
+# How many times small batches scanned each object's code (BranchIndexOf).
+_branch_scans: dict[LoadedObject, int] = {}
 # The function starts of each loaded object, for the C core (FunctionBefore).
 _function_befores: dict[LoadedObject, "FunctionBefore"] = {}
 
@@ -81,6 +85,7 @@ def cache_clear() -> None:
     """Forget every symbol table read: the next lookup reads the files again."""
     elf.cache_clear()
     _branch_indexes.clear()
+    _branch_scans.clear()
     _function_befores.clear()
 
 
@@ -89,6 +94,7 @@ def forget(obj: LoadedObject) -> None:
     object loaded at its place later is read afresh)."""
     elf.forget(obj)
     _branch_indexes.pop(obj, None)
+    _branch_scans.pop(obj, None)
     _function_befores.pop(obj, None)
 
 
@@ -462,6 +468,43 @@ def branch_index(obj: LoadedObject):
     """The index of the direct branches of ``obj`` (see :func:`branches_into`),
     built on first need and kept."""
     return _branch_index(obj, obj.base)
+
+
+#: Small batches of an object scan its code for bytes that could branch into
+#: their entries (sites.prepare_batch) this many times; the next builds its
+#: branch index instead, which costs about three scans and is kept.
+SCANS_BEFORE_INDEX = 3
+
+
+class BranchIndexOf:
+    """:func:`branch_index` of one object as ``sites.prepare_batch`` takes it
+    (a callable), with the choice a small batch makes before it: a scan of
+    the object's code, or the index (:meth:`worth_a_scan`)."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: LoadedObject) -> None:
+        self._obj = obj
+
+    def __call__(self) -> BranchIndex:
+        return branch_index(self._obj)
+
+    def worth_a_scan(self) -> bool:
+        """Whether a small batch should scan the object's code (counted)
+        rather than ask the index: not once the index is built, nor after
+        SCANS_BEFORE_INDEX scans, when building it costs less than scanning
+        on (a service that patches one function at a time, again and again)."""
+        if self._obj in _branch_indexes:
+            return False
+        scans = _branch_scans.get(self._obj, 0)
+        if scans >= SCANS_BEFORE_INDEX:
+            return False
+        _branch_scans[self._obj] = scans + 1
+        return True
+
+
+def branch_index_of(obj: LoadedObject) -> BranchIndexOf:
+    return BranchIndexOf(obj)
 
 
 def _branch_index(obj: LoadedObject, lo: int):

@@ -225,6 +225,71 @@ report(out)
     assert stubs > 0 and reused and taken == stubs, r["reused"]
 
 
+SMALL_BATCHES = PRELUDE + """
+scanned = []
+scan = sites.could_branch_into
+def counted(exec_ranges, into):
+    scanned.append(exec_ranges)
+    return scan(exec_ranges, into)
+sites.could_branch_into = counted
+out = {"mismatch": [], "planned": 0, "refused": 0, "scans": []}
+for path in P["paths"]:
+    del scanned[:]
+    ctypes.CDLL(path)
+    obj = symbols.find_object(path)
+    functions = [(obj.base + offset, size) for offset, size in P["functions"][path]][:400]
+    into = lambda lo, hi: symbols.branches_into(obj, lo, hi)
+    for k in range(0, len(functions), P["per_batch"]):
+        batch = functions[k:k + P["per_batch"]]
+        made = sites.prepare_batch(batch, exec_ranges=obj.exec_ranges,
+                                   branch_index=symbols.branch_index_of(obj))
+        for (entry, size), got in zip(batch, made):
+            if not P["compare"]:    # the Python question would build the index
+                out["planned"] += isinstance(got, sites.Site)
+                continue
+            try:
+                want = analyze_entry(ctypes.string_at, entry, size=size,
+                                     exec_ranges=obj.exec_ranges, branches_into=into)
+            except Exception as e:
+                out["refused"] += 1
+                if type(got) is not type(e) or str(got) != str(e):
+                    out["mismatch"].append([hex(entry), str(got), str(e)])
+                continue
+            if not isinstance(got, sites.Site) or got.plan != want:
+                out["mismatch"].append([hex(entry), repr(got), repr(want)])
+            out["planned"] += 1
+        sites.forget([s for s in made if isinstance(s, sites.Site)])
+    out["scans"].append([len(scanned), obj in symbols._branch_indexes])
+report(out)
+"""
+
+
+def test_small_batches_give_the_python_answers_by_scan_or_index(child, corpus):
+    """The model's small batches (symbols.BranchIndexOf) scan the object's
+    code for bytes that could branch into their entries, or ask its branch
+    index once it is built: the same sites and the same refusals, word for
+    word, as the Python question."""
+    r = child(SMALL_BATCHES, paths=_batch_paths(corpus), per_batch=4, compare=True,
+              functions={p: _functions(p) for p in _batch_paths(corpus)})[0]
+    assert r["mismatch"] == [], r["mismatch"][:5]
+    assert r["planned"] > 400 and r["refused"] > 0, r
+
+
+def test_small_batches_scan_an_object_a_few_times_then_index_it(child, tmp_path):
+    """A service that patches one function at a time, again and again: its
+    object's code is scanned SCANS_BEFORE_INDEX times (these functions are
+    called by nothing, so no scan finds a candidate that would build the
+    index), then the index is built and asked."""
+    source = tmp_path / "many.c"
+    source.write_text("".join(f"__attribute__((noipa)) long m_{i}(long x) "
+                              f"{{ return ((x ^ (x >> 7)) * 3) + {i}; }}\n" for i in range(300)))
+    path = compile_library(str(tmp_path / "libmany.so"), [str(source)])
+    r = child(SMALL_BATCHES, paths=[path], per_batch=1, compare=False,
+              functions={path: _functions(path)})[0]
+    assert r["mismatch"] == [] and r["planned"] == 300, r
+    assert r["scans"] == [[symbols.SCANS_BEFORE_INDEX, True]], r["scans"]
+
+
 def _batch_paths(corpus):
     """A compiled object, a test target object and libc and libz."""
     return [corpus[1], corpus[len(PLAN_FLAGS)], *corpus[-len(LIBRARIES):]]
