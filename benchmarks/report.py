@@ -1181,58 +1181,62 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   thunk in place of the shared table lookup, and saving only what an observer
   needs.
 - **Apply is more than 10x Frida's `replace` per function at 100 and
-  10,000 functions, with 0, 2 and 8 busy threads (10-45x over session 10's
-  runs, wherever Frida kept the process alive to give a figure); 1,000
-  sites take 4.9-5.1 ms (10.6-13.6 ms in session 9's noisier runs).  At 1
-  function it is not: one call (`sites.redirect`) in a process of one
-  thread takes 33-35 µs, 6.6-9.6x Frida's `replace` of one function
-  (226-326 µs over the runs); with an idle thread in the process, as real
-  services have, 48-53 µs (u_\*) and 58-63 µs (f_\*), 4.4-6.2x; with busy
-  threads 61-87 µs, 3.0-4.3x.**  The plans and original stubs of the common
-  entry shapes are built by one call of the C core per batch
-  (`native/plan.c`), reading a batch's entries as spans; the entry writes
-  of a batch by another.  What remains per function: capstone's decode in
-  the C scan (it formats every instruction's text, which capstone 5.0
-  cannot turn off: about a third of its instructions), two Python objects and a
-  packed record per site.  The counts' batches start with generated
-  functions of no padding, so with busy threads their first patch takes a
-  stop (the 1-function rows: 0.03-0.6x Frida, which writes without
-  stopping and crashed the process in 5 of 5 runs with busy threads);
-  without busy threads the child has one thread and writes with nothing
-  to stop (`stops.alone`).  A batch of one site is dominated by fixed
-  costs measured once per process (the batch's Python in cold caches, the
-  locks): 0.2 ms.  The one-call table's C call is 17 µs alone, of which
-  about 10 µs are system calls (a `pwrite` to `/proc/self/mem` for the
-  stub and one for the entry: DESIGN.md keeps code pages from ever being
-  writable; the reads that check the bytes before each write; the core
-  sync) and most of the rest capstone; the Python around it is 14-17 µs.
-  With another thread the entry cannot be written alone: f_\* go through
-  their hot-patch point (a `jmp` in the padding, a core sync, the 2-byte
-  `jmp` at the entry by one atomic store in an `mprotect` window, a core
-  sync; a sweep of the function before proves the padding dead), u_\* take
-  the atomic store: the *kernel floor* column (those system calls on a
-  page nothing runs) is 7.6-7.7 µs with no busy thread and 24 µs with busy
-  ones, whose cores each call interrupts and waits for (an IPI costs 5-10
-  µs in this virtual machine), and the patching thread shares 2 cores with
-  them.
+  10,000 functions, with 0, 2 and 8 busy threads (10-62x over session 10's
+  four runs, wherever Frida kept the process alive to give a figure);
+  1,000 sites take 4.9-5.2 ms (10.6-13.6 ms in session 9's noisier runs).
+  At 1 function it is not, or only sometimes: one call (`sites.redirect`)
+  in a process of one thread takes 33-35 µs, 6.6-10.4x Frida's `replace`
+  of one function (226-345 µs over the runs); with an idle thread in the
+  process, as real services have, 48-53 µs (u_\*) and 56-63 µs (f_\*),
+  4.4-7.0x; with busy threads 61-92 µs, 2.9-5.7x.**  The plans and original
+  stubs of the common entry shapes are built by one call of the C core per
+  batch (`native/plan.c`), reading a batch's entries as spans; the entry
+  writes of a batch by another.  What remains per function: capstone's
+  decode in the C scan (it formats every instruction's text, which
+  capstone 5.0 cannot turn off: about a third of its instructions), two
+  Python objects and a packed record per site.  The counts' batches start
+  with generated functions of no padding, so with busy threads their
+  first patch takes a stop (the 1-function rows: 0.03-0.7x Frida, which
+  writes without stopping and crashed the process in 5 of 5 runs with
+  busy threads); without busy threads the child has one thread and writes
+  with nothing to stop (`stops.alone`).  A batch of one site is dominated
+  by fixed costs measured once per process (the batch's Python in cold
+  caches, the locks): 0.15-0.23 ms.  The one-call table's C call is 15-16 µs
+  alone, of which about 8 µs are system calls (a `pwrite` to
+  `/proc/self/mem` for the stub and one for the entry: DESIGN.md keeps
+  code pages from ever being writable; the reads that check the bytes
+  before each write) and most of the rest capstone; the Python around it
+  is about 16 µs.  With another thread the entry cannot be written alone:
+  f_\* go through their hot-patch point (a `jmp` in the padding, a core
+  sync, the 2-byte `jmp` at the entry by one atomic store in an `mprotect`
+  window, a core sync; a sweep of the function before proves the padding
+  dead), u_\* take the atomic store: the *kernel floor* column (those
+  system calls on a page nothing runs) is 7.4-7.7 µs with no busy thread
+  and 24-27 µs with busy ones, whose cores each call interrupts and waits
+  for (an IPI costs 5-10 µs in this virtual machine), and the patching
+  thread shares 2 cores with them.
 - **What the service feels (section 2d).**  Idle, no step of a
-  one-function patch stalls the service's threads 5 ms (2.8-3.3 ms at most
-  over session 10's runs).  With 2 busy threads the first use of
-  `hotpatch.register`, which imports the core (about 65 modules, 32-34 ms of
-  module bodies idle, 64-70 ms with 2 busy threads), stalls the Python
-  ticker 6.3-6.6 ms, and loading a C patch module 4-5.5 ms: the import
-  gives the GIL up every 2 ms, but with 4 runnable threads on 2 cores the
-  scheduler preempts it while it holds the GIL, and the ticker waits for
-  it to run again.  With 8 busy threads that step stalls it 13-14 ms, and
-  the quiet window's own stall has been 0-5 ms from run to run.  The
-  first `register()` of the process (libz's `crc32`) takes no stop and
-  spawns no helper: its entry goes through its hot-patch point
-  (`native/hop.c`); it takes 3.0-3.2 ms idle and 3.2-5.7 ms with 8 busy
-  threads over session 10's runs (13-29 ms in session 9's: the CPU share
-  a thread gets among 10 on 2 cores varies that much).  Its first code
-  write does not wait for the rest of an RCU grace period (the membarrier
-  registration, `native/ahead.c`, starts where the core's import starts).
-  The verdict table of section 2d says, per step and load, which and why.
+  one-function patch stalls the service's threads 5 ms (2.6-3.3 ms at most
+  over session 10's four runs).  With busy threads one step does: the
+  first use of `hotpatch.register`, which imports the core (about 65
+  modules, 32-34 ms of module bodies idle, 64-70 ms with 2 busy threads),
+  stalls the Python ticker 6.3-7.2 ms with 2 busy threads and 7.9-17.6 ms
+  with 8.  The import gives the GIL up every 2 ms, but with more runnable
+  threads than cores the scheduler preempts it while it holds the GIL, and
+  the ticker waits for it to run again; with 8 busy threads the quiet
+  window's own stall has been 0-5 ms from run to run.  Loading a C patch
+  module crossed 5 ms in one run of four with 2 busy threads.  The first
+  `register()` of the process (libz's `crc32`) takes no stop and spawns no
+  helper: its entry goes through its hot-patch point (`native/hop.c`); it
+  takes 2.9-3.7 ms idle and 3.0-18.6 ms with 8 busy threads over the runs
+  (the CPU share a thread gets among 10 on 2 cores varies that much).  Its
+  first code write does not wait for the rest of an RCU grace period (the
+  membarrier registration, `native/ahead.c`, starts where the core's
+  import starts).  A later `register()` of one function costs the model
+  0.25 ms warm (the benchmarks' library): small batches scan an object's
+  code for bytes that could branch into their entries three times
+  (0.4 ns a byte), then build its branch index and ask it.  The verdict
+  table of section 2d says, per step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more
   with more busy threads than cores.** Restoring or retargeting an entry,
   a first patch of an entry whose first instruction covers the write, and
