@@ -1223,7 +1223,8 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   stalls the Python ticker 6.3-7.2 ms with 2 busy threads and 7.9-17.6 ms
   with 8.  The import gives the GIL up every 2 ms, but with more runnable
   threads than cores the scheduler preempts it while it holds the GIL, and
-  the ticker waits for it to run again; with 8 busy threads the quiet
+  the ticker waits for it to run again (the longest gaps fall at random
+  points of its module bodies, not in one long call); with 8 busy threads the quiet
   window's own stall has been 0-5 ms from run to run.  Loading a C patch
   module crossed 5 ms in one run of four with 2 busy threads.  The first
   `register()` of the process (libz's `crc32`) takes no stop and spawns no
