@@ -262,7 +262,7 @@ struct hp_function_starts {
     uint64_t base;
     const uint64_t *starts;
     uint64_t nstarts;
-    const uint64_t *sized;
+    const uint64_t *sized_from, *sized_to;
     uint64_t nsized;
 };
 uint64_t hp_function_before(const struct hp_function_starts *f, uint64_t address);

@@ -177,10 +177,11 @@ class SymbolTable:
         self._sized: list[FuncSym] = []
         self._sized_starts: list[int] = []
         self._all_starts: list[int] = []
-        # start_before's index, built on first use.
+        # start_before's index, built on first use: every start; the sized
+        # functions' starts and ends.
         self._starts: list[int] | None = None
-        self._sized_ends: list[tuple[int, int]] = []
-        self._sized_starts_only: list[int] = []
+        self._sized_from: list[int] = []
+        self._sized_to: list[int] = []
 
     @property
     def funcs(self) -> list[FuncSym]:
@@ -224,30 +225,29 @@ class SymbolTable:
         self._all_starts = sorted(at_start)
         self._at_start = at_start
 
-    def start_index(self) -> tuple[list[int], list[tuple[int, int]]]:
+    def start_index(self) -> tuple[list[int], list[int], list[int]]:
         """The index :meth:`start_before` answers from: every start, sorted,
-        and the ``(start, end)`` of the sized ones, by start (see
+        and the starts and ends of the sized ones, by start (see
         FunctionSymbols.sizes_by_start).  Built on first use."""
         if self._starts is None:
             sizes = self.functions.sizes_by_start()
             self._starts = sorted(sizes)
-            self._sized_ends = [(start, start + sizes[start]) for start in self._starts
-                                if sizes[start]]
-            self._sized_starts_only = [start for start, _ in self._sized_ends]
-        return self._starts, self._sized_ends
+            self._sized_from = [start for start in self._starts if sizes[start]]
+            self._sized_to = [start + sizes[start] for start in self._sized_from]
+        return self._starts, self._sized_from, self._sized_to
 
     def start_before(self, offset: int) -> int | None:
         """Where :meth:`function_before`'s function starts, from an index of
         the starts alone (:meth:`start_index`): the hot-patch point search
         asks it of entries it looks at (and the C core of its own copy:
         symbols.FunctionBefore)."""
-        starts, sized = self.start_index()
+        starts, sized_from, sized_to = self.start_index()
         i = bisect.bisect_right(starts, offset) - 1
         if i >= 0 and starts[i] == offset:
             return offset
-        k = bisect.bisect_right(self._sized_starts_only, offset) - 1
-        if k >= 0 and offset < sized[k][1]:
-            return sized[k][0]
+        k = bisect.bisect_right(sized_from, offset) - 1
+        if k >= 0 and offset < sized_to[k]:
+            return sized_from[k]
         return starts[i] if i >= 0 else None
 
     def function_before(self, offset: int) -> FuncSym | None:

@@ -382,12 +382,13 @@ class FunctionBefore:
             except HotpatchError:
                 self._native = ffi.NULL
                 return self._native
-            starts, sized = table.start_index()
-            self._arrays = (ffi.new("uint64_t[]", starts or [0]),
-                            ffi.new("uint64_t[]", [v for pair in sized for v in pair] or [0]))
+            starts, sized_from, sized_to = table.start_index()
+            self._arrays = [ffi.new("uint64_t[]", values or [0])
+                            for values in (starts, sized_from, sized_to)]
             self._native = ffi.new("struct hp_function_starts *", {
                 "base": self._obj.base, "starts": self._arrays[0], "nstarts": len(starts),
-                "sized": self._arrays[1], "nsized": len(sized)})
+                "sized_from": self._arrays[1], "sized_to": self._arrays[2],
+                "nsized": len(sized_from)})
         return self._native
 
 

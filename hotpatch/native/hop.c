@@ -93,12 +93,12 @@ static int swept_to_an_end(uint64_t from, uint64_t at, const uint8_t *read, uint
 }
 
 /* The last index in `v` (n sorted values) whose value is <= x, -1 if none. */
-static long last_at_most(const uint64_t *v, uint64_t n, uint64_t x, size_t stride)
+static long last_at_most(const uint64_t *v, uint64_t n, uint64_t x)
 {
     long lo = 0, hi = (long)n;      /* the answer + 1 is in [lo, hi] */
     while (lo < hi) {
         long mid = lo + (hi - lo) / 2;
-        if (v[(size_t)mid * stride] <= x)
+        if (v[mid] <= x)
             lo = mid + 1;
         else
             hi = mid;
@@ -116,12 +116,12 @@ uint64_t hp_function_before(const struct hp_function_starts *f, uint64_t address
     if (address < f->base)
         return 0;
     uint64_t offset = address - f->base;
-    long i = last_at_most(f->starts, f->nstarts, offset, 1);
+    long i = last_at_most(f->starts, f->nstarts, offset);
     if (i >= 0 && f->starts[i] == offset)
         return address;
-    long k = last_at_most(f->sized, f->nsized, offset, 2);
-    if (k >= 0 && offset < f->sized[2 * k + 1])
-        return f->base + f->sized[2 * k];
+    long k = last_at_most(f->sized_from, f->nsized, offset);
+    if (k >= 0 && offset < f->sized_to[k])
+        return f->base + f->sized_from[k];
     return i >= 0 ? f->base + f->starts[i] : 0;
 }
 

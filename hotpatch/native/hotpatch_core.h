@@ -216,17 +216,16 @@ long hp_entry_writes(const struct hp_entry_change *changes, long n, struct hp_wr
 
 /* --- first.c ------------------------------------------------------- */
 /* An object's function symbols by start, for the function before an entry
- * (hop.c, hp_function_before): offsets from `base`, sorted; `sized`: the
- * [start, end) pairs of those with a size, by start.  symbols.py's
- * FunctionBefore builds it once per object. */
+ * (hop.c, hp_function_before): offsets from `base`, sorted; `sized_from`
+ * and `sized_to`: the starts and ends of those with a size, by start.
+ * symbols.py's FunctionBefore builds it once per object. */
 struct hp_function_starts {
     uint64_t base;
     const uint64_t *starts;
     uint64_t nstarts;
-    const uint64_t *sized;
+    const uint64_t *sized_from, *sized_to;
     uint64_t nsized;
 };
-uint64_t hp_function_before(const struct hp_function_starts *f, uint64_t address);
 
 struct hp_first {
     struct hp_plan plan;            /* in: its entry and size; out: as hp_plan_entries plans it */
@@ -244,6 +243,7 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
                        long ntaken, int timeout_ms, char *err);
 
 /* --- hop.c --------------------------------------------------------- */
+uint64_t hp_function_before(const struct hp_function_starts *f, uint64_t address);
 #define HP_HOP_ASK_BEFORE 1
 #define HP_HOP_SEARCH 128       /* bytes before the entry that may be padding */
 #define HP_HOP_BEHIND 16        /* and before those, for the instruction before the run */
