@@ -689,17 +689,22 @@ def _find_hops(sites: Sequence[Site]) -> None:
             site._hop_padding = padding
 
 
-def _before(site: Site) -> tuple[int, int]:
-    """``(before, starts)`` of ``site`` for ``hp_hops_find`` (as hp_hop_in
-    takes them): the address of its function before's C index, else the
-    function before itself, else nothing."""
-    function_before = site._function_before
-    if function_before is None:
-        return 0, 0
+def _before(function_before, entry: int):
+    """``(before, starts)`` of the entry at ``entry`` for the C core's point
+    search (as hp_hop_in takes them, ``starts`` a ``struct
+    hp_function_starts *``): the C index of a
+    :class:`~hotpatch.symbols.FunctionBefore`, looked up there only where
+    needed; else the function before, asked now; else nothing."""
     native = getattr(function_before, "native", None)
     if native is not None:
-        return 0, int(ffi.cast("uintptr_t", native))
-    return function_before(site.entry - 1) or 0, 0
+        return 0, native
+    return (function_before(entry - 1) or 0) if function_before is not None else 0, ffi.NULL
+
+
+def _query_row(site: Site) -> bytes:
+    before, starts = _before(site._function_before, site.entry)
+    return _QUERY_IN.pack(site.entry, site.plan.address, site.plan.length, before,
+                          int(ffi.cast("uintptr_t", starts)))
 
 
 # struct hp_hop_query: what is asked (entry, address, length, before,
@@ -717,8 +722,7 @@ def _query_hops(sites: Sequence[Site]) -> list[tuple[int, int, bytes]]:
         return []
     # Packed by struct into a buffer the C core fills in: for one query a
     # third of cffi's struct array and strided columns, the same for 1,000.
-    packed = bytearray(b"".join([_QUERY_IN.pack(site.entry, site.plan.address, site.plan.length,
-                                                *_before(site)) for site in sites]))
+    packed = bytearray(b"".join(map(_query_row, sites)))
     lib.hp_hops_find(ffi.from_buffer("struct hp_hop_query[]", packed), len(sites))
     return list(_QUERY_OUT.iter_unpack(packed))
 
@@ -1041,13 +1045,8 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
         exec_ranges = executable_ranges()
     words = _first_words
     words[0], words[1], words[_FIRST_TARGET] = entry, size or 0, target
-    # The function before, for a hot-patch point only a sweep from it shows:
-    # looked up by the C core where that is needed (see _before), else
-    # asked now but for a process of one thread, which takes no point.
-    native = getattr(function_before, "native", None)
-    _first.starts = native if native is not None else ffi.NULL
-    words[_FIRST_BEFORE] = function_before(entry - 1) or 0 \
-        if native is None and function_before is not None and not lib.hp_alone() else 0
+    # The function before, for a hot-patch point only a sweep from it shows.
+    words[_FIRST_BEFORE], _first.starts = _before(function_before, entry)
     taken = _taken_near(entry)
     free = _free_blocks() if _free_code else ffi.NULL
     rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges),
