@@ -58,6 +58,8 @@ struct hp_write {
 };
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
 int hp_write_dead(struct hp_write *w, size_t n, char *err);
+int hp_write_dead_then_batch(struct hp_write *dead, size_t ndead, struct hp_write *w, size_t n,
+                             int others, int timeout_ms, char *err);
 int hp_write_needs_stop(uintptr_t address, uint32_t len);
 #define HP_GOT_STORED ...
 #define HP_GOT_CHANGED ...

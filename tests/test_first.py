@@ -291,3 +291,37 @@ report(out)
     assert r["patched"] == r["want"]["adler"] != r["want"]["crc"], r
     assert r["took"] == [0, 1] and r["hopped"] and r["batch_prepared"] == 0, r
     assert r["restored"] == r["want"]["crc"] and r["identical"], r
+
+
+def test_a_point_and_its_entry_are_written_all_or_nothing(child, first_lib):
+    # The one call that writes a first redirect through its hot-patch point
+    # (hp_write_dead_then_batch): a point whose padding is not there, or an
+    # entry whose bytes are not, leaves both as they were; otherwise both
+    # are written, the point's jmp first, and the function is redirected.
+    r = child(PRELUDE + """
+from hotpatch._native import ffi, lib as core
+from hotpatch.x86_64 import encode
+site = sites.prepare(addr("hop_plain"), size=size("hop_plain"), exec_ranges=RANGES)
+point, entry = sites.hot_patch_point(site), site.entry
+padding, first = sites.read_memory(point, 5), sites.read_memory(entry, 2)
+jump, short = encode.jmp_rel32(point, addr("replacement")), bytes([0xEB, point - entry - 2 & 0xFF])
+def attempt(point_old, entry_old):
+    dead = ffi.new("struct hp_write *", (point, point_old, jump, 5))
+    w = ffi.new("struct hp_write *", (entry, entry_old, short, 2))
+    err = ffi.new("char[256]")
+    rc = core.hp_write_dead_then_batch(dead, 1, w, 1, 1, 1000, err)
+    return {"rc": rc, "err": ffi.string(err).decode(), "point": sites.read_memory(point, 5),
+            "entry": sites.read_memory(entry, 2), "result": call("hop_plain")}
+old = call("hop_plain")
+out = {"point_changed": attempt(b"\\xcc" * 5, first), "entry_changed": attempt(padding, b"\\x90\\x90"),
+       "written": attempt(padding, first)}
+for k, v in out.items():
+    v.update(point=v["point"] == jump, padding=v["point"] == padding, entry=v["entry"] == short,
+             first=v["entry"] == first, redirected=v["result"] != old)
+report(out)
+""", **first_lib)[0]
+    for refused in ("point_changed", "entry_changed"):
+        assert r[refused]["rc"] == -1 and r[refused]["err"], r
+        assert r[refused]["padding"] and r[refused]["first"] and not r[refused]["redirected"], r
+    assert r["written"]["rc"] == 0 and r["written"]["point"] and r["written"]["entry"], r
+    assert r["written"]["redirected"], r

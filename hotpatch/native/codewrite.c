@@ -243,16 +243,27 @@ static void undo_unstopped(const struct hp_write *w, size_t n, uint64_t deadline
     free(back);
 }
 
-/* What every batch holds while it writes: the core's lock, and every signal
- * of this thread blocked (a handler running here could otherwise run the
- * code being written).  `mask` is the signal mask to give back in
- * leave_batch(). */
-static void enter_batch(uint64_t *mask)
+/* What every batch holds while it writes: the core's lock, the code
+ * writes ready. */
+static void enter_batch(void)
+{
+    pthread_mutex_lock(&hp_lock);
+    ready_code_writes();
+}
+
+/* Every signal of this thread blocked while a batch writes, `mask` the
+ * one to give back: a handler running here could otherwise run code being
+ * written, or leave the batch (a longjmp) with the lock held and a page
+ * of code writable. */
+static void block_signals(uint64_t *mask)
 {
     uint64_t all = ~0ull;
-    pthread_mutex_lock(&hp_lock);
     hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &all, mask, 8);
-    ready_code_writes();
+}
+
+static void unblock_signals(uint64_t mask)
+{
+    hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
 }
 
 /* When a stop that starts now must be over. */
@@ -261,32 +272,22 @@ static uint64_t deadline_in(int timeout_ms)
     return hp_now_ns() + (uint64_t)timeout_ms * 1000000ull;
 }
 
-/* Write, sync, let go: no thread runs an old instruction once a batch
- * returns.  `alone`: the process had no other thread to run one (the
- * ptrace helper, which shares the memory, runs only the core's own code):
- * no sync. */
-static void leave_batch(uint64_t mask, int alone)
+/* The writes of a batch, safely while other threads run: without a stop
+ * where the process has no other thread, or where every write replaces
+ * one instruction by one atomic store (unstopped.c), else one stop.  Then
+ * a sync of the cores: no thread runs an old instruction once a batch
+ * returns (no sync where the process was alone: no other thread could
+ * run one, and the ptrace helper, which shares the memory, runs only the
+ * core's own code).  `others`: the caller has just seen other threads,
+ * and they are not counted again (the ways of a process with others are
+ * right for one without).  0, or -1 with `err` filled and no byte
+ * changed.  hp_lock held, the code writes ready. */
+static int write_batch_locked(struct hp_write *w, size_t n, int others, int timeout_ms,
+                              char *err)
 {
-    if (!alone)
-        hp_sync_cores();
-    hp_sys(SYS_rt_sigprocmask, SIG_SETMASK, &mask, 0, 8);
-    pthread_mutex_unlock(&hp_lock);
-}
-
-/* Write a batch of sites safely while other threads run: without a stop
- * where the process has no other thread, or where every write replaces one
- * instruction by one atomic store (unstopped.c), else one stop.
- * Returns 0, or -1 with `err` filled and no byte changed. */
-int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
-{
-    err[0] = 0;
-    if (n == 0)
-        return 0;
-    if (check_batch(w, n, err))
-        return -1;
     uint64_t mask;
-    enter_batch(&mask);
-    int rc, forced = hp_stop_forced(), alone = !forced && hp_only_thread();
+    block_signals(&mask);
+    int rc, forced = hp_stop_forced(), alone = !forced && !others && hp_only_thread();
     size_t failed = 0;
     /* Alone first: one fstat tells, and a plain write is cheaper than the
      * atomic stores' mprotect window. */
@@ -304,8 +305,42 @@ int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
     } else {
         rc = hp_stop_write(w, n, deadline_in(timeout_ms), mem_fd >= 0, err);
     }
-    leave_batch(mask, alone);
+    if (!alone)
+        hp_sync_cores();
+    unblock_signals(mask);
     return rc;
+}
+
+/* Write a batch of sites safely while other threads run (see
+ * write_batch_locked).  Returns 0, or -1 with `err` filled and no byte
+ * changed. */
+int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
+{
+    err[0] = 0;
+    if (n == 0)
+        return 0;
+    if (check_batch(w, n, err))
+        return -1;
+    enter_batch();
+    int rc = write_batch_locked(w, n, 0, timeout_ms, err);
+    pthread_mutex_unlock(&hp_lock);
+    return rc;
+}
+
+/* The dead bytes of `w` back as they were (a batch after them failed). */
+static void put_back_dead(const struct hp_write *w, size_t n)
+{
+    struct hp_write *back = malloc(n * sizeof *back);
+    char ignored[HP_ERRLEN];
+    if (!back)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        back[i] = w[i];
+        memcpy(back[i].old, w[i].bytes, sizeof back[i].old);
+        memcpy(back[i].bytes, w[i].old, sizeof back[i].bytes);
+    }
+    hp_write_checked(back, n, ignored);
+    free(back);
 }
 
 /* Write bytes that no thread runs yet: hot-patch points' padding, which
@@ -322,11 +357,37 @@ int hp_write_dead(struct hp_write *w, size_t n, char *err)
         return 0;
     if (check_batch(w, n, err))
         return -1;
-    pthread_mutex_lock(&hp_lock);
-    ready_code_writes();
+    enter_batch();
     int rc = hp_write_checked(w, n, err);
     if (rc == 0)
         hp_sync_cores();
+    pthread_mutex_unlock(&hp_lock);
+    return rc;
+}
+
+/* hp_write_dead(`dead`), then hp_write_batch(`w`), in one hold of the
+ * lock, the descriptor checked once: a first redirect (first.c), through
+ * its hot-patch point or not.  `others`: as write_batch_locked's (the
+ * first redirect has just counted the threads, to know whether to look
+ * for a point).  0, or -1 with `err` filled and no byte changed (the dead
+ * bytes put back where the batch failed). */
+int hp_write_dead_then_batch(struct hp_write *dead, size_t ndead, struct hp_write *w, size_t n,
+                             int others, int timeout_ms, char *err)
+{
+    err[0] = 0;
+    if (check_batch(dead, ndead, err) || check_batch(w, n, err))
+        return -1;
+    enter_batch();
+    int rc = ndead ? hp_write_checked(dead, ndead, err) : 0;
+    if (rc == 0 && ndead)
+        /* A thread that takes an entry's short jump must find the point's
+         * jmp rel32, not what its core fetched before. */
+        hp_sync_cores();
+    if (rc == 0 && n) {
+        rc = write_batch_locked(w, n, others, timeout_ms, err);
+        if (rc && ndead)
+            put_back_dead(dead, ndead);
+    }
     pthread_mutex_unlock(&hp_lock);
     return rc;
 }
@@ -353,10 +414,13 @@ int hp_write_batch_stack(struct hp_write *w, size_t n, const struct hp_store *st
         rc = HP_STOP_BUSY;
     if (rc == HP_STOP_OK) {
         uint64_t mask;
-        enter_batch(&mask);
+        enter_batch();
+        block_signals(&mask);
         rc = hp_stop_stack_round(w, n, stores, nstores, ranges, nranges, force,
                                  deadline_in(timeout_ms), hit, err);
-        leave_batch(mask, 0);
+        hp_sync_cores();
+        unblock_signals(mask);
+        pthread_mutex_unlock(&hp_lock);
     }
     pthread_mutex_unlock(&hp_unwind_lock);
     return rc;

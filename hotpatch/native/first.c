@@ -49,17 +49,18 @@ static uint64_t first_hop(struct hp_first *f, const uint8_t *bytes, const uint64
 }
 
 /* Write the entry: through the hot-patch point (its jmp rel32 first, then
- * the jmp rel8 to it at the entry), else the jmp rel32 at the entry.
- * 0, or -1 with `err` and nothing left written. */
-static int write_entry(struct hp_first *f, int timeout_ms, char *err)
+ * the jmp rel8 to it at the entry), else the jmp rel32 at the entry, in
+ * one call of codewrite.c.  `others`: the process has other threads (as
+ * hp_alone just said).  0, or -1 with `err` and nothing left written. */
+static int write_entry(struct hp_first *f, int others, int timeout_ms, char *err)
 {
     const struct hp_plan *p = &f->plan;
     struct hp_entry_change c = {
         .address = p->address, .new_op = 0xE9, .new_to = f->target, .length = p->length,
         .hop = f->hop, .hop_to = f->hop ? f->target : 0, .new_hop = f->hop != 0,
     };
-    struct hp_write w[2];
-    uint8_t rewritten, jump[JMP_REL32] = { 0xE9 };
+    struct hp_write w[2], point = { .address = f->hop, .len = HP_HOP_SIZE, .bytes = { 0xE9 } };
+    uint8_t rewritten;
     memcpy(c.original, p->original, p->length);
     long n = hp_entry_writes(&c, 1, w, &rewritten);
     if (n < 0) {
@@ -67,20 +68,22 @@ static int write_entry(struct hp_first *f, int timeout_ms, char *err)
         return -1;
     }
     if (f->hop) {
-        hp_put_rel32(jump + 1, f->hop + JMP_REL32, f->target);
-        if (hp_hop_put(f->hop, f->hop_padding, jump)) {
-            char *end = hp_fmt_hex(err, err + HP_ERRLEN, f->plan.entry);
-            hp_fmt_str(end, err + HP_ERRLEN, ": the padding before the entry changed: its "
-                       "hot-patch point cannot be used");
-            return -1;
-        }
+        memcpy(point.old, f->hop_padding, HP_HOP_SIZE);
+        hp_put_rel32(point.bytes + 1, f->hop + JMP_REL32, f->target);
     }
-    if (hp_write_batch(w, (size_t)n, timeout_ms, err)) {
-        if (f->hop)
-            hp_hop_put(f->hop, jump, f->hop_padding);
+    if (hp_write_dead_then_batch(&point, f->hop != 0, w, (size_t)n, others, timeout_ms,
+                                 err) == 0)
+        return 0;
+    if (!f->hop)
         return -1;
+    uint8_t now[HP_HOP_SIZE];
+    if (hp_read_memory(f->hop, now, sizeof now) != (long)sizeof now ||
+            memcmp(now, f->hop_padding, sizeof now)) {
+        char *end = hp_fmt_hex(err, err + HP_ERRLEN, f->plan.entry);
+        hp_fmt_str(end, err + HP_ERRLEN, ": the padding before the entry changed: its "
+                   "hot-patch point cannot be used");
     }
-    return 0;
+    return -1;
 }
 
 /*
@@ -138,7 +141,7 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
     if (overlaps(p->address, p->address + p->length, taken, ntaken) ||
             (hop && !hp_in_reach(hop, f->target, JMP_REL32)))
         goto out;
-    f->written = write_entry(f, timeout_ms, err) ? -1 : 1;
+    f->written = write_entry(f, !alone, timeout_ms, err) ? -1 : 1;
 out:
     free(bytes);
     return rc;

@@ -385,6 +385,8 @@ int hp_write_code(uintptr_t addr, const void *src, size_t len);
 void hp_store_slot(uint64_t *slot, uint64_t value);
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
 int hp_write_dead(struct hp_write *w, size_t n, char *err);
+int hp_write_dead_then_batch(struct hp_write *dead, size_t ndead, struct hp_write *w, size_t n,
+                             int others, int timeout_ms, char *err);
 struct hp_store;
 struct hp_code_range;
 struct hp_stack_hit;
