@@ -22,7 +22,9 @@ child also patches, one at a time, functions whose entry needs no stop
 (``u_*``: one atomic store), checked to have taken none.  Last, it
 redirects functions of both kinds, never patched before, one at a time by
 the one-call path (``sites.redirect``, ``native/first.c``): what Frida's
-``replace`` of one function is, an address and a replacement.
+``replace`` of one function is, an address and a replacement.  Then the
+livepatch model's way, what a user calls: ``hotpatch.register()`` of a
+patch of one function, never patched before, and its ``disable()``.
 
 ``python -m benchmarks.apply PARAMS`` is the child.
 """
@@ -51,6 +53,9 @@ HOTPATCH_PHASES = ("prepare", "write", "apply", "revert", "reapply", "retarget")
 ONE_CALL_KINDS = ("hop", "unstopped", "hop_idle", "unstopped_idle")
 #: Timed beside each one-call redirect (see _one_call).
 ONE_CALL_BESIDE = ("control", "kernel_floor")
+#: The livepatch model's steps for a patch of one function (see _model),
+#: without and with an idle thread in the process.
+MODEL_STEPS = ("register", "disable", "register_idle", "disable_idle")
 FRIDA_METHODS = ("replace", "replaceFast")
 
 
@@ -71,7 +76,7 @@ def run(opts: Options) -> dict:
     """Every count under every number of busy threads, hotpatch and Frida
     alternating, each in fresh processes."""
     counts = opts.counts
-    library = native.build_generated(sum(counts) + 2 * native.ONE_CALL)
+    library = native.build_generated(sum(counts) + 4 * native.ONE_CALL)
     starts = _ranges(counts)
     runs = {"hotpatch": {t: [] for t in opts.threads}, "frida": {t: [] for t in opts.threads}}
     failures = []      # a run that crashed or failed is a result too
@@ -97,7 +102,10 @@ def run(opts: Options) -> dict:
                                      for t, rs in runs["hotpatch"].items() if rs},
               "hotpatch_one_call": {str(t): {kind: summary([r["one_call"][kind] for r in rs])
                                              for kind in ONE_CALL_KINDS + ONE_CALL_BESIDE}
-                                    for t, rs in runs["hotpatch"].items() if rs}}
+                                    for t, rs in runs["hotpatch"].items() if rs},
+              "hotpatch_model": {str(t): {step: summary([r["model"][step] for r in rs])
+                                          for step in MODEL_STEPS}
+                                 for t, rs in runs["hotpatch"].items() if rs}}
     if frida_peer.available():
         result["frida"] = _summarize(runs["frida"], [f"{m}_{s}" for m in FRIDA_METHODS
                                                     for s in ("install", "revert")])
@@ -256,7 +264,8 @@ def _patch_counts(ffi, lib, params, functions, symbols) -> dict:
             us[phase][str(count)] = value
     return {"us": us, "first": first,
             "unstopped": _unstopped(sites, library, symbols, base, g, g2, ffi),
-            "one_call": _one_call(sites, library, symbols, base, g, ffi, lib, len(functions))}
+            "one_call": _one_call(sites, library, symbols, base, g, ffi, lib, len(functions)),
+            "model": _model(library, symbols, base, g, ffi, len(functions) + 2 * native.ONE_CALL)}
 
 
 def _unstopped(sites, library: str, symbols, base: int, g: int, g2: int, ffi) -> dict:
@@ -320,6 +329,40 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f
     idle.stop()
     out["control"] = statistics.median(controls)
     out["kernel_floor"] = statistics.median(floors)
+    return out
+
+
+def _model(library: str, symbols, base: int, g: int, ffi, first_f: int) -> dict:
+    """What a user calls: ``hotpatch.register()`` of a patch of one
+    function never patched before (its object's symbols read by the patches
+    before), checked to take effect, then its ``disable()``; the median µs
+    of each (see MODEL_STEPS) over the second half of ONE_CALL functions,
+    the first half warming the path up, as in :func:`_one_call`.  Then the
+    same with an idle thread in the process."""
+    import hotpatch
+    from hotpatch import Func, Object, Patch
+    clock = time.perf_counter
+    n = native.ONE_CALL
+    out = {}
+    for suffix, start in (("", first_f), ("_idle", first_f + n)):
+        idle = _IdleThread() if suffix else None
+        registers, disables = [], []
+        for i in range(start, start + n):
+            patch = Patch(f"model-{i}", [Object(library, [Func(f"f_{i}", g)])])
+            t0 = clock()
+            hotpatch.register(patch)
+            t1 = clock()
+            _check(ffi, base + symbols[f"f_{i}"][0], lambda x: x + 1)
+            t2 = clock()
+            hotpatch.disable(patch)
+            t3 = clock()
+            hotpatch.unregister(patch)
+            registers.append((t1 - t0) * 1e6)
+            disables.append((t3 - t2) * 1e6)
+        if idle is not None:
+            idle.stop()
+        out["register" + suffix] = statistics.median(registers[n // 2:])
+        out["disable" + suffix] = statistics.median(disables[n // 2:])
     return out
 
 
