@@ -1225,13 +1225,20 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   needs.
 - **Apply is more than 10x Frida's `replace` per function at 100 and
   10,000 functions, with 0, 2 and 8 busy threads (10-62x over session 10's
-  four runs, wherever Frida kept the process alive to give a figure);
-  1,000 sites take 4.9-5.2 ms (10.6-13.6 ms in session 9's noisier runs).
-  At 1 function it is not, or only sometimes: one call (`sites.redirect`)
-  in a process of one thread takes 33-35 µs, 6.6-10.4x Frida's `replace`
-  of one function (226-345 µs over the runs); with an idle thread in the
-  process, as real services have, 48-53 µs (u_\*) and 56-63 µs (f_\*),
-  4.4-7.0x; with busy threads 61-92 µs, 2.9-5.7x.**  The plans and original
+  four runs on an AMD EPYC machine, 12-39x in session 11's full run on an
+  Intel Xeon one, wherever Frida kept the process alive to give a
+  figure); 1,000 sites take 3.3-5.2 ms.  Where a count's functions have no
+  padding and busy threads run, the batch takes a stop, and with 8 busy
+  threads on 2 cores one stop costs 0.5-8 ms: 100 functions fell to 2.8x
+  in one apply run of session 11.  At 1 function the 10x holds only in a
+  process of one thread: one call (`sites.redirect`) takes 14-15 µs on
+  the Intel machine (10.7-14.3x Frida's `replace` of one function,
+  160-195 µs) and 33-35 µs on the AMD one (6.6-10.4x); with an idle
+  thread in the process, as real services have, 19.5-23 µs (u_\*, f_\*;
+  7.0-10.0x) and 48-63 µs (4.4-7.0x); with busy threads 72-94 µs (2.0-3.4x)
+  and 61-92 µs (2.9-5.7x).  The livepatch model's `register()` of one
+  function, what a user calls, takes 117-126 µs with no busy thread and
+  208-220 µs with busy ones (0.9-1.4x Frida).**  The plans and original
   stubs of the common entry shapes are built by one call of the C core per
   batch (`native/plan.c`), reading a batch's entries as spans; the entry
   writes of a batch by another.  What remains per function: capstone's
@@ -1243,44 +1250,59 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   writes without stopping and crashed the process in 5 of 5 runs with
   busy threads); without busy threads the child has one thread and writes
   with nothing to stop (`stops.alone`).  A batch of one site is dominated
-  by fixed costs measured once per process (the batch's Python in cold
-  caches, the locks): 0.15-0.23 ms.  The one-call table's C call is 15-16 µs
-  alone, of which about 8 µs are system calls (a `pwrite` to
+  by fixed costs, measured once per process and right after the
+  10,000-function batch in four rotations of five: the batch's Python in
+  caches that batch emptied, 0.15-0.23 ms, where the same batch warm takes
+  25-35 µs.  The one-call table's C call is 4-5 µs alone on the Intel
+  machine (15-16 on the AMD one), system calls (a `pwrite` to
   `/proc/self/mem` for the stub and one for the entry: DESIGN.md keeps
   code pages from ever being writable; the reads that check the bytes
-  before each write) and most of the rest capstone; the Python around it
-  is about 16 µs.  With another thread the entry cannot be written alone:
-  f_\* go through their hot-patch point (a `jmp` in the padding, a core
-  sync, the 2-byte `jmp` at the entry by one atomic store in an `mprotect`
-  window, a core sync; a sweep of the function before proves the padding
-  dead), u_\* take the atomic store: the *kernel floor* column (those
-  system calls on a page nothing runs) is 7.4-7.7 µs with no busy thread
-  and 24-27 µs with busy ones, whose cores each call interrupts and waits
-  for (an IPI costs 5-10 µs in this virtual machine), and the patching
-  thread shares 2 cores with them.
+  before each write) and capstone; the Python around it is 7-16 µs.  With
+  another thread the entry cannot be written alone: f_\* go through their
+  hot-patch point (a `jmp` in the padding, a core sync, the 2-byte `jmp`
+  at the entry by one atomic store in an `mprotect` window, a core sync,
+  all in one hold of the core's lock; a sweep of the function before,
+  decoded by capstone, proves the padding dead: 22,000 instructions of the
+  C call's 41,000 by callgrind), u_\* take the atomic store: the *kernel floor* column
+  (those system calls on a page nothing runs) is 4 µs (Intel) and 7.4-7.7
+  µs (AMD) with no busy thread, and 62-65 µs and 24-27 µs with busy ones:
+  each of the four calls interrupts the CPUs running the process's other
+  threads and waits for them (both `mprotect`s flush the TLB on x86: the
+  write permission changes), about 15 µs an interrupt on the Intel
+  machine, and the patching thread shares 2 cores with those threads.  So
+  with busy threads no safe write there goes under 50 µs, nor under a
+  third of Frida's time.  The model's `register()` adds to the write its
+  bookkeeping in Python: resolving the symbol, planning the batch, the
+  point search, the pass over every loaded object's PLT slots (about
+  15 µs), the transition, callbacks, notifications and the crash report;
+  a C path for the model's common case would close it.
 - **What the service feels (section 2d).**  Idle, no step of a
-  one-function patch stalls the service's threads 5 ms (2.6-3.3 ms at most
-  over session 10's four runs).  With busy threads one step does: the
+  one-function patch stalls the service's threads 5 ms (2.6-3.5 ms at most
+  over sessions 10 and 11).  With busy threads one step does: the
   first use of `hotpatch.register`, which imports the core (about 65
-  modules, 32-34 ms of module bodies idle, 64-70 ms with 2 busy threads),
+  modules, 22-34 ms of module bodies idle, 44-70 ms with 2 busy threads),
   stalls the Python ticker 6.3-7.2 ms with 2 busy threads and 7.9-17.6 ms
   with 8.  The import gives the GIL up every 2 ms, but with more runnable
-  threads than cores the scheduler preempts it while it holds the GIL, and
-  the ticker waits for it to run again (the longest gaps fall at random
-  points of its module bodies, not in one long call); with 8 busy threads the quiet
-  window's own stall has been 0-5 ms from run to run.  Loading a C patch
-  module crossed 5 ms in one run of four with 2 busy threads.  The first
+  threads than cores the scheduler takes the CPU from it while it holds
+  the GIL, and the ticker waits for it to run again: `perf sched` showed
+  the importing thread runnable and waiting 5.0 ms for a CPU while both
+  were taken by busy threads (the longest gaps fall at random points of
+  its module bodies, not in one long call).  Importing a third less
+  (logging, typing, dataclasses, inspect and difflib imported before)
+  moved the median gap by 0.5-1 ms and left the tail at 6-7 ms; with 8
+  busy threads the quiet window's own stall has been 0-5 ms from run to
+  run.  Loading a C patch module crossed 5 ms in one run of four with 2
+  busy threads (session 10).  The first
   `register()` of the process (libz's `crc32`) takes no stop and spawns no
   helper: its entry goes through its hot-patch point (`native/hop.c`); it
-  takes 2.9-3.7 ms idle and 3.0-18.6 ms with 8 busy threads over the runs
+  takes 2.3-3.7 ms idle and 2.4-18.6 ms with 8 busy threads over the runs
   (the CPU share a thread gets among 10 on 2 cores varies that much).  Its
   first code write does not wait for the rest of an RCU grace period (the
   membarrier registration, `native/ahead.c`, starts where the core's
-  import starts).  A later `register()` of one function costs the model
-  0.25 ms warm (the benchmarks' library): small batches scan an object's
-  code for bytes that could branch into their entries three times
-  (0.4 ns a byte), then build its branch index and ask it.  The verdict
-  table of section 2d says, per step and load, which and why.
+  import starts).  Small batches scan an object's code for bytes that
+  could branch into their entries three times (0.4 ns a byte), then build
+  its branch index and ask it.  The verdict table of section 2d says, per
+  step and load, which and why.
 - **A stop of the world costs the other threads hundreds of µs, and more
   with more busy threads than cores.** Restoring or retargeting an entry,
   a first patch of an entry whose first instruction covers the write, and

@@ -67,7 +67,6 @@ _pinned: dict[int, object] = {}       # new code kept alive for the process's li
 _tainted = False
 
 CONSISTENCY_MODELS = ("immediate", "stack")
-log = logging.getLogger("hotpatch")
 
 
 class Func:
