@@ -111,9 +111,12 @@ HP_RAW void hp_sync_cores(void)
     if (sync_core_ready &&
         hp_sys(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0)
         return;
-    /* No membarrier: an mprotect that removes a permission shoots down the
-     * TLB of every CPU running this mm with an IPI, and an interrupt return
-     * is serializing. */
+    /* No membarrier (kernels before 4.16): an mprotect that removes a
+     * permission shoots down the TLB of every CPU running this mm with an
+     * IPI, and an interrupt return is serializing.  Kernels that flush by
+     * broadcast instead (AMD's INVLPGB, 6.15 and later) interrupt no CPU:
+     * there this is no sync, where membarrier was built out or filtered
+     * (docs/notes.md, session 11). */
     static char *page;
     if (!page) {
         long p = hp_sys(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
