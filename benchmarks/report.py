@@ -1289,7 +1289,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   were taken by busy threads (the longest gaps fall at random points of
   its module bodies, not in one long call).  Importing a third less
   (logging, typing, dataclasses, inspect and difflib imported before)
-  moved the median gap by 0.5-1 ms and left the tail at 6-7 ms; with 8
+  moved the median gap by 0-1 ms and left the tail at 6-10 ms; with 8
   busy threads the quiet window's own stall has been 0-5 ms from run to
   run.  Loading a C patch module crossed 5 ms in one run of four with 2
   busy threads (session 10).  The first

@@ -94,7 +94,7 @@ STEP_CAUSES = {
                    "thread while it holds the GIL, for up to 5 ms at a time (perf sched: "
                    "runnable, waiting), and the ticker waits for it; with logging, typing, "
                    "dataclasses, inspect and difflib imported before (a third of the "
-                   "import's time) the median gap moved by 0.5-1 ms, not the tail "
+                   "import's time) the median gap moved by 0-1 ms, not the tail "
                    "(docs/notes.md, session 11); would close "
                    "it: a machine with a free core, or `import hotpatch.core` at the "
                    "service's start-up",
