@@ -226,23 +226,29 @@ int hp_stop_forced(void)
     return env_is("HOTPATCH_STOP", "always", &forced);
 }
 
+/* A copy of the `n` writes of `w` that puts back what they replace (the
+ * old bytes as the new, the new as the old), or NULL where memory is
+ * short.  free() it. */
+static struct hp_write *undoing(const struct hp_write *w, size_t n)
+{
+    struct hp_write *back = malloc((n ? n : 1) * sizeof *back);
+    for (size_t i = 0; back && i < n; i++) {
+        back[i] = w[i];
+        memcpy(back[i].old, w[i].bytes, sizeof back[i].old);
+        memcpy(back[i].bytes, w[i].old, sizeof back[i].bytes);
+    }
+    return back;
+}
+
 /* The first `n` writes of a batch were made without a stop, then the next
  * one's bytes had changed: put them back.  The bytes they put there may be
  * several instructions (an entry restored), so this takes a stop. */
 static void undo_unstopped(const struct hp_write *w, size_t n, uint64_t deadline)
 {
-    if (!n)
-        return;
-    struct hp_write *back = malloc(n * sizeof *back);
-    if (!back)
-        return;
-    for (size_t i = 0; i < n; i++) {
-        back[i] = w[i];
-        memcpy(back[i].old, w[i].bytes, sizeof back[i].old);
-        memcpy(back[i].bytes, w[i].old, sizeof back[i].bytes);
-    }
+    struct hp_write *back = n ? undoing(w, n) : NULL;
     char ignored[HP_ERRLEN];
-    hp_stop_write(back, n, deadline, mem_fd >= 0, ignored);
+    if (back)
+        hp_stop_write(back, n, deadline, mem_fd >= 0, ignored);
     free(back);
 }
 
@@ -319,30 +325,17 @@ static int write_batch_locked(struct hp_write *w, size_t n, int others, int time
  * changed. */
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err)
 {
-    err[0] = 0;
-    if (n == 0)
-        return 0;
-    if (check_batch(w, n, err))
-        return -1;
-    enter_batch();
-    int rc = write_batch_locked(w, n, 0, timeout_ms, err);
-    pthread_mutex_unlock(&hp_lock);
-    return rc;
+    return hp_write_dead_then_batch(w, 0, w, n, 0, timeout_ms, err);
 }
 
-/* The dead bytes of `w` back as they were (a batch after them failed). */
+/* The dead bytes of `w` back as they were (a batch after them failed):
+ * no entry leads to them. */
 static void put_back_dead(const struct hp_write *w, size_t n)
 {
-    struct hp_write *back = malloc(n * sizeof *back);
+    struct hp_write *back = undoing(w, n);
     char ignored[HP_ERRLEN];
-    if (!back)
-        return;
-    for (size_t i = 0; i < n; i++) {
-        back[i] = w[i];
-        memcpy(back[i].old, w[i].bytes, sizeof back[i].old);
-        memcpy(back[i].bytes, w[i].old, sizeof back[i].bytes);
-    }
-    hp_write_checked(back, n, ignored);
+    if (back)
+        hp_write_checked(back, n, ignored);
     free(back);
 }
 
@@ -355,17 +348,7 @@ static void put_back_dead(const struct hp_write *w, size_t n)
  * write's old bytes were not there). */
 int hp_write_dead(struct hp_write *w, size_t n, char *err)
 {
-    err[0] = 0;
-    if (n == 0)
-        return 0;
-    if (check_batch(w, n, err))
-        return -1;
-    enter_batch();
-    int rc = hp_write_checked(w, n, err);
-    if (rc == 0)
-        hp_sync_cores();
-    pthread_mutex_unlock(&hp_lock);
-    return rc;
+    return hp_write_dead_then_batch(w, n, w, 0, 0, 0, err);
 }
 
 /* hp_write_dead(`dead`), then hp_write_batch(`w`), in one hold of the
@@ -378,6 +361,8 @@ int hp_write_dead_then_batch(struct hp_write *dead, size_t ndead, struct hp_writ
                              int others, int timeout_ms, char *err)
 {
     err[0] = 0;
+    if (ndead + n == 0)
+        return 0;
     if (check_batch(dead, ndead, err) || check_batch(w, n, err))
         return -1;
     enter_batch();
