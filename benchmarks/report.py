@@ -1226,20 +1226,20 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   needs.
 - **Apply is more than 10x Frida's `replace` per function at 100 and
   10,000 functions, with 0, 2 and 8 busy threads (10-62x over session 10's
-  four runs on an AMD EPYC machine, 12-39x in session 11's full run on an
+  four runs on an AMD EPYC machine, 12-39x in session 11's runs on an
   Intel Xeon one, wherever Frida kept the process alive to give a
   figure); 1,000 sites take 3.3-5.2 ms.  Where a count's functions have no
   padding and busy threads run, the batch takes a stop, and with 8 busy
   threads on 2 cores one stop costs 0.5-8 ms: 100 functions fell to 2.8x
-  in one apply run of session 11.  At 1 function the 10x holds only in a
+  and 8.4x in two of session 11's three runs.  At 1 function the 10x holds only in a
   process of one thread: one call (`sites.redirect`) takes 14-15 µs on
   the Intel machine (10.7-14.3x Frida's `replace` of one function,
   160-195 µs) and 33-35 µs on the AMD one (6.6-10.4x); with an idle
-  thread in the process, as real services have, 19.5-23 µs (u_\*, f_\*;
-  7.0-10.0x) and 48-63 µs (4.4-7.0x); with busy threads 72-94 µs (2.0-3.4x)
-  and 61-92 µs (2.9-5.7x).  The livepatch model's `register()` of one
-  function, what a user calls, takes 117-126 µs with no busy thread and
-  208-220 µs with busy ones (0.9-1.4x Frida).**  The plans and original
+  thread in the process, as real services have, 19.5-24 µs (u_\*, f_\*;
+  7.0-10.0x) and 48-63 µs (4.4-7.0x); with busy threads 72-103 µs
+  (2.0-3.8x) and 61-92 µs (2.9-5.7x).  The livepatch model's `register()`
+  of one function, what a user calls, takes 117-129 µs with no busy thread
+  and 208-240 µs with busy ones (0.9-1.5x Frida).**  The plans and original
   stubs of the common entry shapes are built by one call of the C core per
   batch (`native/plan.c`), reading a batch's entries as spans; the entry
   writes of a batch by another.  What remains per function: capstone's
@@ -1266,7 +1266,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   decoded by capstone, proves the padding dead: 22,000 instructions of the
   C call's 41,000 by callgrind), u_\* take the atomic store: the *kernel floor* column
   (those system calls on a page nothing runs) is 4 µs (Intel) and 7.4-7.7
-  µs (AMD) with no busy thread, and 62-65 µs and 24-27 µs with busy ones:
+  µs (AMD) with no busy thread, and 62-67 µs and 24-27 µs with busy ones:
   each of the four calls interrupts the CPUs running the process's other
   threads and waits for them (both `mprotect`s flush the TLB on x86: the
   write permission changes), about 15 µs an interrupt on the Intel
@@ -1282,7 +1282,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   over sessions 10 and 11).  With busy threads one step does: the
   first use of `hotpatch.register`, which imports the core (about 65
   modules, 22-34 ms of module bodies idle, 44-70 ms with 2 busy threads),
-  stalls the Python ticker 6.3-7.2 ms with 2 busy threads and 7.9-17.6 ms
+  stalls the Python ticker 5.9-7.2 ms with 2 busy threads and 7.9-17.6 ms
   with 8.  The import gives the GIL up every 2 ms, but with more runnable
   threads than cores the scheduler takes the CPU from it while it holds
   the GIL, and the ticker waits for it to run again: `perf sched` showed
