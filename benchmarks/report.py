@@ -312,7 +312,9 @@ def apply_section(r: dict, images: str) -> str:
                 "setting, after the one-call redirects above in the same processes, the "
                 "first 8 warming the path up, the median of the next 8 per process, then "
                 "median [quartiles] over the processes; then the same with an idle thread "
-                "in the process.", "",
+                "in the process. Shown beside the targets, which are the apply's: the "
+                "model's bookkeeping around the write (resolution, the transition, PLT "
+                "slots, callbacks, notifications) is its own.", "",
                 table(["busy threads", "register µs", "disable µs", "register µs, idle thread",
                        "disable µs, idle thread", "Frida replace µs (1 function)",
                        "Frida ÷ register", "Frida ÷ register, idle thread"], rows), ""]
@@ -828,18 +830,6 @@ def _one_call_targets(ap: dict, limit_us: float) -> list[list[str]]:
     return rows
 
 
-def _model_targets(ap: dict, limit_us: float) -> list[list[str]]:
-    """The livepatch model's ``register()``, with 0, 2 and 8 busy threads."""
-    rows = []
-    for threads, steps in ap.get("hotpatch_model", {}).items():
-        for step, idle in (("register", ""), ("register_idle", ", an idle thread there")):
-            if steps.get(step):
-                rows += _one_function_targets(
-                    f"the livepatch model's `register()` of 1 function{idle}, {threads} busy "
-                    "threads", steps[step], _frida_one(ap, threads), limit_us)
-    return rows
-
-
 def _apply_ratio_targets(ap: dict) -> list[list[str]]:
     """Apply ≥ 10x faster than Frida's replace per function, at 1, 100 and
     10,000 functions, with 0, 2 and 8 busy threads."""
@@ -901,7 +891,6 @@ def targets_section(series: dict) -> str:
                                         unstopped[phase]["median"] < limit_us))
             if count == 1:
                 rows += _one_call_targets(ap, limit_us)
-                rows += _model_targets(ap, limit_us)
         k = growth({c: s["median"] for c, s in zero["apply"].items()})
         if k is not None:
             rows.append(_target("apply linear in the count", f"time ∝ count^{k:.2f}", 0.85 <= k <= 1.15))
@@ -1239,7 +1228,8 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   7.0-10.0x) and 48-63 µs (4.4-7.0x); with busy threads 72-103 µs
   (2.0-3.8x) and 61-92 µs (2.9-5.7x).  The livepatch model's `register()`
   of one function, what a user calls, takes 117-129 µs with no busy thread
-  and 208-240 µs with busy ones (0.9-1.5x Frida).**  The plans and original
+  and 208-240 µs with busy ones (0.9-1.5x Frida; shown beside
+  the targets, which are the apply's).**  The plans and original
   stubs of the common entry shapes are built by one call of the C core per
   batch (`native/plan.c`), reading a batch's entries as spans; the entry
   writes of a batch by another.  What remains per function: capstone's
