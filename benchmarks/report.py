@@ -246,10 +246,8 @@ def apply_section(r: dict, images: str) -> str:
                        "Frida replace µs", "Frida replaceFast µs"], rows), ""]
     unstopped = r.get("hotpatch_unstopped", {})
     if unstopped:
-        frida = r.get("frida", {})
         rows = [[t] + [spread(unstopped[t].get(phase)) for phase in HOTPATCH_UNSTOPPED_PHASES]
-                + [spread(frida.get(t, {}).get("replace_install", {}).get("1"))]
-                for t in unstopped]
+                + [spread(_frida_one(r, t))] for t in unstopped]
         out += ["One function whose entry needs no stop (`u_*`: its first instruction, a 7-byte "
                 "load, covers the write; one atomic store, `native/unstopped.c`), after the counts "
                 "above in the same processes: the median of 8 such functions per process, then "
@@ -259,16 +257,13 @@ def apply_section(r: dict, images: str) -> str:
                        "reapply µs", "retarget µs", "Frida replace µs (1 function)"], rows), ""]
     one_call = r.get("hotpatch_one_call", {})
     if one_call:
-        frida = r.get("frida", {})
         rows = []
         for t in one_call:
-            theirs = frida.get(t, {}).get("replace_install", {}).get("1")
+            theirs = _frida_one(r, t)
             rows.append([t] + [spread(one_call[t].get(kind)) for kind in ONE_CALL_KINDS]
                         + [spread(one_call[t].get("control")),
                            spread(one_call[t].get("kernel_floor")), spread(theirs)]
-                        + [f"{num(theirs['median'] / one_call[t][kind]['median'])}x"
-                           if theirs and one_call[t].get(kind) else "—"
-                           for kind in ONE_CALL_KINDS])
+                        + [_times(theirs, one_call[t].get(kind)) for kind in ONE_CALL_KINDS])
         out += ["One function's first redirect in one call, `sites.redirect(entry, target)` "
                 "(`native/first.c`: plan, original stub, hot-patch point and entry write from "
                 "one read of the entry's bytes), as Frida's `replace` is one call: the object's "
@@ -296,14 +291,12 @@ def apply_section(r: dict, images: str) -> str:
                       rows), ""]
     model = r.get("hotpatch_model", {})
     if model:
-        frida = r.get("frida", {})
         rows = []
         for t in model:
-            theirs = frida.get(t, {}).get("replace_install", {}).get("1")
+            theirs = _frida_one(r, t)
             rows.append([t] + [spread(model[t].get(step)) for step in MODEL_STEPS]
                         + [spread(theirs)]
-                        + [f"{num(theirs['median'] / model[t][step]['median'])}x"
-                           if theirs and model[t].get(step) else "—"
+                        + [_times(theirs, model[t].get(step))
                            for step in ("register", "register_idle")])
         out += ["The livepatch model's way, what a user calls: `hotpatch.register(patch)` of a "
                 "patch of one function never patched before (its object's symbols read by the "
@@ -815,7 +808,13 @@ def _one_function_targets(where: str, ours: dict, theirs: dict | None,
 
 
 def _frida_one(ap: dict, threads: str) -> dict | None:
+    """Frida's replace of 1 function (its summary) with ``threads`` busy threads."""
     return ap.get("frida", {}).get(threads, {}).get("replace_install", {}).get("1")
+
+
+def _times(theirs: dict | None, ours: dict | None) -> str:
+    """How many times faster than Frida, as a table cell ("—" without both)."""
+    return f"{num(theirs['median'] / ours['median'])}x" if theirs and ours else "—"
 
 
 def _one_call_targets(ap: dict, limit_us: float) -> list[list[str]]:
