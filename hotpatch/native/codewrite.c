@@ -226,12 +226,12 @@ int hp_stop_forced(void)
     return env_is("HOTPATCH_STOP", "always", &forced);
 }
 
-/* A copy of the `n` writes of `w` that puts back what they replace (the
- * old bytes as the new, the new as the old), or NULL where memory is
+/* A copy of the `n` (> 0) writes of `w` that puts back what they replace
+ * (the old bytes as the new, the new as the old), or NULL where memory is
  * short.  free() it. */
 static struct hp_write *undoing(const struct hp_write *w, size_t n)
 {
-    struct hp_write *back = malloc((n ? n : 1) * sizeof *back);
+    struct hp_write *back = malloc(n * sizeof *back);
     for (size_t i = 0; back && i < n; i++) {
         back[i] = w[i];
         memcpy(back[i].old, w[i].bytes, sizeof back[i].old);
@@ -245,7 +245,9 @@ static struct hp_write *undoing(const struct hp_write *w, size_t n)
  * several instructions (an entry restored), so this takes a stop. */
 static void undo_unstopped(const struct hp_write *w, size_t n, uint64_t deadline)
 {
-    struct hp_write *back = n ? undoing(w, n) : NULL;
+    if (!n)
+        return;
+    struct hp_write *back = undoing(w, n);
     char ignored[HP_ERRLEN];
     if (back)
         hp_stop_write(back, n, deadline, mem_fd >= 0, ignored);
