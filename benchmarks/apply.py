@@ -59,6 +59,16 @@ MODEL_STEPS = ("register", "disable", "register_idle", "disable_idle")
 FRIDA_METHODS = ("replace", "replaceFast")
 
 
+def _one_call_names(first_f: int) -> dict[str, list[str]]:
+    """The functions of each one-call kind (see ONE_CALL_KINDS), never
+    patched before: ONE_CALL of each, the f_* from ``first_f`` on."""
+    n = native.ONE_CALL
+    return {"hop": [f"f_{first_f + i}" for i in range(n)],
+            "unstopped": [f"u_{native.UNSTOPPED + i}" for i in range(n)],
+            "hop_idle": [f"f_{first_f + n + i}" for i in range(n)],
+            "unstopped_idle": [f"u_{native.UNSTOPPED + n + i}" for i in range(n)]}
+
+
 def _ranges(counts) -> dict[int, int]:
     """First function index of each count's disjoint range."""
     starts, start = {}, 0
@@ -110,6 +120,11 @@ def run(opts: Options) -> dict:
         result["frida"] = _summarize(runs["frida"], [f"{m}_{s}" for m in FRIDA_METHODS
                                                     for s in ("install", "revert")])
         result["frida_first"] = _summarize_first(runs["frida"])
+        result["frida_one_call"] = {str(t): {kind: summary([r["one_call"][kind] for r in rs
+                                                            if "one_call" in r])
+                                             for kind in ONE_CALL_KINDS}
+                                    for t, rs in runs["frida"].items()
+                                    if any("one_call" in r for r in rs)}
         result["frida_refused"] = sorted({f"{k}: {v}" for rs in runs["frida"].values()
                                           for r in rs for k, v in r["refused"].items()})
         result["frida_crashes"] = [{"threads": t, "what": r["crashed"]}
@@ -171,6 +186,8 @@ def _frida_child(params: dict) -> dict:
                                              "gen_now_ns") for m in FRIDA_METHODS}
             out["first"] = {m: {"install": r["install_ns"] / 1e3, "revert": r["revert_ns"] / 1e3}
                             for m, r in first.items()}
+            step = "replace of one function at a time"
+            out["one_call"] = _frida_one_call(peer, proc, ready)
             for count in params["order"]:
                 offsets = ready["offsets"][params["starts"][count]:][:count]
                 sizes = ready["sizes"][params["starts"][count]:][:count]
@@ -191,6 +208,35 @@ def _frida_child(params: dict) -> dict:
             proc.kill()
             raise
         out["crashed"] = f"the process died of {signal_name} during {step}"
+    return out
+
+
+def _frida_one_call(peer, proc, ready: dict) -> dict:
+    """Frida's ``replace`` of one function at a time, timed as _one_call
+    times hotpatch's ``sites.redirect``: the same functions of each kind
+    (see ONE_CALL_KINDS), never patched before, each installed (with its
+    ``flush``) and reverted, the median µs over the second half, the first
+    warming the path up (its first replace in a process is twice its
+    later ones); the idle thread started for the ``_idle`` kinds.  Before
+    the counts, so that a crash there does not lose them, and with the
+    idle thread stopped again for them."""
+    out = {}
+    idle = False
+    for kind, offsets in ready["one_call"].items():
+        if kind.endswith("_idle") != idle:
+            idle = not idle
+            send_message(proc, {"idle": idle})
+            read_message(proc)
+        times = []
+        for offset in offsets:
+            r = peer.rpc.installmany("replace", ready["module"], [offset], ready["g"], "gen_now_ns")
+            if r["refused"]:
+                raise RuntimeError(f"Frida refused a one-call function ({kind}): {r['reason']}")
+            times.append(r["install_ns"] / 1e3)
+        out[kind] = statistics.median(times[len(times) // 2:])
+    if idle:
+        send_message(proc, {"idle": False})
+        read_message(proc)
     return out
 
 
@@ -241,12 +287,30 @@ def child() -> None:
         emit({"pid": os.getpid(), "module": os.path.basename(params["library"]),
               "offsets": [off for off, _ in functions], "sizes": [size for _, size in functions],
               "g": symbols["g"][0],
-              "warm": symbols["warm"][0]})
-        receive()
+              "warm": symbols["warm"][0],
+              "one_call": {kind: [symbols[name][0] for name in names]
+                           for kind, names in _one_call_names(total).items()}})
+        _serve_frida_run()
         lib.gen_stop_callers()
         exit_after_frida()
     emit(_patch_counts(ffi, lib, params, functions, symbols))
     lib.gen_stop_callers()
+
+
+def _serve_frida_run() -> None:
+    """While Frida works in this process: start or stop the idle thread as
+    the parent asks ({"idle": true/false}, answered once done), until it
+    says {"exit": true}."""
+    idle = None
+    while "idle" in (message := receive()):
+        if message["idle"] and idle is None:
+            idle = _IdleThread()
+        elif not message["idle"] and idle is not None:
+            idle.stop()
+            idle = None
+        emit({"idle": idle is not None})
+    if idle is not None:
+        idle.stop()
 
 
 def _patch_counts(ffi, lib, params, functions, symbols) -> dict:
@@ -298,14 +362,9 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f
     import hotpatch
     from hotpatch import symbols as loaded
     clock = time.perf_counter
-    n = native.ONE_CALL
-    kinds = {"hop": [f"f_{first_f + i}" for i in range(n)],
-             "unstopped": [f"u_{native.UNSTOPPED + i}" for i in range(n)],
-             "hop_idle": [f"f_{first_f + n + i}" for i in range(n)],
-             "unstopped_idle": [f"u_{native.UNSTOPPED + n + i}" for i in range(n)]}
     out, controls, floors = {}, [], []
     idle = None
-    for kind, names in kinds.items():
+    for kind, names in _one_call_names(first_f).items():
         if kind.endswith("_idle") and idle is None:
             idle = _IdleThread()
         stops = hotpatch.tree()["core"]["stops"]["count"]
