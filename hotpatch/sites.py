@@ -995,7 +995,7 @@ def redirect(entry: int, target: int, *, form: str | None = None, size: int | No
     (``native/first.c``: the decisions of :func:`prepare_batch` and
     :func:`update_batch`, for a fraction of their cost) as far as it can."""
     target = int(target)
-    with _lock.operation(f"redirect the function at {entry:#x}"):
+    with _lock.operation("redirect the function at %#x", entry):
         site = None
         if entry not in _sites and form in (None, "auto") and not fentry_targets \
                 and branches_into is None:

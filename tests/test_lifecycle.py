@@ -206,6 +206,11 @@ def handler(signum, frame):
         out["sites"] = "done"
     except hotpatch.HotpatchError as e:
         out["sites"] = f"{type(e).__name__}: {e}"
+    try:
+        sites.redirect(addr("frame_pointer"), REPL)
+        out["redirect"] = "done"
+    except hotpatch.HotpatchError as e:
+        out["redirect"] = str(e)
     out["installed"] = [s.entry == addr("plain_add") for s in sites.installed_sites()]
 signal.signal(signal.SIGUSR1, handler)
 real_commit = sites._commit
@@ -216,6 +221,7 @@ sites._commit = commit_with_a_signal
 sites.redirect_batch([(site, REPL)])
 sites._commit = real_commit
 out["sites after"] = [call("jcc_leaf"), other_site.installed]
+out["frame_pointer"] = addr("frame_pointer")
 report(out)
 """, lib=lifecycle_lib)[0]
     for name in ["enable", "register", "unregister", "load"]:
@@ -224,6 +230,8 @@ report(out)
     assert r["queries"] == [["other", "fix"], ["fix", "other"], True]
     assert r["after"] == [True, False, 1005, 45]
     assert r["sites"].startswith("HotpatchError: ") and "in this thread" in r["sites"], r
+    assert r["redirect"].startswith(f"redirect the function at {r['frame_pointer']:#x}: ") \
+        and "in this thread" in r["redirect"], r
     assert r["installed"] == [True]      # fix's plain_add; jcc_leaf is not written yet
     assert r["sites after"] == [1005, False]
 
