@@ -1096,8 +1096,10 @@ def _taken_near(entry: int) -> list[int]:
     taken = []
     for other in _sites_reaching(lo, hi):
         taken += (other.plan.address, other.plan.address + other.plan.length)
-    for hop in _hops[bisect.bisect_left(_hops, lo - _HOP_SIZE + 1):bisect.bisect_left(_hops, hi)]:
-        taken += (hop, hop + _HOP_SIZE)
+    if _hops:
+        for hop in _hops[bisect.bisect_left(_hops, lo - _HOP_SIZE + 1):
+                         bisect.bisect_left(_hops, hi)]:
+            taken += (hop, hop + _HOP_SIZE)
     return taken
 
 
@@ -1114,18 +1116,21 @@ _unfiled: list[int] = []
 
 
 def _sites_reaching(lo: int, hi: int) -> list[Site]:
-    """The sites whose entry writes reach into ``[lo, hi)`` (a span of at
-    most a block)."""
+    """The sites whose entry writes reach into ``[lo, hi)`` (at most
+    ``2**_BLOCK_SHIFT - _SPAN_AFTER`` bytes: the starts that may reach it
+    are then in one block or two, looked up without a loop over blocks)."""
     first = lo - _SPAN_AFTER + 1        # the lowest start of a site that may reach [lo, hi)
     if _unfiled:
         _file_unfiled()
+    starts = _near.get(first >> _BLOCK_SHIFT, ())
+    if (hi - 1) >> _BLOCK_SHIFT != first >> _BLOCK_SHIFT:
+        starts = [*starts, *_near.get((hi - 1) >> _BLOCK_SHIFT, ())]
     reaching = []
-    for block in range(first >> _BLOCK_SHIFT, ((hi - 1) >> _BLOCK_SHIFT) + 1):
-        for start in _near.get(block, ()):
-            if first <= start < hi:
-                plan = _sites[start].plan
-                if plan.address < hi and plan.address + plan.length > lo:
-                    reaching.append(_sites[start])
+    for start in starts:
+        if first <= start < hi:
+            site = _sites[start]
+            if site.plan.address < hi and site.plan.address + site.plan.length > lo:
+                reaching.append(site)
     return reaching
 
 
