@@ -334,7 +334,8 @@ def apply_section(r: dict, images: str) -> str:
             out.append(f"- **Frida crashed the process in {len(crashes)} of {r['repeats']} runs with "
                        f"{threads} busy threads** (it writes code that those threads are running "
                        f"without stopping them): " + "; ".join(sorted(set(crashes)))
-                       + ". Its figures for that setting come from the counts measured before.")
+                       + ". Its figures for that setting come from what each run measured "
+                       "before it died (one function at a time first, then the counts in order).")
     failures = collections.Counter((f["tool"], f["threads"], f["error"]) for f in r.get("failures", []))
     for (tool, threads, error), n in sorted(failures.items()):
         out.append(f"- **{tool} failed in {n} of {r['repeats']} runs with {threads} busy threads**: "
@@ -1231,58 +1232,83 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   needs.
 - **Apply is more than 10x Frida's `replace` per function at 100 and
   10,000 functions, with 0, 2 and 8 busy threads (10-62x over session 10's
-  four runs on an AMD EPYC machine, 12-39x in session 11's runs on an
+  four runs on an AMD EPYC machine, 11-39x in sessions 11-12's runs on an
   Intel Xeon one, wherever Frida kept the process alive to give a
   figure); 1,000 sites take 3.3-5.2 ms.  Where a count's functions have no
   padding and busy threads run, the batch takes a stop, and with 8 busy
   threads on 2 cores one stop costs 0.5-8 ms: 100 functions fell to 2.8x
-  and 8.4x in two of session 11's three runs.  At 1 function the 10x holds only in a
-  process of one thread: one call (`sites.redirect`) takes 14-15 µs on
-  the Intel machine (10.7-14.3x Frida's `replace` of one function,
-  160-195 µs) and 33-35 µs on the AMD one (6.6-10.4x); with an idle
-  thread in the process, as real services have, 19.5-24 µs (u_\*, f_\*;
-  7.0-10.0x) and 48-63 µs (4.4-7.0x); with busy threads 72-103 µs
-  (2.0-3.8x) and 61-92 µs (2.9-5.7x).  The livepatch model's `register()`
-  of one function, what a user calls, takes 117-129 µs with no busy thread
-  and 208-240 µs with busy ones (0.9-1.5x Frida; shown beside
-  the targets, which are the apply's).**  The plans and original
-  stubs of the common entry shapes are built by one call of the C core per
-  batch (`native/plan.c`), reading a batch's entries as spans; the entry
-  writes of a batch by another.  What remains per function: capstone's
-  decode in the C scan (it formats every instruction's text, which
-  capstone 5.0 cannot turn off: about a third of its instructions), two
-  Python objects and a packed record per site.  The counts' batches start
-  with generated functions of no padding, so with busy threads their
-  first patch takes a stop (the 1-function rows: 0.03-0.7x Frida, which
-  writes without stopping and crashed the process in 5 of 5 runs with
-  busy threads); without busy threads the child has one thread and writes
-  with nothing to stop (`stops.alone`).  A batch of one site is dominated
-  by fixed costs, measured once per process and right after the
-  10,000-function batch in four rotations of five: the batch's Python in
-  caches that batch emptied, 0.15-0.23 ms, where the same batch warm takes
-  25-35 µs.  The one-call table's C call is 4-5 µs alone on the Intel
-  machine (15-16 on the AMD one), system calls (a `pwrite` to
-  `/proc/self/mem` for the stub and one for the entry: DESIGN.md keeps
-  code pages from ever being writable; the reads that check the bytes
-  before each write) and capstone; the Python around it is 7-16 µs.  With
-  another thread the entry cannot be written alone: f_\* go through their
-  hot-patch point (a `jmp` in the padding, a core sync, the 2-byte `jmp`
-  at the entry by one atomic store in an `mprotect` window, a core sync,
-  all in one hold of the core's lock; a sweep of the function before,
-  decoded by capstone, proves the padding dead: 22,000 instructions of the
-  C call's 41,000 by callgrind), u_\* take the atomic store: the *kernel floor* column
-  (those system calls on a page nothing runs) is 4 µs (Intel) and 7.4-7.7
-  µs (AMD) with no busy thread, and 62-67 µs and 24-27 µs with busy ones:
-  each of the four calls interrupts the CPUs running the process's other
-  threads and waits for them (both `mprotect`s flush the TLB on x86: the
-  write permission changes), about 15 µs an interrupt on the Intel
-  machine, and the patching thread shares 2 cores with those threads.  So
-  with busy threads no safe write there goes under 50 µs, nor under a
-  third of Frida's time.  The model's `register()` adds to the write its
-  bookkeeping in Python: resolving the symbol, planning the batch, the
-  point search, the pass over every loaded object's PLT slots (about
-  15 µs), the transition, callbacks, notifications and the crash report;
-  a C path for the model's common case would close it.
+  and 8.4x in two of session 11's three runs.  At 1 function it is not
+  met.  Session 12 times Frida's `replace` one function at a time, warm,
+  as the one-call path is timed (16 functions never patched before, the
+  median of the last 8): 104-117 µs with no busy thread, 148-174 µs with
+  busy ones.  Earlier sessions compared the one-call path with the
+  1-function count instead, a single cold call after 10,000 functions
+  (160-195 µs), and so reported 10x where it was not.  Against the warm
+  figure, one call (`sites.redirect`) takes 13-15 µs in a process of one
+  thread (7.9-8.2x Frida); with an idle thread in the process, as real
+  services have, 20-24 µs (u_\*, f_\*: 4.9-5.3x); with busy threads 70-103
+  µs (1.7-2.4x).  The 1-function count itself is a cold single call for
+  both: 135-154 µs for the batch path against Frida's 148-173 (1.1-1.2x).
+  Closing it:
+  - *No busy thread, one thread:* 10x needs about 10.7 µs, 3 µs less.
+    Cold (the series runs a control and the kernel floor between
+    redirects), the C call is 6.6 µs (eleven system calls: the read of
+    the entry's bytes, the stub's and the entry's writes through
+    `/proc/self/mem`, the checks of the kept descriptors and of the thread
+    count, the signal mask; and capstone's decode of the entry, which
+    formats every instruction's text: capstone 5.0 cannot turn that off) and the Python around it 6-7 µs (the lock, the index of nearby
+    sites, the plan's record unpacked, the `Site`).  Session 12 took 1.1
+    µs of that Python away.  The rest would need the sites' index and
+    records in C, behind one call from Python.
+  - *An idle thread:* the write is no longer alone, so it goes through the
+    hot-patch point with a core sync before and after the entry's atomic
+    store (the *kernel floor* column: 4 µs on the Intel machine, 7.4-7.7 µs
+    on the AMD one), and a sweep of the function before, decoded by
+    capstone, proves the padding dead (22,000 of the C call's 41,000
+    instructions by callgrind).  The C call is 14 µs cold.  10x would need
+    the whole redirect in 11 µs: the floor, the reads and writes and the
+    decodes alone come to 8-9 µs in warm caches.
+  - *Busy threads:* each of the floor's four system calls interrupts the
+    CPUs running the process's other threads and waits for them (both
+    `mprotect`s flush the TLB on x86: the write permission changes), about
+    15 µs an interrupt on the Intel machine, and the patching thread shares
+    2 cores with those threads: the floor is 62-67 µs there (24-27 µs on
+    the AMD one), so no safe write goes under 50 µs, nor under a third of
+    Frida's time.  That is the machine.
+  - *The 1-function count:* a batch of one site is dominated by fixed
+    costs in caches the 10,000-function batch before it emptied (the
+    series rotates its order, so it always follows that batch): the
+    batch's Python, 0.13-0.23 ms, where the same batch warm takes 25-35
+    µs.  With busy threads its functions have no padding, so it takes a
+    stop (0.03-0.7x Frida, which writes without stopping and crashed the
+    process in 5 of 5 runs with busy threads).  `sites.redirect` is the
+    API for one function.
+
+  The plans and original stubs of the common entry shapes are built by
+  one call of the C core per batch (`native/plan.c`), reading a batch's
+  entries as spans; the entry writes of a batch by another.  What remains
+  per function: capstone's decode in the C scan (about a third of its
+  instructions go to formatting text), two Python objects and a packed
+  record per site.  Without busy threads the counts' child has one thread
+  and writes with nothing to stop (`stops.alone`).
+- **The livepatch model's `register()` of one function, what a user
+  calls, is slower than Frida's `replace` of one function warm** (shown
+  beside the targets, which are the apply's): 116-129 µs with no busy
+  thread and 205-240 µs with busy ones, 0.71-0.94x Frida's warm figure in
+  session 12 (sessions 10-11 gave 0.9-1.5x against the cold one).  It
+  goes the batch way, in pieces with Python between them (timed in
+  session 12, with no busy thread and the loader's worker thread
+  there): the analysis and original stub (`prepare_batch`, 22 µs), the
+  search for the hot-patch point, made early to decide whether to start
+  the stopper (14 µs), the write (`update_batch`: the point's `jmp`, then
+  the entry, 40 µs), the pass over every loaded object's PLT slots (15-18
+  µs), and the lifecycle around them: resolving the symbol, the loader
+  hook's names, the crash report, callbacks and notifications.  The
+  one-call path does the analysis, the point and the write in one call of
+  the C core (13-22 µs); the model keeps them apart because its
+  `pre_patch` callbacks run between the analysis and the write, as the
+  kernel's do.  A C path for the model's common case (one object, first
+  installs) would close most of it.
 - **What the service feels (section 2d).**  Idle, no step of a
   one-function patch stalls the service's threads 5 ms (2.6-3.5 ms at most
   over sessions 10 and 11).  With busy threads one step does: the
