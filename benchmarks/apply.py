@@ -59,6 +59,15 @@ MODEL_STEPS = ("register", "disable", "register_idle", "disable_idle")
 FRIDA_METHODS = ("replace", "replaceFast")
 
 
+def _f_layout(counted: int) -> dict[str, int]:
+    """Where the f_* functions of each series start, after the ``counted``
+    ones of the counts' ranges: the one-call kinds' (ONE_CALL without an
+    idle thread, ONE_CALL with one), then the model's (the same); ``end``:
+    how many f_* the library needs."""
+    n = native.ONE_CALL
+    return {"one_call": counted, "model": counted + 2 * n, "end": counted + 4 * n}
+
+
 def _one_call_names(first_f: int) -> dict[str, list[str]]:
     """The functions of each one-call kind (see ONE_CALL_KINDS), never
     patched before: ONE_CALL of each, the f_* from ``first_f`` on."""
@@ -86,7 +95,7 @@ def run(opts: Options) -> dict:
     """Every count under every number of busy threads, hotpatch and Frida
     alternating, each in fresh processes."""
     counts = opts.counts
-    library = native.build_generated(sum(counts) + 4 * native.ONE_CALL)
+    library = native.build_generated(_f_layout(sum(counts))["end"])
     starts = _ranges(counts)
     runs = {"hotpatch": {t: [] for t in opts.threads}, "frida": {t: [] for t in opts.threads}}
     failures = []      # a run that crashed or failed is a result too
@@ -289,7 +298,8 @@ def child() -> None:
               "g": symbols["g"][0],
               "warm": symbols["warm"][0],
               "one_call": {kind: [symbols[name][0] for name in names]
-                           for kind, names in _one_call_names(total).items()}})
+                           for kind, names in
+                           _one_call_names(_f_layout(total)["one_call"]).items()}})
         _serve_frida_run()
         lib.gen_stop_callers()
         exit_after_frida()
@@ -319,6 +329,7 @@ def _patch_counts(ffi, lib, params, functions, symbols) -> dict:
     g, g2 = base + symbols["g"][0], base + symbols["g2"][0]
     us = {phase: {} for phase in HOTPATCH_PHASES}
     library = os.path.basename(params["library"])
+    layout = _f_layout(len(functions))
     first = _patch_once(sites, library, [(base + symbols["warm"][0], symbols["warm"][1])], g, g2,
                         ffi)
     for count in params["order"]:
@@ -328,8 +339,8 @@ def _patch_counts(ffi, lib, params, functions, symbols) -> dict:
             us[phase][str(count)] = value
     return {"us": us, "first": first,
             "unstopped": _unstopped(sites, library, symbols, base, g, g2, ffi),
-            "one_call": _one_call(sites, library, symbols, base, g, ffi, lib, len(functions)),
-            "model": _model(library, symbols, base, g, ffi, len(functions) + 2 * native.ONE_CALL)}
+            "one_call": _one_call(sites, library, symbols, base, g, ffi, lib, layout["one_call"]),
+            "model": _model(library, symbols, base, g, ffi, layout["model"])}
 
 
 def _unstopped(sites, library: str, symbols, base: int, g: int, g2: int, ffi) -> dict:
