@@ -473,3 +473,40 @@ report({"calls": sorted(set(calls)),
     assert r["written"] >= 400 * 5 and r["between_kept"] and r["restored"], r
     assert r["stopper"] == ("signals" if how == "signals" else "ptrace"), r
     assert r["how"] == ("mprotect window" if how == "mprotect" else "/proc/self/mem"), r
+
+
+def test_the_index_of_nearby_sites_answers_as_a_scan_of_every_site(child):
+    """_sites_reaching (the sites whose entry writes reach a span: what a
+    first redirect and a hot-patch point must leave alone) looks in the one
+    or two 64-byte blocks where such a site can start; the same answer as
+    asking every site, for spans on and across block boundaries and sites
+    of every length ending just inside, just outside and across them."""
+    r = child("""
+import random
+from hotpatch import sites
+from hotpatch.x86_64.entry import EntryPlan
+rng = random.Random(7)
+base = 0x7f0000000000
+made = []
+for start in sorted(rng.sample(range(0, 4096), 300)):
+    # At most what a plan replaces: instructions covering 5 bytes, the last
+    # starting within them (15 bytes at most), after an endbr64 sometimes.
+    length = rng.choice([5, 6, 8, 11, 15, 19])
+    address = base + start + rng.choice([0, 0, 4])
+    plan = EntryPlan(base + start, address, length, bytes(length), "generic", False, False,
+                     1, None, True)
+    site = sites.Site(base + start, plan, 0)
+    sites._sites[site.entry] = site
+    sites._file_near(site.entry)
+    made.append(site)
+wrong = []
+for _ in range(20000):
+    lo = base + rng.randrange(-64, 4160)
+    hi = lo + rng.randint(1, 64 - sites._SPAN_AFTER)
+    want = {s.entry for s in made if s.plan.address < hi and s.plan.address + s.plan.length > lo}
+    got = {s.entry for s in sites._sites_reaching(lo, hi)}
+    if got != want:
+        wrong.append([hex(lo), hex(hi), sorted(map(hex, want ^ got))])
+report({"wrong": wrong[:5], "count": len(wrong)})
+""")[0]
+    assert r["count"] == 0, r
