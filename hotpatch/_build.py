@@ -57,7 +57,6 @@ struct hp_write {
     uint32_t len;
 };
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
-int hp_write_dead(struct hp_write *w, size_t n, char *err);
 int hp_write_dead_then_batch(struct hp_write *dead, size_t ndead, struct hp_write *w, size_t n,
                              int others, int timeout_ms, char *err);
 int hp_write_needs_stop(uintptr_t address, uint32_t len);
@@ -294,7 +293,6 @@ struct hp_hop_query {
 void hp_hops_find(struct hp_hop_query *q, size_t n);
 int hp_stop_forced(void);
 int hp_alone(void);
-int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);
 void hp_sync_cores(void);
 extern "Python" int _hotpatch_shadow_ctor(void *, void *, void *);
 extern "Python" void _hotpatch_shadow_dtor(void *, void *, void *);

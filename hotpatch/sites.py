@@ -773,12 +773,15 @@ def _destination(site: Site, form: str, target: int) -> int:
     return site._trampoline if form == "slot" else target
 
 
-def _point_hops(changes: _Changes) -> list[Site]:
+def _point_hops(changes: _Changes) -> list[tuple[Site, int, bytes]]:
     """Make the hot-patch point of every site that starts to go through it
-    jump to its destination, before its entry leads there: with a write of
-    dead padding on first use, else (a straggler of an earlier install may
-    still run it) one batch of atomic stores.  The sites whose padding was
-    written, for :func:`_unpoint_hops` if the batch then fails."""
+    jump to its destination, before its entry leads there.  A point used
+    before (a straggler of an earlier install may still run it) is
+    retargeted here, by one batch of atomic stores.  A point used for the
+    first time is dead padding: its ``(site, destination, jmp)`` is
+    returned, for :func:`_write` to put in the same hold of the core's lock
+    as the entries (``hp_write_dead_then_batch``: the padding back there if
+    the entries cannot be written)."""
     fresh, retargets = [], []
     for site, form, target, hop in zip(changes.sites, changes.forms, changes.targets, changes.hops):
         if not hop or site.hopped:
@@ -791,52 +794,30 @@ def _point_hops(changes: _Changes) -> list[Site]:
             fresh.append((site, to, jump))
         else:
             retargets.append((site, site._hop_to, jump, to))
-    _put_hops(fresh)
-    fresh = [site for site, _, _ in fresh]
     if retargets:
         writes = ffi.new("struct hp_write[]", [
             (site._hop, encode.jmp_rel32(site._hop, was), jump, _HOP_SIZE)
             for site, was, jump, _ in retargets])
         err = ffi.new("char[256]")
         if lib.hp_write_batch(writes, len(retargets), STOP_TIMEOUT_MS, err):
-            _unpoint_hops(fresh)
             raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
         for site, _, _, to in retargets:
             site._hop_to = to
     return fresh
 
 
-def _put_hops(fresh: Sequence[tuple[Site, int, bytes]]) -> None:
-    """Write the jmp of each ``(site, destination, jmp)`` at its site's
-    hot-patch point, whose padding no entry leads to yet: one call, one
-    sync of the cores for all (``hp_write_dead``).  All or nothing."""
-    if not fresh:
-        return
-    writes = ffi.new("struct hp_write[]", [(site._hop, site._hop_padding, jump, _HOP_SIZE)
-                                           for site, _, jump in fresh])
-    err = ffi.new("char[256]")
-    if lib.hp_write_dead(writes, len(fresh), err):
-        for site, _, _ in fresh:        # which one, in the words of the site
-            try:
-                same = read_memory(site._hop, _HOP_SIZE) == site._hop_padding
-            except HotpatchError:
-                same = False
-            if not same:
-                raise TransitionError(f"{site.entry:#x}: the padding at {site._hop:#x} before "
-                                      f"the entry changed: its hot-patch point cannot be used")
-        raise TransitionError(ffi.string(err).decode())
-    for site, to, _ in fresh:
-        bisect.insort(_hops, site._hop)
-        site._hop_to = to
-
-
-def _unpoint_hops(fresh: list[Site]) -> None:
-    """The padding back at hot-patch points written for a batch that failed."""
-    for site in fresh:
-        if not lib.hp_hop_put(site._hop, encode.jmp_rel32(site._hop, site._hop_to),
-                              site._hop_padding):
-            site._hop_to = 0
-            _hops.remove(site._hop)
+def _padding_changed(fresh: Sequence[tuple[Site, int, bytes]]) -> None:
+    """Raise, in the words of the site, if the padding of one of ``fresh``'s
+    points is no longer what its search found (a batch through them was
+    refused)."""
+    for site, _, _ in fresh:
+        try:
+            same = read_memory(site._hop, _HOP_SIZE) == site._hop_padding
+        except HotpatchError:
+            same = False
+        if not same:
+            raise TransitionError(f"{site.entry:#x}: the padding at {site._hop:#x} before "
+                                  f"the entry changed: its hot-patch point cannot be used")
 
 
 def _batch(changes: _Changes):
@@ -844,18 +825,31 @@ def _batch(changes: _Changes):
     return changes.writes, changes.count
 
 
-def _write(changes: _Changes, unreachable=None) -> None:
+def _write(changes: _Changes, unreachable=None,
+           fresh: Sequence[tuple[Site, int, bytes]] = ()) -> None:
+    """The batch's writes, after the jmps of ``fresh``'s hot-patch points
+    (see :func:`_point_hops`) in the same hold of the core's lock.  All or
+    nothing."""
     batch, count = _batch(changes)
     if not count:
         return
     err = ffi.new("char[256]")
     # unreachable(batch, n, err): writes without a stop where no thread can
-    # run the code yet (an object being loaded); 1 = it can run now after all.
+    # run the code yet (an object being loaded; no hot-patch point is taken
+    # then); 1 = it can run now after all.
     rc = unreachable(batch, count, err) if unreachable is not None else 1
     if rc < 0:
         raise TransitionError(ffi.string(err).decode())
-    if rc and lib.hp_write_batch(batch, count, STOP_TIMEOUT_MS, err):
+    if not rc:
+        return
+    dead = ffi.new("struct hp_write[]", [(site._hop, site._hop_padding, jump, _HOP_SIZE)
+                                         for site, _, jump in fresh]) if fresh else ffi.NULL
+    if lib.hp_write_dead_then_batch(dead, len(fresh), batch, count, 0, STOP_TIMEOUT_MS, err):
+        _padding_changed(fresh)
         raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
+    for site, to, _ in fresh:
+        bisect.insort(_hops, site._hop)
+        site._hop_to = to
 
 
 def _store_targets(changes: _Changes, rewritten: bool) -> None:
@@ -904,12 +898,7 @@ def _commit(changes: _Changes) -> None:
     # waits until every write of the batch has succeeded.  So is a hot-patch
     # point's jmp.
     _store_targets(changes, rewritten=True)
-    fresh = _point_hops(changes)
-    try:
-        _write(changes, _unreachable)
-    except BaseException:
-        _unpoint_hops(fresh)
-        raise
+    _write(changes, _unreachable, _point_hops(changes))
     _store_targets(changes, rewritten=False)
     _record(changes)
 

@@ -176,7 +176,8 @@ report(out)
 # Functions of several instructions with padding before each (hb_first
 # only puts a function's end before hb_0), as many as a patch of a real fix
 # may hold: their points looked for in one call of the C core
-# (hp_hops_find), their jmps put by one (hp_write_dead).
+# (hp_hops_find), their jmps put with the entries by one
+# (hp_write_dead_then_batch).
 MANY = 48
 MANY_SOURCE = "".join(
     f"__attribute__((noipa)) long hb_{i}(long x) {{ return ((x ^ (x >> 7)) * 3) + {1000 + i}; }}\n"
@@ -240,3 +241,39 @@ report(out)
     assert r["points"], r
     assert r["refused"] and r["victim"] in r["refused"] and "padding" in r["refused"], r
     assert r["unchanged"] and r["results"], r
+
+
+def test_points_and_entries_of_a_batch_are_written_all_or_nothing(child, many_lib):
+    # Every point's jmp goes with the entries in one hold of the core's lock
+    # (hp_write_dead_then_batch); one entry changes before the write: the
+    # batch is refused, and every point's padding is put back, every other
+    # entry left as it was.
+    r = child(PRELUDE + """
+from hotpatch.errors import TransitionError
+from hotpatch import symbols
+obj = symbols.find_object(OBJ)
+names = [f"hb_{i}" for i in range(P["many"])]
+prepared = sites.prepare_batch([(addr(n), None) for n in names], exec_ranges=obj.exec_ranges,
+                               function_before=lambda a: symbols.function_before(obj, a))
+points = [sites.hot_patch_point(s) for s in prepared]
+spans = [(p, 5) for p in points] + [(s.entry, 8) for s in prepared]
+victim = prepared[30]
+# The victim's first instruction (mov %rdi,%rax, 3 bytes) made a nop of
+# the same length: its entry is no longer what the analysis read.
+sites.lib.hp_write_code(victim.entry, b"\\x0f\\x1f\\x00", 3)
+before = [sites.read_memory(a, n) for a, n in spans]
+try:
+    sites.redirect_batch([(s, addr("hb_new")) for s in prepared])
+    refused = None
+except TransitionError as e:
+    refused = str(e)
+out = {"points": all(points), "refused": refused, "victim": f"{victim.entry:#x}",
+       "unchanged": [sites.read_memory(a, n) for a, n in spans] == before,
+       "installed": [s.installed for s in prepared].count(True),
+       "others": [call(n) for i, n in enumerate(names) if i != 30]
+                 == [1021 + i for i in range(P["many"]) if i != 30]}
+report(out)
+""", **many_lib)[0]
+    assert r["points"], r
+    assert r["refused"] and r["victim"] in r["refused"], r
+    assert r["unchanged"] and r["installed"] == 0 and r["others"], r

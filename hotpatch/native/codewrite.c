@@ -341,24 +341,19 @@ static void put_back_dead(const struct hp_write *w, size_t n)
     free(back);
 }
 
-/* Write bytes that no thread runs yet: hot-patch points' padding, which
- * no entry leads to.  By spans (check.c), the bytes between two writes
- * written back as they are (a thread running them meanwhile finds the same
- * bytes), then one sync of the cores: a thread that takes an entry's short
- * jump once the entry is written must find the point's jmp rel32, not what
- * its core fetched before.  0, or -1 with `err` and nothing written (some
- * write's old bytes were not there). */
-int hp_write_dead(struct hp_write *w, size_t n, char *err)
-{
-    return hp_write_dead_then_batch(w, n, w, 0, 0, 0, err);
-}
-
-/* hp_write_dead(`dead`), then hp_write_batch(`w`), in one hold of the
- * lock, the descriptor checked once: a first redirect (first.c), through
- * its hot-patch point or not.  `others`: as write_batch_locked's (the
- * first redirect has just counted the threads, to know whether to look
- * for a point).  0, or -1 with `err` filled and no byte changed (the dead
- * bytes put back where the batch failed). */
+/* Write `dead`, bytes that no thread runs yet (hot-patch points' padding,
+ * which no entry leads to), then the batch `w` as hp_write_batch does, in
+ * one hold of the lock, the descriptor checked once: a first redirect
+ * (first.c) and a batch of sites (sites.py), through their hot-patch
+ * points or not.  The dead bytes go by spans (check.c), the bytes between
+ * two writes written back as they are (a thread running them meanwhile
+ * finds the same bytes), then one sync of the cores: a thread that takes
+ * an entry's short jump once the entry is written must find the point's
+ * jmp rel32, not what its core fetched before.  `others`: as
+ * write_batch_locked's (the first redirect has just counted the threads,
+ * to know whether to look for a point).  0, or -1 with `err` filled and
+ * no byte changed (some dead write's old bytes were not there, or the
+ * batch failed and the dead bytes were put back). */
 int hp_write_dead_then_batch(struct hp_write *dead, size_t ndead, struct hp_write *w, size_t n,
                              int others, int timeout_ms, char *err)
 {

@@ -209,15 +209,3 @@ void hp_hops_find(struct hp_hop_query *q, size_t n)
                              bytes, &q->stops_plainly, q->padding);
     }
 }
-
-/* Put `bytes` at a hot-patch point that no entry leads to yet, if `old`
- * is there (hp_write_dead).  0, or -1 if the bytes there are not `old` or
- * cannot be written. */
-int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes)
-{
-    struct hp_write w = { .address = hop, .len = HP_HOP_SIZE };
-    char err[HP_ERRLEN];
-    memcpy(w.old, old, HP_HOP_SIZE);
-    memcpy(w.bytes, bytes, HP_HOP_SIZE);
-    return hp_write_dead(&w, 1, err);
-}

@@ -266,7 +266,6 @@ struct hp_hop_query {
     uint8_t unused[2];
 };
 void hp_hops_find(struct hp_hop_query *q, size_t n);
-int hp_hop_put(uint64_t hop, const uint8_t *old, const uint8_t *bytes);
 
 /* --- maps.c -------------------------------------------------------- */
 #define HP_MAX_MAPPINGS 65536
@@ -384,7 +383,6 @@ struct hp_write {
 int hp_write_code(uintptr_t addr, const void *src, size_t len);
 void hp_store_slot(uint64_t *slot, uint64_t value);
 int hp_write_batch(struct hp_write *w, size_t n, int timeout_ms, char *err);
-int hp_write_dead(struct hp_write *w, size_t n, char *err);
 int hp_write_dead_then_batch(struct hp_write *dead, size_t ndead, struct hp_write *w, size_t n,
                              int others, int timeout_ms, char *err);
 struct hp_store;
