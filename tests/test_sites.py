@@ -359,6 +359,49 @@ report({"status": status, "child": child_seen, "parent": call("calls_other")})
     assert r["parent"] == 1005
 
 
+def test_a_fork_while_the_core_registers_its_syncs(child, targets):
+    # The core's own thread (native/ahead.c) registers the process for
+    # membarrier's SYNC_CORE from the import on: an RCU grace period (5-25
+    # ms here, the process having a thread besides), and a first batch
+    # waits for it rather than registering again.  A child forked right
+    # after the thread starts has no such thread: its first batch (a thread
+    # there, so the cores are synced) registers for itself, not waiting
+    # for the thread forever.
+    r = child("""
+import os, threading, time
+from hotpatch._native import lib as native
+native.hp_first_write_ahead()
+pid = os.fork()
+""" + PRELUDE + """
+if pid == 0:
+    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+    site = prepare("calls_other")
+    sites.redirect_batch([(site, addr("replacement"))])
+    seen = [call("calls_other"), native.hp_core_sync_ready()]
+    sites.restore(site)
+    seen.append(call("calls_other"))
+    report({"child": seen})
+    os._exit(0)
+site = prepare("plain_add")
+sites.redirect_batch([(site, addr("replacement"))])
+parent = [call("plain_add"), native.hp_core_sync_ready()]
+sites.restore(site)
+deadline = time.monotonic() + 20
+done, status = os.waitpid(pid, os.WNOHANG)
+while not done and time.monotonic() < deadline:
+    time.sleep(0.01)
+    done, status = os.waitpid(pid, os.WNOHANG)
+if not done:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+report({"child exited": bool(done), "status": status, "parent": parent})
+""", **targets)
+    out = next(o for o in r if "parent" in o)
+    assert out["child exited"] and out["status"] == 0, out
+    assert out["parent"] == [1005, 1], out
+    assert [o["child"] for o in r if "child" in o] == [[1005, 1, 12]], r
+
+
 def test_foreign_int3_reaches_the_earlier_sigtrap_handler(child, targets):
     r = child(PRELUDE + """
 import signal

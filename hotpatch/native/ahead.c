@@ -7,9 +7,11 @@
  * ptrace helper, which shares the memory, counts too) waits for an RCU grace
  * period: 5-25 ms on this machine, inside the first register(), where the
  * patching thread waits.  Registered here at the import of the core instead,
- * from a thread of its own that ends once it is done: nothing waits for it,
- * and codewrite.c's own registration, which still decides whether the
- * command is used, finds the process registered and returns at once.
+ * from a thread of its own that ends once it is done: nothing waits for it
+ * but a first batch that comes sooner (`from hotpatch import sites`, then a
+ * redirect), which waits for the rest of it (codewrite.c's
+ * ready_core_syncs): registering again would wait for a grace period of
+ * its own.
  *
  * The same thread maps the first chunk of the pool (pool.c: the maps read
  * for a free gap, a memfd, two mappings; 0.6 ms of the first register())
@@ -26,14 +28,56 @@
 #include <signal.h>
 #include <stdlib.h>
 
+/* Where the thread's registration stands: a first batch that comes while
+ * it is still in the kernel waits for it (hp_ahead_registration) rather
+ * than registering again, which would wait for a grace period of its own. */
+enum { AHEAD_NONE, AHEAD_ASKING, AHEAD_ASKED };
+static pthread_mutex_t ahead_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t ahead_done = PTHREAD_COND_INITIALIZER;
+static int ahead_state = AHEAD_NONE;
+static int ahead_registered;
+
+static void ahead_finished(int state, int registered)
+{
+    pthread_mutex_lock(&ahead_lock);
+    ahead_state = state;
+    ahead_registered = registered;
+    pthread_cond_broadcast(&ahead_done);
+    pthread_mutex_unlock(&ahead_lock);
+}
+
 static void *ask_ahead(void *unused)
 {
     /* A stop may come while this thread is in the kernel: the signal stop
      * must be able to park it, whatever mask it inherited. */
     hp_unblock_park_signal();
     hp_alloc_code((uintptr_t)&malloc, 0);       /* the pool's first chunk; see above */
-    hp_sys(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0);
+    ahead_finished(AHEAD_ASKED, hp_sys(SYS_membarrier,
+                                       MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
+                                       0, 0) == 0);
     return NULL;
+}
+
+/* Whether this thread registered the process for membarrier's SYNC_CORE
+ * (1) or the kernel refused it (0), waiting for it where it is still
+ * asking; -1 where no thread asks (none started, or a forked child).  Not
+ * with hp_lock held: the thread takes it to map the pool. */
+int hp_ahead_registration(void)
+{
+    pthread_mutex_lock(&ahead_lock);
+    while (ahead_state == AHEAD_ASKING)
+        pthread_cond_wait(&ahead_done, &ahead_lock);
+    int registered = ahead_state == AHEAD_ASKED ? ahead_registered : -1;
+    pthread_mutex_unlock(&ahead_lock);
+    return registered;
+}
+
+/* A forked child has no such thread, and a new mm to register. */
+void hp_ahead_after_fork(void)
+{
+    pthread_mutex_init(&ahead_lock, NULL);
+    pthread_cond_init(&ahead_done, NULL);
+    ahead_state = AHEAD_NONE;
 }
 
 static void start_ahead(void);
@@ -61,8 +105,10 @@ static void start_ahead(void)
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &before);
     /* A thread that cannot be created leaves the registration to the
-     * first write, as before. */
-    pthread_create(&thread, &attr, ask_ahead, NULL);
+     * first batch, as before. */
+    ahead_finished(AHEAD_ASKING, 0);
+    if (pthread_create(&thread, &attr, ask_ahead, NULL))
+        ahead_finished(AHEAD_NONE, 0);
     pthread_sigmask(SIG_SETMASK, &before, NULL);
     pthread_attr_destroy(&attr);
 }

@@ -30,7 +30,7 @@
 pthread_mutex_t hp_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct hp_kept_fd mem_file = HP_KEPT_FD_NONE;
 static int mem_fd = -1;            /* /proc/self/mem of *this* process, for this batch */
-static int sync_core_ready;        /* membarrier SYNC_CORE registered for this mm */
+static int sync_core_ready = -1;   /* membarrier SYNC_CORE registered for this mm; -1: not asked */
 
 /* Whether the environment variable `name` is `value`, read once (the
  * first time a process asks): getenv walks the whole environment, a
@@ -53,9 +53,23 @@ static void open_mem_fd(void)
     static int by_window = -1;
     if (!env_is("HOTPATCH_CODE_WRITES", "mprotect", &by_window))   /* self fails once the main thread exited */
         mem_fd = hp_kept_fd_open(&mem_file, "/proc/thread-self/mem", O_RDWR);
-    if (!sync_core_ready)
-        sync_core_ready = hp_sys(SYS_membarrier,
-                                 MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0;
+}
+
+/* Registered for membarrier's SYNC_CORE, once per mm, before the first
+ * batch (whose sync of the cores uses it); a write that syncs nothing (an
+ * original stub in fresh pool memory) does not wait for it.  Where
+ * ahead.c's thread is registering, its registration is waited for: a
+ * second one would wait for an RCU grace period of its own (5-25 ms of a
+ * first patch here).  Not under hp_lock (see hp_ahead_registration). */
+static void ready_core_syncs(void)
+{
+    if (__atomic_load_n(&sync_core_ready, __ATOMIC_ACQUIRE) >= 0)
+        return;
+    int ready = hp_ahead_registration();
+    if (ready < 0)
+        ready = hp_sys(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
+                       0, 0) == 0;
+    __atomic_store_n(&sync_core_ready, ready, __ATOMIC_RELEASE);
 }
 
 /* Ready for this batch's code writes: the descriptor, or (without one)
@@ -108,7 +122,7 @@ HP_RAW static int write_code(uintptr_t addr, const void *src, size_t len)
 /* Make every thread's instruction stream see the writes (serialize cores). */
 HP_RAW void hp_sync_cores(void)
 {
-    if (sync_core_ready &&
+    if (sync_core_ready > 0 &&
         hp_sys(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0)
         return;
     /* No membarrier (kernels before 4.16): an mprotect that removes a
@@ -160,6 +174,7 @@ int hp_code_writes_use_proc_mem(void)
 
 int hp_core_sync_ready(void)
 {
+    ready_core_syncs();
     return sync_core_ready;
 }
 
@@ -254,10 +269,11 @@ static void undo_unstopped(const struct hp_write *w, size_t n, uint64_t deadline
     free(back);
 }
 
-/* What every batch holds while it writes: the core's lock, the code
- * writes ready. */
+/* What every batch holds while it writes: the cores' sync registered,
+ * the core's lock, the code writes ready. */
 static void enter_batch(void)
 {
+    ready_core_syncs();
     pthread_mutex_lock(&hp_lock);
     ready_code_writes();
 }
@@ -435,7 +451,8 @@ static void after_fork_in_child(void)
     mem_fd = -1;
     hp_unstopped_after_fork();
     hp_proc_after_fork();
-    sync_core_ready = 0;
+    sync_core_ready = -1;
+    hp_ahead_after_fork();
     hp_stop_after_fork();
     pthread_mutex_init(&hp_lock, NULL);
     pthread_mutex_init(&hp_unwind_lock, NULL);

@@ -524,6 +524,8 @@ void hp_stopper_info(int *uses_ptrace, int *helper_pid, int *park_signal, char *
 
 /* --- ahead.c -------------------------------------------------------- */
 void hp_first_write_ahead(void);
+int hp_ahead_registration(void);
+void hp_ahead_after_fork(void);
 
 /* --- stop_ptrace.c -------------------------------------------------- */
 int hp_ptrace_stop(uint64_t deadline_ns, char *err);
