@@ -1240,15 +1240,15 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   and 8.4x in two of session 11's three runs.  At 1 function it is not
   met.  Session 12 times Frida's `replace` one function at a time, warm,
   as the one-call path is timed (16 functions never patched before, the
-  median of the last 8): 104-117 µs with no busy thread, 148-174 µs with
+  median of the last 8): 100-117 µs with no busy thread, 148-204 µs with
   busy ones.  Earlier sessions compared the one-call path with the
   1-function count instead, a single cold call after 10,000 functions
   (160-195 µs), and so reported 10x where it was not.  Against the warm
   figure, one call (`sites.redirect`) takes 13-15 µs in a process of one
-  thread (7.9-8.2x Frida); with an idle thread in the process, as real
-  services have, 20-24 µs (u_\*, f_\*: 4.9-5.3x); with busy threads 70-103
+  thread (7.6-8.2x Frida); with an idle thread in the process, as real
+  services have, 20-24 µs (u_\*, f_\*: 4.6-5.3x); with busy threads 70-103
   µs (1.7-2.4x).  The 1-function count itself is a cold single call for
-  both: 135-154 µs for the batch path against Frida's 148-173 (1.1-1.2x).
+  both: 135-191 µs for the batch path against Frida's 148-176 (1.06-1.2x).
   Closing it:
   - *No busy thread, one thread:* 10x needs about 10.7 µs, 3 µs less.
     Cold (the series runs a control and the kernel floor between
@@ -1301,8 +1301,9 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   there): the analysis and original stub (`prepare_batch`, 22 µs), the
   search for the hot-patch point, made early to decide whether to start
   the stopper (14 µs), the write (`update_batch`: the point's `jmp`, then
-  the entry, 40 µs), the pass over every loaded object's PLT slots (15-18
-  µs), and the lifecycle around them: resolving the symbol, the loader
+  the entry, 40 µs; since in one hold of the core's lock, as the one-call
+  path writes them, about 5 µs less), the pass over every loaded object's
+  PLT slots (15-18 µs), and the lifecycle around them: resolving the symbol, the loader
   hook's names, the crash report, callbacks and notifications.  The
   one-call path does the analysis, the point and the write in one call of
   the C core (13-22 µs); the model keeps them apart because its
