@@ -211,43 +211,19 @@ report(out)
     assert r["patched"] == [1000007] and r["hopped"] and r["restored"], r
 
 
-def test_a_changed_padding_leaves_the_whole_batch_unwritten(child, many_lib):
-    # Every point looked for (its padding's bytes kept), then one padding
-    # changes before the write: the batch is refused, naming that entry,
-    # and no point's bytes and no entry's bytes have changed.
-    r = child(PRELUDE + """
-from hotpatch.errors import TransitionError
-from hotpatch import symbols
-obj = symbols.find_object(OBJ)
-names = [f"hb_{i}" for i in range(P["many"])]
-prepared = sites.prepare_batch([(addr(n), None) for n in names], exec_ranges=obj.exec_ranges,
-                               function_before=lambda a: symbols.function_before(obj, a))
-points = [sites.hot_patch_point(s) for s in prepared]
-spans = [(p, 5) for p in points] + [(s.entry, 8) for s in prepared]
-before = [sites.read_memory(a, n) for a, n in spans]
-victim = prepared[30]
-sites.lib.hp_write_code(points[30], b"\\x90" * 5, 5)
-before[30] = sites.read_memory(points[30], 5)
-try:
-    sites.redirect_batch([(s, addr("hb_new")) for s in prepared])
-    refused = None
-except TransitionError as e:
-    refused = str(e)
-out = {"points": all(points), "refused": refused, "victim": f"{victim.entry:#x}",
-       "unchanged": [sites.read_memory(a, n) for a, n in spans] == before,
-       "results": [call(n) for n in names] == [1021 + i for i in range(P["many"])]}
-report(out)
-""", **many_lib)[0]
-    assert r["points"], r
-    assert r["refused"] and r["victim"] in r["refused"] and "padding" in r["refused"], r
-    assert r["unchanged"] and r["results"], r
-
-
-def test_points_and_entries_of_a_batch_are_written_all_or_nothing(child, many_lib):
-    # Every point's jmp goes with the entries in one hold of the core's lock
-    # (hp_write_dead_then_batch); one entry changes before the write: the
-    # batch is refused, and every point's padding is put back, every other
-    # entry left as it was.
+@pytest.mark.parametrize("changed, change", [
+    ("padding", 'sites.lib.hp_write_code(points[30], b"\\x90" * 5, 5)'),
+    # The first instruction (mov %rdi,%rax, 3 bytes) made a nop of the same
+    # length: the entry is no longer what the analysis read.
+    ("entry", 'sites.lib.hp_write_code(victim.entry, b"\\x0f\\x1f\\x00", 3)'),
+])
+def test_a_batch_through_points_is_written_all_or_nothing(child, many_lib, changed, change):
+    # Every point looked for (its padding's bytes kept), then one site's
+    # padding or entry changes before the write.  The points' jmps go with
+    # the entries in one hold of the core's lock (hp_write_dead_then_batch):
+    # the batch is refused, naming that entry, and no point's bytes and no
+    # entry's bytes have changed (the points written before the entries
+    # that failed are put back).
     r = child(PRELUDE + """
 from hotpatch.errors import TransitionError
 from hotpatch import symbols
@@ -258,9 +234,7 @@ prepared = sites.prepare_batch([(addr(n), None) for n in names], exec_ranges=obj
 points = [sites.hot_patch_point(s) for s in prepared]
 spans = [(p, 5) for p in points] + [(s.entry, 8) for s in prepared]
 victim = prepared[30]
-# The victim's first instruction (mov %rdi,%rax, 3 bytes) made a nop of
-# the same length: its entry is no longer what the analysis read.
-sites.lib.hp_write_code(victim.entry, b"\\x0f\\x1f\\x00", 3)
+""" + change + """
 before = [sites.read_memory(a, n) for a, n in spans]
 try:
     sites.redirect_batch([(s, addr("hb_new")) for s in prepared])
@@ -276,4 +250,5 @@ report(out)
 """, **many_lib)[0]
     assert r["points"], r
     assert r["refused"] and r["victim"] in r["refused"], r
+    assert changed != "padding" or "padding" in r["refused"], r
     assert r["unchanged"] and r["installed"] == 0 and r["others"], r
