@@ -88,8 +88,9 @@ HP_RAW static int stopped_round(const struct hp_check *c, int kind, uint64_t dea
 
 /* Write a batch (sorted by address) with nothing to stop: in a process
  * where the calling thread is the only one (hp_only_thread), or bytes that
- * no thread runs (hot-patch points' padding, hp_write_dead_then_batch).  The old bytes checked, then written by
- * spans.  0, or -1 with `err` filled and nothing written.  hp_lock held. */
+ * no thread runs (hot-patch points' padding, hp_write_dead_then_batch).
+ * The old bytes checked, then written by spans.  0, or -1 with `err`
+ * filled and nothing written.  hp_lock held. */
 HP_RAW int hp_write_checked(struct hp_write *w, size_t n, char *err)
 {
     struct hp_check c = { .pid = hp_gettid(), .writes = w, .nwrites = n,
