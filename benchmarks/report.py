@@ -1243,7 +1243,8 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   figure); 1,000 sites take 3.3-5.2 ms.  Where a count's functions have no
   padding and busy threads run, the batch takes a stop, and with 8 busy
   threads on 2 cores one stop costs 0.5-8 ms: 100 functions fell to 2.8x
-  and 8.4x in two of session 11's three runs.  At 1 function it is not
+  and 8.4x in two of session 11's three runs, and to 7.6x in one of
+  session 12's two.  At 1 function it is not
   met.  Session 12 times Frida's `replace` one function at a time, warm,
   as the one-call path is timed (16 functions never patched before, the
   median of the last 8): 100-117 µs with no busy thread, 148-204 µs with
@@ -1262,8 +1263,9 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
     the entry's bytes, the stub's and the entry's writes through
     `/proc/self/mem`, the checks of the kept descriptors and of the thread
     count, the signal mask; and capstone's decode of the entry, which
-    formats every instruction's text: capstone 5.0 cannot turn that off) and the Python around it 6-7 µs (the lock, the index of nearby
-    sites, the plan's record unpacked, the `Site`).  Session 12 took 1.1
+    formats every instruction's text: capstone 5.0 cannot turn that off)
+    and the Python around it 6-7 µs (the lock, the index of nearby sites,
+    the plan's record unpacked, the `Site`).  Session 12 took 1.1
     µs of that Python away.  The rest would need the sites' index and
     records in C, behind one call from Python.
   - *An idle thread:* the write is no longer alone, so it goes through the
@@ -1309,8 +1311,9 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   the stopper (14 µs), the write (`update_batch`: the point's `jmp`, then
   the entry, 40 µs; since in one hold of the core's lock, as the one-call
   path writes them, about 5 µs less), the pass over every loaded object's
-  PLT slots (15-18 µs), and the lifecycle around them: resolving the symbol, the loader
-  hook's names, the crash report, callbacks and notifications.  The
+  PLT slots (15-18 µs), and the lifecycle around them: resolving the
+  symbol, the loader hook's names, the crash report, callbacks and
+  notifications.  The
   one-call path does the analysis, the point and the write in one call of
   the C core (13-22 µs); the model keeps them apart because its
   `pre_patch` callbacks run between the analysis and the write, as the
