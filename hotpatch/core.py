@@ -524,11 +524,9 @@ def register(patch: Patch, *, enable: bool = True, force: bool = False) -> Patch
 
 def _watch_loads(patch: Patch) -> None:
     """Objects named by the patch and not loaded now are patched when they
-    load (the loader hook, installed on first need): say so, with loaded
-    objects of close names (a typo looks just like a library not loaded yet)."""
-    if all(obj.name is None for obj in patch.objects):
-        return
-    loader.watch()
+    load (the loader hook, which register() has made sure of, the patch's
+    names asked for): say so, with loaded objects of close names (a typo
+    looks just like a library not loaded yet)."""
     loaded = None
     for obj in patch.objects:
         if obj.name is None or obj._loaded is not None or symbols.find_object(obj.name):
