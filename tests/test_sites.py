@@ -363,14 +363,30 @@ def test_a_fork_while_the_core_registers_its_syncs(child, targets):
     # The core's own thread (native/ahead.c) registers the process for
     # membarrier's SYNC_CORE from the import on: an RCU grace period (5-25
     # ms here, the process having a thread besides), and a first batch
-    # waits for it rather than registering again.  A child forked right
-    # after the thread starts has no such thread: its first batch (a thread
-    # there, so the cores are synced) registers for itself, not waiting
-    # for the thread forever.
+    # waits for it rather than registering again.  A child forked while the
+    # thread is in that system call has no such thread: its first batch (a
+    # thread there, so the cores are synced) registers for itself, not
+    # waiting for the thread forever.
     r = child("""
 import os, threading, time
 from hotpatch._native import lib as native
+
+def registering():
+    # A thread in membarrier (system call 324 on x86-64): ahead.c's, registering.
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                if f.read().split()[0] == "324":
+                    return True
+        except (FileNotFoundError, IndexError):
+            pass
+    return False
+
 native.hp_first_write_ahead()
+deadline = time.monotonic() + 5
+while not registering() and time.monotonic() < deadline:
+    pass
+caught = registering()
 pid = os.fork()
 """ + PRELUDE + """
 if pid == 0:
@@ -394,9 +410,10 @@ while not done and time.monotonic() < deadline:
 if not done:
     os.kill(pid, 9)
     os.waitpid(pid, 0)
-report({"child exited": bool(done), "status": status, "parent": parent})
+report({"child exited": bool(done), "status": status, "parent": parent, "caught": caught})
 """, **targets)
     out = next(o for o in r if "parent" in o)
+    assert out["caught"], "the fork did not come while the thread was registering"
     assert out["child exited"] and out["status"] == 0, out
     assert out["parent"] == [1005, 1], out
     assert [o["child"] for o in r if "child" in o] == [[1005, 1, 12]], r

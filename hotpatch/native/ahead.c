@@ -29,15 +29,17 @@
 #include <stdlib.h>
 
 /* Where the thread's registration stands: a first batch that comes while
- * it is still in the kernel waits for it (hp_ahead_registration) rather
- * than registering again, which would wait for a grace period of its own. */
+ * it is in the kernel waits for it (hp_ahead_registration) rather than
+ * registering again, which would wait for a grace period of its own.
+ * AHEAD_ASKING only around the system call: a thread still mapping the
+ * pool, or not scheduled yet (busy cores), is not waited for. */
 enum { AHEAD_NONE, AHEAD_ASKING, AHEAD_ASKED };
 static pthread_mutex_t ahead_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t ahead_done = PTHREAD_COND_INITIALIZER;
 static int ahead_state = AHEAD_NONE;
 static int ahead_registered;
 
-static void ahead_finished(int state, int registered)
+static void ahead_now(int state, int registered)
 {
     pthread_mutex_lock(&ahead_lock);
     ahead_state = state;
@@ -52,16 +54,17 @@ static void *ask_ahead(void *unused)
      * must be able to park it, whatever mask it inherited. */
     hp_unblock_park_signal();
     hp_alloc_code((uintptr_t)&malloc, 0);       /* the pool's first chunk; see above */
-    ahead_finished(AHEAD_ASKED, hp_sys(SYS_membarrier,
-                                       MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
-                                       0, 0) == 0);
+    ahead_now(AHEAD_ASKING, 0);
+    ahead_now(AHEAD_ASKED, hp_sys(SYS_membarrier,
+                                  MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
+                                  0, 0) == 0);
     return NULL;
 }
 
 /* Whether this thread registered the process for membarrier's SYNC_CORE
- * (1) or the kernel refused it (0), waiting for it where it is still
- * asking; -1 where no thread asks (none started, or a forked child).  Not
- * with hp_lock held: the thread takes it to map the pool. */
+ * (1) or the kernel refused it (0), waiting for it where it is in the
+ * kernel asking; -1 where no thread has asked or asks (none started, not
+ * there yet, or a forked child). */
 int hp_ahead_registration(void)
 {
     pthread_mutex_lock(&ahead_lock);
@@ -106,9 +109,7 @@ static void start_ahead(void)
     pthread_sigmask(SIG_SETMASK, &all, &before);
     /* A thread that cannot be created leaves the registration to the
      * first batch, as before. */
-    ahead_finished(AHEAD_ASKING, 0);
-    if (pthread_create(&thread, &attr, ask_ahead, NULL))
-        ahead_finished(AHEAD_NONE, 0);
+    pthread_create(&thread, &attr, ask_ahead, NULL);
     pthread_sigmask(SIG_SETMASK, &before, NULL);
     pthread_attr_destroy(&attr);
 }

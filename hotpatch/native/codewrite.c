@@ -57,15 +57,20 @@ static void open_mem_fd(void)
 
 /* Registered for membarrier's SYNC_CORE, once per mm, before the first
  * batch (whose sync of the cores uses it); a write that syncs nothing (an
- * original stub in fresh pool memory) does not wait for it.  Where
- * ahead.c's thread is registering, its registration is waited for: a
- * second one would wait for an RCU grace period of its own (5-25 ms of a
- * first patch here).  Not under hp_lock (see hp_ahead_registration). */
+ * original stub in fresh pool memory) does not wait for it.  Registered
+ * already, the kernel says so by making a sync (a few us): ahead.c's
+ * thread may be done in the kernel and not scheduled since, with busy
+ * cores.  Where that thread is in the kernel registering, its
+ * registration is waited for: a second one would wait for an RCU grace
+ * period of its own (5-25 ms of a first patch here).  Not under hp_lock:
+ * that thread takes it to map the pool. */
 static void ready_core_syncs(void)
 {
     if (__atomic_load_n(&sync_core_ready, __ATOMIC_ACQUIRE) >= 0)
         return;
-    int ready = hp_ahead_registration();
+    int ready = hp_sys(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0;
+    if (!ready)
+        ready = hp_ahead_registration();
     if (ready < 0)
         ready = hp_sys(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
                        0, 0) == 0;
