@@ -1247,15 +1247,15 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   session 12's two.  At 1 function it is not
   met.  Session 12 times Frida's `replace` one function at a time, warm,
   as the one-call path is timed (16 functions never patched before, the
-  median of the last 8): 100-117 µs with no busy thread, 148-204 µs with
+  median of the last 8): 100-118 µs with no busy thread, 148-204 µs with
   busy ones.  Earlier sessions compared the one-call path with the
   1-function count instead, a single cold call after 10,000 functions
   (160-195 µs), and so reported 10x where it was not.  Against the warm
   figure, one call (`sites.redirect`) takes 13-15 µs in a process of one
-  thread (7.6-8.2x Frida); with an idle thread in the process, as real
-  services have, 20-24 µs (u_\*, f_\*: 4.6-5.3x); with busy threads 70-103
+  thread (7.6-8.5x Frida); with an idle thread in the process, as real
+  services have, 20-24 µs (u_\*, f_\*: 4.6-5.6x); with busy threads 70-103
   µs (1.7-2.4x).  The 1-function count itself is a cold single call for
-  both: 135-191 µs for the batch path against Frida's 148-176 (1.06-1.2x).
+  both: 135-191 µs for the batch path against Frida's 148-176 (0.96-1.2x).
   Closing it:
   - *No busy thread, one thread:* 10x needs about 10.7 µs, 3 µs less.
     Cold (the series runs a control and the kernel floor between
@@ -1302,7 +1302,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
 - **The livepatch model's `register()` of one function, what a user
   calls, is slower than Frida's `replace` of one function warm** (shown
   beside the targets, which are the apply's): 116-129 µs with no busy
-  thread and 205-240 µs with busy ones, 0.71-0.94x Frida's warm figure in
+  thread and 201-240 µs with busy ones, 0.71-0.99x Frida's warm figure in
   session 12 (sessions 10-11 gave 0.9-1.5x against the cold one).  It
   goes the batch way, in pieces with Python between them (timed in
   session 12, with no busy thread and the loader's worker thread
@@ -1320,11 +1320,11 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   kernel's do.  A C path for the model's common case (one object, first
   installs) would close most of it.
 - **What the service feels (section 2d).**  Idle, no step of a
-  one-function patch stalls the service's threads 5 ms (2.6-3.5 ms at most
-  over sessions 10 and 11).  With busy threads one step does: the
+  one-function patch stalls the service's threads 5 ms (2.3-3.5 ms at most
+  over sessions 10-12).  With busy threads one step does: the
   first use of `hotpatch.register`, which imports the core (about 65
   modules, 22-34 ms of module bodies idle, 44-70 ms with 2 busy threads),
-  stalls the Python ticker 5.9-7.2 ms with 2 busy threads and 7.9-17.6 ms
+  stalls the Python ticker 5.3-7.2 ms with 2 busy threads and 7.9-17.6 ms
   with 8.  The import gives the GIL up every 2 ms, but with more runnable
   threads than cores the scheduler takes the CPU from it while it holds
   the GIL, and the ticker waits for it to run again: `perf sched` showed
@@ -1334,15 +1334,20 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   (logging, typing, dataclasses, inspect and difflib imported before)
   moved the median gap by 0-1 ms and left the tail at 6-10 ms; with 8
   busy threads the quiet window's own stall has been 0-5 ms from run to
-  run.  Loading a C patch module crossed 5 ms in one run of four with 2
-  busy threads (session 10).  The first
+  run.  Loading a C patch module (its `register()` takes a stop:
+  adler32's entry) crossed 5 ms with 2 busy threads in one run of four in
+  session 10 and in two of four full runs in session 12 (6.1-6.9 ms);
+  session 12's service runs one after another gave a median gap of
+  1.6-6.7 ms from run to run, and session 11's code, run alternately
+  with it, 2.2-5.4 ms, crossing 5 ms in two of eleven.  The first
   `register()` of the process (libz's `crc32`) takes no stop and spawns no
   helper: its entry goes through its hot-patch point (`native/hop.c`); it
   takes 2.3-3.7 ms idle and 2.4-18.6 ms with 8 busy threads over the runs
   (the CPU share a thread gets among 10 on 2 cores varies that much).  Its
   first code write does not wait for the rest of an RCU grace period (the
   membarrier registration, `native/ahead.c`, starts where the core's
-  import starts).  Small batches scan an object's code for bytes that
+  import starts; a batch that comes sooner waits for that registration,
+  not for one of its own).  Small batches scan an object's code for bytes that
   could branch into their entries three times (0.4 ns a byte), then build
   its branch index and ask it.  The verdict table of section 2d says, per
   step and load, which and why.
