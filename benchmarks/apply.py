@@ -25,6 +25,8 @@ the one-call path (``sites.redirect``, ``native/first.c``): what Frida's
 ``replace`` of one function is, an address and a replacement.  Then the
 livepatch model's way, what a user calls: ``hotpatch.register()`` of a
 patch of one function, never patched before, and its ``disable()``.
+Frida's child, before its counts, replaces the same one-call functions
+one at a time, timed the same way: the figure those two compare with.
 
 ``python -m benchmarks.apply PARAMS`` is the child.
 """
