@@ -177,11 +177,6 @@ class SymbolTable:
         self._sized: list[FuncSym] = []
         self._sized_starts: list[int] = []
         self._all_starts: list[int] = []
-        # start_before's index, built on first use: every start; the sized
-        # functions' starts and ends.
-        self._starts: list[int] | None = None
-        self._sized_from: list[int] = []
-        self._sized_to: list[int] = []
 
     @property
     def funcs(self) -> list[FuncSym]:
@@ -226,29 +221,15 @@ class SymbolTable:
         self._at_start = at_start
 
     def start_index(self) -> tuple[list[int], list[int], list[int]]:
-        """The index :meth:`start_before` answers from: every start, sorted,
-        and the starts and ends of the sized ones, by start (see
-        FunctionSymbols.sizes_by_start).  Built on first use."""
-        if self._starts is None:
-            sizes = self.functions.sizes_by_start()
-            self._starts = sorted(sizes)
-            self._sized_from = [start for start in self._starts if sizes[start]]
-            self._sized_to = [start + sizes[start] for start in self._sized_from]
-        return self._starts, self._sized_from, self._sized_to
-
-    def start_before(self, offset: int) -> int | None:
-        """Where :meth:`function_before`'s function starts, from an index of
-        the starts alone (:meth:`start_index`): the hot-patch point search
-        asks it of entries it looks at (and the C core of its own copy:
-        symbols.FunctionBefore)."""
-        starts, sized_from, sized_to = self.start_index()
-        i = bisect.bisect_right(starts, offset) - 1
-        if i >= 0 and starts[i] == offset:
-            return offset
-        k = bisect.bisect_right(sized_from, offset) - 1
-        if k >= 0 and offset < sized_to[k]:
-            return sized_from[k]
-        return starts[i] if i >= 0 else None
+        """An index of the starts alone that tells where
+        :meth:`function_before`'s function starts (the C core answers from
+        it: hp_function_before, symbols.FunctionBefore): every start,
+        sorted, and the starts and ends of the sized ones, by start (see
+        FunctionSymbols.sizes_by_start)."""
+        sizes = self.functions.sizes_by_start()
+        starts = sorted(sizes)
+        sized_from = [start for start in starts if sizes[start]]
+        return starts, sized_from, [start + sizes[start] for start in sized_from]
 
     def function_before(self, offset: int) -> FuncSym | None:
         """The function holding ``offset``, else the last one starting before

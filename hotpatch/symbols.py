@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 
 from hotpatch import elf, objects
-from hotpatch._native import ffi
+from hotpatch._native import ffi, lib
 from hotpatch.elf import debug_dirs, set_debug_dirs
 from hotpatch.objects import LoadedObject, find_object, loaded_objects
 from hotpatch.x86_64 import clobbers
@@ -378,18 +378,19 @@ class FunctionBefore:
         without a function before: the entry's write takes the stop)."""
         if self._native is None:
             try:
-                table = elf.table_of(self._obj, "the functions before entries")
+                self._build(elf.table_of(self._obj, "the functions before entries"))
             except HotpatchError:
                 self._native = ffi.NULL
-                return self._native
-            starts, sized_from, sized_to = table.start_index()
-            self._arrays = [ffi.new("uint64_t[]", values or [0])
-                            for values in (starts, sized_from, sized_to)]
-            self._native = ffi.new("struct hp_function_starts *", {
-                "base": self._obj.base, "starts": self._arrays[0], "nstarts": len(starts),
-                "sized_from": self._arrays[1], "sized_to": self._arrays[2],
-                "nsized": len(sized_from)})
         return self._native
+
+    def _build(self, table: elf.SymbolTable) -> None:
+        starts, sized_from, sized_to = table.start_index()
+        self._arrays = [ffi.new("uint64_t[]", values or [0])
+                        for values in (starts, sized_from, sized_to)]
+        self._native = ffi.new("struct hp_function_starts *", {
+            "base": self._obj.base, "starts": self._arrays[0], "nstarts": len(starts),
+            "sized_from": self._arrays[1], "sized_to": self._arrays[2],
+            "nsized": len(sized_from)})
 
 
 def function_before_of(obj: LoadedObject) -> FunctionBefore:
@@ -403,10 +404,14 @@ def function_before_of(obj: LoadedObject) -> FunctionBefore:
 
 def function_before(obj: LoadedObject, address: int) -> int | None:
     """The start of the function symbol holding ``address``, else of the
-    last one starting before it; None where none does."""
-    start = elf.table_of(obj, f"the function before {address:#x}").start_before(
-        address - obj.base)
-    return obj.base + start if start is not None else None
+    last one starting before it; None where none does.  Answered by the C
+    core from :class:`FunctionBefore`'s index, the one its hot-patch point
+    search asks."""
+    table = elf.table_of(obj, f"the function before {address:#x}")
+    found = function_before_of(obj)
+    if not found._native:           # not built yet, or not when the table was unreadable
+        found._build(table)
+    return lib.hp_function_before(found._native, address) or None
 
 
 def functions(obj: LoadedObject) -> list[Symbol]:

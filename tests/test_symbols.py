@@ -254,10 +254,10 @@ def test_functions_lists_every_function_by_address(dup):
 
 @pytest.mark.parametrize("name", ["libc.so.6", "libz.so.1", "libdup"])
 def test_the_function_before_is_one_answer_three_ways(name, dup):
-    # symbols.function_before answers from an index of the starts alone,
-    # and the C core from its copy (FunctionBefore, for the hot-patch point
-    # search): both as the FuncSym index answers, around every start and
-    # between them, aliases included.
+    # symbols.function_before and the hot-patch point search both answer
+    # through the C core, from an index of the starts alone
+    # (FunctionBefore): as the FuncSym index answers, around every start
+    # and between them, aliases included.
     from hotpatch._native import lib
     obj = dup[1] if name == "libdup" else symbols.find_object(name)
     table = elf.table_of(obj, "a test")

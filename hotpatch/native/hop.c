@@ -107,10 +107,10 @@ static long last_at_most(const uint64_t *v, uint64_t n, uint64_t x)
 }
 
 /* Where the function holding `address` starts, else the last one starting
- * before it; 0 where none does: elf.SymbolTable.start_before's answer,
- * from the same index (symbols.FunctionBefore).  The symbol starting
- * exactly there first, then a sized one holding it, then the nearest
- * start before. */
+ * before it; 0 where none does: symbols.function_before's answer, from
+ * elf.SymbolTable.start_index (symbols.FunctionBefore).  The symbol
+ * starting exactly there first, then a sized one holding it, then the
+ * nearest start before. */
 uint64_t hp_function_before(const struct hp_function_starts *f, uint64_t address)
 {
     if (address < f->base)
