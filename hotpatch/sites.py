@@ -806,11 +806,11 @@ def _point_hops(changes: _Changes) -> list[tuple[Site, int, bytes]]:
     return fresh
 
 
-def _padding_changed(fresh: Sequence[tuple[Site, int, bytes]]) -> None:
-    """Raise, in the words of the site, if the padding of one of ``fresh``'s
-    points is no longer what its search found (a batch through them was
-    refused)."""
-    for site, _, _ in fresh:
+def _padding_changed(sites: Iterable[Site]) -> None:
+    """Raise, in the words of the site, if the padding of one of ``sites``'
+    hot-patch points is no longer what its search found (a write through
+    them was refused)."""
+    for site in sites:
         try:
             same = read_memory(site._hop, _HOP_SIZE) == site._hop_padding
         except HotpatchError:
@@ -845,7 +845,7 @@ def _write(changes: _Changes, unreachable=None,
     dead = ffi.new("struct hp_write[]", [(site._hop, site._hop_padding, jump, _HOP_SIZE)
                                          for site, _, jump in fresh]) if fresh else ffi.NULL
     if lib.hp_write_dead_then_batch(dead, len(fresh), batch, count, 0, STOP_TIMEOUT_MS, err):
-        _padding_changed(fresh)
+        _padding_changed(site for site, _, _ in fresh)
         raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
     for site, to, _ in fresh:
         bisect.insort(_hops, site._hop)
@@ -1061,6 +1061,8 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
         if hop:
             site._hop_padding = padding
     if written < 0:
+        if hop:
+            _padding_changed([site])
         raise TransitionError(ffi.string(_first_err).decode() + _procfs.exited_main_thread_note())
     if written:
         site.form, site.target, site.hopped = "direct", target, bool(hop)

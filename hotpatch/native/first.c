@@ -71,19 +71,8 @@ static int write_entry(struct hp_first *f, int others, int timeout_ms, char *err
         memcpy(point.old, f->hop_padding, HP_HOP_SIZE);
         hp_put_rel32(point.bytes + 1, f->hop + JMP_REL32, f->target);
     }
-    if (hp_write_dead_then_batch(&point, f->hop != 0, w, (size_t)n, others, timeout_ms,
-                                 err) == 0)
-        return 0;
-    if (!f->hop)
-        return -1;
-    uint8_t now[HP_HOP_SIZE];
-    if (hp_read_memory(f->hop, now, sizeof now) != (long)sizeof now ||
-            memcmp(now, f->hop_padding, sizeof now)) {
-        char *end = hp_fmt_hex(err, err + HP_ERRLEN, f->plan.entry);
-        hp_fmt_str(end, err + HP_ERRLEN, ": the padding before the entry changed: its "
-                   "hot-patch point cannot be used");
-    }
-    return -1;
+    return hp_write_dead_then_batch(&point, f->hop != 0, w, (size_t)n, others, timeout_ms,
+                                    err) ? -1 : 0;
 }
 
 /*
