@@ -857,10 +857,10 @@ def _apply_ratio_targets(ap: dict) -> list[list[str]]:
         for count in ("1", "100", "10000"):
             if ours.get(count) and theirs.get(count):
                 x = theirs[count]["median"] / ours[count]["median"]
-                one = " (a single call in the counts' order, cold, for both)" \
-                    if count == "1" else "s"
+                functions = "1 function (a single call in the counts' order, cold, for both)" \
+                    if count == "1" else f"{int(count):,} functions"
                 rows.append(_target(f"apply ≥ 10x faster than Frida's replace per function, "
-                                    f"{int(count):,} function{one}, {threads} busy threads",
+                                    f"{functions}, {threads} busy threads",
                                     f"{num(x)}x", x >= 10))
     return rows
 
@@ -1244,7 +1244,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   padding and busy threads run, the batch takes a stop, and with 8 busy
   threads on 2 cores one stop costs 0.5-8 ms: 100 functions fell to 2.8x
   and 8.4x in two of session 11's three runs, and to 7.6x in one of
-  session 12's two.  At 1 function it is not
+  session 12's four.  At 1 function it is not
   met.  Session 12 times Frida's `replace` one function at a time, warm,
   as the one-call path is timed (16 functions never patched before, the
   median of the last 8): 100-118 µs with no busy thread, 148-204 µs with
