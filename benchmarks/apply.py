@@ -54,7 +54,7 @@ HOTPATCH_PHASES = ("prepare", "write", "apply", "revert", "reapply", "retarget")
 #: alone.
 ONE_CALL_KINDS = ("hop", "unstopped", "hop_idle", "unstopped_idle")
 #: Timed beside each one-call redirect (see _one_call).
-ONE_CALL_BESIDE = ("control", "kernel_floor")
+ONE_CALL_BESIDE = ("control", "kernel_floor", "lookup")
 #: The livepatch model's steps for a patch of one function (see _model),
 #: without and with an idle thread in the process.
 MODEL_STEPS = ("register", "disable", "register_idle", "disable_idle")
@@ -359,11 +359,12 @@ def _unstopped(sites, library: str, symbols, base: int, g: int, g2: int, ffi) ->
 
 def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f: int) -> dict:
     """Functions never patched before, each redirected by one call of
-    ``sites.redirect`` (its object's segments looked up first, as
-    ``prepare`` is timed with them; the symbol table's function before
-    given, as the livepatch model gives it), checked to take effect, then
-    restored: the median µs of each kind (see ONE_CALL_KINDS) over the
-    second half of its functions.  The first half warms the path up:
+    ``sites.redirect`` (its object's segments and the symbol table's
+    function before given, as the livepatch model gives them, looked up
+    just before), checked to take effect, then restored: the median µs of
+    each kind (see ONE_CALL_KINDS) over the second half of its functions:
+    the call alone, as Frida's timed region is its ``replace`` alone (its
+    addresses and module resolved before; see frida_peer.py).  The first half warms the path up:
     Python's adaptive interpreter specializes a function's bytecode over
     its first calls, the first call of a path is twice its later ones.
     Every redirect is checked to have taken no stop.  ``control``: the
@@ -371,11 +372,14 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f
     takes longer when the machine is slow.  ``kernel_floor``: the median
     of ``gen_kernel_floor_ns`` (the system calls that serialize a write
     through a hot-patch point, on a page nothing runs), timed after each
-    redirect too: what no redirect that syncs the cores can go under."""
+    redirect too: what no redirect that syncs the cores can go under.
+    ``lookup``: the median of the object's lookup before each call
+    (``find_object`` by name and its ``function_before_of``), the part of
+    a user's redirect that the call's figure leaves out."""
     import hotpatch
     from hotpatch import symbols as loaded
     clock = time.perf_counter
-    out, controls, floors = {}, [], []
+    out, controls, floors, lookups = {}, [], [], []
     idle = None
     for kind, names in _one_call_names(first_f).items():
         if kind.endswith("_idle") and idle is None:
@@ -386,12 +390,15 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f
             entry, size = base + symbols[name][0], symbols[name][1]
             t0 = clock()
             obj = loaded.find_object(library)
-            site = sites.redirect(entry, g, size=size, exec_ranges=obj.exec_ranges,
-                                  function_before=loaded.function_before_of(obj))
+            function_before = loaded.function_before_of(obj)
             t1 = clock()
+            site = sites.redirect(entry, g, size=size, exec_ranges=obj.exec_ranges,
+                                  function_before=function_before)
+            t2 = clock()
             _check(ffi, entry, lambda x: x + 1)
             sites.restore(site)
-            times.append((t1 - t0) * 1e6)
+            lookups.append((t1 - t0) * 1e6)
+            times.append((t2 - t1) * 1e6)
             controls.append(_control())
             floors.append(lib.gen_kernel_floor_ns() / 1e3)
         if hotpatch.tree()["core"]["stops"]["count"] != stops:
@@ -401,6 +408,7 @@ def _one_call(sites, library: str, symbols, base: int, g: int, ffi, lib, first_f
     idle.stop()
     out["control"] = statistics.median(controls)
     out["kernel_floor"] = statistics.median(floors)
+    out["lookup"] = statistics.median(lookups)
     return out
 
 

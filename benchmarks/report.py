@@ -260,19 +260,24 @@ def apply_section(r: dict, images: str) -> str:
     one_call = r.get("hotpatch_one_call", {})
     if one_call:
         rows = [[t] + [spread(one_call[t].get(kind)) for kind in ONE_CALL_KINDS]
-                + [spread(one_call[t].get("control")), spread(one_call[t].get("kernel_floor"))]
+                + [spread(one_call[t].get(beside)) for beside in ("lookup", "control",
+                                                                   "kernel_floor")]
                 for t in one_call]
         theirs = [[t] + [spread(_frida_one_call(r, t, kind)) for kind in ONE_CALL_KINDS]
                   + [_times(_frida_one_call(r, t, kind), one_call[t].get(kind))
                      for kind in ONE_CALL_KINDS] for t in one_call]
         out += ["One function's first redirect in one call, `sites.redirect(entry, target)` "
                 "(`native/first.c`: plan, original stub, hot-patch point and entry write from "
-                "one read of the entry's bytes), as Frida's `replace` is one call: the object's "
-                "segments looked up, the call, timed; 16 functions of each kind never patched "
+                "one read of the entry's bytes), as Frida's `replace` is one call: the call "
+                "alone timed, given the object's segments and the symbol table's function "
+                "before, as Frida's timed `replace` is given resolved addresses (its module "
+                "looked up before its clock starts); 16 functions of each kind never patched "
                 "before, after the tables above in the same processes, the first 8 warming the "
                 "path up, the median of the next 8 per process, then median [quartiles] over the "
-                "processes. The symbol table's function before is given, as the livepatch "
-                "model gives it. *f_\**: several instructions at the entry, through its "
+                "processes. *Object lookup*: the lookup of those two before each call "
+                "(`find_object` by name, `function_before_of`), cached after the first, "
+                "timed apart: add it to a column for what a user's redirect of a function "
+                "by its object's name costs. *f_\**: several instructions at the entry, through its "
                 "hot-patch point where other threads run (the `jmp` at the entry in a process "
                 "of one thread); *u_\**: one atomic store. Both checked to have taken no "
                 "stop. Each kind also with an idle thread in the process (blocking every "
@@ -287,7 +292,7 @@ def apply_section(r: dict, images: str) -> str:
                 "threads in the process each one interrupts their CPUs and waits for them, "
                 "and no redirect that syncs the cores goes under it.", "",
                 table(["busy threads"] + [f"{_ONE_CALL_SHORT[kind]} µs" for kind in ONE_CALL_KINDS]
-                      + ["control µs", "kernel floor µs"], rows), "",
+                      + ["object lookup µs", "control µs", "kernel floor µs"], rows), "",
                 "Frida's `replace` of the same functions one at a time, in a process of its own "
                 "with the same library, busy threads and idle thread, timed the same way: 16 "
                 "functions of each kind never patched before, each installed (with its "
