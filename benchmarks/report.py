@@ -1255,32 +1255,39 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   median of the last 8): 100-118 µs with no busy thread, 148-204 µs with
   busy ones.  Earlier sessions compared the one-call path with the
   1-function count instead, a single cold call after 10,000 functions
-  (160-195 µs), and so reported 10x where it was not.  Against the warm
-  figure, one call (`sites.redirect`) takes 13-15 µs in a process of one
-  thread (7.6-8.5x Frida); with an idle thread in the process, as real
-  services have, 20-24 µs (u_\*, f_\*: 4.6-5.6x); with busy threads 70-103
-  µs (1.7-2.4x).  The 1-function count itself is a cold single call for
-  both: 135-191 µs for the batch path against Frida's 148-176 (0.96-1.2x).
-  Closing it:
-  - *No busy thread, one thread:* 10x needs about 10.7 µs, 3 µs less.
-    Cold (the series runs a control and the kernel floor between
-    redirects), the C call is 6.6 µs (eleven system calls: the read of
-    the entry's bytes, the stub's and the entry's writes through
+  (160-195 µs), and so reported 10x where it was not.  Session 13 times
+  the call alone, as Frida's clock holds its `replace` alone (its module
+  and addresses resolved before it starts); the object's lookup before
+  the call, 1.2 µs, is its own column.  One call (`sites.redirect`) takes
+  12.1-12.5 µs in a process of one thread (8.8-9.2x Frida, two runs); with an idle
+  thread in the process, as real services have, 18.3-21.4 µs (u_\*, f_\*:
+  5.1-6.0x); with busy threads 71-92 µs (1.8-2.3x).  The 1-function count
+  itself is a cold single call for both: 135-191 µs for the batch path
+  against Frida's 148-176 in session 12 (0.96-1.2x), 164 against 149 in
+  session 13 (0.91x), with no busy thread.  Closing it:
+  - *No busy thread, one thread:* 10x needs 10.9-11.3 µs, 0.9-1.5 µs
+    less.  Cold (the series runs a control and the kernel floor between
+    redirects), the C call is about 6 µs: 16,500 instructions by
+    callgrind, 11,000 of them capstone's five decodes of the entry's
+    function (2,100 each, 870 of which format the instruction's text:
+    capstone 5.0 cannot turn that off), and eleven system calls (the read
+    of the entry's bytes, the stub's and the entry's writes through
     `/proc/self/mem`, the checks of the kept descriptors and of the thread
-    count, the signal mask; and capstone's decode of the entry, which
-    formats every instruction's text: capstone 5.0 cannot turn that off)
-    and the Python around it 6-7 µs (the lock, the index of nearby sites,
-    the plan's record unpacked, the `Site`).  Session 12 took 1.1
-    µs of that Python away.  The rest would need the sites' index and
-    records in C, behind one call from Python.
+    count, the signal mask).  The Python around it is about 5 µs (the
+    lock, the index of nearby sites, the plan's record unpacked, the
+    `Site`); in warm caches the whole call takes 8 µs.  Closing the rest
+    would need the sites' index and records in C, behind one call from
+    Python.
   - *An idle thread:* the write is no longer alone, so it goes through the
     hot-patch point with a core sync before and after the entry's atomic
     store (the *kernel floor* column: 4 µs on the Intel machine, 7.4-7.7 µs
-    on the AMD one), and a sweep of the function before, decoded by
-    capstone, proves the padding dead (22,000 of the C call's 41,000
-    instructions by callgrind).  The C call is 14 µs cold.  10x would need
-    the whole redirect in 11 µs: the floor, the reads and writes and the
-    decodes alone come to 8-9 µs in warm caches.
+    on the AMD one; the atomic store's `mprotect` window alone, which
+    splits the code's mapping and merges it back and takes a page fault,
+    is 3 µs), and a sweep of the function before, decoded by capstone,
+    proves the padding dead (22,000 of the C call's 41,000 instructions by
+    callgrind).  The C call is 14 µs cold.  10x would need the whole
+    redirect in 11 µs: the floor, the reads and writes and the decodes
+    alone come to 8-9 µs in warm caches.
   - *Busy threads:* each of the floor's four system calls interrupts the
     CPUs running the process's other threads and waits for them (both
     `mprotect`s flush the TLB on x86: the write permission changes), about
