@@ -13,11 +13,11 @@ from __future__ import annotations
 import functools
 import os
 import runpy
-import subprocess
 import sys
 import traceback
 
 from . import core, elf, symbols
+from ._gil import short_switch_interval
 from ._native import ffi as _ffi, lib as _lib
 from .errors import HotpatchError
 
@@ -44,6 +44,9 @@ def _field(cdata, name: str):
 def build(source: str, output: str, extra_args: list[str] = ()) -> str:
     """Compile a C patch module with the system ``cc``: position independent,
     shared, with ``hotpatch.h`` on the include path.  Returns ``output``."""
+    # Imported here: a service's first load() would otherwise import it
+    # (with selectors, locale and signal: 3-7 ms, the GIL held) for nothing.
+    import subprocess
     command = ["cc", "-O2", "-fPIC", "-shared", "-I", INCLUDE_DIR, source, "-o", output,
                *extra_args]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -276,10 +279,13 @@ def load(path: str, *, enable: bool = True) -> core.Patch:
     core._mutex.check(f"load {path}")
     if not os.path.exists(path):
         raise HotpatchError(f"{path}: no such patch module")
-    module_digest = digest(path)
-    patch = _patch_from_python(path) if path.endswith(".py") else _patch_from_library(path)
-    patch.module_path, patch.module_digest = path, module_digest
-    try:
-        return core.register(patch, enable=enable)
-    except HotpatchError as e:
-        raise core._prefixed(e, path) from None
+    # The whole load, not only its register(), is Python the service's
+    # threads would wait a whole switch interval for (see _gil).
+    with short_switch_interval():
+        module_digest = digest(path)
+        patch = _patch_from_python(path) if path.endswith(".py") else _patch_from_library(path)
+        patch.module_path, patch.module_digest = path, module_digest
+        try:
+            return core.register(patch, enable=enable)
+        except HotpatchError as e:
+            raise core._prefixed(e, path) from None

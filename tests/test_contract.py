@@ -553,6 +553,49 @@ report([fn("xr_plain")(5), end - start, len(during), "pycparser" in sys.modules,
     assert not pycparser and not cparser, r
 
 
+ONE_FUNCTION_MODULE = r"""
+#include <hotpatch.h>
+static long times_four(long x) { return 4 * x; }
+static struct hp_func funcs[] = { { .old_name = "xr_plain", .new_func = times_four }, { } };
+static struct hp_object objs[] = { { .name = "libcontract.so", .funcs = funcs }, { } };
+static struct hp_patch patch = { .name = "one-function", .objs = objs };
+HP_PATCH(patch);
+"""
+
+SWITCH_INTERVAL_MODULE = """
+import sys
+import __main__
+from hotpatch import Patch
+__main__.SEEN_INTERVAL = sys.getswitchinterval()     # for the test to read
+patch = Patch("switch-interval", [])
+"""
+
+
+def test_a_load_imports_no_subprocess_and_runs_at_the_short_switch_interval(child, contract_lib,
+                                                                            tmp_path):
+    """A service's first load() does not import what only ``hotpatch build``
+    needs (subprocess, with selectors, locale, signal: 3-7 ms with the GIL
+    held), and the whole load, the module's own code included, runs at
+    hotpatch's short switch interval (_gil), set back after."""
+    from hotpatch import module
+    source = tmp_path / "one.c"
+    source.write_text(ONE_FUNCTION_MODULE)
+    so = module.build(str(source), str(tmp_path / "one.so"))
+    py = tmp_path / "interval.py"
+    py.write_text(SWITCH_INTERVAL_MODULE)
+    r = child(PRELUDE + """
+import sys
+before = sys.getswitchinterval()
+hotpatch.load(P["so"])
+hotpatch.load(P["py"])
+report([fn("xr_plain")(5), "subprocess" in sys.modules, before, SEEN_INTERVAL,
+        sys.getswitchinterval()])
+""", lib=contract_lib, so=so, py=str(py))[0]
+    result, subprocess_imported, before, during, after = r
+    assert result == 20 and not subprocess_imported, r
+    assert during == 0.001 and before == after == 0.005, r
+
+
 def test_module_refusals_at_open(child, contract_lib, tmp_path):
     from hotpatch import module
     bad_version = tmp_path / "v9.c"
