@@ -1332,12 +1332,12 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   kernel's do.  A C path for the model's common case (one object, first
   installs) would close most of it.
 - **What the service feels (section 2d).**  Idle, no step of a
-  one-function patch stalls the service's threads 5 ms (2.3-3.5 ms at most
-  over sessions 10-12).  With busy threads one step does: the
+  one-function patch stalls the service's threads 5 ms (2.3-3.6 ms at most
+  over sessions 10-13).  With busy threads one step does: the
   first use of `hotpatch.register`, which imports the core (about 65
   modules, 22-34 ms of module bodies idle, 44-70 ms with 2 busy threads),
-  stalls the Python ticker 5.3-7.2 ms with 2 busy threads and 7.9-17.6 ms
-  with 8.  The import gives the GIL up every 2 ms, but with more runnable
+  stalls the Python ticker 5.3-7.2 ms with 2 busy threads and 7.4-17.6 ms
+  with 8 over sessions 10-13.  The import gives the GIL up every 2 ms, but with more runnable
   threads than cores the scheduler takes the CPU from it while it holds
   the GIL, and the ticker waits for it to run again: `perf sched` showed
   the importing thread runnable and waiting 5.0 ms for a CPU while both
@@ -1346,12 +1346,15 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   (logging, typing, dataclasses, inspect and difflib imported before)
   moved the median gap by 0-1 ms and left the tail at 6-10 ms; with 8
   busy threads the quiet window's own stall has been 0-5 ms from run to
-  run.  Loading a C patch module (its `register()` takes a stop:
-  adler32's entry) crossed 5 ms with 2 busy threads in one run of four in
-  session 10 and in two of four full runs in session 12 (6.1-6.9 ms);
-  session 12's service runs one after another gave a median gap of
-  1.6-6.7 ms from run to run, and session 11's code, run alternately
-  with it, 2.2-5.4 ms, crossing 5 ms in two of eleven.  The first
+  run.  Loading a C patch module crossed 5 ms with 2 busy threads in one
+  run of four in session 10 and in two of four full runs in session 12
+  (6.1-6.9 ms): only its `register()` ran at the short switch interval,
+  so the ticker waited the default 5 ms for the GIL while the module's
+  symbols, digest and descriptor were read.  Since session 13 the whole
+  load runs at 1 ms (and no longer imports `subprocess`, which only
+  `hotpatch build` needs): over five service runs the median gap with 2
+  busy threads was 1.9-3.8 ms (its `register()` takes no stop: adler32's
+  entry goes through its hot-patch point).  The first
   `register()` of the process (libz's `crc32`) takes no stop and spawns no
   helper: its entry goes through its hot-patch point (`native/hop.c`); it
   takes 2.3-3.7 ms idle and 2.4-18.6 ms with 8 busy threads over the runs

@@ -113,7 +113,8 @@ STEP_CAUSES = {
                 "thread's Python competes with the busy threads for the 2 cores",
     "load_module": "the module's ELF symbols read, its digest (CPython's own SHA-256, "
                    "not OpenSSL), the module described among the loaded objects (only it: "
-                   "the others are kept), its registration (adler32's entry: a stop); the "
+                   "the others are kept), its registration (adler32's entry through its "
+                   "hot-patch point: no stop), all at a 1 ms switch interval; the "
                    "patching thread's Python competes with the busy threads for the 2 cores",
 }
 
