@@ -404,8 +404,11 @@ long hp_plan_entries_from(struct hp_plan *plans, long n, const uint64_t *ranges,
                           const uint8_t *code, size_t len)
 {
     /* A scan is 2 KiB: as many as a chunk needs, not a whole chunk's for a
-     * batch of one (its page faults would cost more than planning it). */
-    struct hp_entry_scan *scans = malloc((n < CHUNK ? (n ? n : 1) : CHUNK) * sizeof *scans);
+     * batch of one (its page faults would cost more than planning it); a
+     * first redirect's one on the stack. */
+    struct hp_entry_scan one_scan;
+    struct hp_entry_scan *scans = n == 1 ? &one_scan
+                                         : malloc((n < CHUNK ? (n ? n : 1) : CHUNK) * sizeof *scans);
     uint8_t *buf = NULL;
     size_t buf_room = 0;
     uint64_t segment_ends[CHUNK];
@@ -439,21 +442,21 @@ long hp_plan_entries_from(struct hp_plan *plans, long n, const uint64_t *ranges,
             sized[count++] = i;
             offset += window;
         }
-        if (offset > buf_room) {
+        /* The bytes given are scanned where they are (not read: not written). */
+        int given = code && count == 1 && first == 0 && sized[0] == 0 && offset <= len;
+        if (!given && offset > buf_room) {
             uint8_t *more = realloc(buf, offset);
             if (!more)
                 goto out;
             buf = more;
             buf_room = offset;
         }
-        int given = code && count == 1 && first == 0 && sized[0] == 0 && offset <= len;
-        if (given)
-            memcpy(buf, code, offset);
-        if (count && hp_scan_entries(scans, count, buf, !given) < 0)
+        uint8_t *bytes = given ? (uint8_t *)code : buf;
+        if (count && hp_scan_entries(scans, count, bytes, !given) < 0)
             goto out;
         for (long c = 0; c < count; c++) {
             struct hp_plan *plan = &plans[sized[c]];
-            if (scans[c].status || !plan_one(plan, &scans[c], buf + scans[c].offset,
+            if (scans[c].status || !plan_one(plan, &scans[c], bytes + scans[c].offset,
                                              segment_ends[c], insns))
                 continue;
             if (!place) {
@@ -480,7 +483,8 @@ long hp_plan_entries_from(struct hp_plan *plans, long n, const uint64_t *ranges,
 out:
     free(run.code);
     free(buf);
-    free(scans);
+    if (scans != &one_scan)
+        free(scans);
     return rc;
 }
 
