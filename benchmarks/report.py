@@ -1267,9 +1267,10 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   session 13 (0.91x), with no busy thread.  Closing it:
   - *No busy thread, one thread:* 10x needs 10.9-11.3 µs, 0.9-1.5 µs
     less.  Cold (the series runs a control and the kernel floor between
-    redirects), the C call is about 6 µs: 16,500 instructions by
-    callgrind, 11,000 of them capstone's five decodes of the entry's
-    function (2,100 each, 870 of which format the instruction's text:
+    redirects), the C call is about 6 µs: 15,000 instructions by
+    callgrind (16,500 before session 13 took its allocations and most
+    of `hp_wants_details` away), 10,600 of them capstone's five decodes
+    of the entry's function (2,100 each, 870 of which format the instruction's text:
     capstone 5.0 cannot turn that off), and eleven system calls (the read
     of the entry's bytes, the stub's and the entry's writes through
     `/proc/self/mem`, the checks of the kept descriptors and of the thread
