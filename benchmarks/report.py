@@ -1259,13 +1259,13 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   the call alone, as Frida's clock holds its `replace` alone (its module
   and addresses resolved before it starts); the object's lookup before
   the call, 1.2 µs, is its own column.  One call (`sites.redirect`) takes
-  12.1-12.5 µs in a process of one thread (8.8-9.2x Frida, two runs); with an idle
-  thread in the process, as real services have, 18.3-21.4 µs (u_\*, f_\*:
-  5.1-6.0x); with busy threads 71-92 µs (1.8-2.3x).  The 1-function count
+  12.1-13.0 µs in a process of one thread (8.8-9.5x Frida, four runs); with an idle
+  thread in the process, as real services have, 18.3-22.4 µs (u_\*, f_\*:
+  5.1-6.2x); with busy threads 71-93 µs (1.75-2.4x).  The 1-function count
   itself is a cold single call for both: 135-191 µs for the batch path
-  against Frida's 148-176 in session 12 (0.96-1.2x), 164 against 149 in
-  session 13 (0.91x), with no busy thread.  Closing it:
-  - *No busy thread, one thread:* 10x needs 10.9-11.3 µs, 0.9-1.5 µs
+  against Frida's 148-176 in session 12 (0.96-1.2x), 149-165 against 149-174 in
+  session 13 (0.91-1.05x), with no busy thread.  Closing it:
+  - *No busy thread, one thread:* 10x needs 11.0-11.8 µs, 0.5-1.5 µs
     less.  Cold (the series runs a control and the kernel floor between
     redirects), the C call is about 6 µs: 15,000 instructions by
     callgrind (16,500 before session 13 took its allocations and most
@@ -1354,7 +1354,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   symbols, digest and descriptor were read.  Since session 13 the whole
   load runs at 1 ms (and no longer imports `subprocess`, which only
   `hotpatch build` needs): over five service runs the median gap with 2
-  busy threads was 1.9-3.8 ms (its `register()` takes no stop: adler32's
+  busy threads was 1.5-3.8 ms over six runs (its `register()` takes no stop: adler32's
   entry goes through its hot-patch point).  The first
   `register()` of the process (libz's `crc32`) takes no stop and spawns no
   helper: its entry goes through its hot-patch point (`native/hop.c`); it
