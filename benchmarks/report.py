@@ -1263,8 +1263,8 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   thread in the process, as real services have, 18.3-22.4 µs (u_\*, f_\*:
   5.1-6.2x); with busy threads 71-93 µs (1.75-2.4x).  The 1-function count
   itself is a cold single call for both: 135-191 µs for the batch path
-  against Frida's 148-176 in session 12 (0.96-1.2x), 149-165 against 149-174 in
-  session 13 (0.91-1.05x), with no busy thread.  Closing it:
+  against Frida's 148-176 in session 12 (0.96-1.2x), 158-165 against 149-185 in
+  session 13 (0.91-1.17x), with no busy thread.  Closing it:
   - *No busy thread, one thread:* 10x needs 11.0-11.8 µs, 0.5-1.5 µs
     less.  Cold (the series runs a control and the kernel floor between
     redirects), the C call is about 6 µs: 15,000 instructions by
