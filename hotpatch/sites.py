@@ -1016,6 +1016,10 @@ _first_err = ffi.new("char[256]")
 # The last segments asked for, and their uint64_t[]: a patch's functions
 # are in one object.
 _last_ranges: list = [None, None]
+# The FunctionBefore whose C index _first.starts points at (its "before"
+# word 0), kept alive here; None where the last one asked had no index (a
+# callable asked per entry, or an unreadable table: asked again each time).
+_first_index_of: list = [None]
 
 
 def _native_ranges(exec_ranges):
@@ -1034,8 +1038,12 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
         exec_ranges = executable_ranges()
     words = _first_words
     words[0], words[1], words[_FIRST_TARGET] = entry, size or 0, target
-    # The function before, for a hot-patch point only a sweep from it shows.
-    words[_FIRST_BEFORE], _first.starts = _before(function_before, entry)
+    # The function before, for a hot-patch point only a sweep from it shows:
+    # the index of the same FunctionBefore as the last redirect's is in
+    # _first already (a patch's functions are in one object).
+    if function_before is not _first_index_of[0]:
+        words[_FIRST_BEFORE], _first.starts = _before(function_before, entry)
+        _first_index_of[0] = function_before if _first.starts != ffi.NULL else None
     taken = _taken_near(entry)
     free = _free_blocks() if _free_code else ffi.NULL
     rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges),

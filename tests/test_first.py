@@ -271,6 +271,32 @@ def test_the_function_before_finds_a_hot_patch_point_in_one_call(child, first_li
     assert first["took"] == [0, 1] and first["hopped"] and first["patched"] == 1007, first
 
 
+def test_each_redirect_looks_in_the_index_of_the_object_it_is_given(child, first_lib):
+    # The one-call path keeps the last FunctionBefore's index in its request
+    # (a patch's functions are in one object).  libz's crc32 first, by
+    # libz's index; then hop_swept, whose point only a sweep from the
+    # function before shows, by the test library's: looked up in libz's
+    # index it would find no function before it, and take a stop.
+    r = child(PRELUDE + LIBZ + """
+zobj = hotpatch.symbols.find_object("libz.so.1")
+zsize = next(s.size for s in hotpatch.symbols.functions(zobj) if s.address == crc)
+theirs = hotpatch.symbols.function_before_of(zobj)
+ours = hotpatch.symbols.function_before_of(hotpatch.symbols.find_object(OBJ))
+holder = []
+took_z = took(lambda: holder.append(sites.redirect(
+    crc, adler, size=zsize, exec_ranges=zobj.exec_ranges, function_before=theirs)))
+took_s = took(lambda: holder.append(sites.redirect(
+    addr("hop_swept"), addr("replacement"), size=size("hop_swept"), exec_ranges=RANGES,
+    function_before=ours)))
+z, s = holder
+report({"took": [took_z, took_s], "hopped": [z.hopped, s.hopped],
+        "patched": [libz.crc32(0, b"abc", 3), call("hop_swept")], "want": want,
+        "batch_prepared": batch_prepared[0]})
+""", **first_lib)[0]
+    assert r["took"] == [[0, 1], [0, 1]] and r["hopped"] == [True, True], r
+    assert r["patched"] == [r["want"]["adler"], 1007] and r["batch_prepared"] == 0, r
+
+
 def test_a_library_nobody_here_wrote_in_one_call(child, first_lib):
     # libz's crc32 sent to adler32 by one call, with the function before
     # from libz's symbol table as the model gives it: no stop, the batch
