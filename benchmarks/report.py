@@ -1258,15 +1258,18 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   (160-195 µs), and so reported 10x where it was not.  Session 13 times
   the call alone, as Frida's clock holds its `replace` alone (its module
   and addresses resolved before it starts); the object's lookup before
-  the call, 1.2 µs, is its own column.  One call (`sites.redirect`) takes
-  12.1-13.0 µs in a process of one thread (8.8-9.5x Frida, four runs); with an idle
-  thread in the process, as real services have, 18.3-22.4 µs (u_\*, f_\*:
-  5.1-6.2x); with busy threads 71-93 µs (1.75-2.4x).  The 1-function count
+  the call, 1.2-1.4 µs, is its own column.  One call (`sites.redirect`)
+  takes 11.7-13.0 µs in a process of one thread (8.5-9.7x Frida over
+  eight runs; 9.2x for f_\* and 9.7x for u_\* in the committed one, since
+  the C index of the function before stays in the request from one
+  redirect to the next); with an idle thread in the process, as real
+  services have, 18.0-22.4 µs (u_\*, f_\*: 5.0-6.2x); with busy threads
+  71-96 µs (1.75-2.4x).  The 1-function count
   itself is a cold single call for both: 135-191 µs for the batch path
   against Frida's 148-176 in session 12 (0.96-1.2x), 158-165 against 149-185 in
   session 13 (0.91-1.17x), with no busy thread.  Closing it:
-  - *No busy thread, one thread:* 10x needs 11.0-11.8 µs, 0.5-1.5 µs
-    less.  Cold (the series runs a control and the kernel floor between
+  - *No busy thread, one thread:* 10x needs 10.8-11.8 µs: 0.3-1.5 µs
+    less (0.3 for u_\* and 1.0 for f_\* in the committed run).  Cold (the series runs a control and the kernel floor between
     redirects), the C call is about 6 µs: 15,000 instructions by
     callgrind (16,500 before session 13 took its allocations and most
     of `hp_wants_details` away), 10,600 of them capstone's five decodes
@@ -1276,7 +1279,9 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
     `/proc/self/mem`, the checks of the kept descriptors and of the thread
     count, the signal mask).  The Python around it is about 5 µs (the
     lock, the index of nearby sites, the plan's record unpacked, the
-    `Site`); in warm caches the whole call takes 8 µs.  Closing the rest
+    `Site`): each Python function a cold call enters costs 0.2-0.4 µs
+    (its code and frame fetched again), and the call enters about a
+    dozen.  In warm caches the whole call takes 8 µs.  Closing the rest
     would need the sites' index and records in C, behind one call from
     Python.
   - *An idle thread:* the write is no longer alone, so it goes through the
