@@ -279,8 +279,16 @@ struct hp_first {
     int8_t written;
 };
 long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
-                       struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
-                       long ntaken, int timeout_ms, char *err);
+                       struct hp_code_block *free_blocks, size_t nfree, int timeout_ms,
+                       char *err);
+int hp_near_file(uint64_t entry, uint64_t lo, uint64_t hi);
+int hp_near_file_plans(const struct hp_plan *plans, long n);
+void hp_near_unfile(uint64_t entry);
+int hp_near_point(uint64_t entry, uint64_t hop);
+long hp_near_points(void);
+long hp_near_entries(uint64_t lo, uint64_t hi, uint64_t *out, long cap);
+int hp_near_point_over(uint64_t lo, uint64_t hi);
+long hp_near_taken(uint64_t lo, uint64_t hi, uint64_t self, uint64_t *pairs, long cap);
 #define HP_HOP_ASK_BEFORE ...
 struct hp_hop_query {
     uint64_t entry, address, length, before;
@@ -334,7 +342,7 @@ CDEF += _patch_module_declarations()
 _native = os.path.join(_here, "native")
 SOURCES = ["objects.c", "maps.c", "proc.c", "pool.c", "codewrite.c", "unstopped.c", "ahead.c", "gotslot.c", "stop.c", "check.c", "unwind.c",
            "stop_ptrace.c", "stop_signal.c", "caller.c", "crash.c", "shadow.c", "loader.c", "xrefs.c",
-           "decode.c", "plan.c", "hop.c", "first.c", "modload.c"]
+           "decode.c", "plan.c", "hop.c", "first.c", "nearby.c", "modload.c"]
 
 
 def _capstone_include() -> str:

@@ -32,7 +32,6 @@ encodes an instruction itself.
 """
 from __future__ import annotations
 
-import bisect
 import itertools
 import struct
 from dataclasses import dataclass, field
@@ -285,7 +284,7 @@ def _prepare(entry: int, *, size: int | None = None,
                          fentry_targets=fentry_targets, branches_into=branches_into)
     site = Site(entry=entry, plan=plan, original=_new_original_stub(plan))
     _sites[entry] = site
-    _file_near(entry)
+    _file(site)
     return site
 
 
@@ -314,7 +313,6 @@ def prepare_batch(functions: Sequence[tuple[int, int | None]], *,
         if exec_ranges is None:
             exec_ranges = executable_ranges()
         entries = [entry for entry, _ in functions]
-        _file_later(entries)
         if len(set(entries)) == len(entries) and _sites.keys().isdisjoint(entries):
             # A first patch of distinct functions, most of a big batch: each
             # is its own result, without the bookkeeping below.
@@ -363,20 +361,27 @@ def _prepare_natively(wanted: Sequence[tuple[int, int | None]], exec_ranges, bra
     # the Python question per plan.  A small batch asks the object's raw
     # bytes first: none that could encode such a branch, no index to build.
     ask = several and branches_into is not None and branch_index is None
-    if several and branch_index is not None and _may_be_branched_into(
-            batch, len(wanted), exec_ranges, branch_index):
-        try:
+    try:
+        if several and branch_index is not None and _may_be_branched_into(
+                batch, len(wanted), exec_ranges, branch_index):
             check_native_branches_into(batch, len(wanted), branch_index())
-        except BaseException:
-            # No site was made: the stubs written are free again.
-            _free_code.extend((b.stub, b.stub_size) for b in batch[0:len(wanted)]
-                              if b.stub and b.status != _PLAN_UNWRITTEN)
-            raise
+        # Every site about to be made filed at once, by the C core from the
+        # plans (one Python refuses below is taken out again).
+        if lib.hp_near_file_plans(batch, len(wanted)):
+            raise MemoryError("no memory to file the batch's sites")
+    except BaseException:
+        # No site was made: the stubs written are free again, none filed.
+        for b in batch[0:len(wanted)]:
+            lib.hp_near_unfile(b.entry)
+        _free_code.extend((b.stub, b.stub_size) for b in batch[0:len(wanted)]
+                          if b.stub and b.status != _PLAN_UNWRITTEN)
+        raise
     made: list = []
     for status, plan, stub, stub_size in native_results(batch, len(wanted)):
         if status == _PLAN_OK:
             if ask and not plan.single_instruction and _foreign_branch_into(branches_into, plan):
                 _free_code.append((stub, stub_size))    # Python refuses it, in its words
+                lib.hp_near_unfile(plan.entry)
                 made.append(None)
                 continue
             site = _sites[plan.entry] = Site(plan.entry, plan, stub, stub_size)
@@ -449,6 +454,7 @@ def _prepare_in_python(wanted: Sequence[tuple[int, int | None]], exec_ranges, fe
             result = stubs[id(plan)]
             if not isinstance(result, HotpatchError):
                 result = _sites[entry] = Site(entry=entry, plan=plan, original=result)
+                _file(result)
         made.append(result)
     return made
 
@@ -580,7 +586,7 @@ def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
     target and restores each site of ``restores``.  ``hops``: first installs
     go through their hot-patch points (see :func:`_hops_spare_a_stop`)."""
     sites, forms, targets, via, rows = [], [], [], [], []
-    checked = bool(_hops)
+    checked = lib.hp_near_points() > 0
     for site, target in redirects:
         target = int(target)
         plan = site.plan
@@ -635,10 +641,6 @@ def _plan_changes(redirects: Sequence[tuple[Site, int]], restores: Sequence[Site
 
 # ---------------------------------------------------------------------------
 # Hot-patch points (native/hop.c)
-
-#: Hot-patch points written, sorted: the bytes of no other site's entry
-#: write may cover one.
-_hops: list[int] = []
 
 #: A hot-patch point's jmp rel32.
 _HOP_SIZE = encode.JMP_REL32_SIZE
@@ -765,8 +767,8 @@ def first_installs_stop(sites: Iterable[Site]) -> bool:
 
 
 def _overlaps_a_hop(plan: EntryPlan) -> bool:
-    i = bisect.bisect_left(_hops, plan.address + plan.length)
-    return i > 0 and _hops[i - 1] + _HOP_SIZE > plan.address
+    """Would the jmp at this plan's entry cover a written hot-patch point?"""
+    return bool(lib.hp_near_point_over(plan.address, plan.address + plan.length))
 
 
 def _destination(site: Site, form: str, target: int) -> int:
@@ -848,7 +850,7 @@ def _write(changes: _Changes, unreachable=None,
         _padding_changed(site for site, _, _ in fresh)
         raise TransitionError(ffi.string(err).decode() + _procfs.exited_main_thread_note())
     for site, to, _ in fresh:
-        bisect.insort(_hops, site._hop)
+        lib.hp_near_point(site.entry, site._hop)
         site._hop_to = to
 
 
@@ -1044,25 +1046,25 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
     if function_before is not _first_index_of[0]:
         words[_FIRST_BEFORE], _first.starts = _before(function_before, entry)
         _first_index_of[0] = function_before if _first.starts != ffi.NULL else None
-    taken = _taken_near(entry)
     free = _free_blocks() if _free_code else ffi.NULL
     rc = lib.hp_redirect_first(_first, _native_ranges(exec_ranges), len(exec_ranges),
-                               free, len(_free_code), taken or ffi.NULL, len(taken) // 2,
-                               STOP_TIMEOUT_MS, _first_err)
+                               free, len(_free_code), STOP_TIMEOUT_MS, _first_err)
     if _free_code:
         _keep_free_blocks(free)
-    if rc < 0:
-        raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
     status, plan, stub, stub_size = native_result(*NATIVE_PLAN.unpack_from(_first_plan))
+    if rc < 0:
+        if status == _PLAN_OK:
+            _free_code.append((stub, stub_size))    # planned, then not filed: no site
+        raise UnsafeToPatch("capstone's C library cannot be used, or memory is short")
     if status == _PLAN_UNWRITTEN:
         raise HotpatchError(f"{entry:#x}: cannot write the original stub at {stub:#x}")
     if status != _PLAN_OK:
         if stub:
             _free_code.append((stub, stub_size))    # taken, then left to Python
         return None
+    # Filed among the sites near by the C core already.
     site = _sites[entry] = Site(entry, plan, stub, stub_size,
                                 _function_before=function_before)
-    _file_near(entry)
     hop, padding, stops_plainly, hop_known, written = _FIRST_OUT.unpack_from(_first_out)
     if hop_known:
         site._hop, site._stops_plainly = hop, bool(stops_plainly)
@@ -1075,88 +1077,30 @@ def _redirect_first(entry: int, target: int, size: int | None, exec_ranges,
     if written:
         site.form, site.target, site.hopped = "direct", target, bool(hop)
         if hop:
-            site._hop_to = target
-            bisect.insort(_hops, hop)
+            site._hop_to = target       # its point filed as written by the C core
     return site
 
 
-#: How far after an entry a site's bytes may reach: an endbr64, then the
-#: instructions that cover a jmp rel32 (the last of them starts within its
-#: 5 bytes and is 15 at most).
-_SPAN_AFTER = 4 + 4 + 15
+# The sites near an address (native/nearby.c): every site of _sites is
+# filed there, with the bytes its entry's jmp replaces and its hot-patch
+# point once written; a first redirect asks it within its C call.
+_near_out = ffi.new("uint64_t[]", 64)
 
 
-def _taken_near(entry: int) -> list[int]:
-    """The ``[lo, hi)`` pairs of the bytes that other sites write (their
-    entries, their hot-patch points) among those a first redirect of
-    ``entry`` may write (its hot-patch point, its entry's bytes), flat:
-    what it must leave alone (:func:`_sites_reaching`, :func:`_overlaps_a_hop`)."""
-    lo, hi = entry - _HOP_SIZE, entry + _SPAN_AFTER
-    taken = []
-    for other in _sites_reaching(lo, hi):
-        taken += (other.plan.address, other.plan.address + other.plan.length)
-    if _hops:
-        for hop in _hops[bisect.bisect_left(_hops, lo - _HOP_SIZE + 1):
-                         bisect.bisect_left(_hops, hi)]:
-            taken += (hop, hop + _HOP_SIZE)
-    return taken
-
-
-# The entries of the sites by 64-byte block, for _taken_near: the sites
-# that may reach an entry's bytes are in one or two blocks, where asking
-# _sites for each of the 50 addresses they could start at took a miss of the
-# cache each (7-9 µs of a first redirect).  Every entry of _sites is filed
-# here or waits in _unfiled: a batch adds its entries there in one step and
-# the first redirect after it files those that became sites (a few tenths
-# of a microsecond each, once).  forget() takes an entry out.
-_BLOCK_SHIFT = 6
-_near: dict[int, list[int]] = {}
-_unfiled: list[int] = []
+def _file(site: Site) -> None:
+    """File a site made in Python (the C core files those it plans)."""
+    if lib.hp_near_file(site.entry, site.plan.address, site.plan.address + site.plan.length):
+        raise MemoryError("no memory to file a site")
 
 
 def _sites_reaching(lo: int, hi: int) -> list[Site]:
-    """The sites whose entry writes reach into ``[lo, hi)`` (at most
-    ``2**_BLOCK_SHIFT - _SPAN_AFTER`` bytes: the starts that may reach it
-    are then in one block or two, looked up without a loop over blocks)."""
-    first = lo - _SPAN_AFTER + 1        # the lowest start of a site that may reach [lo, hi)
-    if _unfiled:
-        _file_unfiled()
-    starts = _near.get(first >> _BLOCK_SHIFT, ())
-    if (hi - 1) >> _BLOCK_SHIFT != first >> _BLOCK_SHIFT:
-        starts = [*starts, *_near.get((hi - 1) >> _BLOCK_SHIFT, ())]
-    reaching = []
-    for start in starts:
-        if first <= start < hi:
-            site = _sites[start]
-            if site.plan.address < hi and site.plan.address + site.plan.length > lo:
-                reaching.append(site)
-    return reaching
-
-
-def _file_near(entry: int) -> None:
-    block = _near.setdefault(entry >> _BLOCK_SHIFT, [])
-    if entry not in block:
-        block.append(entry)
-
-
-def _file_later(entries: Sequence[int]) -> None:
-    _unfiled.extend(entries)
-    if len(_unfiled) > 2 * len(_sites) + 1024:     # the same functions batched again and again
-        _file_unfiled()
-
-
-def _file_unfiled() -> None:
-    for entry in filter(_sites.__contains__, _unfiled):
-        _file_near(entry)
-    _unfiled.clear()
-
-
-def _unfile(entry: int) -> None:
-    block = _near.get(entry >> _BLOCK_SHIFT)
-    if block and entry in block:
-        block.remove(entry)
-        if not block:
-            del _near[entry >> _BLOCK_SHIFT]
+    """The sites whose entry writes reach into ``[lo, hi)``."""
+    global _near_out
+    n = lib.hp_near_entries(lo, hi, _near_out, len(_near_out))
+    if n > len(_near_out):
+        _near_out = ffi.new("uint64_t[]", 2 * n)
+        n = lib.hp_near_entries(lo, hi, _near_out, len(_near_out))
+    return [_sites[entry] for entry in _near_out[0:n]]
 
 
 def restore_batch(sites: Sequence[Site]) -> None:
@@ -1196,7 +1140,7 @@ def forget(sites: Sequence[Site]) -> None:
         for site in sites:
             if _sites.get(site.entry) is site:
                 del _sites[site.entry]
-                _unfile(site.entry)
+                lib.hp_near_unfile(site.entry)      # and its point
             if site.plan.body is None:
                 _free_code.append((site.original,
                                    site._stub_size or original_stub_size_bound(site.plan)))
@@ -1205,8 +1149,6 @@ def forget(sites: Sequence[Site]) -> None:
                 _free_slots.append(site._slot)
             site.form = site.target = None
             site._slot, site._trampoline = None, 0
-            if site._hop_to:
-                _hops.remove(site._hop)
             site._hop, site._hop_to, site.hopped = None, 0, False
 
 

@@ -122,9 +122,8 @@ report({"hopped": after.hopped, "refused": refused, "short": call("hop_short"),
     assert r["hopped"] and r["after"] == 1007, r
     assert "3 bytes, too short" in r["refused"] and "no padding follows it" in r["refused"], r
     assert r["short"] == 0 and r["unchanged"], r
-    # A neighbour prepared by a batch counts too (its entry is filed for
-    # the one-call path only when that next asks), and a forgotten one no
-    # longer does.
+    # A neighbour prepared by a batch counts too (the C core files the
+    # sites it plans, native/nearby.c), and a forgotten one no longer does.
     r = child(PRELUDE + """
 out = {}
 short, = sites.prepare_batch([(addr("hop_short"), size("hop_short"))], exec_ranges=RANGES)

@@ -536,19 +536,22 @@ report({"calls": sorted(set(calls)),
 
 
 def test_the_index_of_nearby_sites_answers_as_a_scan_of_every_site(child):
-    """_sites_reaching (the sites whose entry writes reach a span: what a
-    first redirect and a hot-patch point must leave alone) looks in the one
-    or two 64-byte blocks where such a site can start; the same answer as
-    asking every site, for spans on and across block boundaries and sites
-    of every length ending just inside, just outside and across them."""
+    """The sites near an address (native/nearby.c: what a first redirect and
+    a hot-patch point must leave alone), filed by 64-byte block: the sites
+    whose entry writes reach a span, whether a written point lies in it,
+    and the bytes other sites write there (first.c's question), the same
+    answers as asking every site, for spans on and across block boundaries,
+    sites of every length ending just inside, just outside and across
+    them, some of them taken out again, enough of them to grow the table."""
     r = child("""
 import random
 from hotpatch import sites
+from hotpatch._native import ffi, lib
 from hotpatch.x86_64.entry import EntryPlan
 rng = random.Random(7)
 base = 0x7f0000000000
 made = []
-for start in sorted(rng.sample(range(0, 4096), 300)):
+for start in sorted(rng.sample(range(0, 65536), 3000)):
     # At most what a plan replaces: instructions covering 5 bytes, the last
     # starting within them (15 bytes at most), after an endbr64 sometimes.
     length = rng.choice([5, 6, 8, 11, 15, 19])
@@ -557,16 +560,36 @@ for start in sorted(rng.sample(range(0, 4096), 300)):
                      1, None, True)
     site = sites.Site(base + start, plan, 0)
     sites._sites[site.entry] = site
-    sites._file_near(site.entry)
+    sites._file(site)
     made.append(site)
+points = {}
+for site in rng.sample(made, 600):
+    points[site.entry] = site.entry - 5
+    lib.hp_near_point(site.entry, site.entry - 5)
+for site in rng.sample(made, 300):      # taken out, their points with them
+    del sites._sites[site.entry]
+    lib.hp_near_unfile(site.entry)
+    points.pop(site.entry, None)
+    made.remove(site)
+pairs = ffi.new("uint64_t[]", 512)
 wrong = []
 for _ in range(20000):
-    lo = base + rng.randrange(-64, 4160)
-    hi = lo + rng.randint(1, 64 - sites._SPAN_AFTER)
-    want = {s.entry for s in made if s.plan.address < hi and s.plan.address + s.plan.length > lo}
+    lo = base + rng.randrange(-64, 65600)
+    hi = lo + rng.randint(1, 200)
+    reach = {s.entry for s in made if s.plan.address < hi and s.plan.address + s.plan.length > lo}
     got = {s.entry for s in sites._sites_reaching(lo, hi)}
-    if got != want:
-        wrong.append([hex(lo), hex(hi), sorted(map(hex, want ^ got))])
-report({"wrong": wrong[:5], "count": len(wrong)})
+    point = any(lo < hop + 5 and hop < hi for hop in points.values())
+    plan = EntryPlan(lo, lo, hi - lo, bytes(hi - lo), "generic", False, False, 1, None, True)
+    self = rng.choice(made).entry
+    taken = sorted([(s.plan.address, s.plan.address + s.plan.length) for s in made
+                    if s.entry in reach and s.entry != self] +
+                   [(hop, hop + 5) for entry, hop in points.items()
+                    if entry != self and lo < hop + 5 and hop < hi])
+    n = lib.hp_near_taken(lo, hi, self, pairs, 256)
+    got_taken = sorted((pairs[2 * k], pairs[2 * k + 1]) for k in range(n))
+    if got != reach or sites._overlaps_a_hop(plan) != point or got_taken != taken:
+        wrong.append([hex(lo), hex(hi), sorted(map(hex, reach ^ got)), point])
+report({"wrong": wrong[:5], "count": len(wrong), "points": lib.hp_near_points(),
+        "want_points": len(points)})
 """)[0]
-    assert r["count"] == 0, r
+    assert r["count"] == 0 and r["points"] == r["want_points"], r

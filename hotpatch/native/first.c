@@ -20,6 +20,10 @@
 #define JMP_REL32 5
 #define BEHIND HP_HOP_READ_BEHIND
 
+/* The bytes other sites write near a first redirect's (nearby.c), at most:
+ * a few sites start within the 28 bytes its writes span. */
+#define TAKEN_MAX 16
+
 /* Does [lo, hi) overlap one of the `ntaken` [lo, hi) pairs of `taken`? */
 static int overlaps(uint64_t lo, uint64_t hi, const uint64_t *taken, long ntaken)
 {
@@ -81,23 +85,25 @@ static int write_entry(struct hp_first *f, int others, int timeout_ms, char *err
  * it, for a hot-patch point that only a sweep from there shows (hop.c); 0
  * where there is none, or where f->starts is given to look it up in, only
  * if it is needed.  `ranges`: as hp_plan_entries'; `free_blocks`: pool
- * blocks to reuse for the stub (the one taken gets size 0); `taken`: the
- * [lo, hi) pairs of the bytes near the entry that other sites write (their
- * entries, their hot-patch points).
+ * blocks to reuse for the stub (the one taken gets size 0).  What other
+ * sites write near the entry (their entries, their hot-patch points) is
+ * left alone (nearby.c).
  *
  * f->plan is planned as hp_plan_entries plans it, its stub written; where
- * its status is not HP_PLAN_OK, nothing else is done.  Then f->written:
- *   1  the entry redirected, through f->hop where that is not 0;
+ * its status is not HP_PLAN_OK, nothing else is done.  Then the site is
+ * filed among the sites near (sites.py makes one), and f->written:
+ *   1  the entry redirected, through f->hop where that is not 0 (filed as
+ *      written);
  *   0  not written: the target is out of reach of a jmp rel32, or the jmp
- *      would cover bytes in `taken` -- the batch path decides;
+ *      would cover bytes another site writes -- the batch path decides;
  *  -1  the write failed, `err` says why; nothing is left written.
  * f->stops_plainly and f->hop are set where f->hop_known is (not in a
  * process of one thread, which takes no point).  Returns 0, or
  * -1 where capstone cannot be used or memory is short.
  */
 long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
-                       struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
-                       long ntaken, int timeout_ms, char *err)
+                       struct hp_code_block *free_blocks, size_t nfree, int timeout_ms,
+                       char *err)
 {
     uint64_t end, window = hp_plan_window(&f->plan, ranges, nranges, &end);
     size_t len = BEHIND + (window > HP_SCAN_AHEAD ? window : HP_SCAN_AHEAD);
@@ -118,10 +124,17 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
     if (hp_plan_entries_from(&f->plan, 1, ranges, nranges, 1, free_blocks, nfree,
                              have ? bytes + BEHIND : NULL, window) < 0)
         goto out;
-    rc = 0;
     const struct hp_plan *p = &f->plan;
+    if (p->status == HP_PLAN_OK && hp_near_file(p->entry, p->address, p->address + p->length))
+        goto out;
+    rc = 0;
     if (!have || p->status != HP_PLAN_OK || !hp_in_reach(p->address, f->target, JMP_REL32))
         goto out;
+    uint64_t taken[2 * TAKEN_MAX];
+    long ntaken = hp_near_taken(p->entry - HP_HOP_SIZE, p->address + p->length, p->entry,
+                                taken, TAKEN_MAX);
+    if (ntaken > TAKEN_MAX)
+        goto out;       /* more than a few sites near: the batch path decides */
     /* A process of one thread needs no stop, so no point (sites.py's
      * _hops_spare_a_stop): not looked for, the batch path looks for it
      * when it is asked again with other threads there. */
@@ -133,6 +146,8 @@ long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
             (hop && !hp_in_reach(hop, f->target, JMP_REL32)))
         goto out;
     f->written = write_entry(f, !alone, timeout_ms, err) ? -1 : 1;
+    if (f->written == 1 && f->hop)
+        hp_near_point(p->entry, f->hop);
 out:
     if (bytes != on_stack)
         free(bytes);

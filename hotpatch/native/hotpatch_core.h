@@ -21,6 +21,7 @@
  *   decode.c      runs of instructions decoded for Python (x86_64/decode.py)
  *   plan.c        the plans and original stubs of a batch's common entries
  *   first.c       a function's first redirect in one call (plan, hop, write)
+ *   nearby.c      the bytes the sites write, by block: what a new site leaves alone
  *   shadow.c      shadow variables, and the table patch modules call the core through
  *
  * Policy (what to patch, the bytes, the stacks of patches) lives in Python.
@@ -239,8 +240,18 @@ struct hp_first {
     int8_t written;                 /* 1 redirected, 0 left to the batch path, -1 failed */
 };
 long hp_redirect_first(struct hp_first *f, const uint64_t *ranges, long nranges,
-                       struct hp_code_block *free_blocks, size_t nfree, const uint64_t *taken,
-                       long ntaken, int timeout_ms, char *err);
+                       struct hp_code_block *free_blocks, size_t nfree, int timeout_ms,
+                       char *err);
+
+/* --- nearby.c ------------------------------------------------------ */
+int hp_near_file(uint64_t entry, uint64_t lo, uint64_t hi);
+int hp_near_file_plans(const struct hp_plan *plans, long n);
+void hp_near_unfile(uint64_t entry);
+int hp_near_point(uint64_t entry, uint64_t hop);
+long hp_near_points(void);
+long hp_near_entries(uint64_t lo, uint64_t hi, uint64_t *out, long cap);
+int hp_near_point_over(uint64_t lo, uint64_t hi);
+long hp_near_taken(uint64_t lo, uint64_t hi, uint64_t self, uint64_t *pairs, long cap);
 
 /* --- hop.c --------------------------------------------------------- */
 uint64_t hp_function_before(const struct hp_function_starts *f, uint64_t address);
