@@ -1243,72 +1243,62 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   needs.
 - **Apply is more than 10x Frida's `replace` per function at 100 and
   10,000 functions, with 0, 2 and 8 busy threads (10-62x over session 10's
-  four runs on an AMD EPYC machine, 11-39x in sessions 11-12's runs on an
+  four runs on an AMD EPYC machine, 11-39x in sessions 11-13's runs on an
   Intel Xeon one, wherever Frida kept the process alive to give a
   figure); 1,000 sites take 3.3-5.2 ms.  Where a count's functions have no
   padding and busy threads run, the batch takes a stop, and with 8 busy
   threads on 2 cores one stop costs 0.5-8 ms: 100 functions fell to 2.8x
-  and 8.4x in two of session 11's three runs, and to 7.6x in one of
-  session 12's four.  At 1 function it is not
-  met.  Session 12 times Frida's `replace` one function at a time, warm,
-  as the one-call path is timed (16 functions never patched before, the
-  median of the last 8): 100-118 µs with no busy thread, 148-204 µs with
-  busy ones.  Earlier sessions compared the one-call path with the
-  1-function count instead, a single cold call after 10,000 functions
-  (160-195 µs), and so reported 10x where it was not.  Session 13 times
-  the call alone, as Frida's clock holds its `replace` alone (its module
-  and addresses resolved before it starts); the object's lookup before
-  the call, 1.2-1.4 µs, is its own column.  One call (`sites.redirect`)
-  takes 11.7-13.0 µs in a process of one thread (8.5-9.7x Frida over
-  eight runs; 9.2x for f_\* and 9.7x for u_\* in the committed one, since
-  the C index of the function before stays in the request from one
-  redirect to the next); with an idle thread in the process, as real
-  services have, 18.0-22.4 µs (u_\*, f_\*: 5.0-6.2x); with busy threads
-  71-96 µs (1.75-2.4x).  The 1-function count
-  itself is a cold single call for both: 135-191 µs for the batch path
-  against Frida's 148-176 in session 12 (0.96-1.2x), 158-165 against 149-185 in
-  session 13 (0.91-1.17x), with no busy thread.  Closing it:
-  - *No busy thread, one thread:* 10x needs 10.8-11.8 µs: 0.3-1.5 µs
-    less (0.3 for u_\* and 1.0 for f_\* in the committed run).  Cold (the series runs a control and the kernel floor between
-    redirects), the C call is about 6 µs: 15,000 instructions by
-    callgrind (16,500 before session 13 took its allocations and most
-    of `hp_wants_details` away), 10,600 of them capstone's five decodes
-    of the entry's function (2,100 each, 870 of which format the instruction's text:
-    capstone 5.0 cannot turn that off), and eleven system calls (the read
-    of the entry's bytes, the stub's and the entry's writes through
-    `/proc/self/mem`, the checks of the kept descriptors and of the thread
-    count, the signal mask).  The Python around it is about 5 µs (the
-    lock, the index of nearby sites, the plan's record unpacked, the
-    `Site`): each Python function a cold call enters costs 0.2-0.4 µs
-    (its code and frame fetched again), and the call enters about a
-    dozen.  In warm caches the whole call takes 8 µs.  Closing the rest
-    would need the sites' index and records in C, behind one call from
-    Python.
-  - *An idle thread:* the write is no longer alone, so it goes through the
-    hot-patch point with a core sync before and after the entry's atomic
-    store (the *kernel floor* column: 4 µs on the Intel machine, 7.4-7.7 µs
-    on the AMD one; the atomic store's `mprotect` window alone, which
-    splits the code's mapping and merges it back and takes a page fault,
-    is 3 µs), and a sweep of the function before, decoded by capstone,
-    proves the padding dead (22,000 of the C call's 41,000 instructions by
-    callgrind).  The C call is 14 µs cold.  10x would need the whole
-    redirect in 11 µs: the floor, the reads and writes and the decodes
-    alone come to 8-9 µs in warm caches.
+  and 8.4x in two of session 11's three runs, to 7.6x in one of session
+  12's four and in session 13's committed run.  At 1 function, one call
+  (`sites.redirect`) is 10x Frida's `replace` with no busy thread since
+  session 13: 10.0-11.0x over its five runs since the sites near an
+  address went into the C core (`native/nearby.c`), f_\* 10.3-11.3 µs and
+  u_\* 9.8-10.8 against Frida's 104-114.  Frida is timed one function at
+  a time, warm, as the one-call path is (16 functions never patched
+  before, the median of the last 8), the call alone for both (Frida's
+  clock starts after its module and addresses are resolved; hotpatch's
+  lookup of the object, 1.2-1.4 µs, is a column of its own).  Earlier
+  sessions compared the one-call path with the 1-function count, a single
+  cold call after 10,000 functions, and so reported 10x where it was not
+  (session 12).  Where it is not met:
+  - *An idle thread in the process* (beyond the issue's settings: real
+    services have one): f_\* 18.5-19.9 µs (5.6-6.1x), u_\* 16.0-17.1 µs
+    (6.4-6.9x).  The write is no longer alone: f_\* go through the
+    hot-patch point, a core sync before and after the entry's atomic
+    store (the *kernel floor* column: 4 µs here; the store's `mprotect`
+    window alone, which splits the code's mapping and merges it back and
+    takes a page fault, is 3 µs), and a sweep of the function before,
+    decoded by capstone, proves the padding dead (22,000 instructions).
+    The C call alone is 14.6 µs (f_\*) and 10.8 µs (u_\*) cold, where 10x
+    allows 11 µs for the whole redirect, Python included: with capstone
+    as the decoder and these writes, not on this machine.
   - *Busy threads:* each of the floor's four system calls interrupts the
     CPUs running the process's other threads and waits for them (both
     `mprotect`s flush the TLB on x86: the write permission changes), about
     15 µs an interrupt on the Intel machine, and the patching thread shares
-    2 cores with those threads: the floor is 62-67 µs there (24-27 µs on
+    2 cores with those threads: the floor is 62-70 µs there (24-27 µs on
     the AMD one), so no safe write goes under 50 µs, nor under a third of
-    Frida's time.  That is the machine.
-  - *The 1-function count:* a batch of one site is dominated by fixed
-    costs in caches the 10,000-function batch before it emptied (the
-    series rotates its order, so it always follows that batch): the
-    batch's Python, 0.13-0.23 ms, where the same batch warm takes 25-35
-    µs.  With busy threads its functions have no padding, so it takes a
-    stop (0.03-0.7x Frida, which writes without stopping and crashed the
+    Frida's time (1.8-2.4x).  That is the machine.
+  - *The 1-function count*, a single call after the 10,000-function batch
+    (the series rotates its order, so it always follows that batch), cold
+    for both tools: 1.0-1.2x with no busy thread.  In those caches a cffi
+    call to a C function that returns a counter takes 1.6-2.2 µs (0.09
+    warm) and three nested Python calls 1.5-2.6 µs; 10x Frida's cold
+    149-185 µs would be 15-18 µs for the batch path's two calls
+    (`prepare_batch`, `redirect_batch`), about ten cold calls' worth.
+    With busy threads its functions have no padding, so it takes a stop
+    (0.03-0.5x Frida, which writes without stopping and crashed the
     process in 5 of 5 runs with busy threads).  `sites.redirect` is the
     API for one function.
+
+  What a cold first redirect spends (one thread, session 13): the C call
+  about 6 µs, 15,000 instructions by callgrind, 10,600 of them capstone's
+  five decodes of the entry's function (870 of each formatting the text,
+  which capstone 5.0 cannot turn off), and eleven system calls; the
+  Python around it about 3.5 µs: the lock 0.7, the plan's record made an
+  `EntryPlan` 1.0, the `Site` 0.6, the rest in calls.  Each Python
+  function a cold call enters costs 0.2-0.4 µs (its code and frame
+  fetched again).
 
   The plans and original stubs of the common entry shapes are built by
   one call of the C core per batch (`native/plan.c`), reading a batch's
@@ -1321,7 +1311,8 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   calls, is slower than Frida's `replace` of one function warm** (shown
   beside the targets, which are the apply's): 116-129 µs with no busy
   thread and 201-240 µs with busy ones, 0.71-0.99x Frida's warm figure in
-  session 12 (sessions 10-11 gave 0.9-1.5x against the cold one).  It
+  session 12 (sessions 10-11 gave 0.9-1.5x against the cold one), and
+  about the same in session 13's committed run.  It
   goes the batch way, in pieces with Python between them (timed in
   session 12, with no busy thread and the loader's worker thread
   there): the analysis and original stub (`prepare_batch`, 22 µs), the
@@ -1333,7 +1324,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   symbol, the loader hook's names, the crash report, callbacks and
   notifications.  The
   one-call path does the analysis, the point and the write in one call of
-  the C core (13-22 µs); the model keeps them apart because its
+  the C core (10-20 µs); the model keeps them apart because its
   `pre_patch` callbacks run between the analysis and the write, as the
   kernel's do.  A C path for the model's common case (one object, first
   installs) would close most of it.
@@ -1359,7 +1350,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   symbols, digest and descriptor were read.  Since session 13 the whole
   load runs at 1 ms (and no longer imports `subprocess`, which only
   `hotpatch build` needs): over five service runs the median gap with 2
-  busy threads was 1.5-3.8 ms over six runs (its `register()` takes no stop: adler32's
+  busy threads was 1.5-3.8 ms over seven runs (its `register()` takes no stop: adler32's
   entry goes through its hot-patch point).  The first
   `register()` of the process (libz's `crc32`) takes no stop and spawns no
   helper: its entry goes through its hot-patch point (`native/hop.c`); it
