@@ -1249,11 +1249,13 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   padding and busy threads run, the batch takes a stop, and with 8 busy
   threads on 2 cores one stop costs 0.5-8 ms: 100 functions fell to 2.8x
   and 8.4x in two of session 11's three runs, to 7.6x in one of session
-  12's four and in session 13's committed run.  At 1 function, one call
+  12's four, and to 7.6x and 5.0x in session 13's two full runs.  At 1 function, one call
   (`sites.redirect`) is 10x Frida's `replace` with no busy thread since
-  session 13: 10.0-11.0x over its five runs since the sites near an
-  address went into the C core (`native/nearby.c`), f_\* 10.3-11.3 µs and
-  u_\* 9.8-10.8 against Frida's 104-114.  Frida is timed one function at
+  session 13: 10.5-11.0x over its last four runs, f_\* 10.3-11.5 µs and
+  u_\* 9.8-10.9 against Frida's 108-121 (the sites near an address went
+  into the C core, `native/nearby.c`, and two Python calls came out of
+  the path; on the C index alone, four runs gave 9.3-10.6x, the lowest
+  where Frida's own figure was unusually low, 91-99 µs).  Frida is timed one function at
   a time, warm, as the one-call path is (16 functions never patched
   before, the median of the last 8), the call alone for both (Frida's
   clock starts after its module and addresses are resolved; hotpatch's
@@ -1262,7 +1264,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   cold call after 10,000 functions, and so reported 10x where it was not
   (session 12).  Where it is not met:
   - *An idle thread in the process* (beyond the issue's settings: real
-    services have one): f_\* 18.5-19.9 µs (5.6-6.1x), u_\* 16.0-17.1 µs
+    services have one): f_\* 18.5-20.5 µs (5.6-6.1x), u_\* 16.0-17.6 µs
     (6.4-6.9x).  The write is no longer alone: f_\* go through the
     hot-patch point, a core sync before and after the entry's atomic
     store (the *kernel floor* column: 4 µs here; the store's `mprotect`
@@ -1278,7 +1280,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
     15 µs an interrupt on the Intel machine, and the patching thread shares
     2 cores with those threads: the floor is 62-70 µs there (24-27 µs on
     the AMD one), so no safe write goes under 50 µs, nor under a third of
-    Frida's time (1.8-2.4x).  That is the machine.
+    Frida's time (1.8-2.5x).  That is the machine.
   - *The 1-function count*, a single call after the 10,000-function batch
     (the series rotates its order, so it always follows that batch), cold
     for both tools: 1.0-1.2x with no busy thread.  In those caches a cffi
