@@ -1352,7 +1352,7 @@ The tables below mark every figure where hotpatch is behind a peer or a target.
   symbols, digest and descriptor were read.  Since session 13 the whole
   load runs at 1 ms (and no longer imports `subprocess`, which only
   `hotpatch build` needs): over five service runs the median gap with 2
-  busy threads was 1.5-3.8 ms over seven runs (its `register()` takes no stop: adler32's
+  busy threads was 1.5-3.8 ms over eight runs (its `register()` takes no stop: adler32's
   entry goes through its hot-patch point).  The first
   `register()` of the process (libz's `crc32`) takes no stop and spawns no
   helper: its entry goes through its hot-patch point (`native/hop.c`); it
