@@ -651,7 +651,10 @@ def hot_patch_point(site: Site) -> int:
     its entry needs none (the first instruction covers the jmp rel32: one
     atomic store) or has none."""
     if site._hop is None:
-        _find_hops([site])
+        # Under the lock: the sites near (native/nearby.c) are read in C,
+        # where another thread's batch may be filing into them.
+        with _lock.query():
+            _find_hops([site])
     return site._hop
 
 
