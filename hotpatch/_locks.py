@@ -61,19 +61,20 @@ class OperationLock:
                 return True
         return False
 
-    def check(self, what: str, address: int | None = None) -> None:
-        """Refuse ``what`` if the calling thread is inside an operation
-        (``address`` formatted in where given: ``what % address``, made only
-        for the refusal; a one-site redirect's message cost it 0.1-0.3 us)."""
-        self.operation(what, address)
+    def check(self, what: str) -> None:
+        """Refuse ``what`` if the calling thread is inside an operation (the
+        refusal is :meth:`operation`'s)."""
+        self.operation(what)
 
     def operation(self, what: str, address: int | None = None) -> "threading.RLock":
         """Hold the lock for an operation that changes state (``with
-        lock.operation(what):``); refused (the error names ``what``, see
-        :meth:`check`) when this thread is already inside one.  The lock
-        itself is the context manager: a generator around it cost more than
-        the rest of a one-site batch's Python.  The refusal is made here,
-        and :meth:`check` asks this: a cold redirect pays for each Python
+        lock.operation(what):``); refused, the error naming ``what``, when
+        this thread is already inside one (``address`` formatted in where
+        given: ``what % address``, made only for the refusal; a one-site
+        redirect's message cost it 0.1-0.3 us).  The lock itself is the
+        context manager: a generator around it cost more than the rest of a
+        one-site batch's Python.  The refusal is made here, and
+        :meth:`check` asks this: a cold redirect pays for each Python
         function it enters."""
         if self._blocked_here():
             raise self._refusal(what if address is None else what % address)
